@@ -1,0 +1,78 @@
+"""A static KV cache whose slot index is the token's absolute position, row by row.
+
+Every row of a batch has its own length. A forward pass writes the keys and values of input token t of row b
+into slot `positions[b, t]` and attends to slots `<= positions[b, t]`. Rolling back rejected draft tokens is
+therefore free: the next pass simply writes over them, and the mask never lets a query see a slot beyond its
+own position. Buffers are allocated once (for the largest batch) and sliced per batch size, so CUDA graphs
+captured for a batch size keep pointing at the same memory.
+
+It implements the one method the transformers decoder layers call on a cache: `update(key, value, layer_idx)`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "onlinespec_sdpa"
+
+
+class PositionalKVCache:
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.keys = keys  # per layer [B, kv_heads, S, head_dim]
+        self.values = values
+        self.positions: torch.Tensor | None = None  # [B, T] int64, set before each forward
+
+    @classmethod
+    def allocate(cls, model: PreTrainedModel, batch_size: int, max_seq_len: int) -> "PositionalKVCache":
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = config.num_key_value_heads
+        param = next(model.parameters())
+        shape = (batch_size, kv_heads, max_seq_len, head_dim)
+        make = lambda: torch.zeros(shape, dtype=param.dtype, device=param.device)  # noqa: E731
+        layers = config.num_hidden_layers
+        return cls([make() for _ in range(layers)], [make() for _ in range(layers)])
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def rows(self, batch_size: int) -> "PositionalKVCache":
+        """A view of the first `batch_size` rows sharing this cache's memory."""
+        return PositionalKVCache([k[:batch_size] for k in self.keys], [v[:batch_size] for v in self.values])
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key/value: [B, kv_heads, T, head_dim] for the tokens at self.positions [B, T]
+        index = self.positions[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
+        self.keys[layer_idx].scatter_(2, index, key)
+        self.values[layer_idx].scatter_(2, index, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+def attention_mask(positions: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+    """[B, 1, T, S] boolean mask: query (b, t) sees slots 0..positions[b, t]."""
+    slots = torch.arange(max_seq_len, device=positions.device)
+    return slots[None, None, None, :] <= positions[:, None, :, None]
+
+
+def _sdpa_with_gqa(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    # transformers' own sdpa path repeats grouped KV heads whenever a mask is given; SDPA can broadcast them
+    # itself (enable_gqa), which avoids materialising a [B, heads, S, D] copy per layer per step.
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        # transformers passes no mask when plain causal masking will do (training, HF generate).
+        is_causal=attention_mask is None and query.shape[2] > 1,
+        scale=scaling,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _sdpa_with_gqa)
+# Outside the engine (training, HF generate) the model builds its own masks: the same ones as for sdpa.
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

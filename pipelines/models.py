@@ -1,0 +1,96 @@
+"""Loading target and draft models through transformers, and checking that they can work together."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from pipelines.kv_cache import ATTENTION_NAME
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class IncompatibleModelsError(ValueError):
+    """The draft cannot serve this target (different vocabulary or tokenizer)."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model reference could not be loaded."""
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _split_reference(ref: str) -> tuple[str, dict]:
+    """A GGUF file loads from its folder with gguf_file=...; anything else is a folder or hub id."""
+    path = Path(ref)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {ref}")
+        return str(path.parent), {"gguf_file": path.name}
+    return ref, {}
+
+
+def load_model(ref: str, dtype: str = "auto", device: str = "cpu") -> PreTrainedModel:
+    """Load a causal LM for inference from a local HF folder (safetensors), a .gguf file, or a hub id."""
+    source, extra = _split_reference(ref)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=resolve_dtype(dtype, device), attn_implementation=ATTENTION_NAME, **extra
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not load model {ref!r}: {exc}") from exc
+    if getattr(model.config, "use_sliding_window", False):
+        raise ModelLoadError(f"{ref}: sliding-window attention is not supported by the speculative engine")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
+    source, extra = _split_reference(ref)
+    try:
+        return AutoTokenizer.from_pretrained(source, **extra)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not load the tokenizer of {ref!r}: {exc}") from exc
+
+
+def check_compatible(
+    target: PreTrainedModel,
+    draft: PreTrainedModel,
+    target_tokenizer: PreTrainedTokenizerBase,
+    draft_tokenizer: PreTrainedTokenizerBase | None = None,
+) -> None:
+    """Raise IncompatibleModelsError unless the draft's token ids mean what the target's mean."""
+    target_vocab = target.get_output_embeddings().weight.shape[0]
+    draft_vocab = draft.get_output_embeddings().weight.shape[0]
+    if target_vocab != draft_vocab:
+        raise IncompatibleModelsError(
+            f"draft and target must share a vocabulary: the target's output layer has {target_vocab} token ids, "
+            f"the draft's {draft_vocab}"
+        )
+    if draft_tokenizer is not None and draft_tokenizer.get_vocab() != target_tokenizer.get_vocab():
+        raise IncompatibleModelsError("draft and target tokenizers map tokens to different ids")
+
+
+def model_identity(model: PreTrainedModel) -> str:
+    """A stable hash of a model's config and weights: a draft trained against one target must not serve another."""
+    digest = hashlib.sha256()
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation"):
+        config.pop(volatile, None)
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
