@@ -135,8 +135,12 @@ class SpeculativeEngine:
         own = self.draft.state_dict()
         missing = set(own) - set(state_dict)
         unexpected = set(state_dict) - set(own)
-        if missing or unexpected:
-            raise ValueError(f"draft weights do not fit: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        misshapen = sorted(n for n in set(own) & set(state_dict) if own[n].shape != state_dict[n].shape)
+        if missing or unexpected or misshapen:
+            raise ValueError(
+                f"draft weights do not fit the draft model: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}, wrong shape {misshapen[:3]}"
+            )
         with torch.no_grad():
             for name, tensor in own.items():
                 tensor.copy_(state_dict[name])

@@ -94,3 +94,17 @@ def model_identity(model: PreTrainedModel) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def load_pair(
+    target_ref: str, draft_ref: str | None, dtype: str = "auto", device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedModel | None, PreTrainedTokenizerBase]:
+    """Load target, optional draft and the target's tokenizer; refuse a draft that does not fit the target."""
+    tokenizer = load_tokenizer(target_ref)
+    target = load_model(target_ref, dtype, device)
+    draft = None
+    if draft_ref:
+        draft = load_model(draft_ref, dtype, device)
+        check_compatible(target, draft, tokenizer, load_tokenizer(draft_ref))
+    log.info("loaded target %s%s on %s", target_ref, f" and draft {draft_ref}" if draft_ref else "", device)
+    return target, draft, tokenizer
