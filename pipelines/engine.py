@@ -348,6 +348,8 @@ class SpeculativeEngine:
             ).logits
 
         if self.settings.compile and self.device.type == "cuda":
+            # One static shape per (batch size, tokens per forward, logits kept): more than Dynamo's default 8.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             return torch.compile(forward, fullgraph=True, dynamic=False)
         return forward
 

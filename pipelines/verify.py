@@ -55,7 +55,7 @@ def verify_sampled(
     # Residual at the first rejected position; at position k + 1 (all accepted) q is zero, so it is p itself.
     index = accepted[:, None, None].expand(batch, 1, target_probs.shape[-1])
     p_next = target_probs.gather(1, index).squeeze(1)
-    q_padded = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], dim=1)
+    q_padded = torch.cat([draft_probs, target_probs.new_zeros((batch, 1, target_probs.shape[-1]))], dim=1)
     q_next = q_padded.gather(1, index).squeeze(1)
     residual = (p_next - q_next).clamp_min(0.0)
     # p == q leaves no residual mass; then p itself is the right distribution (rejection had probability 0).

@@ -116,8 +116,10 @@ def exact_second_token_distribution(target, prompt: list[int], temperature: floa
     return (first[candidates, None] * second).sum(0).double().numpy()
 
 
-def test_engine_sampling_follows_the_target_distribution(pair):
+@pytest.mark.parametrize("with_draft", [True, False])
+def test_engine_sampling_follows_the_target_distribution(pair, with_draft):
     target, draft, tokenizer = pair
+    draft = draft if with_draft else None
     prompt = tokenizer("The quick brown").input_ids
     temperature, top_p = 1.3, 0.95  # a flat distribution so the random draft is often rejected
     engine = SpeculativeEngine(target, draft, tokenizer, EngineSettings(k=3, max_batch_size=16, max_seq_len=48))
@@ -128,7 +130,8 @@ def test_engine_sampling_follows_the_target_distribution(pair):
     results = engine.generate(requests)
     second = np.array([r.token_ids[1] for r in results if len(r.token_ids) > 1])
     kinds = np.array([r.feedback.kinds[1] for r in results if len(r.token_ids) > 1])
-    assert (kinds == 0).mean() > 0.05 and (kinds == 1).mean() > 0.05, "need both accepted and recovered tokens"
+    if with_draft:
+        assert (kinds == 0).mean() > 0.05 and (kinds == 1).mean() > 0.05, "need both accepted and recovered tokens"
     expected = exact_second_token_distribution(target, prompt, temperature, top_p)
     assert chi_square_pvalue(second, expected) > ALPHA
 
