@@ -10,6 +10,10 @@ import sys
 # One module per command group; each defines register(subparsers) and sets a `func` default taking the args.
 COMMAND_MODULES = [
     "daemon.commands_generate",
+    "daemon.commands_serve",
+    "daemon.commands_submit",
+    "daemon.commands_demo",
+    "daemon.commands_db",
 ]
 
 

@@ -1,0 +1,263 @@
+"""Load benchmark of the daemon: end-to-end tokens/s through Kafka versus the engine's own tokens/s.
+
+Same prompts, same batch size, same engine settings, both greedy:
+  engine   SpeculativeEngine.generate in batches of --batch-size, in this process, after a warm-up batch
+  daemon   `onlinespec serve` as a subprocess against a Tansu broker started here and a fresh database;
+           clock from the first prompt produced to the last completion consumed (the daemon is up and has
+           its partitions before the clock starts, so start-up and group join are not counted)
+
+Without --target it builds a target-only tiny Qwen2 model (tests/tiny_models.py) so it runs anywhere:
+
+    python bench/daemon_load.py                                   # tiny target-only model, CPU, SQLite
+    python bench/daemon_load.py --layers 8 --hidden 256 --repeat 3   # a larger random model, median of 3
+    python bench/daemon_load.py --target T --draft D --device cuda --prompts 512 --batch-size 16 \\
+        --database-url postgresql+psycopg://postgres@127.0.0.1:5432/bench
+
+Prints one JSON object (also written to --out) with both rates and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from daemon.messages import tokenize, parse_prompt  # noqa: E402
+from daemon.config import LimitSettings  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", help="target model (default: build a tiny random one)")
+    parser.add_argument("--draft", help="draft model (default: none, target-only)")
+    parser.add_argument("--layers", type=int, default=4, help="tiny target: layers (default 4)")
+    parser.add_argument("--hidden", type=int, default=64, help="tiny target: hidden size (default 64)")
+    parser.add_argument("--prompts", type=int, default=128, help="number of prompts (default 128)")
+    parser.add_argument("--prompt-file", default=str(REPO / "bench/data/humaneval.jsonl"))
+    parser.add_argument("--prompt-chars", type=int, default=300, help="truncate prompts to this many characters")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--k", type=int, default=5, help="draft tokens per step when a draft is given")
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--database-url", help="default: a fresh SQLite file")
+    parser.add_argument("--max-wait-ms", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for engine and daemon alike (default 1: on a small shared machine "
+                             "spinning OpenMP threads of several processes slow each other down many times)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="alternate engine and daemon runs this many times; the ratio reported is the median")
+    parser.add_argument("--out", help="write the JSON result here too")
+    return parser.parse_args(argv)
+
+
+def load_prompt_values(args) -> list[bytes]:
+    lines = [json.loads(line) for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+    values = []
+    for i in range(args.prompts):
+        prompt = lines[i % len(lines)]["prompt"][: args.prompt_chars]
+        values.append(json.dumps({"id": f"load-{i:05d}", "prompt": prompt, "max_new_tokens": args.max_new_tokens,
+                                  "temperature": 0}).encode())  # fmt: skip
+    return values
+
+
+def build_tiny_target(root: Path, layers: int, hidden: int) -> Path:
+    from tests.tiny_models import build_tokenizer, make_model_dir
+
+    return make_model_dir(root / "target", build_tokenizer(), layers=layers, hidden=hidden, seed=1)
+
+
+def engine_rate(args, target: str, values: list[bytes]) -> dict:
+    """Tokens/s of the engine alone on the same requests the daemon will get."""
+    from pipelines.engine import EngineSettings, SpeculativeEngine
+    from pipelines.models import load_pair
+
+    target_model, draft_model, tokenizer = load_pair(target, args.draft, args.dtype, args.device)
+    settings = EngineSettings(k=args.k, max_batch_size=args.batch_size, max_seq_len=args.max_seq_len, top_m=16,
+                              device=args.device)  # fmt: skip
+    engine = SpeculativeEngine(target_model, draft_model, tokenizer, settings)
+    engine.warmup()
+    limits = LimitSettings(max_new_tokens=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens)
+    requests = [tokenize(parse_prompt(v, limits), tokenizer, engine.max_prompt_tokens) for v in values]
+    engine.generate(requests[: args.batch_size])  # warm-up
+    _sync(args.device)
+    started = time.perf_counter()
+    results = []
+    for start in range(0, len(requests), args.batch_size):
+        results.extend(engine.generate(requests[start : start + args.batch_size]))
+    _sync(args.device)
+    seconds = time.perf_counter() - started
+    tokens = sum(r.counters.emitted for r in results)
+    forwards = sum(r.counters.target_forwards for r in results)
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tok_s": round(tokens / seconds, 1),
+            "avg_len": round(tokens / forwards, 3)}  # fmt: skip
+
+
+def daemon_rate(args, target: str, values: list[bytes], workdir: Path) -> dict:
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    from storage.migrate import upgrade_to_head
+    from daemon.local_broker import TansuBroker, free_port
+    from tests.kafka_fixtures import fresh_names
+
+    broker = TansuBroker(workdir)
+    broker.start()
+    daemon = None
+    try:
+        names = fresh_names(broker)
+        broker.create_topics(names.prompts, names.completions, names.dlq)
+        database_url = args.database_url or f"sqlite:///{workdir / 'bench.db'}"
+        metrics_port = free_port()
+        upgrade_to_head(database_url)
+        config = {
+            "kafka": {"bootstrap_servers": names.bootstrap, "prompts_topic": names.prompts,
+                      "completions_topic": names.completions, "dlq_topic": names.dlq, "group_id": names.group,
+                      "session_timeout_ms": 2000, "heartbeat_interval_ms": 500},
+            "database": {"url": database_url},
+            "models": {"target": target, "draft": args.draft, "device": args.device, "dtype": args.dtype},
+            "engine": {"k": args.k, "max_seq_len": args.max_seq_len, "top_m": 16},
+            "batching": {"max_batch_size": args.batch_size, "max_wait_ms": args.max_wait_ms,
+                         "queue_size": max(64, 4 * args.batch_size)},
+            "limits": {"max_new_tokens": args.max_new_tokens, "default_max_new_tokens": args.max_new_tokens},
+            "daemon": {"metrics_port": metrics_port, "metrics_host": "127.0.0.1", "log_level": "INFO"},
+        }  # fmt: skip
+        config_path = workdir / "config.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        log_path = workdir / "daemon.log"
+        with open(log_path, "wb") as log:
+            daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--config", str(config_path)],
+                                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        _wait_for(log_path, "partitions assigned", daemon, timeout=600)
+
+        reader = KafkaConsumer(bootstrap_servers=names.bootstrap, enable_auto_commit=False)
+        reader.assign([TopicPartition(names.completions, 0)])
+        reader.seek_to_beginning()
+        producer = KafkaProducer(bootstrap_servers=names.bootstrap, acks="all", linger_ms=5)
+
+        started = time.perf_counter()
+        for value in values:
+            producer.send(names.prompts, value=value)
+        producer.flush()
+        tokens, received = 0, 0
+        deadline = time.monotonic() + 3600
+        while received < len(values) and time.monotonic() < deadline:
+            for batch in reader.poll(timeout_ms=100).values():
+                for record in batch:
+                    received += 1
+                    tokens += json.loads(record.value)["usage"]["completion_tokens"]
+        seconds = time.perf_counter() - started
+        stages = scrape_stages(metrics_port)
+        producer.close()
+        reader.close()
+        daemon.terminate()
+        daemon.wait(120)
+        summary = [line for line in log_path.read_text().splitlines() if "onlinespec stopped" in line]
+        return {"tokens": tokens, "completions": received, "seconds": round(seconds, 3),
+                "tok_s": round(tokens / seconds, 1), "daemon_exit": daemon.returncode, "stages": stages,
+                "summary": summary[-1].split(": ", 1)[-1] if summary else None}  # fmt: skip
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.kill()
+        broker.stop()
+
+
+def scrape_stages(port: int) -> dict:
+    """Per-batch time of each worker stage, from the daemon's own histograms."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    sums = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    batches = sums.get("onlinespec_batch_size_count", 0) or 1
+    stages = {"batches": int(batches), "mean_batch_size": round(sums.get("onlinespec_batch_size_sum", 0) / batches, 2)}
+    for stage in ("decode", "store", "produce"):
+        stages[f"{stage}_s_per_batch"] = round(sums.get(f"onlinespec_{stage}_seconds_sum", 0) / batches, 4)
+    return stages
+
+
+def _wait_for(path: Path, text: str, process, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            raise RuntimeError(f"daemon exited with {process.returncode}:\n{path.read_text()[-3000:]}")
+        time.sleep(0.1)
+    raise TimeoutError(f"daemon did not log {text!r} within {timeout} s")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())  # fmt: skip
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the daemon subprocess
+    import torch
+
+    torch.set_num_threads(args.threads)
+    values = load_prompt_values(args)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="daemon-load-") as tmp:
+        workdir = Path(tmp)
+        target = args.target or str(build_tiny_target(workdir, args.layers, args.hidden))
+        for rep in range(args.repeat):
+            # Alternating engine and daemon runs spreads slow phases of a shared machine over both.
+            engine = engine_rate(args, target, values)
+            rundir = workdir / f"run{rep}"
+            rundir.mkdir()
+            daemon = daemon_rate(args, target, values, rundir)
+            ratio = round(daemon["tok_s"] / engine["tok_s"], 3)
+            print(f"run {rep + 1}/{args.repeat}: engine {engine['tok_s']} tok/s, daemon {daemon['tok_s']} tok/s, "
+                  f"ratio {ratio}", file=sys.stderr)  # fmt: skip
+            runs.append({"engine": engine, "daemon": daemon, "ratio": ratio})
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "setup": {"target": args.target or f"tiny random Qwen2 ({args.layers} layers, hidden {args.hidden})",
+                  "draft": args.draft, "device": args.device, "prompts": args.prompts,
+                  "prompt_chars": args.prompt_chars, "max_new_tokens": args.max_new_tokens,
+                  "batch_size": args.batch_size, "k": args.k if args.draft else 0, "threads": args.threads,
+                  "database": "sqlite" if not args.database_url else args.database_url.split(":")[0]},
+        "runs": runs,
+        "median_ratio": statistics.median(run["ratio"] for run in runs),
+        "command": "python bench/daemon_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }  # fmt: skip
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

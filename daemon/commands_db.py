@@ -1,0 +1,103 @@
+"""`onlinespec db upgrade | current` and `onlinespec feedback prune`.
+
+The database URL comes from --database-url, else from --config (where $ONLINESPEC_DATABASE_URL overrides the
+file), else $ONLINESPEC_DATABASE_URL, else sqlite:///var/onlinespec.db relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from datetime import timedelta
+
+from storage.db import make_engine, make_session_factory, masked, resolve_database_url
+
+DURATION = re.compile(r"^(\d+)([smhdw])$")
+DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+PRUNE_BATCH_ROWS = 5_000  # rows per transaction: keeps locks short while the worker keeps writing
+
+
+def register(subparsers) -> None:
+    db = subparsers.add_parser("db", help="database schema: upgrade, current")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_commands.add_parser("upgrade", help="create or upgrade the schema to the latest revision")
+    _add_database_options(upgrade)
+    upgrade.set_defaults(func=run_upgrade)
+    current = db_commands.add_parser("current", help="show the schema revision of the database and the latest")
+    _add_database_options(current)
+    current.add_argument("--check", action="store_true", help="exit with status 1 unless the schema is at head")
+    current.set_defaults(func=run_current)
+
+    feedback = subparsers.add_parser("feedback", help="feedback retention")
+    feedback_commands = feedback.add_subparsers(dest="feedback_command", required=True)
+    prune = feedback_commands.add_parser(
+        "prune", help="delete old feedback rows, keeping those an unfinished learning round still needs"
+    )
+    _add_database_options(prune)
+    prune.add_argument("--older-than", required=True, type=parse_duration, help="age such as 7d, 12h, 2w")
+    prune.set_defaults(func=run_prune)
+
+
+def _add_database_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", help="SQLAlchemy URL (default: from --config or the environment)")
+    parser.add_argument("--config", help="config.yaml to read database.url from")
+
+
+def parse_duration(text: str) -> timedelta:
+    match = DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a duration like 7d, 12h, 30m, 2w; got {text!r}")
+    amount, unit = match.groups()
+    return timedelta(**{DURATION_UNITS[unit]: int(amount)})
+
+
+def database_url(args) -> str:
+    if args.database_url:
+        return args.database_url
+    if args.config:
+        from daemon.config import load_settings
+
+        return load_settings(args.config).database.url.get_secret_value()
+    return resolve_database_url()
+
+
+def run_upgrade(args) -> int:
+    from storage.migrate import current_revision, head_revision, upgrade_to_head
+
+    url = database_url(args)
+    before = current_revision(url)
+    upgrade_to_head(url)
+    print(f"{masked(url)}: schema {before or 'empty'} -> {head_revision()}")
+    return 0
+
+
+def run_current(args) -> int:
+    from storage.migrate import current_revision, head_revision
+
+    url = database_url(args)
+    current, head = current_revision(url), head_revision()
+    note = "(head)" if current == head else f"(head is {head}; run `onlinespec db upgrade`)"
+    print(f"{masked(url)}: {current or 'empty'} {note}")
+    return 1 if args.check and current != head else 0
+
+
+def run_prune(args) -> int:
+    from storage.feedback_repo import prune_feedback
+    from storage.migrate import assert_at_head
+
+    engine = make_engine(database_url(args))
+    try:
+        assert_at_head(engine)
+        session_factory = make_session_factory(engine)
+        total = 0
+        while True:
+            with session_factory.begin() as session:
+                deleted = prune_feedback(session, args.older_than, limit=PRUNE_BATCH_ROWS)
+            total += deleted
+            if deleted < PRUNE_BATCH_ROWS:
+                break
+        age = f"{args.older_than.total_seconds() / 86400:g} days"
+        print(f"{masked(engine.url)}: deleted {total} feedback rows older than {age}")
+    finally:
+        engine.dispose()
+    return 0

@@ -1,0 +1,261 @@
+"""The message contracts of architecture.md: validating prompt records and building completion records.
+
+Input (JSON object, UTF-8): `id` (string, required, the idempotency key), exactly one of `prompt` (string) or
+`messages` (chat list rendered with the target tokenizer's chat template), optional `max_new_tokens`,
+`temperature`, `top_p`, `seed`, `stop`, `metadata` (object, echoed back). Anything else is rejected with a
+reason; rejected records go to the DLQ and never stop the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.config import LimitSettings
+from pipelines.types import GenerationRequest, GenerationResult
+
+FIELDS = ("id", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "seed", "stop", "metadata")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_TEMPERATURE = 100.0
+MAX_SEED = 2**63 - 1
+MAX_STOP_CHARS = 256
+
+
+class InvalidMessage(ValueError):
+    """A prompt record the daemon cannot serve. `code` is stable (header `reason-code`), the text says why."""
+
+    def __init__(self, code: str, reason: str, request_id: str | None = None):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class PromptMessage:
+    """A validated prompt record, before tokenization."""
+
+    id: str
+    prompt: str | None
+    messages: tuple[dict[str, str], ...] | None
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: tuple[str, ...]
+    metadata: dict[str, Any] | None
+
+
+def parse_prompt(value: bytes | None, limits: LimitSettings) -> PromptMessage:
+    """Validate one record value against the input contract; raises InvalidMessage naming the first problem."""
+    if value is None:
+        raise InvalidMessage("empty", "record has no value (tombstone)")
+    if len(value) > limits.max_message_bytes:
+        raise InvalidMessage("too_large", f"record is {len(value)} bytes, the limit is {limits.max_message_bytes}")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage("not_utf8", f"value is not UTF-8 (byte {exc.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidMessage("not_json", f"value is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(obj, dict):
+        raise InvalidMessage("not_object", f"value must be a JSON object, got {_json_type(obj)}")
+
+    request_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+    try:
+        return _validate_object(obj, request_id, limits)
+    except InvalidMessage as exc:
+        exc.request_id = request_id
+        raise
+
+
+def _validate_object(obj: dict[str, Any], request_id: str | None, limits: LimitSettings) -> PromptMessage:
+    unknown = sorted(set(obj) - set(FIELDS))
+    if unknown:
+        raise InvalidMessage("unknown_field", f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
+    if "id" not in obj:
+        raise InvalidMessage("missing_field", "missing required field `id`")
+    if request_id is None:
+        raise InvalidMessage("wrong_type", f"`id` must be a string, got {_json_type(obj['id'])}")
+    if not request_id.strip():
+        raise InvalidMessage("out_of_range", "`id` must not be empty")
+    if len(request_id) > limits.max_id_chars:
+        raise InvalidMessage("out_of_range", f"`id` has {len(request_id)} characters, the limit is {limits.max_id_chars}")
+
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt == has_messages:
+        which = "both" if has_prompt else "neither"
+        raise InvalidMessage("missing_field" if which == "neither" else "conflicting_fields",
+                             f"give exactly one of `prompt` or `messages` (got {which})")  # fmt: skip
+    prompt = messages = None
+    if has_prompt:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, str):
+            raise InvalidMessage("wrong_type", f"`prompt` must be a string, got {_json_type(prompt)}")
+        if not prompt:
+            raise InvalidMessage("out_of_range", "`prompt` must not be empty")
+        if len(prompt) > limits.max_prompt_chars:
+            raise InvalidMessage(
+                "too_large", f"`prompt` has {len(prompt)} characters, the limit is {limits.max_prompt_chars}"
+            )
+    else:
+        messages = _validate_messages(obj["messages"], limits)
+
+    return PromptMessage(
+        id=request_id,
+        prompt=prompt,
+        messages=messages,
+        max_new_tokens=_int_field(obj, "max_new_tokens", limits.default_max_new_tokens, 1, limits.max_new_tokens),
+        temperature=_float_field(obj, "temperature", 0.0, 0.0, MAX_TEMPERATURE, low_open=False),
+        top_p=_float_field(obj, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        # Without a seed, derive one from the id: a request decoded again after a crash samples the same text.
+        seed=_int_field(obj, "seed", zlib.crc32(request_id.encode()), 0, MAX_SEED),
+        stop=_validate_stop(obj.get("stop"), limits),
+        metadata=_validate_metadata(obj.get("metadata"), limits),
+    )
+
+
+def _validate_messages(messages: Any, limits: LimitSettings) -> tuple[dict[str, str], ...]:
+    if not isinstance(messages, list):
+        raise InvalidMessage("wrong_type", f"`messages` must be a list, got {_json_type(messages)}")
+    if not messages:
+        raise InvalidMessage("out_of_range", "`messages` must not be empty")
+    if len(messages) > limits.max_messages:
+        raise InvalidMessage("too_large", f"`messages` has {len(messages)} entries, the limit is {limits.max_messages}")
+    total_chars = 0
+    for index, message in enumerate(messages):
+        where = f"`messages[{index}]`"
+        if not isinstance(message, dict):
+            raise InvalidMessage("wrong_type", f"{where} must be an object, got {_json_type(message)}")
+        extra = sorted(set(message) - {"role", "content"})
+        if extra:
+            raise InvalidMessage("unknown_field", f"{where} has unknown field(s): {', '.join(extra)}")
+        if message.get("role") not in CHAT_ROLES:
+            raise InvalidMessage("out_of_range", f"{where}.role must be one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise InvalidMessage("wrong_type", f"{where}.content must be a string")
+        total_chars += len(message["content"])
+    if total_chars > limits.max_prompt_chars:
+        raise InvalidMessage(
+            "too_large", f"`messages` hold {total_chars} characters, the limit is {limits.max_prompt_chars}"
+        )
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+
+
+def _int_field(obj: dict, name: str, default: int, low: int, high: int) -> int:
+    if name not in obj or obj[name] is None:
+        return default
+    value = obj[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidMessage("wrong_type", f"`{name}` must be an integer, got {_json_type(value)}")
+    if not low <= value <= high:
+        raise InvalidMessage("out_of_range", f"`{name}` must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float_field(obj: dict, name: str, default: float, low: float, high: float, low_open: bool) -> float:
+    if name not in obj or obj[name] is None:
+        return default
+    value = obj[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidMessage("wrong_type", f"`{name}` must be a number, got {_json_type(value)}")
+    if (value <= low if low_open else value < low) or value > high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise InvalidMessage("out_of_range", f"`{name}` must be in {interval}, got {value}")
+    return float(value)
+
+
+def _validate_stop(stop: Any, limits: LimitSettings) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise InvalidMessage("wrong_type", "`stop` must be a string or a list of strings")
+    if len(stops) > limits.max_stop_strings:
+        raise InvalidMessage("out_of_range", f"`stop` has {len(stops)} strings, the limit is {limits.max_stop_strings}")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise InvalidMessage("out_of_range", f"each `stop` string must have 1 to {MAX_STOP_CHARS} characters")
+    return tuple(stops)
+
+
+def _validate_metadata(metadata: Any, limits: LimitSettings) -> dict[str, Any] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise InvalidMessage("wrong_type", f"`metadata` must be an object, got {_json_type(metadata)}")
+    size = len(json.dumps(metadata, separators=(",", ":")).encode())
+    if size > limits.max_metadata_bytes:
+        raise InvalidMessage("too_large", f"`metadata` is {size} bytes, the limit is {limits.max_metadata_bytes}")
+    return metadata
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def tokenize(message: PromptMessage, tokenizer, max_prompt_tokens: int) -> GenerationRequest:
+    """Render and tokenize a validated message; a prompt the engine has no room for is InvalidMessage."""
+    if message.messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidMessage("unsupported", "`messages` given but the target tokenizer has no chat template",
+                                 message.id)  # fmt: skip
+        text = tokenizer.apply_chat_template(list(message.messages), add_generation_prompt=True, tokenize=False)
+        input_ids = tokenizer(text, add_special_tokens=False).input_ids
+    else:
+        input_ids = tokenizer(message.prompt).input_ids
+    if not input_ids:
+        raise InvalidMessage("out_of_range", "the prompt tokenizes to nothing", message.id)
+    if len(input_ids) > max_prompt_tokens:
+        raise InvalidMessage(
+            "prompt_too_long", f"prompt has {len(input_ids)} tokens, the limit is {max_prompt_tokens}", message.id
+        )
+    return GenerationRequest(
+        id=message.id,
+        input_ids=list(input_ids),
+        max_new_tokens=message.max_new_tokens,
+        temperature=message.temperature,
+        top_p=message.top_p,
+        seed=message.seed,
+        stop=message.stop,
+    )
+
+
+def completion_payload(
+    result: GenerationResult, prompt_tokens: int, metadata: dict[str, Any] | None, queue_s: float
+) -> dict[str, Any]:
+    """The output contract; stored as sent, so a redelivered request gets the same bytes again."""
+    counters = result.counters
+    return {
+        "id": result.id,
+        "text": result.text,
+        "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "draft_version": result.feedback.draft_version,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids)},
+        "acceptance": {
+            "drafted": counters.drafted,
+            "accepted": counters.accepted,
+            "target_forwards": counters.target_forwards,
+            "mean_accepted_length": round(counters.mean_accepted_length, 4),
+        },
+        "timings": {"queue_s": round(queue_s, 4), "decode_s": round(result.seconds, 4)},
+        "metadata": metadata,
+    }
+
+
+def encode_json(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,88 @@
+"""Prometheus metrics of one daemon process, on its own registry, served over HTTP when a port is set.
+
+Raw counters first (tokens, target forwards, drafted/accepted per draft version); the AvgLen and tokens/s
+gauges are derived from them for dashboards that cannot divide.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from pipelines.types import GenerationResult
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class DaemonMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("onlinespec_requests", "Prompt records handled, by outcome "
+                                "(completed, resent, dead_lettered)", ["outcome"], registry=r)  # fmt: skip
+        self.dlq = Counter("onlinespec_dlq_records", "Records sent to the DLQ, by reason code", ["reason"], registry=r)
+        self.tokens = Counter("onlinespec_generated_tokens", "Tokens generated", ["draft_version"], registry=r)
+        self.target_forwards = Counter("onlinespec_target_forwards", "Target forward passes (prefill included)",
+                                       ["draft_version"], registry=r)  # fmt: skip
+        self.drafted = Counter("onlinespec_drafted_tokens", "Draft tokens proposed", ["draft_version"], registry=r)
+        self.accepted = Counter("onlinespec_accepted_tokens", "Draft tokens accepted", ["draft_version"], registry=r)
+        self.avg_len = Gauge("onlinespec_mean_accepted_length", "Tokens per target forward since start (AvgLen)",
+                             ["draft_version"], registry=r)  # fmt: skip
+        self.decode_tps = Gauge("onlinespec_decode_tokens_per_second", "Tokens/s of the last batch's decode",
+                                registry=r)  # fmt: skip
+        self.e2e_tps = Gauge("onlinespec_tokens_per_second", "Tokens/s of the last batch, poll to commit", registry=r)
+        self.lag = Gauge("onlinespec_consumer_lag", "Records behind the high watermark", ["topic", "partition"],
+                         registry=r)  # fmt: skip
+        self.queue_depth = Gauge("onlinespec_queue_depth", "Records waiting between poll thread and worker",
+                                 registry=r)  # fmt: skip
+        self.paused = Gauge("onlinespec_consumption_paused", "1 while partitions are paused", registry=r)
+        self.database_up = Gauge("onlinespec_database_up", "0 while the database is unreachable", registry=r)
+        self.producer_recreated = Counter("onlinespec_producer_recreations", "Producers replaced after a fatal error",
+                                          registry=r)  # fmt: skip
+        self.batch_size = Histogram("onlinespec_batch_size", "Records per micro-batch", buckets=BATCH_BUCKETS,
+                                    registry=r)  # fmt: skip
+        self.decode_seconds = Histogram("onlinespec_decode_seconds", "Engine time per batch",
+                                        buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.store_seconds = Histogram("onlinespec_store_seconds", "Database transaction time per batch",
+                                       buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.produce_seconds = Histogram("onlinespec_produce_seconds", "Produce-and-ack time per batch",
+                                         buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self._lock = threading.Lock()
+        self._per_version: dict[str, list[int]] = {}  # version -> [emitted, forwards]
+        self.database_up.set(1)
+        self._server = None
+
+    def record_results(self, results: list[GenerationResult]) -> None:
+        with self._lock:
+            for result in results:
+                c = result.counters
+                version = result.feedback.draft_version
+                self.tokens.labels(version).inc(c.emitted)
+                self.target_forwards.labels(version).inc(c.target_forwards)
+                self.drafted.labels(version).inc(c.drafted)
+                self.accepted.labels(version).inc(c.accepted)
+                totals = self._per_version.setdefault(version, [0, 0])
+                totals[0] += c.emitted
+                totals[1] += c.target_forwards
+                if totals[1]:
+                    self.avg_len.labels(version).set(totals[0] / totals[1])
+
+    def serve(self, host: str, port: int) -> int | None:
+        """Start the HTTP exporter; port 0 disables it. Returns the bound port."""
+        if port == 0:
+            return None
+        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = self._server.server_address[1]
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

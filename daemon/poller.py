@@ -1,0 +1,162 @@
+"""The poll thread: the only user of the KafkaConsumer (it is not thread-safe).
+
+Each loop: commit what the pipeline finished, pause or resume the assigned partitions, poll, validate and
+tokenize the records into the bounded inbox, and now and then publish consumer lag. It keeps polling while a
+batch decodes (paused partitions return nothing), so the group never sees a stalled member, however long a
+decode takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from kafka import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from daemon.batching import Inbound, OffsetTracker
+from daemon.config import Settings
+from daemon.messages import InvalidMessage, parse_prompt, tokenize
+from daemon.metrics import DaemonMetrics
+from daemon.pipeline import SinkHealth
+
+log = logging.getLogger(__name__)
+
+POLL_TIMEOUT_MS = 100
+COMMIT_TIMEOUT_MS = 5_000
+LAG_INTERVAL_S = 1.0
+
+
+class Poller:
+    def __init__(self, settings: Settings, consumer_factory, tracker: OffsetTracker, inbox: queue.Queue,
+                 health: SinkHealth, metrics: DaemonMetrics, tokenizer, max_prompt_tokens: int):  # fmt: skip
+        self.settings = settings
+        self.consumer_factory = consumer_factory
+        self.tracker = tracker
+        self.inbox = inbox
+        self.health = health
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.stopping = threading.Event()  # take no more records; keep polling (membership) and committing
+        self.exit = threading.Event()  # final commit, close the consumer
+        self.assigned = threading.Event()  # set on the first assignment
+        self.rebalances = 0
+
+    def run(self) -> None:
+        """Thread target; exceptions propagate to the caller's wrapper."""
+        consumer = self.consumer_factory(self.settings.kafka)
+        try:
+            consumer.subscribe([self.settings.kafka.prompts_topic], listener=_Rebalance(self, consumer))
+            next_lag = 0.0
+            while not self.exit.is_set():
+                self.commit_done(consumer)
+                free = self._apply_backpressure(consumer)
+                records = consumer.poll(timeout_ms=POLL_TIMEOUT_MS, max_records=max(1, free))
+                for tp, batch in records.items():
+                    for record in batch:
+                        self._enqueue(tp, record)
+                self.metrics.queue_depth.set(self.inbox.qsize())
+                if time.monotonic() >= next_lag:
+                    self._update_lag(consumer)
+                    next_lag = time.monotonic() + LAG_INTERVAL_S
+            self.commit_done(consumer)
+        finally:
+            try:
+                consumer.close(autocommit=False)
+            except Exception as exc:
+                log.warning("closing the consumer: %s", exc)
+
+    def _apply_backpressure(self, consumer) -> int:
+        """Pause every assigned partition while we must not take more; returns how many records fit the inbox."""
+        depth = self.inbox.qsize()
+        capacity = self.settings.batching.queue_size
+        free = capacity - depth
+        currently_paused = bool(consumer.paused())
+        if self.stopping.is_set() or not self.health.healthy or free <= 0:
+            should_pause = True
+        elif currently_paused:
+            should_pause = depth > capacity * self.settings.batching.resume_below  # hysteresis
+        else:
+            should_pause = False
+        if should_pause:
+            assignment = consumer.assignment()
+            if assignment - consumer.paused():
+                consumer.pause(*assignment)
+                log.debug("paused %s (queue %d/%d%s)", _names(assignment), depth, capacity,
+                          "" if self.health.healthy else f", {self.health.describe()}")  # fmt: skip
+        elif currently_paused:
+            consumer.resume(*consumer.paused())
+            log.debug("resumed (queue %d/%d)", depth, capacity)
+        self.metrics.paused.set(1 if should_pause else 0)
+        return min(free, self.settings.kafka.max_poll_records)
+
+    def _enqueue(self, tp: TopicPartition, record) -> None:
+        if self.stopping.is_set():
+            return  # neither tracked nor committed: redelivered to whoever consumes next
+        epoch = self.tracker.track(tp, record.offset)
+        if epoch is None:
+            return  # partition revoked meanwhile
+        item = Inbound(tp, record.offset, record.key, record.value, list(record.headers or []), epoch)
+        self._validate(item)
+        self.inbox.put(item)
+
+    def _validate(self, item: Inbound) -> None:
+        try:
+            item.message = parse_prompt(item.value, self.settings.limits)
+            item.request = tokenize(item.message, self.tokenizer, self.max_prompt_tokens)
+        except InvalidMessage as exc:
+            item.error = exc
+            log.info("rejecting %s (id %s): %s", item.where, exc.request_id, exc.reason)
+
+    def commit_done(self, consumer) -> None:
+        offsets = self.tracker.committable()
+        if not offsets:
+            return
+        try:
+            consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
+                            timeout_ms=COMMIT_TIMEOUT_MS)  # fmt: skip
+            self.tracker.committed(offsets)
+            log.debug("committed %s", {f"{tp.topic}/{tp.partition}": o for tp, o in offsets.items()})
+        except KafkaError as exc:
+            # Retried on the next loop; if the partition moved meanwhile, its new owner re-sends the stored
+            # completions instead of decoding again.
+            log.warning("offset commit failed (%s: %s); will retry", type(exc).__name__, exc)
+
+    def _update_lag(self, consumer) -> None:
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)  # not end_offsets(): wrong on some brokers, and a request each
+            if highwater is None:
+                continue
+            try:
+                position = consumer.position(tp, timeout_ms=0)
+            except KafkaError:
+                continue
+            if position is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, poller: Poller, consumer):
+        self.poller = poller
+        self.consumer = consumer
+
+    def on_partitions_revoked(self, revoked):
+        # Commit what is finished while we still own it; queued records of revoked partitions become stale.
+        self.poller.commit_done(self.consumer)
+        self.poller.tracker.revoke(revoked)
+        if revoked:
+            log.info("partitions revoked: %s", _names(revoked))
+
+    def on_partitions_assigned(self, assigned):
+        self.poller.tracker.assign(assigned)
+        self.poller.rebalances += 1
+        self.poller.assigned.set()
+        log.info("partitions assigned: %s", _names(assigned))
+
+
+def _names(tps) -> str:
+    return ", ".join(sorted(f"{tp.topic}/{tp.partition}" for tp in tps)) or "none"

@@ -1,0 +1,249 @@
+"""The worker's write path: requests as they arrive, then completion + feedback for a whole batch.
+
+Exactly-once effects on top of at-least-once Kafka delivery rest on two keys:
+- `requests.request_id` (the message's `id`): a redelivered or re-sent id is recognised, never inserted twice;
+- `completions.request_id`: at most one completion per request, even when two workers decode the same id
+  (a rebalance mid-batch); the later one gets the stored message back and produces that instead of its own.
+
+Serving a record (`received` below is one item of `record_requests_received`):
+    completion exists          -> produce completion.message_json again, do not decode
+    status == dead_lettered    -> already sent to the DLQ; skip
+    otherwise                  -> decode, then store_results(...) and produce what it returns
+
+Inserts use INSERT ... ON CONFLICT DO NOTHING (SQLite and PostgreSQL), so concurrent writers of the same id
+never raise: the first commit wins and the others see its row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from pipelines.types import GenerationResult
+from storage.db import dialect_insert
+from storage.errors import KafkaPositionConflictError
+from storage.models import MAX_REQUEST_ID_CHARS, Completion, Feedback, Request, RequestStatus, utcnow
+from storage.packing import pack_feedback, pack_token_ids
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    request_id: str
+    topic: str | None  # None (with partition and offset) for requests that did not come from Kafka
+    partition: int | None
+    offset: int | None
+    params: dict[str, Any]
+    prompt_tokens: int | None
+
+
+@dataclass(frozen=True)
+class PositionConflict:
+    """The Kafka position of `received` is already recorded under `existing_request_id`."""
+
+    received: ReceivedRequest
+    existing_request_id: str | None
+
+    def describe(self) -> str:
+        r = self.received
+        return (
+            f"{r.topic}/{r.partition}@{r.offset} carries request id {r.request_id!r} but is already recorded for "
+            f"{self.existing_request_id!r}: the topic was re-created or records were mixed up; not serving it"
+        )
+
+
+@dataclass
+class ReceivedBatch:
+    """Outcome of record_requests_received: one entry per distinct request id, plus refused positions."""
+
+    requests: dict[str, tuple[Request, bool]] = field(default_factory=dict)  # id -> (row, is_new)
+    conflicts: list[PositionConflict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CompletedRequest:
+    """One decoded request ready to store: the engine's result and the output message exactly as produced."""
+
+    result: GenerationResult
+    message_json: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def record_request_received(
+    session: Session,
+    request_id: str,
+    topic: str | None,
+    partition: int | None,
+    offset: int | None,
+    params: dict[str, Any],
+    prompt_tokens: int | None,
+    *,
+    received_at: datetime | None = None,
+) -> tuple[Request, bool]:
+    """Record one request; returns (row, is_new). Idempotent and safe when processes race on the same id.
+
+    Raises KafkaPositionConflictError when the Kafka position is already taken by another request id.
+    """
+    received = ReceivedRequest(request_id, topic, partition, offset, params, prompt_tokens)
+    batch = record_requests_received(session, [received], received_at=received_at)
+    if batch.conflicts:
+        raise KafkaPositionConflictError(batch.conflicts[0].describe())
+    return batch.requests[request_id]
+
+
+def record_requests_received(
+    session: Session, received: Sequence[ReceivedRequest], *, received_at: datetime | None = None
+) -> ReceivedBatch:
+    """Record a poll's worth of requests in one statement. An id seen before (earlier, or twice in this batch)
+    comes back with is_new False and its first row; positions taken by another id are listed in `conflicts`."""
+    for item in received:
+        if not item.request_id or len(item.request_id) > MAX_REQUEST_ID_CHARS:
+            raise ValueError(f"request id must be 1-{MAX_REQUEST_ID_CHARS} characters, got {len(item.request_id)}")
+    batch = ReceivedBatch()
+    if not received:
+        return batch
+    now = received_at or utcnow()
+    rows = [
+        dict(
+            request_id=r.request_id, kafka_topic=r.topic, kafka_partition=r.partition, kafka_offset=r.offset,
+            status=RequestStatus.RECEIVED.value, received_at=now, prompt_tokens=r.prompt_tokens, params=r.params,
+        )
+        for r in sorted(received, key=_request_id)
+    ]  # fmt: skip
+    insert = dialect_insert(session, Request).on_conflict_do_nothing().returning(Request.request_id)
+    inserted = set(session.scalars(insert, rows))
+    ids = {r.request_id for r in received}
+    stored = {row.request_id: row for row in session.scalars(select(Request).where(Request.request_id.in_(ids)))}
+    for item in received:
+        row = stored.get(item.request_id)
+        if row is None:
+            batch.conflicts.append(PositionConflict(item, _owner_of_position(session, item)))
+        elif item.request_id not in batch.requests:
+            batch.requests[item.request_id] = (row, item.request_id in inserted)
+    return batch
+
+
+def _request_id(item: ReceivedRequest) -> str:
+    # Rows go in in id order: two PostgreSQL transactions inserting overlapping ids (a rebalance hands a batch to
+    # a second worker) then wait on each other in the same order instead of deadlocking.
+    return item.request_id
+
+
+def _owner_of_position(session: Session, item: ReceivedRequest) -> str | None:
+    return session.scalar(
+        select(Request.request_id).where(
+            Request.kafka_topic == item.topic,
+            Request.kafka_partition == item.partition,
+            Request.kafka_offset == item.offset,
+        )
+    )
+
+
+def find_completion(session: Session, request_id: str) -> Completion | None:
+    return session.get(Completion, request_id)
+
+
+def find_completions(session: Session, request_ids: Sequence[str]) -> dict[str, Completion]:
+    """The stored completions among `request_ids` (one query for a batch of redeliveries)."""
+    if not request_ids:
+        return {}
+    rows = session.scalars(select(Completion).where(Completion.request_id.in_(set(request_ids))))
+    return {row.request_id: row for row in rows}
+
+
+def store_results(
+    session: Session,
+    completed: Sequence[CompletedRequest],
+    *,
+    target_identity: str,
+    completed_at: datetime | None = None,
+) -> dict[str, str]:
+    """Store completion + feedback rows for a batch and mark the requests completed, in the caller's transaction.
+
+    Every request must have been recorded (record_request_received) first. Returns request id -> the message
+    to produce: the given one when this call stored it, the earlier stored one when another worker got there
+    first (its completion, feedback and status are left untouched).
+    """
+    if not completed:
+        return {}
+    now = completed_at or utcnow()
+    completed = sorted(completed, key=lambda item: item.result.id)
+    completion_rows = [_completion_row(item, now) for item in completed]
+    insert = dialect_insert(session, Completion).on_conflict_do_nothing().returning(Completion.request_id)
+    inserted = set(session.scalars(insert, completion_rows))
+    feedback_rows = [
+        _feedback_row(item.result, target_identity, now) for item in completed if item.result.id in inserted
+    ]
+    if feedback_rows:
+        session.execute(dialect_insert(session, Feedback).on_conflict_do_nothing(), feedback_rows)
+    if inserted:
+        session.execute(
+            update(Request)
+            .where(Request.request_id.in_(inserted))
+            .values(status=RequestStatus.COMPLETED.value, completed_at=now, error=None)
+        )
+    to_produce = {item.result.id: item.message_json for item in completed if item.result.id in inserted}
+    already_stored = [item.result.id for item in completed if item.result.id not in inserted]
+    for request_id, completion in find_completions(session, already_stored).items():
+        to_produce[request_id] = completion.message_json
+    return to_produce
+
+
+def _completion_row(item: CompletedRequest, now: datetime) -> dict[str, Any]:
+    result, counters = item.result, item.result.counters
+    return dict(
+        request_id=result.id, text=result.text, token_ids=pack_token_ids(result.token_ids),
+        finish_reason=result.finish_reason, draft_version=result.feedback.draft_version,
+        draft_steps=counters.draft_steps, drafted=counters.drafted, accepted=counters.accepted,
+        target_forwards=counters.target_forwards, emitted=counters.emitted,
+        accepted_at_position=list(counters.accepted_at_position), decode_seconds=float(result.seconds),
+        timings=dict(item.timings), message_json=item.message_json, created_at=now,
+    )  # fmt: skip
+
+
+def _feedback_row(result: GenerationResult, target_identity: str, now: datetime) -> dict[str, Any]:
+    counters = result.counters
+    return dict(
+        request_id=result.id, target_identity=target_identity, created_at=now,
+        draft_steps=counters.draft_steps, drafted=counters.drafted, accepted=counters.accepted,
+        target_forwards=counters.target_forwards, emitted=counters.emitted,
+        **pack_feedback(result.feedback).columns(),
+    )  # fmt: skip
+
+
+def mark_failed(session: Session, request_id: str, error: str) -> None:
+    """Decoding raised: keep the reason. Only a request still `received` changes (a completion always wins)."""
+    session.execute(
+        update(Request)
+        .where(Request.request_id == request_id, Request.status.in_([RequestStatus.RECEIVED, RequestStatus.FAILED]))
+        .values(status=RequestStatus.FAILED.value, error=error)
+    )
+
+
+def mark_dead_lettered(
+    session: Session,
+    request_id: str,
+    reason: str,
+    *,
+    topic: str | None = None,
+    partition: int | None = None,
+    offset: int | None = None,
+    params: dict[str, Any] | None = None,
+) -> Request:
+    """Record that the record at this position went to the DLQ with `reason`, recording the request first if it
+    was never received (input rejected before it got that far); the row is returned.
+
+    Only the row of this very record changes: a completed request stays completed, and a duplicate id (the same
+    id received earlier at another position) leaves the original request alone - the DLQ message carries the
+    duplicate's reason. Raises KafkaPositionConflictError like record_request_received."""
+    row, is_new = record_request_received(session, request_id, topic, partition, offset, params or {}, None)
+    same_record = is_new or (row.kafka_topic, row.kafka_partition, row.kafka_offset) == (topic, partition, offset)
+    if same_record and row.status != RequestStatus.COMPLETED:
+        row.status = RequestStatus.DEAD_LETTERED.value
+        row.error = reason
+        session.flush()
+    return row

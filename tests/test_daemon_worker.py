@@ -1,0 +1,297 @@
+"""The Worker in-process against the real broker, the real engine on tiny models and a real SQLite database:
+poison input, redelivery, backpressure, long decodes, draft swap, metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from daemon.config import Settings
+from daemon.metrics import DaemonMetrics
+from daemon.service import open_database
+from daemon.store import BatchStore
+from daemon.worker import Worker
+from pipelines.engine import EngineSettings, SpeculativeEngine
+from pipelines.models import load_model, load_tokenizer
+from tests.daemon_fixtures import TopicReader, daemon_settings, header, ids_of, produce, prompt_records
+from tests.kafka_fixtures import free_port
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    # One intra-op thread while the worker runs in this process: the broker, the poll thread and other
+    # processes share two cores, and spinning OpenMP threads then slow tiny decodes down many times.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    target_dir, draft_dir = tiny_models
+    tokenizer = load_tokenizer(str(target_dir))
+    yield SpeculativeEngine(load_model(str(target_dir)), load_model(str(draft_dir)), tokenizer,
+                            EngineSettings(k=3, max_batch_size=4, max_seq_len=256, top_m=4))  # fmt: skip
+    torch.set_num_threads(threads)
+
+
+class CountingEngine:
+    """The real engine, counting decoded requests and optionally slowed down to imitate long decodes."""
+
+    def __init__(self, engine, delay_s: float = 0.0):
+        self.engine = engine
+        self.delay_s = delay_s
+        self.decoded_ids: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, requests):
+        self.decoded_ids += [r.id for r in requests]
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return self.engine.generate(requests)
+
+
+class RunningWorker:
+    def __init__(self, worker: Worker):
+        self.worker = worker
+        self.exit_code = None
+        self.thread = threading.Thread(target=self._run, name="test-worker-main")
+
+    def _run(self):
+        self.exit_code = self.worker.run()
+
+    def __enter__(self):
+        self.thread.start()
+        assert self.worker.assigned.wait(30), "no partition assignment"
+        return self.worker
+
+    def __exit__(self, *exc):
+        self.worker.stop("test over")
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+
+
+def make_worker(kafka_names, database_url, tiny_models, engine, metrics=None, **sections) -> Worker:
+    target_dir, draft_dir = tiny_models
+    settings = Settings.model_validate(daemon_settings(kafka_names, database_url, target_dir, draft_dir, **sections))
+    _, session_factory = open_database(settings)
+    store = BatchStore(session_factory, target_identity="tiny")
+    return Worker(settings, engine, engine.tokenizer, store, metrics=metrics or DaemonMetrics())
+
+
+def request_statuses(database_url: str) -> dict[str, tuple[str, str | None]]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT request_id, status, error FROM requests")).all()
+    engine.dispose()
+    return {request_id: (status, error) for request_id, status, error in rows}
+
+
+def scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    raise AssertionError(f"{name}{labels} not in the metrics")
+
+
+def test_poison_input_goes_to_the_dlq_with_reasons_and_valid_requests_are_served(
+    kafka_names, sqlite_url, tiny_models, engine
+):
+    valid = prompt_records([f"ok-{i}" for i in range(6)])
+    chat = (b"chat", json.dumps({"id": "ok-chat", "messages": [{"role": "user", "content": "hi"}],
+                                 "metadata": {"user": 1}}).encode())  # fmt: skip
+    long_prompt = "The quick brown fox " * 200  # under the byte limit of 4096, over the 256-slot KV cache
+    poison = [
+        (b"p1", b"{not json"),
+        (b"p2", json.dumps({"id": 7, "prompt": "x"}).encode()),
+        (b"p3", json.dumps({"prompt": "no id"}).encode()),
+        (b"p4", json.dumps({"id": "p4", "prompt": "x", "model": "big"}).encode()),
+        (b"p5", json.dumps({"id": "p5", "prompt": "x" * 5000}).encode()),
+        (b"p6", json.dumps({"id": "p6", "prompt": long_prompt[:3900]}).encode()),
+        (b"ok-0", valid[0][1]),  # the same id again, at another offset
+        (b"p8", json.dumps({"id": "p8", "prompt": "x", "temperature": "hot"}).encode()),
+        (b"p9", None),
+    ]
+    expected_codes = {
+        0: "not_json", 1: "wrong_type", 2: "missing_field", 3: "unknown_field", 4: "too_large",
+        5: "prompt_too_long", 6: "duplicate_id", 7: "wrong_type", 8: "empty",
+    }  # fmt: skip
+    port = free_port()
+    metrics = DaemonMetrics()
+    worker = make_worker(kafka_names, sqlite_url, tiny_models, engine, metrics=metrics,
+                         daemon={"metrics_port": port})  # fmt: skip
+    # Interleave so poison shares batches with valid requests.
+    records = [valid[0], poison[0], valid[1], poison[1], poison[2], valid[2], poison[3], poison[4], chat,
+               poison[5], valid[3], poison[6], poison[7], valid[4], poison[8], valid[5]]  # fmt: skip
+    with RunningWorker(worker):
+        produce(kafka_names.bootstrap, kafka_names.prompts, records)
+        completions = TopicReader(kafka_names.bootstrap, kafka_names.completions)
+        served = completions.read_until(lambda rs: len(rs) >= 7, timeout=60)
+        dlq = TopicReader(kafka_names.bootstrap, kafka_names.dlq)
+        dead = dlq.read_until(lambda rs: len(rs) >= len(poison), timeout=30)
+        time.sleep(0.5)
+        text = scrape(port)
+        completions.read_for(0.5)
+        dlq.read_for(0.5)
+    assert sorted(ids_of(served)) == sorted([f"ok-{i}" for i in range(6)] + ["ok-chat"])
+    assert len(dead) == len(poison)
+    by_value = {record.value: record for record in dead}
+    for index, (_key, value) in enumerate(poison):
+        record = by_value[value]
+        assert header(record, "reason-code") == expected_codes[index], header(record, "reason")
+        assert header(record, "original-topic") == kafka_names.prompts
+        assert header(record, "original-partition") == "0"
+        assert int(header(record, "original-offset")) == next(i for i, r in enumerate(records) if r is poison[index])
+        assert header(record, "reason")
+    assert "already received at" in header(by_value[poison[6][1]], "reason")
+    assert "the limit is" in header(by_value[poison[5][1]], "reason")
+    statuses = request_statuses(sqlite_url)
+    # Records with a usable id are recorded as dead-lettered; oversized ones are never parsed, so only the DLQ has them.
+    assert {i: statuses[i][0] for i in ("p4", "p6", "p8")} == dict.fromkeys(("p4", "p6", "p8"), "dead_lettered")
+    assert "p5" not in statuses
+    assert statuses["p6"][1].startswith("prompt_too_long: ")
+    assert statuses["ok-0"] == ("completed", None)  # the duplicate did not touch the original
+    chat_completion = next(r for r in served if header(r, "request-id") == "ok-chat")
+    assert chat_completion.key == b"chat" and json.loads(chat_completion.value)["metadata"] == {"user": 1}
+    assert metric_value(text, "onlinespec_requests_total", outcome="completed") == 7
+    assert metric_value(text, "onlinespec_requests_total", outcome="dead_lettered") == len(poison)
+    assert metric_value(text, "onlinespec_dlq_records_total", reason="duplicate_id") == 1
+    assert metric_value(text, "onlinespec_consumer_lag", topic=kafka_names.prompts, partition="0") == 0
+    assert metric_value(text, "onlinespec_queue_depth") == 0
+    assert metric_value(text, "onlinespec_mean_accepted_length", draft_version="base") >= 1.0
+    assert metric_value(text, "onlinespec_generated_tokens_total", draft_version="base") > 0
+    assert metric_value(text, "onlinespec_decode_seconds_count") >= 1
+    assert metric_value(text, "onlinespec_store_seconds_count") >= 1
+    assert metric_value(text, "onlinespec_batch_size_count") >= 1
+
+
+def test_a_redelivered_request_is_resent_from_the_database_not_decoded(kafka_names, sqlite_url, tiny_models, engine):
+    ids = [f"r{i}" for i in range(5)]
+    produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(ids))
+    first = CountingEngine(engine)
+    with RunningWorker(make_worker(kafka_names, sqlite_url, tiny_models, first)):
+        reader = TopicReader(kafka_names.bootstrap, kafka_names.completions)
+        reader.read_until(lambda rs: len(rs) >= 5)
+    assert sorted(first.decoded_ids) == ids
+
+    # A new group starts from the beginning: every record is delivered again.
+    kafka_names.group += "-again"
+    second = CountingEngine(engine)
+    with RunningWorker(make_worker(kafka_names, sqlite_url, tiny_models, second)):
+        records = reader.read_until(lambda rs: len(rs) >= 10)
+    reader.close()
+    assert second.decoded_ids == []
+    originals = {header(r, "request-id"): r.value for r in records[:5]}
+    resent = records[5:]
+    assert all(header(r, "resent") == "1" for r in resent)
+    assert {header(r, "request-id"): r.value for r in resent} == originals  # the same bytes again
+
+
+@pytest.mark.slow
+def test_backpressure_pauses_partitions_and_long_decodes_cause_no_rebalance(
+    kafka_names, sqlite_url, tiny_models, engine
+):
+    slow = CountingEngine(engine, delay_s=2.5)  # longer than the 2 s session timeout and the 2 s poll interval
+    metrics = DaemonMetrics()
+    worker = make_worker(kafka_names, sqlite_url, tiny_models, slow, metrics=metrics,
+                         kafka={"max_poll_interval_ms": 2000}, batching={"queue_size": 2, "max_batch_size": 2})  # fmt: skip
+    ids = [f"b{i}" for i in range(8)]
+    paused_seen = []
+    with RunningWorker(worker):
+        produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(ids, max_new_tokens=4))
+        reader = TopicReader(kafka_names.bootstrap, kafka_names.completions)
+        deadline = time.monotonic() + 60
+        while len(reader.records) < len(ids) and time.monotonic() < deadline:
+            reader.read_for(0.3)
+            paused_seen.append(metrics.paused._value.get())
+            assert worker.inbox.qsize() <= 2
+        reader.close()
+    assert sorted(ids_of(reader.records)) == ids
+    assert 1 in paused_seen
+    assert worker.poller.rebalances == 1, "rebalanced during slow decodes"
+    assert sorted(slow.decoded_ids) == ids
+
+
+def test_draft_swap_happens_at_a_batch_boundary(kafka_names, sqlite_url, tiny_models, engine):
+    target_dir, draft_dir = tiny_models
+    worker = make_worker(kafka_names, sqlite_url, tiny_models, engine)
+    new_weights = {name: torch.zeros_like(t) for name, t in load_model(str(draft_dir)).state_dict().items()}
+    original = {name: t.clone() for name, t in engine.draft.state_dict().items()}
+    try:
+        with RunningWorker(worker):
+            produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(["before"]))
+            reader = TopicReader(kafka_names.bootstrap, kafka_names.completions)
+            reader.read_until(lambda rs: len(rs) >= 1)
+            worker.request_draft_swap(new_weights, "v2")
+            produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(["after"]))
+            records = reader.read_until(lambda rs: len(rs) >= 2)
+            reader.close()
+    finally:
+        engine.swap_draft(original, "base")
+    versions = {header(r, "request-id"): json.loads(r.value)["draft_version"] for r in records}
+    assert versions == {"before": "base", "after": "v2"}
+
+
+def test_a_signal_drains_within_the_grace_period_and_a_second_one_abandons(kafka_names, sqlite_url, tiny_models,
+                                                                           engine):  # fmt: skip
+    slow = CountingEngine(engine, delay_s=4.0)
+    worker = make_worker(kafka_names, sqlite_url, tiny_models, slow, daemon={"shutdown_grace_s": 30.0})
+    running = RunningWorker(worker)
+    running.__enter__()
+    produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(["s0", "s1"]))
+    deadline = time.monotonic() + 30
+    while not slow.decoded_ids and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow.decoded_ids, "decoding never started"
+    worker.handle_signal(signal.SIGTERM)  # drain: would wait for the 4 s decode
+    time.sleep(0.5)
+    assert running.thread.is_alive()
+    signalled = time.monotonic()
+    worker.handle_signal(signal.SIGINT)  # second signal: abandon now
+    running.thread.join(10)
+    assert not running.thread.is_alive() and time.monotonic() - signalled < 3.0
+    assert running.exit_code == 0
+    assert worker.tracker.committable() == {}  # nothing finished, nothing committed
+    worker.join_abandoned(10)  # let the stuck decode finish before the next test uses the engine
+
+
+def test_the_grace_period_bounds_the_drain(kafka_names, sqlite_url, tiny_models, engine):
+    slow = CountingEngine(engine, delay_s=5.0)
+    worker = make_worker(kafka_names, sqlite_url, tiny_models, slow, daemon={"shutdown_grace_s": 1.0})
+    running = RunningWorker(worker)
+    running.__enter__()
+    produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(["g0"]))
+    deadline = time.monotonic() + 30
+    while not slow.decoded_ids and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stopped = time.monotonic()
+    worker.handle_signal(signal.SIGTERM)
+    running.thread.join(10)
+    assert not running.thread.is_alive()
+    assert 0.9 < time.monotonic() - stopped < 4.0
+    assert running.exit_code == 0 and worker._abandoned == 1
+    worker.join_abandoned(10)
+
+
+def test_a_failing_consumer_stops_the_worker_with_exit_code_1(kafka_names, sqlite_url, tiny_models, engine):
+    def broken_consumer(_settings):
+        raise RuntimeError("no such broker")
+
+    worker = make_worker(kafka_names, sqlite_url, tiny_models, engine)
+    worker.poller.consumer_factory = broken_consumer
+    assert worker.run() == 1
