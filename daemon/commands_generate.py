@@ -13,8 +13,6 @@ import sys
 import time
 from typing import Any, TextIO
 
-from pipelines.engine import EngineSettings, SpeculativeEngine
-from pipelines.models import load_pair
 from pipelines.types import GenerationRequest, GenerationResult
 
 LINE_FIELDS = {"id", "prompt", "input_ids", "max_new_tokens", "temperature", "top_p", "seed", "stop"}
@@ -106,6 +104,10 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sy
     if not args.no_draft and not args.draft:
         print("error: give --draft DIR, or --no-draft for target-only decoding", file=sys.stderr)
         return 2
+    # Imported here: torch and transformers take seconds to import, and every other command skips them.
+    from pipelines.engine import EngineSettings, SpeculativeEngine
+    from pipelines.models import load_pair
+
     target, draft, tokenizer = load_pair(args.target, draft_ref, args.dtype, args.device)
     settings = EngineSettings(
         k=args.k, max_batch_size=args.batch_size, max_seq_len=args.max_seq_len, top_m=args.top_m, device=args.device

@@ -1,0 +1,95 @@
+"""On a CUDA machine: where does the time of one decoding round go? (kernel table from torch.profiler)
+
+    python bench/profile_round.py --target DIR --draft DIR [--k 5] [--batch 1] [--compile] [--no-graphs]
+
+Decodes a few chat prompts to warm up, then profiles one more generate() call and prints the CUDA kernels
+sorted by total time, with call counts, and the wall time per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.decode import load_prompts  # noqa: E402
+from pipelines.kv_cache import ATTENTION_NAME  # noqa: E402
+from pipelines.engine import EngineSettings, SpeculativeEngine  # noqa: E402
+from pipelines.models import load_pair  # noqa: E402
+from pipelines.types import GenerationRequest  # noqa: E402
+
+
+def random_qwen_pair():
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+    shapes = {
+        "target": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12),
+        "draft": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14),
+    }
+    torch.manual_seed(0)
+    models_ = []
+    for shape in shapes.values():
+        config = Qwen2Config(vocab_size=151936, num_key_value_heads=2, tie_word_embeddings=True,
+                             max_position_embeddings=32768, eos_token_id=151643, **shape)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=ATTENTION_NAME)
+        models_.append(model.eval().requires_grad_(False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")))
+    return models_[0], models_[1], tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", help="HF folder or .gguf; omit with --random-qwen")
+    parser.add_argument("--random-qwen", action="store_true",
+                        help="random-init Qwen2.5 1.5B/0.5B shapes (timing only: acceptance is meaningless)")
+    parser.add_argument("--draft")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-graphs", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.random_qwen:
+        target, draft, tokenizer = random_qwen_pair()
+        draft = draft if args.k > 0 else None
+    else:
+        target, draft, tokenizer = load_pair(args.target, args.draft, "bfloat16", "cuda")
+    settings = EngineSettings(k=args.k if draft is not None else 0, max_batch_size=args.batch, max_seq_len=1024,
+                              device="cuda", cuda_graphs=not args.no_graphs, compile=args.compile)
+    engine = SpeculativeEngine(target, draft, tokenizer, settings)
+    engine.warmup()
+    if args.random_qwen:
+        prompts = [torch.randint(0, 150000, (128,)).tolist() for _ in range(args.batch)]
+    else:
+        prompts = load_prompts("bench/data/humaneval.jsonl", args.batch, tokenizer, chat=True)
+    requests = [GenerationRequest(id=str(i), input_ids=ids, max_new_tokens=args.new) for i, ids in enumerate(prompts)]
+    engine.generate(requests)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    results = engine.generate(requests)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    forwards = max(r.counters.target_forwards for r in results)
+    print(f"k={settings.k} batch={args.batch}: {seconds * 1000:.1f} ms for {forwards} rounds "
+          f"= {seconds / forwards * 1000:.2f} ms per round (prefill and collect included)")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.generate(requests)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=35, max_name_column_width=70)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+        prof.export_chrome_trace(str(Path(args.out).with_suffix(".trace.json")))
+
+
+if __name__ == "__main__":
+    main()
