@@ -14,6 +14,8 @@ COMMAND_MODULES = [
     "daemon.commands_submit",
     "daemon.commands_demo",
     "daemon.commands_db",
+    "daemon.commands_checkpoints",
+    "daemon.commands_rounds",
 ]
 
 

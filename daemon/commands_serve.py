@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _configure_logging(level: str) -> None:
     logging.getLogger().setLevel(level)
-    # kafka-python logs every connection attempt and alembic every plugin at INFO; warnings are what matter here.
-    for noisy in ("kafka", "alembic"):
+    # kafka-python logs every connection attempt, alembic every plugin and APScheduler every job run at INFO;
+    # warnings are what matter here.
+    for noisy in ("kafka", "alembic", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

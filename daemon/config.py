@@ -106,9 +106,13 @@ class ModelSettings(_Section):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if value != "cpu" and value != "cuda" and not (value.startswith("cuda:") and value[5:].isdigit()):
-            raise ValueError(f"device must be cpu, cuda or cuda:N, got {value!r}")
-        return value
+        return check_device(value)
+
+
+def check_device(value: str) -> str:
+    if value != "cpu" and value != "cuda" and not (value.startswith("cuda:") and value[5:].isdigit()):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {value!r}")
+    return value
 
 
 class EngineSettingsSection(_Section):
@@ -159,6 +163,77 @@ class DaemonSettings(_Section):
         return self
 
 
+class LiveGuardSettings(_Section):
+    enabled: bool = True
+    min_requests: int = Field(64, ge=1, le=1_000_000)
+    margin: float = Field(0.05, ge=0, lt=1)
+    check_interval_s: float = Field(10.0, gt=0, le=3600)
+
+
+class LearningSettings(_Section):
+    enabled: bool = False
+    learner: dict[str, Any] = Field(default_factory=dict)  # validated by pipelines.learners.LearnerSettings
+    interval_s: float = Field(3600.0, gt=0, le=7 * 86_400)
+    check_interval_s: float = Field(10.0, gt=0, le=3600)
+    min_new_tokens: int = Field(20_000, ge=1)
+    window_max_rows: int = Field(2_000, ge=2, le=1_000_000)
+    heldout_rows: int = Field(64, ge=1, le=100_000)
+    min_heldout_tokens: int = Field(2_000, ge=1)
+    promote_margin: float = Field(0.02, ge=0, le=10)
+    checkpoint_dir: str = Field("var/checkpoints", min_length=1)
+    device: str | None = None
+    training_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    store_rejected: bool = True
+    cpu_threads: int = Field(1, ge=1, le=1024)
+    deployment: str = Field("default", min_length=1, max_length=64)
+    follow_interval_ms: int = Field(100, ge=0, le=600_000)
+    live_guard: LiveGuardSettings = LiveGuardSettings()
+
+    @field_validator("device")
+    @classmethod
+    def _known_training_device(cls, value: str | None) -> str | None:
+        return None if value is None else check_device(value)
+
+    @field_validator("learner")
+    @classmethod
+    def _valid_learner(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return validate_learner_settings(value)
+
+    def learner_settings(self):
+        """The complete pipelines.learners.LearnerSettings (imports torch)."""
+        from pipelines.learners import LearnerSettings
+
+        return LearnerSettings.model_validate(self.learner)
+
+    @model_validator(mode="after")
+    def _heldout_fits_the_window(self) -> "LearningSettings":
+        if self.heldout_rows >= self.window_max_rows:
+            raise ValueError(
+                f"heldout_rows ({self.heldout_rows}) must be below window_max_rows ({self.window_max_rows}): "
+                "the held-out rows are the newest rows of the window"
+            )
+        return self
+
+
+def validate_learner_settings(value: dict[str, Any]) -> dict[str, Any]:
+    """Check `learning.learner` against the learners' own settings model (pipelines.learners.LearnerSettings);
+    returns the keys that differ from its defaults, so a file spelling out every default equals no file.
+    `learner_settings()` gives the complete settings.
+
+    Imported here, not at module level: reading a config pulls torch in only when it configures a learner."""
+    from pipelines.learners import LearnerSettings
+
+    try:
+        return LearnerSettings.model_validate(value).model_dump(mode="json", exclude_defaults=True)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"]) or "(learner)"
+            unknown = error["type"] == "extra_forbidden"
+            problems.append(f"{key}: {'unknown key' if unknown else error['msg'].removeprefix('Value error, ')}")
+        raise ValueError("; ".join(problems)) from None
+
+
 class Settings(_Section):
     kafka: KafkaSettings = KafkaSettings()
     database: DatabaseSettings = DatabaseSettings()
@@ -167,6 +242,7 @@ class Settings(_Section):
     batching: BatchingSettings = BatchingSettings()
     limits: LimitSettings = LimitSettings()
     daemon: DaemonSettings = DaemonSettings()
+    learning: LearningSettings = LearningSettings()
 
     @model_validator(mode="after")
     def _prompt_limit_fits(self) -> "Settings":

@@ -93,7 +93,7 @@ class Prepared:
 
 class Pipeline:
     def __init__(self, settings: Settings, engine, store: BatchStore, publisher: Publisher, tracker: OffsetTracker,
-                 inbox: queue.Queue, health: SinkHealth, metrics: DaemonMetrics, notifier):  # fmt: skip
+                 inbox: queue.Queue, health: SinkHealth, metrics: DaemonMetrics, notifier, follower=None):  # fmt: skip
         self.settings = settings
         self.engine = engine
         self.store = store
@@ -110,6 +110,7 @@ class Pipeline:
         self.decode_finished = threading.Event()
         self.sink_finished = threading.Event()
         self.beats = {"decode": time.monotonic(), "sink": time.monotonic()}  # last sign of life per stage
+        self.follower = follower  # daemon.draft_follower.DraftFollower: the deployment's active draft version
         self._swap_lock = threading.Lock()
         self._pending_swap = None
 
@@ -126,6 +127,7 @@ class Pipeline:
                 self.beats["decode"] = time.monotonic()
                 batch = collect_batch(self.inbox, batching.max_batch_size, batching.max_wait_ms / 1000)
                 batch = [item for item in batch if self.tracker.is_current(item.tp, item.epoch)]
+                self._follow_active_draft()
                 self._apply_pending_swap()  # between batches: the collected batch decodes with the new draft
                 if batch:
                     self._hand_over(self._prepare(batch))
@@ -133,6 +135,14 @@ class Pipeline:
             pass
         finally:
             self.decode_finished.set()
+
+    def _follow_active_draft(self) -> None:
+        """A promotion or rollback anywhere in the deployment reaches this worker at its next batch boundary."""
+        if self.follower is None:
+            return
+        swap = self.follower.poll(self.engine.draft_version)
+        if swap is not None:
+            self.request_draft_swap(*swap)
 
     def _apply_pending_swap(self) -> None:
         with self._swap_lock:

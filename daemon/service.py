@@ -1,18 +1,19 @@
-"""Wiring: settings → database check → models and engine (warmed up) → Worker. Nothing here runs at import."""
+"""Wiring: settings → database check → models and engine (warmed up) → draft follower → Worker → learning
+scheduler (rounds when learning.enabled, the live guard when learning.live_guard.enabled). Nothing here runs at
+import."""
 
 from __future__ import annotations
 
 import logging
 
 from daemon.config import Settings
+from daemon.draft_follower import BASE_DRAFT_VERSION, DraftFollower, DraftWeights
 from daemon.metrics import DaemonMetrics
 from daemon.store import BatchStore
 from daemon.systemd import SystemdNotifier
 from daemon.worker import Worker
 
 log = logging.getLogger(__name__)
-
-BASE_DRAFT_VERSION = "base"
 
 
 class StartupError(RuntimeError):
@@ -79,9 +80,49 @@ def build_worker(settings: Settings, notifier: SystemdNotifier | None = None) ->
     notifier = notifier or SystemdNotifier()
     notifier.status("checking the database schema")
     db_engine, session_factory = open_database(settings)
+    if settings.learning.enabled and not settings.models.draft:
+        raise StartupError("learning.enabled needs a draft model (models.draft or --draft)", exit_code=2)
     notifier.status("loading models")
     engine, tokenizer, target_identity = build_engine(settings)
     store = BatchStore(session_factory, target_identity=target_identity)
+    follower = weights = None
+    if engine.draft is not None:
+        weights = DraftWeights.of_draft(engine.draft, settings.learning.checkpoint_dir)
+        follower = DraftFollower(session_factory, weights, target_identity=target_identity,
+                                 deployment=settings.learning.deployment,
+                                 interval_s=settings.learning.follow_interval_ms / 1000,
+                                 retry_s=settings.daemon.retry_max_s)  # fmt: skip
+        follower.sync(engine)
     log.info("target identity %s, draft version %s, max prompt tokens %d", target_identity, engine.draft_version,
              engine.max_prompt_tokens)  # fmt: skip
-    return Worker(settings, engine, tokenizer, store, metrics=DaemonMetrics(), notifier=notifier)
+    worker = Worker(settings, engine, tokenizer, store, metrics=DaemonMetrics(), notifier=notifier,
+                    follower=follower)  # fmt: skip
+    if engine.draft is not None:
+        worker.learning = build_learning(settings, db_engine, session_factory, engine.draft, weights,
+                                         target_identity, worker.serving_counters)  # fmt: skip
+    return worker
+
+
+def build_learning(settings: Settings, db_engine, session_factory, draft, weights: DraftWeights,
+                   target_identity: str, serving_counters):  # fmt: skip
+    """The learning scheduler: rounds when learning.enabled, the live guard when live_guard.enabled; else None."""
+    from daemon.learner_lock import LearnerLock
+    from daemon.live_guard import LiveGuard
+    from daemon.rounds import RoundRunner
+    from daemon.scheduler import LearningScheduler
+
+    learning = settings.learning
+    runner = lock = guard = None
+    if learning.enabled:
+        from daemon.config import validate_learner_settings
+
+        validate_learner_settings(learning.learner)  # imports the learners now, not in the first round
+        lock = LearnerLock(db_engine, learning.deployment)
+        runner = RoundRunner(settings, session_factory, weights, draft, target_identity=target_identity,
+                             serving=serving_counters)  # fmt: skip
+    if learning.live_guard.enabled:
+        guard = LiveGuard(learning.live_guard, session_factory, deployment=learning.deployment)
+    if runner is None and guard is None:
+        return None
+    return LearningScheduler(settings, session_factory, target_identity=target_identity, lock=lock, runner=runner,
+                             guard=guard)  # fmt: skip

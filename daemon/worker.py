@@ -4,11 +4,15 @@
     decode thread   daemon.pipeline   micro-batch → admit → decode
     sink thread     daemon.pipeline   store (one transaction) → produce + acks → offsets done
     main thread     here              systemd READY / WATCHDOG / STATUS / STOPPING, signals, grace, summary
+    scheduler       daemon.scheduler  learning rounds and the live guard (APScheduler's threads), when configured
 
-On SIGTERM/SIGINT: stop taking records (partitions paused, polling continues so the group keeps us), finish
-the batch being decoded and the one being stored, commit, close, log one summary line, exit 0. Records still
-queued are left uncommitted and are redelivered to the next consumer. After the grace period, whatever is
-still in flight is abandoned the same way.
+At every batch boundary the decode thread follows the deployment's active draft (daemon.draft_follower).
+
+On SIGTERM/SIGINT: stop taking records (partitions paused, polling continues so the group keeps us) and stop
+scheduling learning rounds, finish the batch being decoded and the one being stored, commit, wait for a running
+round to stop, close, log one summary line, exit 0. Records still queued are left uncommitted and are
+redelivered to the next consumer. After the grace period, whatever is still in flight is abandoned the same way
+(an abandoned round is closed as failed by the next one).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class Worker:
         notifier: SystemdNotifier | None = None,
         consumer_factory=make_consumer,
         producer_factory=make_producer,
+        follower=None,
+        learning=None,
     ):
         self.settings = settings
         self.engine = engine
@@ -57,7 +63,8 @@ class Worker:
         self.poller = Poller(settings, consumer_factory, self.tracker, self.inbox, self.health, self.metrics,
                              tokenizer, engine.max_prompt_tokens)  # fmt: skip
         self.pipeline = Pipeline(settings, engine, store, self.publisher, self.tracker, self.inbox, self.health,
-                                 self.metrics, self.notifier)  # fmt: skip
+                                 self.metrics, self.notifier, follower)  # fmt: skip
+        self.learning = learning  # daemon.scheduler.LearningScheduler or None
         self.assigned = self.poller.assigned  # set once partitions were assigned
         self._stopping = threading.Event()
         self._stop_requested = False  # set by signal handlers: a plain flag is safe there
@@ -85,6 +92,8 @@ class Worker:
         ]
         for thread in self._threads:
             thread.start()
+        if self.learning is not None:
+            self.learning.start()
         kafka = self.settings.kafka
         self.notifier.ready(f"consuming {kafka.prompts_topic}")
         log.info("serving %s -> %s (group %s, draft %s)", kafka.prompts_topic, kafka.completions_topic,
@@ -108,6 +117,10 @@ class Worker:
         self._stop_requested = True
         self._stop_reason = signal.Signals(signum).name
 
+    def serving_counters(self) -> tuple[int, float]:
+        """Tokens decoded and seconds spent decoding so far: learning rounds compare tokens/s during and between."""
+        return self.totals.tokens, self.totals.decode_seconds
+
     def request_draft_swap(self, weights, version: str) -> None:
         """Swap the draft at the next batch boundary (weights: a state dict or a model)."""
         self.pipeline.request_draft_swap(weights, version)
@@ -128,11 +141,12 @@ class Worker:
         self.metrics.close()
 
     def join_abandoned(self, timeout: float) -> bool:
-        """Wait for threads left running after an abandoned drain; True when none is left."""
+        """Wait for threads (and a learning round) left running after an abandoned drain; True when none is."""
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(thread.is_alive() for thread in self._threads)
+        round_done = self.learning is None or self.learning.wait_idle(deadline - time.monotonic())
+        return round_done and not any(thread.is_alive() for thread in self._threads)
 
     def _guard(self, target) -> None:
         try:
@@ -173,6 +187,8 @@ class Worker:
         self.notifier.stopping(f"draining ({self._stop_reason}), grace {grace:g} s")
         self.poller.stopping.set()
         self.pipeline.stopping.set()
+        if self.learning is not None:
+            self.learning.stop()
         deadline = time.monotonic() + grace
         while not self.pipeline.sink_finished.wait(0.2):
             self.notifier.watchdog()
@@ -182,6 +198,13 @@ class Worker:
                 log.warning("grace period over: abandoning %d in-flight records (they will be redelivered)",
                             self._abandoned)  # fmt: skip
                 break
+        if self.learning is not None and self.learning.round_running:
+            self.notifier.status("waiting for the learning round to stop")
+            while not self.learning.wait_idle(0.2):
+                self.notifier.watchdog()
+                if time.monotonic() >= deadline or self.pipeline.hard_stop.is_set():
+                    log.warning("grace period over: leaving the learning round (closed as failed at next start)")
+                    break
 
     def status_line(self) -> str:
         t = self.totals

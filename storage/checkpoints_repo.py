@@ -216,6 +216,21 @@ def list_events(session: Session, *, deployment: str = DEFAULT_DEPLOYMENT, limit
     return list(session.scalars(query.limit(limit)))
 
 
+def current_activation(session: Session, deployment: str = DEFAULT_DEPLOYMENT) -> DraftEvent | None:
+    """The promote or rollback event that set the pointer to what it is now (None if it never moved).
+
+    Every pointer move appends exactly one such event, so the newest one is the current activation: the live
+    guard reads its `from_checkpoint_id` (the predecessor) and `at` (when the version went live)."""
+    query = (
+        select(DraftEvent)
+        .where(DraftEvent.deployment == deployment,
+               DraftEvent.kind.in_([EventKind.PROMOTE.value, EventKind.ROLLBACK.value]))
+        .order_by(DraftEvent.id.desc())
+        .limit(1)
+    )  # fmt: skip
+    return session.scalar(query)
+
+
 def update_live_metrics(session: Session, checkpoint_id: int, metrics: dict[str, Any]) -> None:
     """Replace the live-metrics snapshot of a version (the one mutable measurement on a checkpoint)."""
     get_checkpoint(session, checkpoint_id).live_metrics = dict(metrics)

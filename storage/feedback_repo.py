@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, select, text
+from sqlalchemy import delete, exists, func, select, text
 from sqlalchemy.orm import Session, aliased
 
 from pipelines.types import RequestCounters, RequestFeedback
@@ -61,6 +61,26 @@ def feedback_window(
         if len(batch) < page:
             return records
         after = batch[-1].id
+
+
+@dataclass(frozen=True)
+class FeedbackTotals:
+    rows: int
+    tokens: int  # emitted tokens (n_tokens summed)
+    last_id: int | None
+
+
+def feedback_totals_since(
+    session: Session, after_id: int | None, *, target_identity: str | None = None
+) -> FeedbackTotals:
+    """How much feedback arrived after `after_id`: what the learning scheduler's new-tokens trigger reads."""
+    query = select(func.count(), func.coalesce(func.sum(Feedback.n_tokens), 0), func.max(Feedback.id))
+    if after_id is not None:
+        query = query.where(Feedback.id > after_id)
+    if target_identity is not None:
+        query = query.where(Feedback.target_identity == target_identity)
+    rows, tokens, last_id = session.execute(query).one()
+    return FeedbackTotals(int(rows), int(tokens), last_id)
 
 
 def recent_feedback(

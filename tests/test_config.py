@@ -32,25 +32,37 @@ def test_repo_config_loads_and_equals_the_defaults():
 
 
 def test_repo_config_documents_every_key_with_a_comment():
+    from pydantic import BaseModel
+
+    from pipelines.learners import LearnerSettings
+
     lines = REPO_CONFIG.read_text().splitlines()
     documented: set[str] = set()
-    section = None
+    path: list[tuple[int, str]] = []  # (indent, key) of the enclosing mappings
     for index, line in enumerate(lines):
         match = re.match(r"^(\s*)([a-z_]+):", line)
         if not match:
             continue
-        if not match.group(1):
-            section = match.group(2)
-            continue
-        previous = lines[index - 1].strip()
-        assert previous.startswith("#"), f"{section}.{match.group(2)} has no comment above it"
-        documented.add(f"{section}.{match.group(2)}")
+        indent, key = len(match.group(1)), match.group(2)
+        path = [(i, k) for i, k in path if i < indent]
+        if path:
+            previous = lines[index - 1].strip()
+            dotted = ".".join([k for _, k in path] + [key])
+            assert previous.startswith("#"), f"{dotted} has no comment above it"
+            documented.add(dotted)
+        path.append((indent, key))
+
+    def keys(model: type[BaseModel], prefix: str) -> set[str]:
+        out = set()
+        for name, field in model.model_fields.items():
+            out.add(f"{prefix}{name}")
+            annotation = LearnerSettings if f"{prefix}{name}" == "learning.learner" else field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                out |= keys(annotation, f"{prefix}{name}.")
+        return out
+
     secrets = {"kafka.sasl_plain_password", "kafka.ssl_password"}
-    expected = {
-        f"{name}.{key}"
-        for name, field in Settings.model_fields.items()
-        for key in field.annotation.model_fields
-    }
+    expected = set().union(*(keys(field.annotation, f"{name}.") for name, field in Settings.model_fields.items()))
     assert documented == expected - secrets
 
 
@@ -79,6 +91,19 @@ def test_unknown_keys_are_rejected_by_name(tmp_path):
         ("kafka:\n  session_timeout_ms: ten\n", "kafka.session_timeout_ms"),
         ("kafka: [1, 2]\n", "section 'kafka' must be a mapping"),
         ("kafka:\n  auto_offset_reset: middle\n", "kafka.auto_offset_reset"),
+        ("learning:\n  heldout_rows: 500\n  window_max_rows: 400\n", "must be below window_max_rows"),
+        ("learning:\n  promote_margin: -0.1\n", "learning.promote_margin"),
+        ("learning:\n  min_new_tokens: 0\n", "learning.min_new_tokens"),
+        ("learning:\n  interval_s: 0\n", "learning.interval_s"),
+        ("learning:\n  device: tpu\n", "learning.device: device must be cpu, cuda or cuda:N"),
+        ("learning:\n  training_dtype: int8\n", "learning.training_dtype"),
+        ("learning:\n  live_guard:\n    margin: 1.5\n", "learning.live_guard.margin"),
+        ("learning:\n  live_guard:\n    min_requests: 0\n", "learning.live_guard.min_requests"),
+        ("learning:\n  live_guard:\n    minimum: 3\n", "learning.live_guard.minimum: unknown key"),
+        ("learning:\n  learner:\n    name: sgd\n", "learning.learner: name:"),
+        ("learning:\n  learner:\n    lr: 0\n", "learning.learner: lr:"),
+        ("learning:\n  learner:\n    learning_rate: 0.1\n", "learning.learner: learning_rate: unknown key"),
+        ("learning:\n  trigger_tokens: 5\n", "learning.trigger_tokens: unknown key"),
     ],
 )
 def test_values_are_validated(tmp_path, text, fragment):
@@ -172,3 +197,12 @@ def test_serve_flags_override_file_and_environment(tmp_path, monkeypatch):
     assert (settings.models.target, settings.models.draft, settings.models.device) == ("/m/t", "/m/d", "cuda:1")
     assert settings.database.url.get_secret_value() == "sqlite:///flag.db"
     assert settings.database.auto_migrate and settings.daemon.metrics_port == 0
+
+
+def test_learning_section_keeps_only_non_default_learner_keys_and_resolves_them(tmp_path):
+    path = write(tmp_path, "learning:\n  enabled: true\n  learner:\n    name: osd\n    lr: 2.0e-05\n    epochs: 3\n")
+    learning = load_settings(path, environ={}).learning
+    assert learning.enabled and learning.learner == {"name": "osd", "epochs": 3}  # lr is the default
+    full = learning.learner_settings()
+    assert (full.name, full.epochs, full.lr, full.trainable) == ("osd", 3, 2e-05, "layers")
+    assert Settings().learning.enabled is False  # serving alone never trains unless asked

@@ -151,3 +151,18 @@ def test_live_counters_sum_completions_of_one_version(db_session_factory):
         assert live.target_forwards == sum(c.target_forwards for c in mine)
         assert live.mean_accepted_length == pytest.approx(live.emitted / live.target_forwards)
         assert checkpoints.live_counters(session, "never-served").mean_accepted_length == 0.0
+
+
+def test_current_activation_is_the_event_that_set_the_pointer(db_session_factory):
+    with db_session_factory.begin() as session:
+        assert checkpoints.current_activation(session) is None
+        v1, v2 = add(session, "v1"), add(session, "v2")
+        checkpoints.set_active(session, v1.id, "scheduler", "round 1")
+        promoted = checkpoints.set_active(session, v2.id, "scheduler", "round 2")
+        v3 = add(session, "v3")
+        checkpoints.reject(session, v3.id, actor="scheduler", reason="lost the replay")  # not a pointer move
+        assert checkpoints.current_activation(session).id == promoted.id
+        assert checkpoints.current_activation(session).from_checkpoint_id == v1.id
+        back = checkpoints.rollback(session, actor="operator:alice", reason="bad")
+        assert checkpoints.current_activation(session).id == back.id
+        assert checkpoints.current_activation(session, "other") is None

@@ -111,3 +111,15 @@ def test_times_are_utc_on_both_backends(db_session_factory):
         (record,) = feedback_repo.feedback_since(session, None, 10)
         age = utcnow() - record.created_at
         assert timedelta(days=3) <= age < timedelta(days=3, minutes=1)
+
+
+def test_feedback_totals_since_counts_rows_and_tokens_of_one_target(db_session_factory):
+    store(db_session_factory, 4)  # 8 tokens each
+    store(db_session_factory, 2, start=4, target="target-b")
+    with db_session_factory() as session:
+        everything = feedback_repo.feedback_totals_since(session, None, target_identity=TARGET)
+        after_two = feedback_repo.feedback_totals_since(session, 2, target_identity=TARGET)
+        none_left = feedback_repo.feedback_totals_since(session, everything.last_id, target_identity=TARGET)
+    assert (everything.rows, everything.tokens) == (4, 32)
+    assert (after_two.rows, after_two.tokens, after_two.last_id) == (2, 16, everything.last_id)
+    assert (none_left.rows, none_left.tokens, none_left.last_id) == (0, 0, None)

@@ -1,0 +1,278 @@
+"""`onlinespec checkpoints list | show ID | promote ID | rollback [--to ID]`: draft versions for operators.
+
+ID is a checkpoint id or a version label; `base` names the draft given in models.draft. Every command takes
+--json, and the database options of `onlinespec db` (--database-url, --config, else $ONLINESPEC_DATABASE_URL).
+Promote and rollback only move the deployment's active pointer (recorded with actor "operator:$USER" and the
+--reason); every running daemon of the deployment swaps its draft at its next batch boundary, loading the
+version's file by its sha256, so a rollback serves exactly the weights that were recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from daemon.commands_db import database_url
+from daemon.draft_follower import BASE_DRAFT_VERSION
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("checkpoints", help="draft versions: list, show, promote, rollback")
+    commands = parser.add_subparsers(dest="checkpoints_command", required=True)
+
+    listing = commands.add_parser("list", help="draft versions, newest first, with the active one marked")
+    add_common_options(listing)
+    listing.add_argument("--status", choices=["candidate", "active", "retired", "rejected"])
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(func=run_list)
+
+    show = commands.add_parser("show", help="one version: provenance, metrics, live counters, events")
+    add_common_options(show)
+    show.add_argument("checkpoint", help="checkpoint id or version label")
+    show.add_argument("--verify", action="store_true", help="hash the weights file and compare with its sha256")
+    show.set_defaults(func=run_show)
+
+    promote = commands.add_parser("promote", help="make a version the active draft of the deployment")
+    add_common_options(promote)
+    promote.add_argument("checkpoint", help="checkpoint id, version label, or `base`")
+    promote.add_argument("--reason", default="promoted by an operator", help="recorded with the event")
+    promote.add_argument("--force", action="store_true", help="promote a version that was rejected")
+    promote.add_argument("--no-verify", action="store_true", help="skip hashing the weights file first")
+    promote.set_defaults(func=run_promote)
+
+    rollback = commands.add_parser("rollback", help="return to the version the active one replaced (or --to)")
+    add_common_options(rollback)
+    rollback.add_argument("--to", dest="to", help="checkpoint id, version label, or `base`")
+    rollback.add_argument("--reason", default="rolled back by an operator", help="recorded with the event")
+    rollback.set_defaults(func=run_rollback)
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", help="SQLAlchemy URL (default: from --config or the environment)")
+    parser.add_argument("--config", help="config.yaml to read database.url (and learning.deployment) from")
+    parser.add_argument("--deployment", help="deployment name (default: learning.deployment, else `default`)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def operator() -> str:
+    return f"operator:{os.environ.get('USER') or getpass.getuser()}"
+
+
+def deployment_of(args) -> str:
+    if args.deployment:
+        return args.deployment
+    if args.config:
+        from daemon.config import load_settings
+
+        return load_settings(args.config).learning.deployment
+    from storage.models import DEFAULT_DEPLOYMENT
+
+    return DEFAULT_DEPLOYMENT
+
+
+@contextmanager
+def session_scope(args):
+    """One unit of work on a database whose schema is at head."""
+    from storage.db import make_engine, make_session_factory
+    from storage.migrate import assert_at_head
+
+    engine = make_engine(database_url(args))
+    try:
+        assert_at_head(engine)
+        with make_session_factory(engine).begin() as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def checkpoint_ref(text: str) -> int | str:
+    return int(text) if text.isdigit() else text
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def checkpoint_dict(row, active_id: int | None) -> dict:
+    return {
+        "id": row.id, "version": row.version, "deployment": row.deployment, "status": row.status,
+        "active": row.id == active_id, "parent_id": row.parent_id, "sha256": row.sha256,
+        "size_bytes": row.size_bytes, "path": row.path, "learner": row.learner,
+        "learner_settings": row.learner_settings, "target_identity": row.target_identity,
+        "window": {"first_id": row.window_first_id, "last_id": row.window_last_id, "rows": row.window_rows},
+        "heldout_metrics": row.heldout_metrics, "live_metrics": row.live_metrics, "reason": row.reason,
+        "created_at": row.created_at.isoformat(),
+    }  # fmt: skip
+
+
+def event_dict(event, versions: dict[int | None, str]) -> dict:
+    return {
+        "id": event.id, "kind": event.kind, "version": versions.get(event.checkpoint_id),
+        "checkpoint_id": event.checkpoint_id, "from_version": versions.get(event.from_checkpoint_id),
+        "from_checkpoint_id": event.from_checkpoint_id, "actor": event.actor, "reason": event.reason,
+        "metrics": event.metrics, "at": event.at.isoformat(),
+    }  # fmt: skip
+
+
+def _avg_len(metrics: dict | None) -> str:
+    value = (metrics or {}).get("avg_len")
+    return "-" if value is None else f"{value:.3f}"
+
+
+def print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _versions(session, ids) -> dict[int | None, str]:
+    from storage.checkpoints_repo import get_checkpoint
+
+    return {None: BASE_DRAFT_VERSION, **{i: get_checkpoint(session, i).version for i in set(ids) if i is not None}}
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def run_list(args) -> int:
+    from storage.checkpoints_repo import get_active_pointer, list_checkpoints
+
+    deployment = deployment_of(args)
+    with session_scope(args) as session:
+        pointer = get_active_pointer(session, deployment)
+        active_id = None if pointer is None else pointer.checkpoint_id
+        rows = [checkpoint_dict(row, active_id)
+                for row in list_checkpoints(session, deployment=deployment, status=args.status, limit=args.limit)]
+    if args.json:
+        listing = {"deployment": deployment, "active_checkpoint_id": active_id,
+                   "active_version": _active_label(rows, active_id), "checkpoints": rows}  # fmt: skip
+        print(json.dumps(listing, indent=2))
+        return 0
+    print(f"deployment {deployment}: active {_active_label(rows, active_id)}")
+    print_table(
+        [[("* " if r["active"] else "  ") + str(r["id"]), r["version"], r["status"], str(r["parent_id"] or "base"),
+          r["learner"], _avg_len(r["heldout_metrics"]), _avg_len(r["live_metrics"]), r["sha256"][:12],
+          r["created_at"][:19]] for r in rows],
+        ["  id", "version", "status", "parent", "learner", "heldout", "live", "sha256", "created"],
+    )  # fmt: skip
+    return 0
+
+
+def _active_label(rows: list[dict], active_id: int | None) -> str:
+    if active_id is None:
+        return BASE_DRAFT_VERSION
+    return next((r["version"] for r in rows if r["id"] == active_id), f"checkpoint {active_id}")
+
+
+def run_show(args) -> int:
+    from storage.checkpoints_repo import get_active_pointer, get_checkpoint, list_events, live_counters
+
+    with session_scope(args) as session:
+        row = get_checkpoint(session, checkpoint_ref(args.checkpoint))
+        pointer = get_active_pointer(session, row.deployment)
+        data = checkpoint_dict(row, None if pointer is None else pointer.checkpoint_id)
+        lineage, parent = [], row.parent_id
+        while parent is not None:
+            ancestor = get_checkpoint(session, parent)
+            lineage.append(ancestor.version)
+            parent = ancestor.parent_id
+        data["lineage"] = lineage + [BASE_DRAFT_VERSION]
+        live = live_counters(session, row.version)
+        data["live_counters"] = {"requests": live.requests, "drafted": live.drafted, "accepted": live.accepted,
+                                 "target_forwards": live.target_forwards, "emitted": live.emitted,
+                                 "avg_len": live.mean_accepted_length}  # fmt: skip
+        events = [e for e in list_events(session, deployment=row.deployment, limit=10_000)
+                  if row.id in (e.checkpoint_id, e.from_checkpoint_id)]  # fmt: skip
+        versions = _versions(session, [e.checkpoint_id for e in events] + [e.from_checkpoint_id for e in events])
+        data["events"] = [event_dict(e, versions) for e in events]
+    if args.verify:
+        data["verified"] = _verify(data["path"], data["sha256"])
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0 if data.get("verified", True) else 1
+    print(f"{data['version']} (id {data['id']}, deployment {data['deployment']}): {data['status']}"
+          f"{' and active' if data['active'] else ''}")  # fmt: skip
+    print(f"  lineage   {' <- '.join([data['version'], *data['lineage']])}")
+    print(f"  weights   {data['path']} ({data['size_bytes']} bytes, sha256 {data['sha256']})"
+          + ("" if "verified" not in data else f", verified: {data['verified']}"))  # fmt: skip
+    print(f"  learner   {data['learner']} {json.dumps(data['learner_settings'], sort_keys=True)}")
+    window = data["window"]
+    print(f"  window    feedback {window['first_id']}..{window['last_id']} ({window['rows']} rows), "
+          f"target {data['target_identity']}")  # fmt: skip
+    print(f"  heldout   AvgLen {_avg_len(data['heldout_metrics'])}; live AvgLen {live.mean_accepted_length:.3f} "
+          f"over {live.requests} requests")  # fmt: skip
+    print(f"  reason    {data['reason']}")
+    for event in data["events"]:
+        print(f"  {event['at'][:19]}  {event['kind']:<8} {event['from_version']} -> {event['version']}  "
+              f"by {event['actor']}: {event['reason']}")  # fmt: skip
+    return 0 if data.get("verified", True) else 1
+
+
+def _verify(path: str, sha256: str) -> bool:
+    from storage.artifacts import CheckpointStore
+    from storage.errors import StorageError
+
+    try:
+        CheckpointStore(Path(path).parent).verify(sha256)
+        return True
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return False
+
+
+def run_promote(args) -> int:
+    from storage.checkpoints_repo import get_checkpoint, set_active
+    from storage.errors import StorageError
+    from storage.models import CheckpointStatus, EventKind
+
+    try:
+        with session_scope(args) as session:
+            deployment = deployment_of(args)
+            target = None
+            if args.checkpoint != BASE_DRAFT_VERSION:
+                target = get_checkpoint(session, checkpoint_ref(args.checkpoint))
+                if target.status == CheckpointStatus.REJECTED and not args.force:
+                    print(f"error: {target.version} was rejected ({target.reason}); pass --force to promote it "
+                          "anyway", file=sys.stderr)  # fmt: skip
+                    return 1
+                if not args.no_verify and not _verify(target.path, target.sha256):
+                    return 1
+            event = set_active(session, None if target is None else target.id, operator(), args.reason,
+                               EventKind.PROMOTE, deployment=deployment)  # fmt: skip
+            result = event_dict(event, _versions(session, [event.checkpoint_id, event.from_checkpoint_id]))
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    _print_move(args, result)
+    return 0
+
+
+def run_rollback(args) -> int:
+    from storage.checkpoints_repo import get_checkpoint, rollback
+    from storage.errors import StorageError
+
+    try:
+        with session_scope(args) as session:
+            deployment = deployment_of(args)
+            to_base = args.to == BASE_DRAFT_VERSION
+            to_id = None if args.to is None or to_base else get_checkpoint(session, checkpoint_ref(args.to)).id
+            event = rollback(session, to_id, to_base=to_base, actor=operator(), reason=args.reason,
+                             deployment=deployment)  # fmt: skip
+            result = event_dict(event, _versions(session, [event.checkpoint_id, event.from_checkpoint_id]))
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    _print_move(args, result)
+    return 0
+
+
+def _print_move(args, event: dict) -> None:
+    if args.json:
+        print(json.dumps(event, indent=2))
+    else:
+        print(f"{event['kind']}: {event['from_version']} -> {event['version']} by {event['actor']} "
+              f"({event['reason']}); running daemons swap at their next batch")  # fmt: skip

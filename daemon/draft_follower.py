@@ -1,0 +1,124 @@
+"""Keeping the served draft equal to the deployment's active version, at a batch boundary.
+
+The active pointer (storage: active_drafts) is the one source of truth for what every daemon serves. Its
+`generation` goes up by one on every move (promotion by a round, rollback by the live guard or an operator), so
+the decode thread compares one integer at a batch boundary (at most every `learning.follow_interval_ms`) and
+only when it changed reads the version and loads its weights:
+
+    checkpoint  CheckpointStore.get(sha256): the bytes are hashed as read, so a rollback serves exactly the
+                weights that were recorded (same sha256), or nothing
+    base        a CPU copy of the base draft's state dict taken at start-up (checkpoint_id NULL)
+
+Pipeline.request_draft_swap then installs them before the batch just collected is decoded, and every feedback
+row is stamped with the version that produced it (engine.draft_version).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BASE_DRAFT_VERSION = "base"  # the version label of the draft model given in models.draft
+
+
+class DraftWeights:
+    """Where a version's weights come from: the checkpoint store (sha256-verified) or the base draft's CPU copy."""
+
+    def __init__(self, checkpoint_dir: str | Path, base_state: dict):
+        self.checkpoint_dir = Path(checkpoint_dir).resolve()  # rows record absolute paths
+        self.base_state = base_state
+        self._store = None
+
+    @classmethod
+    def of_draft(cls, draft, checkpoint_dir: str | Path) -> "DraftWeights":
+        base_state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in draft.state_dict().items()}
+        return cls(checkpoint_dir, base_state)
+
+    @property
+    def store(self):
+        """The CheckpointStore, created (with its folder) on first use: a daemon that never sees a checkpoint
+        leaves no folder behind."""
+        if self._store is None:
+            from storage.artifacts import CheckpointStore
+
+            self._store = CheckpointStore(self.checkpoint_dir)
+        return self._store
+
+    def load(self, checkpoint) -> dict:
+        """State dict of a checkpoint row (None: the base draft). Raises CheckpointIntegrityError/NotFound."""
+        if checkpoint is None:
+            return self.base_state
+        return self.store.get(checkpoint.sha256, expected_size=checkpoint.size_bytes)
+
+
+class DraftFollower:
+    def __init__(self, session_factory, weights: DraftWeights, *, target_identity: str, deployment: str,
+                 interval_s: float, retry_s: float = 5.0, clock=time.monotonic):  # fmt: skip
+        self.session_factory = session_factory
+        self.weights = weights
+        self.target_identity = target_identity
+        self.deployment = deployment
+        self.interval_s = interval_s
+        self.retry_s = retry_s
+        self.clock = clock
+        self.generation: int | None = None  # None: not synchronised yet, the first poll always reads
+        self._next_check = 0.0
+        self._failing = False
+
+    def poll(self, current_version: str) -> tuple[dict, str] | None:
+        """(weights, version) to swap to when the active version changed since the last poll, else None.
+
+        Never raises: a database or checkpoint failure is logged and the current draft keeps serving."""
+        now = self.clock()
+        if now < self._next_check:
+            return None
+        self._next_check = now + self.interval_s
+        try:
+            swap = self._read_active(current_version)
+        except Exception as exc:
+            self._next_check = now + max(self.interval_s, self.retry_s)
+            if not self._failing:
+                log.error("cannot follow the active draft of deployment %r (still serving %s): %s: %s",
+                          self.deployment, current_version, type(exc).__name__, exc)  # fmt: skip
+            self._failing = True
+            return None
+        if self._failing:
+            log.info("following the active draft of deployment %r again", self.deployment)
+            self._failing = False
+        return swap
+
+    def sync(self, engine) -> None:
+        """Install the active version now (at start-up, before the first batch)."""
+        swap = self.poll(engine.draft_version)
+        if swap is not None:
+            engine.swap_draft(*swap)
+            log.info("serving the active draft %s", swap[1])
+
+    def _read_active(self, current_version: str) -> tuple[dict, str] | None:
+        from storage.checkpoints_repo import get_active_checkpoint, get_active_pointer
+        from storage.errors import TargetMismatchError
+
+        with self.session_factory() as session:
+            pointer = get_active_pointer(session, self.deployment)
+            generation = 0 if pointer is None else pointer.generation
+            if generation == self.generation:
+                return None
+            try:
+                active = get_active_checkpoint(session, self.deployment, expected_target=self.target_identity)
+            except TargetMismatchError as exc:
+                log.error("%s; serving the base draft instead", exc)
+                active = None
+        version = BASE_DRAFT_VERSION if active is None else active.version
+        if version == current_version:
+            self.generation = generation
+            return None
+        started = time.monotonic()
+        weights = self.weights.load(active)  # verified against its sha256 before anything is swapped
+        self.generation = generation
+        where = "the base draft" if active is None else f"sha256 {active.sha256}"
+        log.info("active draft changed (generation %d): %s -> %s (%s, loaded in %.2f s)", generation,
+                 current_version, version, where, time.monotonic() - started)  # fmt: skip
+        return weights, version

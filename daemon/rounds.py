@@ -1,0 +1,400 @@
+"""One learning round, read top to bottom like a training loop:
+
+    reserve   start_round: the feedback after the last consumed window (its oldest `window_max_rows` rows)
+    split     the newest `heldout_rows` rows of the window are held out: no version ever trains on them
+    train     a training copy of the draft gets the active weights; learner.fit turns them into the candidate
+    check     every weight finite (the learner raises NonFiniteError on a non-finite loss, we check the weights)
+    replay    held-out AvgLen of the active draft (before training) and the candidate (after), same rows
+    decide    promote when candidate >= active * (1 + promote_margin) on >= min_heldout_tokens held-out tokens
+    record    candidate file (safetensors, sha256) + checkpoint row + promote or reject event + the round row
+
+Outcomes (storage.models.RoundDecision): promoted / rejected consume the window; skipped (too few rows to hold
+some out) and failed (an error, or the process stopped) leave it to the next round. A non-finite candidate is
+*rejected* with the error: its window is consumed, so a poisonous window cannot stall learning forever, and the
+learner's state is reset. The active draft never changes unless the candidate won.
+
+Training must not stall serving: the round runs on the scheduler's thread. On CPU it is limited to
+`learning.cpu_threads` intra-op threads (torch's setting is per thread with OpenMP, so the decode thread keeps
+its own); on CUDA it runs on a side stream, so its kernels interleave with the decode graphs instead of queuing
+ahead of them. Serving tokens/s during the round and between rounds are recorded with the round.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+from daemon.config import Settings
+from daemon.draft_follower import BASE_DRAFT_VERSION, DraftWeights
+
+log = logging.getLogger(__name__)
+
+ACTOR = "scheduler"
+ServingCounters = Callable[[], tuple[int, float]]  # (tokens decoded, seconds spent decoding), cumulative
+
+
+class RoundStopped(Exception):
+    """The daemon is shutting down; the round ends at a phase boundary and is recorded as failed."""
+
+
+class _PointerMoved(Exception):
+    """The active draft changed during the round: the candidate was compared with a version no longer active."""
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round_id: int
+    decision: str  # promoted | rejected | skipped | failed
+    reason: str
+    candidate_version: str | None = None
+    candidate_avg_len: float | None = None
+    active_avg_len: float | None = None
+
+
+@dataclass
+class _Window:
+    round_id: int
+    first_id: int | None
+    last_id: int | None
+    rows: int
+    active_id: int | None
+    active_version: str
+
+
+class RoundRunner:
+    def __init__(self, settings: Settings, session_factory, weights: DraftWeights, draft, *, target_identity: str,
+                 serving: ServingCounters | None = None):  # fmt: skip
+        """`draft` is the served draft model: copied once (on the training device) to train and replay on."""
+        self.settings = settings
+        self.learning = settings.learning
+        self.session_factory = session_factory
+        self.weights = weights
+        self.target_identity = target_identity
+        self.serving = serving or (lambda: (0, 0.0))
+        self.device = self.learning.device or settings.models.device
+        self.k = settings.engine.k
+        self._served_draft = draft
+        self._training_draft = None
+        self._learner = None
+        self._serving_mark = (self.serving(), time.monotonic())  # end of the previous round
+
+    # ------------------------------------------------------------------ the round
+
+    def run(self, stop: threading.Event | None = None) -> RoundResult:
+        """Run one round (the caller holds the learner lock). A round that fails is recorded as failed with the
+        error and reported in the result; only a failure to reserve the window raises."""
+        journal = _Journal(self.serving, self._serving_mark)
+        window = self._reserve()
+        try:
+            with self._training_context():
+                result = self._train_decide_record(window, stop or threading.Event(), journal)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("round %d failed: %s", window.round_id, error, exc_info=not isinstance(exc, RoundStopped))
+            self._finish(window, "failed", journal, reason=error, error=error)
+            result = RoundResult(window.round_id, "failed", error)
+        self._serving_mark = (self.serving(), time.monotonic())
+        return result
+
+    def _train_decide_record(self, window: _Window, stop: threading.Event, journal: "_Journal") -> RoundResult:
+        from pipelines.learners import NonFiniteError
+        from pipelines.replay import replay
+
+        with journal.phase("load_s"):
+            train, heldout = self._load_feedback(window)
+        if not train:
+            reason = (f"window of {window.rows} rows leaves nothing to train on after holding out "
+                      f"{self.learning.heldout_rows}")  # fmt: skip
+            self._finish(window, "skipped", journal, reason=reason)
+            return RoundResult(window.round_id, "skipped", reason)
+
+        with journal.phase("replay_active_s"):
+            draft = self._draft_with(window)
+            active = _as_dict(replay(draft, heldout, k=self.k, device=self.device))
+        _check_stop(stop)
+
+        learner = self._learner_instance()
+        try:
+            with journal.phase("fit_s"):
+                journal.notes["fit"] = _as_dict(learner.fit(draft, train, base_version=window.active_version))
+                _assert_finite(draft)
+        except NonFiniteError as exc:
+            self._learner = None  # its state (momentum, ensemble weights) may be poisoned too
+            reason = f"candidate not finite, {window.active_version} stays active: {exc}"
+            self._finish(window, "rejected", journal, active_metrics=active, reason=reason,
+                         error=f"NonFiniteError: {exc}")  # fmt: skip
+            log.warning("round %d rejected: %s", window.round_id, reason)
+            return RoundResult(window.round_id, "rejected", reason, active_avg_len=active.get("avg_len"))
+        journal.notes["learner_state"] = _json_ready(learner.state_summary())
+        _check_stop(stop)
+
+        with journal.phase("replay_candidate_s"):
+            candidate = _as_dict(replay(draft, heldout, k=self.k, device=self.device))
+        promote, reason = self._decide(candidate, active, window)
+        _check_stop(stop)
+        if not promote and not self.learning.store_rejected:
+            self._finish(window, "rejected", journal, candidate=candidate, active_metrics=active, reason=reason)
+            log.info("round %d rejected (weights not kept): %s", window.round_id, reason)
+            return RoundResult(window.round_id, "rejected", reason, None, candidate.get("avg_len"),
+                               active.get("avg_len"))  # fmt: skip
+
+        with journal.phase("store_s"):
+            stored = self.weights.store.put(draft.state_dict())  # no metadata: the same weights are the same file
+        version = f"r{window.round_id}-{stored.sha256[:8]}"
+        learner.note_candidate_version(version)
+        promoted, reason = self._record(window, version, stored, candidate, active, promote, reason, journal)
+        decision = "promoted" if promoted else "rejected"
+        serving = journal.notes["serving"]
+        log.info("round %d %s %s: %s; fit %.1f s, round %.1f s; decode %s tok/s during the round, %s between rounds",
+                 window.round_id, decision, version, reason, journal.timings.get("fit_s", 0.0), journal.elapsed(),
+                 _rate(serving["decode_tps_during"]), _rate(serving["decode_tps_between"]))  # fmt: skip
+        return RoundResult(window.round_id, decision, reason, version, candidate.get("avg_len"), active.get("avg_len"))
+
+    def _decide(self, candidate: dict, active: dict, window: _Window) -> tuple[bool, str]:
+        margin, minimum = self.learning.promote_margin, self.learning.min_heldout_tokens
+        tokens = int(active.get("tokens") or 0)
+        c, a = float(candidate.get("avg_len") or 0.0), float(active.get("avg_len") or 0.0)
+        gain = f"{c / a - 1:+.1%}" if a else "n/a"
+        numbers = (f"held-out AvgLen {c:.3f} vs {a:.3f} for {window.active_version} ({gain}, margin {margin:.1%}) "
+                   f"on {tokens} tokens of {int(active.get('requests') or 0)} requests")  # fmt: skip
+        if tokens < minimum:
+            return False, f"{numbers}: fewer held-out tokens than min_heldout_tokens {minimum}"
+        if a <= 0:
+            return False, f"{numbers}: no greedy held-out request to measure AvgLen on"
+        if c >= a * (1 + margin):
+            return True, numbers
+        return False, f"{numbers}: below the margin"
+
+    # ------------------------------------------------------------------ phases
+
+    def recover(self) -> None:
+        """Close rounds a dead process left open, and remove its half-written checkpoint files (lock held)."""
+        from storage.rounds_repo import fail_unfinished_rounds
+
+        with self.session_factory.begin() as session:
+            closed = fail_unfinished_rounds(session, deployment=self.learning.deployment,
+                                            reason="interrupted: its process stopped before the round finished")
+        removed = self.weights.store.cleanup_temp(min_age_seconds=0)
+        if closed or removed:
+            log.warning("closed %d unfinished learning rounds as failed, removed %d partial checkpoint files",
+                        closed, len(removed))  # fmt: skip
+
+    def _reserve(self) -> _Window:
+        from storage.checkpoints_repo import get_active_pointer, get_checkpoint
+        from storage.rounds_repo import last_window_end, start_round
+
+        deployment = self.learning.deployment
+        with self.session_factory.begin() as session:
+            after = last_window_end(session, deployment=deployment, target_identity=self.target_identity)
+            round_ = start_round(session, learner=self._learner_name(), settings=self.settings.resolved(),
+                                 target_identity=self.target_identity, after_id=after,
+                                 max_rows=self.learning.window_max_rows, deployment=deployment)  # fmt: skip
+            pointer = get_active_pointer(session, deployment)
+            active_id = None if pointer is None else pointer.checkpoint_id
+            active_version = BASE_DRAFT_VERSION if active_id is None else get_checkpoint(session, active_id).version
+            return _Window(round_.id, round_.window_first_id, round_.window_last_id, round_.window_rows, active_id,
+                           active_version)  # fmt: skip
+
+    def _load_feedback(self, window: _Window) -> tuple[list, list]:
+        """(train, held-out) RequestFeedback lists: held-out = the newest heldout_rows rows of the window."""
+        from storage.feedback_repo import feedback_window
+
+        if window.rows == 0:
+            return [], []
+        with self.session_factory() as session:
+            records = feedback_window(session, window.first_id, window.last_id, target_identity=self.target_identity)
+        split = max(0, len(records) - self.learning.heldout_rows)
+        return [r.feedback for r in records[:split]], [r.feedback for r in records[split:]]
+
+    def _draft_with(self, window: _Window):
+        """The training copy, holding the active version's weights (verified against their sha256)."""
+        import torch
+
+        from storage.checkpoints_repo import get_checkpoint
+        from storage.errors import TargetMismatchError
+
+        if self._training_draft is None:
+            dtype = self.learning.training_dtype
+            dtype = self._served_draft.dtype if dtype == "auto" else getattr(torch, dtype)
+            self._training_draft = copy.deepcopy(self._served_draft).to(device=self.device, dtype=dtype)
+        active = None
+        if window.active_id is not None:
+            with self.session_factory() as session:
+                active = get_checkpoint(session, window.active_id)
+            if active.target_identity != self.target_identity:
+                raise TargetMismatchError(f"active draft {active.version} was trained against target "
+                                          f"{active.target_identity}, this daemon serves {self.target_identity}")
+        self._training_draft.load_state_dict(self.weights.load(active), strict=True)
+        return self._training_draft
+
+    def _record(self, window, version, stored, candidate, active, promote, reason, journal) -> tuple[bool, str]:
+        """Checkpoint row, then promote or reject, then the round row: one transaction. Returns (promoted, reason).
+
+        The promotion is taken only if the pointer still holds the version the candidate was compared with; an
+        operator or the live guard may have moved it during the round, and then the candidate is rejected."""
+        from storage.checkpoints_repo import reject, set_active
+        from storage.models import EventKind
+
+        evidence = {"candidate": candidate, "active": {"version": window.active_version, **active}}
+        if promote:
+            try:
+                with self.session_factory.begin() as session:
+                    checkpoint = self._add_candidate(session, window, version, stored, candidate, evidence, reason)
+                    event = set_active(session, checkpoint.id, ACTOR, f"round {window.round_id}: {reason}",
+                                       EventKind.PROMOTE, deployment=self.learning.deployment,
+                                       metrics=evidence)  # fmt: skip
+                    if event.from_checkpoint_id != window.active_id:
+                        raise _PointerMoved(f"the active draft changed during the round (it is no longer "
+                                            f"{window.active_version})")  # fmt: skip
+                    self._finish_in(session, window, "promoted", journal, checkpoint.id, candidate, active, reason)
+                return True, reason
+            except _PointerMoved as moved:
+                reason = f"{reason}; not promoted: {moved}"
+        with self.session_factory.begin() as session:
+            checkpoint = self._add_candidate(session, window, version, stored, candidate, evidence, reason)
+            reject(session, checkpoint.id, actor=ACTOR, reason=f"round {window.round_id}: {reason}",
+                   deployment=self.learning.deployment, metrics=evidence)  # fmt: skip
+            self._finish_in(session, window, "rejected", journal, checkpoint.id, candidate, active, reason)
+        return False, reason
+
+    def _add_candidate(self, session, window, version, stored, candidate, evidence, reason):
+        from storage.checkpoints_repo import add_checkpoint
+
+        return add_checkpoint(
+            session, version=version, sha256=stored.sha256, size_bytes=stored.size_bytes, path=str(stored.path),
+            learner=self._learner_name(), learner_settings=self._learner_settings(),
+            target_identity=self.target_identity, parent_id=window.active_id, window_first_id=window.first_id,
+            window_last_id=window.last_id, window_rows=window.rows,
+            heldout_metrics={**candidate, "baseline": evidence["active"]}, deployment=self.learning.deployment,
+            reason=f"round {window.round_id}: {reason}",
+        )  # fmt: skip
+
+    def _finish(self, window, decision, journal, *, candidate=None, active_metrics=None, reason, error=None) -> None:
+        with self.session_factory.begin() as session:
+            self._finish_in(session, window, decision, journal, None, candidate or {}, active_metrics, reason, error)
+
+    def _finish_in(self, session, window, decision, journal, candidate_id, candidate, active, reason,
+                   error=None) -> None:  # fmt: skip
+        """The round row: the candidate's held-out metrics plus the round's own notes (why it decided so, phase
+        timings, fit report, learner state, serving tokens/s during and between rounds) under candidate_metrics."""
+        from storage.rounds_repo import finish_round
+
+        journal.notes["serving"] = journal.serving_stats()
+        candidate_metrics = {**candidate, "reason": reason, "timings": dict(journal.timings), **journal.notes}
+        finish_round(session, window.round_id, decision=decision, active_checkpoint_id=window.active_id,
+                     candidate_checkpoint_id=candidate_id, candidate_metrics=candidate_metrics,
+                     active_metrics=active, error=error, duration_seconds=journal.elapsed())  # fmt: skip
+
+    # ------------------------------------------------------------------ helpers
+
+    def _learner_instance(self):
+        from pipelines.learners import make_learner
+
+        if self._learner is None:
+            self._learner = make_learner(self.learning.learner_settings())
+        return self._learner
+
+    def _learner_name(self) -> str:
+        return self.learning.learner_settings().name
+
+    def _learner_settings(self) -> dict[str, Any]:
+        return self.learning.learner_settings().model_dump(mode="json")
+
+    def _training_context(self):
+        """CPU: few intra-op threads on this thread only. CUDA: a side stream for the round's kernels."""
+        import torch
+
+        if self.device.startswith("cuda"):
+            return torch.cuda.stream(torch.cuda.Stream(device=self.device))
+        torch.set_num_threads(self.learning.cpu_threads)
+        return nullcontext()
+
+
+
+class _Journal:
+    """What a round measures about itself: phase timings, notes, and serving throughput during vs between."""
+
+    def __init__(self, serving: ServingCounters, previous_mark: tuple[tuple[int, float], float]):
+        self.serving = serving
+        self.started = time.monotonic()
+        self.serving_at_start = serving()
+        self.previous_mark = previous_mark[0]  # serving counters when the previous round ended
+        self.timings: dict[str, float] = {}
+        self.notes: dict[str, Any] = {}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @contextmanager
+    def phase(self, name: str):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = time.monotonic() - started
+
+    def serving_stats(self) -> dict[str, float | int | None]:
+        """Decode tokens/s (tokens per second of engine time) while the round ran and since the previous one."""
+        now = self.serving()
+        tokens, seconds = now[0] - self.serving_at_start[0], now[1] - self.serving_at_start[1]
+        tokens_between = self.serving_at_start[0] - self.previous_mark[0]
+        seconds_between = self.serving_at_start[1] - self.previous_mark[1]
+        return {
+            "tokens_during": tokens,
+            "decode_tps_during": tokens / seconds if seconds > 0 else None,
+            "tokens_between": tokens_between,
+            "decode_tps_between": tokens_between / seconds_between if seconds_between > 0 else None,
+        }
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def _check_stop(stop: threading.Event) -> None:
+    if stop.is_set():
+        raise RoundStopped("stopped: the daemon is shutting down")
+
+
+def _assert_finite(draft) -> None:
+    import torch
+
+    from pipelines.learners import NonFiniteError
+
+    for name, tensor in draft.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"weight {name} has non-finite values")
+
+
+def _as_dict(value) -> dict[str, Any]:
+    """Metrics and reports as JSON-ready dicts (dataclasses or pydantic models)."""
+    if value is None:
+        return {}
+    if hasattr(value, "to_dict"):
+        data = value.to_dict()
+    elif dataclasses.is_dataclass(value):
+        data = dataclasses.asdict(value)
+    elif hasattr(value, "model_dump"):
+        data = value.model_dump(mode="json")
+    else:
+        data = dict(value)
+    return {key: _json_ready(item) for key, item in data.items()}
+
+
+def _json_ready(value):
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float) and value != value:  # NaN is not JSON
+        return None
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return value.item()
+    return value

@@ -1,0 +1,242 @@
+"""Learning rounds in-process on tiny real models, a real SQLite database and the real learners: feedback produced
+by decoding a homogeneous stream with the engine, rounds that train, replay, decide and record, and the worker's
+draft following the active version between batches.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from daemon.draft_follower import BASE_DRAFT_VERSION, DraftWeights
+from daemon.rounds import RoundRunner
+from pipelines.replay import replay
+from tests.rounds_fixtures import (
+    K,
+    TARGET_IDENTITY,
+    fresh_draft,  # noqa: F401 (fixture)
+    follow,
+    follower_for,
+    learning_settings,
+    live_avg_len,
+    one_thread,  # noqa: F401 (fixture)
+    serve,
+    session_factory_for,
+    stream,
+    strong_engine,  # noqa: F401 (fixture)
+    weak_engine,  # noqa: F401 (fixture)
+)
+
+
+@pytest.fixture
+def database(sqlite_url):
+    engine, session_factory = session_factory_for(sqlite_url)
+    yield session_factory
+    engine.dispose()
+
+
+def runner_for(engine, settings, session_factory, weights=None):
+    weights = weights or DraftWeights.of_draft(engine.draft, settings.learning.checkpoint_dir)
+    return RoundRunner(settings, session_factory, weights, engine.draft, target_identity=TARGET_IDENTITY)
+
+
+def test_rounds_on_a_homogeneous_stream_lift_heldout_avglen_by_a_quarter(weak_engine, database, tmp_path,
+                                                                         fresh_draft):  # fmt: skip
+    from storage import checkpoints_repo, rounds_repo
+    from storage.feedback_repo import feedback_since
+
+    engine = fresh_draft(weak_engine)
+    settings = learning_settings(tmp_path)
+    weights = DraftWeights.of_draft(engine.draft, settings.learning.checkpoint_dir)
+    runner = runner_for(engine, settings, database, weights)
+    follower = follower_for(engine, settings, database, weights)
+    initial = copy.deepcopy(engine.draft)
+    tokenizer = engine.tokenizer
+
+    decisions, live = [], []
+    for round_index in range(4):
+        served = serve(engine, database, stream(tokenizer, 24, seed=round_index))
+        live.append(live_avg_len(served))
+        result = runner.run()
+        decisions.append(result.decision)
+        assert result.decision in ("promoted", "rejected"), result.reason
+        follow(follower, engine)  # the batch boundary: the next requests decode with the new active version
+
+    heldout = [r.feedback for r in serve(engine, database, stream(tokenizer, 16, seed=100))]
+    before = replay(initial, heldout, k=K).avg_len
+    after = replay(engine.draft, heldout, k=K).avg_len
+    assert decisions.count("promoted") >= 1, decisions
+    assert after >= 1.25 * before, (before, after, decisions)
+
+    with database() as session:
+        rounds = list(reversed(rounds_repo.list_rounds(session)))
+        active = checkpoints_repo.get_active_checkpoint(session)
+        assert engine.draft_version == active.version and active.status == "active"
+        lineage, node = [], active
+        while node is not None:
+            lineage.append(node.version)
+            node = None if node.parent_id is None else checkpoints_repo.get_checkpoint(session, node.parent_id)
+        assert len(lineage) == decisions.count("promoted")
+        # Every decision carries its numbers; windows follow one another; held-out rows are the window's newest.
+        for previous, current in zip(rounds, rounds[1:]):
+            assert current.window_first_id > previous.window_last_id
+        for round_ in rounds:
+            assert round_.decision in ("promoted", "rejected") and round_.duration_seconds > 0
+            assert round_.candidate_metrics["avg_len"] > 0 and round_.active_metrics["avg_len"] > 0
+            assert round_.active_metrics["requests"] == settings.learning.heldout_rows
+            timings = round_.candidate_metrics["timings"]
+            assert {"fit_s", "replay_active_s", "replay_candidate_s", "store_s"} <= set(timings)
+            assert "held-out AvgLen" in round_.candidate_metrics["reason"]
+            assert round_.candidate_metrics["serving"]["tokens_during"] == 0  # nothing served while it ran here
+            assert round_.candidate_metrics["fit"]["learner"] == "online"
+            checkpoint = checkpoints_repo.get_checkpoint(session, round_.candidate_checkpoint_id)
+            assert checkpoint.window_first_id == round_.window_first_id and checkpoint.learner == "online"
+            assert checkpoint.learner_settings["lr"] == 1e-2 and checkpoint.target_identity == TARGET_IDENTITY
+            assert weights.store.verify(checkpoint.sha256) == checkpoint.size_bytes
+        events = checkpoints_repo.list_events(session)
+        assert all("held-out AvgLen" in e.reason and e.actor == "scheduler" for e in events)
+        # Feedback is stamped with the version that produced it: the last stream was served by the active one.
+        stamped = {r.feedback.draft_version for r in feedback_since(session, rounds[-1].window_last_id, 1000)}
+        assert stamped == {active.version}
+
+
+def test_a_sabotaged_learner_is_never_promoted(strong_engine, database, tmp_path, fresh_draft):
+    from storage import checkpoints_repo, rounds_repo
+
+    engine = fresh_draft(strong_engine)
+    sabotage = {"name": "online", "lr": 1e6, "optimizer": "sgd", "trainable": "all", "max_grad_norm": None,
+                "epochs": 2, "batch_size": 4}  # fmt: skip
+    settings = learning_settings(tmp_path, learner=sabotage)
+    runner = runner_for(engine, settings, database)
+    follower = follower_for(engine, settings, database)
+    before = {name: tensor.clone() for name, tensor in engine.draft.state_dict().items()}
+    results = []
+    for round_index in range(2):
+        serve(engine, database, stream(engine.tokenizer, 16, seed=10 + round_index))
+        results.append(runner.run())
+        assert follow(follower, engine) == BASE_DRAFT_VERSION
+
+    assert [r.decision for r in results] and all(r.decision in ("rejected", "failed") for r in results)
+    with database() as session:
+        pointer = checkpoints_repo.get_active_pointer(session)  # never moved: the base draft serves
+        assert pointer is None or (pointer.checkpoint_id, pointer.generation) == (None, 0)
+        assert not any(e.kind == "promote" for e in checkpoints_repo.list_events(session))
+        for round_ in rounds_repo.list_rounds(session):
+            assert round_.decision in ("rejected", "failed")
+            if round_.error is None:  # trained to finite garbage: lost the replay, with the numbers
+                reason = checkpoints_repo.get_checkpoint(session, round_.candidate_checkpoint_id).reason
+                assert "below the margin" in reason and "held-out AvgLen" in reason
+    assert all(torch.equal(before[n], t) for n, t in engine.draft.state_dict().items())
+
+
+def test_a_non_finite_candidate_is_rejected_with_the_error_and_the_learner_is_reset(
+    weak_engine, database, tmp_path, fresh_draft, monkeypatch
+):
+    from storage import rounds_repo
+
+    engine = fresh_draft(weak_engine)
+    settings = learning_settings(tmp_path)
+    runner = runner_for(engine, settings, database)
+    serve(engine, database, stream(engine.tokenizer, 16, seed=20))
+    learner = runner._learner_instance()
+
+    def poisoned_fit(draft, examples, *, base_version):
+        with torch.no_grad():
+            next(draft.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(learner, "fit", poisoned_fit)
+    result = runner.run()
+    assert result.decision == "rejected" and "not finite" in result.reason
+    assert runner._learner is None  # a fresh learner next round
+    with database() as session:
+        (round_,) = rounds_repo.list_rounds(session)
+        assert round_.error.startswith("NonFiniteError") and round_.candidate_checkpoint_id is None
+        assert rounds_repo.last_window_end(session) == round_.window_last_id  # consumed: no retry loop
+    assert list((tmp_path / "checkpoints").glob("*.safetensors")) == []
+
+
+def test_too_small_a_window_is_skipped_and_offered_again(weak_engine, database, tmp_path, fresh_draft):
+    from storage import rounds_repo
+
+    engine = fresh_draft(weak_engine)
+    settings = learning_settings(tmp_path)
+    runner = runner_for(engine, settings, database)
+    serve(engine, database, stream(engine.tokenizer, settings.learning.heldout_rows, seed=30))
+    result = runner.run()
+    assert result.decision == "skipped" and "nothing to train on" in result.reason
+    with database() as session:
+        assert rounds_repo.last_window_end(session) is None
+
+
+def test_a_round_stopped_by_shutdown_is_failed_and_an_orphan_is_closed_by_recover(weak_engine, database, tmp_path,
+                                                                                  fresh_draft):  # fmt: skip
+    import threading
+
+    from storage import rounds_repo
+    from storage.models import utcnow
+
+    engine = fresh_draft(weak_engine)
+    settings = learning_settings(tmp_path)
+    runner = runner_for(engine, settings, database)
+    serve(engine, database, stream(engine.tokenizer, 16, seed=40))
+    stop = threading.Event()
+    stop.set()
+    result = runner.run(stop)
+    assert result.decision == "failed" and "shutting down" in result.reason
+
+    # A process that died mid-round leaves it open; the next learner closes it and removes partial files.
+    with database.begin() as session:
+        rounds_repo.start_round(session, learner="online", settings={}, target_identity=TARGET_IDENTITY,
+                                started_at=utcnow())  # fmt: skip
+    partial = runner.weights.store.root / ".partial-dead.safetensors.tmp"
+    partial.write_bytes(b"half")
+    runner.recover()
+    assert not partial.exists()
+    with database() as session:
+        assert all(r.finished_at is not None for r in rounds_repo.list_rounds(session))
+        assert "interrupted" in rounds_repo.list_rounds(session)[0].error
+
+
+def test_a_promotion_is_void_when_the_pointer_moved_during_the_round(weak_engine, database, tmp_path, fresh_draft,
+                                                                     monkeypatch):  # fmt: skip
+    from storage import checkpoints_repo
+
+    engine = fresh_draft(weak_engine)
+    settings = learning_settings(tmp_path, promote_margin=0.0, min_heldout_tokens=1)
+    runner = runner_for(engine, settings, database)
+    serve(engine, database, stream(engine.tokenizer, 24, seed=50))
+    # An operator promotes another version while the candidate trains.
+    with database.begin() as session:
+        stored = runner.weights.store.put({n: t + 0 for n, t in engine.draft.state_dict().items()})
+        other = checkpoints_repo.add_checkpoint(
+            session, version="operator-pick", sha256=stored.sha256, size_bytes=stored.size_bytes,
+            path=str(stored.path), learner="manual", learner_settings={}, target_identity=TARGET_IDENTITY)  # fmt: skip
+        other_id = other.id
+
+    def decide_then_operator_moves(candidate, active, window):
+        with database.begin() as session:
+            checkpoints_repo.set_active(session, other_id, "operator:test", "manual pick")
+        return True, "forced promotion"
+
+    monkeypatch.setattr(runner, "_decide", decide_then_operator_moves)
+    result = runner.run()
+    assert result.decision == "rejected" and "active draft changed during the round" in result.reason
+    with database() as session:
+        assert checkpoints_repo.get_active_checkpoint(session).version == "operator-pick"
+
+
+def test_rejected_weights_are_not_kept_when_store_rejected_is_off(weak_engine, database, tmp_path, fresh_draft):
+    from storage import rounds_repo
+
+    engine = fresh_draft(weak_engine)
+    settings = learning_settings(tmp_path, promote_margin=10.0, store_rejected=False)  # nothing can win
+    serve(engine, database, stream(engine.tokenizer, 16, seed=60))
+    result = runner_for(engine, settings, database).run()
+    assert result.decision == "rejected" and result.candidate_version is None and "below the margin" in result.reason
+    with database() as session:
+        (round_,) = rounds_repo.list_rounds(session)
+        assert round_.candidate_checkpoint_id is None and round_.candidate_metrics["avg_len"] > 0
+        assert round_.candidate_metrics["reason"] == result.reason
+    assert not list((tmp_path / "checkpoints").glob("*.safetensors"))

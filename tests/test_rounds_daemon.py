@@ -1,0 +1,123 @@
+"""`onlinespec serve` as a subprocess on the real broker with learning wired in: an operator's promote and
+rollback reach the running daemon within one batch (completions carry the version), and a daemon with learning
+enabled runs rounds on its own feedback and stops cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.daemon_fixtures import (
+    REPO,
+    DaemonProcess,
+    TopicReader,
+    daemon_settings,
+    header,
+    produce,
+    prompt_records,
+    write_config,
+)
+from tests.rounds_fixtures import FAST_LEARNER
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def onlinespec(*argv: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", *argv, "--json"], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def start(tmp_path, daemon_processes, kafka_names, database_url, tiny_models, **learning) -> DaemonProcess:
+    target_dir, draft_dir = tiny_models
+    settings = daemon_settings(kafka_names, database_url, target_dir, draft_dir,
+                               learning={"checkpoint_dir": str(tmp_path / "checkpoints"), "follow_interval_ms": 0,
+                                         **learning})  # fmt: skip
+    daemon = DaemonProcess(write_config(tmp_path / "config.yaml", settings), tmp_path / "daemon.log")
+    daemon_processes.append(daemon)
+    daemon.start().wait_ready()
+    return daemon
+
+
+def versions_of(reader: TopicReader, ids: list[str]) -> dict[str, str]:
+    records = reader.read_until(lambda rs: set(ids) <= {header(r, "request-id") for r in rs}, timeout=60)
+    return {header(r, "request-id"): json.loads(r.value)["draft_version"] for r in records
+            if header(r, "request-id") in ids}  # fmt: skip
+
+
+def test_promote_and_rollback_reach_a_running_daemon_within_one_batch(tmp_path, daemon_processes, kafka_names,
+                                                                      sqlite_url, tiny_models):  # fmt: skip
+    from pipelines.models import load_model, model_identity
+    from storage.artifacts import CheckpointStore
+    from storage.checkpoints_repo import add_checkpoint
+    from storage.db import make_engine, make_session_factory
+
+    target_dir, draft_dir = tiny_models
+    generator = torch.Generator().manual_seed(3)
+    draft = load_model(str(draft_dir))
+    state = {n: t + 0.05 * torch.randn(t.shape, generator=generator) for n, t in draft.state_dict().items()}
+    stored = CheckpointStore(tmp_path / "checkpoints").put(state)
+    engine = make_engine(sqlite_url)
+    with make_session_factory(engine).begin() as session:
+        add_checkpoint(session, version="X", sha256=stored.sha256, size_bytes=stored.size_bytes,
+                       path=str(stored.path), learner="manual", learner_settings={},
+                       target_identity=model_identity(load_model(str(target_dir))))  # fmt: skip
+    engine.dispose()
+
+    daemon = start(tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models)
+    config = str(daemon.config)
+    reader = TopicReader(kafka_names.bootstrap, kafka_names.completions)
+    produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(["before-0", "before-1"]))
+    assert set(versions_of(reader, ["before-0", "before-1"]).values()) == {"base"}
+
+    promoted = onlinespec("checkpoints", "promote", "X", "--config", config, "--reason", "try X")
+    assert (promoted["from_version"], promoted["version"]) == ("base", "X")
+    ids = [f"x-{i}" for i in range(3)]
+    produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(ids))
+    assert set(versions_of(reader, ids).values()) == {"X"}
+
+    rolled = onlinespec("checkpoints", "rollback", "--config", config, "--reason", "X is worse")
+    assert (rolled["from_version"], rolled["version"], rolled["actor"][:9]) == ("X", "base", "operator:")
+    ids = [f"after-{i}" for i in range(3)]
+    produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(ids))
+    assert set(versions_of(reader, ids).values()) == {"base"}
+    reader.close()
+
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    log = daemon.log()
+    assert f"base -> X (sha256 {stored.sha256}" in log and "X -> base (the base draft" in log
+    shown = onlinespec("checkpoints", "show", "X", "--config", config)
+    assert shown["status"] == "retired" and shown["live_counters"]["requests"] == 3
+
+
+def test_a_learning_daemon_runs_rounds_on_its_feedback_and_stops_cleanly(tmp_path, daemon_processes, kafka_names,
+                                                                         sqlite_url, tiny_models):  # fmt: skip
+    daemon = start(tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models, enabled=True,
+                   learner=FAST_LEARNER, heldout_rows=4, window_max_rows=64, min_new_tokens=150,
+                   min_heldout_tokens=20, check_interval_s=0.5, live_guard={"check_interval_s": 1.0})  # fmt: skip
+    ids = [f"l-{i:02d}" for i in range(16)]
+    produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(ids, max_new_tokens=16))
+    reader = TopicReader(kafka_names.bootstrap, kafka_names.completions)
+    reader.read_until(lambda rs: len(rs) >= len(ids), timeout=90)
+    reader.close()
+    daemon.wait_for_log(r"round 1 (promoted|rejected) r1-", timeout=60)
+
+    rounds = onlinespec("rounds", "list", "--config", str(daemon.config))["rounds"]
+    assert rounds[-1]["decision"] in ("promoted", "rejected") and rounds[-1]["window"]["rows"] >= 5
+    assert rounds[-1]["heldout_tokens"] > 0 and rounds[-1]["candidate_metrics"]["timings"]["fit_s"] > 0
+    assert "decode_tps_between" in rounds[-1]["candidate_metrics"]["serving"]
+
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    log = daemon.log()
+    assert "learning scheduler started (learning-round, learning-trigger, live-guard)" in log
+    assert "Etc/UTC" not in log  # no local time zone lookup: the scheduler runs on UTC
+    assert "onlinespec stopped (SIGTERM, drained)" in log
