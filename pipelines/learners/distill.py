@@ -1,0 +1,160 @@
+"""Forward KL from the target's stored top-m to the draft, at the emitted positions of verification feedback.
+
+Teacher forcing: one draft forward over `prompt_ids + token_ids[:-1]` (the last emitted token is never an
+input). For emitted token i of a request with P prompt tokens, the draft's prediction is the logit row at
+sequence index P - 1 + i. With the target's stored top-m ids x_1..x_m and log-probs l_1..l_m at that position
+(temperature 1, captured at verification, so no target forward is needed):
+
+    p_j     = softmax(l)_j                                (the top-m renormalised to sum to 1)
+    log q_j = log_softmax(draft logits over the full vocabulary)[x_j]
+    KL_i    = sum_j p_j (log p_j - log q_j)
+
+KL_i >= 0 only up to the missing tail: q is not renormalised over the top-m, so the loss also pushes draft mass
+out of the tail into the target's top-m, which is what raises acceptance. Positions with p_j = 0 (a log-prob
+that underflowed float16) contribute 0.
+
+Logits are computed only at the emitted positions (hidden states of the whole sequence, then the LM head on the
+gathered rows): a full [batch, sequence, vocabulary] logit tensor would cost gigabytes for a 150k vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.types import KIND_RECOVERED, NO_DRAFT_TOKEN, RequestFeedback
+
+PAD_ID = 0  # right padding never reaches a real position under causal attention
+
+
+@dataclass
+class FeedbackBatch:
+    """Right-padded teacher-forcing inputs and the emitted positions to score; N = emitted positions in all rows."""
+
+    input_ids: torch.Tensor  # [B, T] int64
+    rows: torch.Tensor  # [N] int64, row of each emitted position
+    columns: torch.Tensor  # [N] int64, sequence index P - 1 + i whose logits predict emitted token i
+    index: torch.Tensor  # [N] int64, i (0 = the prefill's token)
+    tokens: torch.Tensor  # [N] int64, the emitted token
+    kinds: torch.Tensor  # [N] uint8, KIND_*
+    proposed: torch.Tensor  # [N] bool, the request had draft proposals (not target-only feedback)
+    topk_ids: torch.Tensor  # [N, m] int64
+    topk_logprobs: torch.Tensor  # [N, m] float32
+
+    @property
+    def positions(self) -> int:
+        return int(self.rows.shape[0])
+
+
+def usable(examples: Sequence[RequestFeedback]) -> list[RequestFeedback]:
+    """Feedback with at least one emitted token (the only kind that can be scored or trained on)."""
+    return [e for e in examples if len(e.token_ids) > 0]
+
+
+def sequence_length(example: RequestFeedback) -> int:
+    return len(example.prompt_ids) + len(example.token_ids) - 1
+
+
+def collate(examples: Sequence[RequestFeedback], device: torch.device | str) -> FeedbackBatch:
+    """Pack feedback rows into one right-padded batch (every example must have emitted tokens)."""
+    width = max(sequence_length(e) for e in examples)
+    top_m = min(e.target_topk_ids.shape[1] for e in examples)
+    input_ids = np.full((len(examples), width), PAD_ID, dtype=np.int64)
+    rows, columns, index = [], [], []
+    for row, example in enumerate(examples):
+        prompt, tokens = example.prompt_ids, example.token_ids
+        sequence = np.concatenate([prompt, tokens[:-1]])
+        input_ids[row, : len(sequence)] = sequence
+        n = len(tokens)
+        rows.append(np.full(n, row))
+        columns.append(len(prompt) - 1 + np.arange(n))
+        index.append(np.arange(n))
+    cat = lambda name: np.concatenate([getattr(e, name) for e in examples])  # noqa: E731
+    has_proposals = [bool((e.draft_tokens != NO_DRAFT_TOKEN).any()) for e in examples]
+    proposed = np.concatenate([np.full(len(e.token_ids), flag) for e, flag in zip(examples, has_proposals)])
+    to = lambda array, dtype: torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)  # noqa: E731
+    return FeedbackBatch(
+        input_ids=to(input_ids, torch.int64),
+        rows=to(np.concatenate(rows), torch.int64),
+        columns=to(np.concatenate(columns), torch.int64),
+        index=to(np.concatenate(index), torch.int64),
+        tokens=to(cat("token_ids"), torch.int64),
+        kinds=to(cat("kinds"), torch.uint8),
+        proposed=to(proposed, torch.bool),
+        topk_ids=to(np.concatenate([e.target_topk_ids[:, :top_m] for e in examples]), torch.int64),
+        topk_logprobs=to(np.concatenate([e.target_topk_logprobs[:, :top_m] for e in examples]), torch.float32),
+    )
+
+
+def micro_batches(examples: Sequence[RequestFeedback], max_tokens: int) -> list[list[RequestFeedback]]:
+    """Consecutive groups whose padded size (rows x longest sequence) stays within max_tokens (>= 1 row each)."""
+    groups: list[list[RequestFeedback]] = []
+    current: list[RequestFeedback] = []
+    longest = 0
+    for example in examples:
+        length = sequence_length(example)
+        if current and (len(current) + 1) * max(longest, length) > max_tokens:
+            groups.append(current)
+            current, longest = [], 0
+        current.append(example)
+        longest = max(longest, length)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def draft_logits(draft: torch.nn.Module, batch: FeedbackBatch) -> torch.Tensor:
+    """[N, V] float32 draft logits at the emitted positions of the batch (teacher-forced)."""
+    hidden = draft.get_decoder()(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # [B, T, H]
+    picked = hidden[batch.rows, batch.columns]  # [N, H]
+    return draft.get_output_embeddings()(picked).float()
+
+
+def forward_kl(logits: torch.Tensor, batch: FeedbackBatch) -> torch.Tensor:
+    """[N] KL(p_target top-m renormalised || q_draft) per emitted position (see the module docstring)."""
+    log_q = torch.log_softmax(logits, dim=-1).gather(1, batch.topk_ids)  # [N, m]
+    log_p = torch.log_softmax(batch.topk_logprobs, dim=-1)
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return terms.sum(dim=-1)
+
+
+def rejected_positions(logits: torch.Tensor, batch: FeedbackBatch) -> torch.Tensor:
+    """[N] bool: OSD's positions. Where the request had draft proposals, the positions the serving draft got
+    rejected at (KIND_RECOVERED); in target-only feedback (no proposals), the positions where the draft being
+    trained would be rejected now (its teacher-forced argmax differs from the emitted token)."""
+    recovered = batch.kinds == KIND_RECOVERED
+    mismatch = logits.detach().argmax(dim=-1) != batch.tokens
+    return torch.where(batch.proposed, recovered, mismatch)
+
+
+def select(logits: torch.Tensor, batch: FeedbackBatch, positions: str) -> torch.Tensor:
+    """[N] bool mask of the positions a loss is taken over: "all" or "rejected"."""
+    if positions == "all":
+        return torch.ones_like(batch.tokens, dtype=torch.bool)
+    if positions == "rejected":
+        return rejected_positions(logits, batch)
+    raise ValueError(f"Unknown positions {positions!r}; use 'all' or 'rejected'")
+
+
+@torch.no_grad()
+def mean_kl(
+    draft: torch.nn.Module,
+    examples: Sequence[RequestFeedback],
+    *,
+    positions: str = "all",
+    micro_batch_tokens: int = 8192,
+) -> tuple[float, int]:
+    """Mean forward KL over the selected emitted positions, and how many positions that was (0 -> nan)."""
+    device = next(draft.parameters()).device
+    total, count = 0.0, 0
+    for group in micro_batches(usable(examples), micro_batch_tokens):
+        batch = collate(group, device)
+        logits = draft_logits(draft, batch)
+        mask = select(logits, batch, positions)
+        total += float(forward_kl(logits, batch)[mask].sum())
+        count += int(mask.sum())
+    return (total / count if count else float("nan")), count
