@@ -200,9 +200,9 @@ def test_serve_flags_override_file_and_environment(tmp_path, monkeypatch):
 
 
 def test_learning_section_keeps_only_non_default_learner_keys_and_resolves_them(tmp_path):
-    path = write(tmp_path, "learning:\n  enabled: true\n  learner:\n    name: osd\n    lr: 2.0e-05\n    epochs: 3\n")
+    path = write(tmp_path, "learning:\n  enabled: true\n  learner:\n    name: osd\n    lr: 5.0e-06\n    epochs: 3\n")
     learning = load_settings(path, environ={}).learning
     assert learning.enabled and learning.learner == {"name": "osd", "epochs": 3}  # lr is the default
     full = learning.learner_settings()
-    assert (full.name, full.epochs, full.lr, full.trainable) == ("osd", 3, 2e-05, "layers")
+    assert (full.name, full.epochs, full.lr, full.trainable) == ("osd", 3, 5e-06, "layers")
     assert Settings().learning.enabled is False  # serving alone never trains unless asked
