@@ -54,12 +54,9 @@ def domain_prompt(rng: random.Random) -> str:
     return one_liner(rng) + one_liner(rng) + "def "
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: more threads only contend
-    yield
-    torch.set_num_threads(threads)
+from tests.rounds_fixtures import one_thread  # noqa: E402,F401 (fixture: one torch thread on a shared 2-core machine)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,9 @@ PROMPTS = [
 MAX_NEW = [7, 30, 19, 24, 1, 40, 12, 33, 2, 27]  # short limits cut chains mid-step
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: more threads only contend
-    yield
-    torch.set_num_threads(threads)
+from tests.rounds_fixtures import one_thread  # noqa: E402,F401 (fixture: one torch thread on a shared 2-core machine)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
