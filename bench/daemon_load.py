@@ -13,6 +13,13 @@ Without --target it builds a target-only tiny Qwen2 model (tests/tiny_models.py)
     python bench/daemon_load.py --target T --draft D --device cuda --prompts 512 --batch-size 16 \\
         --database-url postgresql+psycopg://postgres@127.0.0.1:5432/bench
 
+With --learning the daemon also runs learning rounds while it serves (learning.enabled, a round every
+--round-tokens new feedback tokens), and the result adds, per round, the completion tokens/s seen by the consumer
+while the round ran against outside every round, and the daemon's own decode tokens/s during and between rounds
+(`onlinespec rounds list --json`): does training stall serving?
+
+    python bench/daemon_load.py --target T --draft D --device cuda --prompts 768 --learning --round-tokens 8000
+
 Prints one JSON object (also written to --out) with both rates and their ratio.
 """
 
@@ -61,6 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "spinning OpenMP threads of several processes slow each other down many times)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="alternate engine and daemon runs this many times; the ratio reported is the median")
+    parser.add_argument("--learning", action="store_true",
+                        help="run learning rounds in the daemon while it serves (needs --draft); report serving "
+                             "tokens/s during rounds against outside them")
+    parser.add_argument("--round-tokens", type=int, default=8000,
+                        help="--learning: a round starts once this many new feedback tokens arrived")
+    parser.add_argument("--learner", default="online", help="--learning: learner name (default online)")
     parser.add_argument("--out", help="write the JSON result here too")
     return parser.parse_args(argv)
 
@@ -135,6 +148,8 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path) -> dict:
             "limits": {"max_new_tokens": args.max_new_tokens, "default_max_new_tokens": args.max_new_tokens},
             "daemon": {"metrics_port": metrics_port, "metrics_host": "127.0.0.1", "log_level": "INFO"},
         }  # fmt: skip
+        if args.learning:
+            config["learning"] = learning_config(args, workdir)
         config_path = workdir / "config.yaml"
         config_path.write_text(yaml.safe_dump(config))
         log_path = workdir / "daemon.log"
@@ -153,12 +168,16 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path) -> dict:
             producer.send(names.prompts, value=value)
         producer.flush()
         tokens, received = 0, 0
+        arrivals = []  # (wall-clock time, completion tokens): serving rate during vs outside learning rounds
+        stream_started = time.time()
         deadline = time.monotonic() + 3600
         while received < len(values) and time.monotonic() < deadline:
             for batch in reader.poll(timeout_ms=100).values():
                 for record in batch:
                     received += 1
-                    tokens += json.loads(record.value)["usage"]["completion_tokens"]
+                    count = json.loads(record.value)["usage"]["completion_tokens"]
+                    tokens += count
+                    arrivals.append((time.time(), count))
         seconds = time.perf_counter() - started
         stages = scrape_stages(metrics_port)
         producer.close()
@@ -166,13 +185,65 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path) -> dict:
         daemon.terminate()
         daemon.wait(120)
         summary = [line for line in log_path.read_text().splitlines() if "onlinespec stopped" in line]
-        return {"tokens": tokens, "completions": received, "seconds": round(seconds, 3),
-                "tok_s": round(tokens / seconds, 1), "daemon_exit": daemon.returncode, "stages": stages,
-                "summary": summary[-1].split(": ", 1)[-1] if summary else None}  # fmt: skip
+        result = {"tokens": tokens, "completions": received, "seconds": round(seconds, 3),
+                  "tok_s": round(tokens / seconds, 1), "daemon_exit": daemon.returncode, "stages": stages,
+                  "summary": summary[-1].split(": ", 1)[-1] if summary else None}  # fmt: skip
+        if args.learning:
+            result["learning"] = serving_during_rounds(config_path, arrivals, stream_started)
+        return result
     finally:
         if daemon is not None and daemon.poll() is None:
             daemon.kill()
         broker.stop()
+
+
+def learning_config(args, workdir: Path) -> dict:
+    """Rounds as often as the stream allows: small windows, a short trigger check, no interval rounds."""
+    if not args.draft:
+        raise SystemExit("--learning needs --draft")
+    return {"enabled": True, "learner": {"name": args.learner}, "interval_s": 86_400, "check_interval_s": 1.0,
+            "min_new_tokens": args.round_tokens, "window_max_rows": 256, "heldout_rows": 16,
+            "min_heldout_tokens": 500, "checkpoint_dir": str(workdir / "checkpoints")}  # fmt: skip
+
+
+def serving_during_rounds(config_path: Path, arrivals: list[tuple[float, int]], stream_started: float) -> dict:
+    """Per finished round: completion tokens/s the consumer saw while it ran vs outside every round (wall clock,
+    from the first prompt to the last completion), and the daemon's own decode tokens/s during and between."""
+    listing = subprocess.run([sys.executable, "-m", "daemon.cli", "rounds", "list", "--json", "--limit", "1000",
+                              "--config", str(config_path)], cwd=REPO, capture_output=True, text=True, check=True)
+    rounds = sorted(json.loads(listing.stdout)["rounds"], key=lambda r: r["id"])
+    stream_ended = arrivals[-1][0] if arrivals else stream_started
+    spans, per_round = [], []
+    for entry in rounds:
+        if not entry["finished_at"]:
+            continue
+        start, end = (_epoch(entry["started_at"]), _epoch(entry["finished_at"]))
+        start, end = max(start, stream_started), min(end, stream_ended)
+        if end <= start:
+            continue  # ran after the stream
+        spans.append((start, end))
+        inside = sum(n for t, n in arrivals if start <= t <= end)
+        serving = entry["candidate_metrics"].get("serving") or entry["active_metrics"].get("serving") or {}
+        per_round.append({"id": entry["id"], "decision": entry["decision"], "seconds": round(end - start, 2),
+                          "completion_tok_s": round(inside / (end - start), 1),
+                          "candidate_avg_len": entry["candidate_avg_len"], "active_avg_len": entry["active_avg_len"],
+                          "decode_tps_during": serving.get("decode_tps_during"),
+                          "decode_tps_between": serving.get("decode_tps_between"),
+                          "error": entry["error"]})  # fmt: skip
+    in_rounds = sum(end - start for start, end in spans)
+    outside = (stream_ended - stream_started) - in_rounds
+    tokens_in = sum(n for t, n in arrivals if any(a <= t <= b for a, b in spans))
+    tokens_out = sum(n for _, n in arrivals) - tokens_in
+    return {"rounds": per_round, "seconds_in_rounds": round(in_rounds, 2), "seconds_outside": round(outside, 2),
+            "completion_tok_s_in_rounds": round(tokens_in / in_rounds, 1) if in_rounds > 0 else None,
+            "completion_tok_s_outside": round(tokens_out / outside, 1) if outside > 0 else None}  # fmt: skip
+
+
+def _epoch(iso: str) -> float:
+    moment = datetime.fromisoformat(iso)
+    if moment.tzinfo is None:  # SQLite hands back naive datetimes; they were stored in UTC
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
 
 
 def scrape_stages(port: int) -> dict:
@@ -232,13 +303,14 @@ def main(argv=None) -> int:
         target = args.target or str(build_tiny_target(workdir, args.layers, args.hidden))
         for rep in range(args.repeat):
             # Alternating engine and daemon runs spreads slow phases of a shared machine over both.
-            engine = engine_rate(args, target, values)
+            # --learning compares the daemon with itself (during vs outside rounds): no engine baseline.
+            engine = None if args.learning else engine_rate(args, target, values)
             rundir = workdir / f"run{rep}"
             rundir.mkdir()
             daemon = daemon_rate(args, target, values, rundir)
-            ratio = round(daemon["tok_s"] / engine["tok_s"], 3)
-            print(f"run {rep + 1}/{args.repeat}: engine {engine['tok_s']} tok/s, daemon {daemon['tok_s']} tok/s, "
-                  f"ratio {ratio}", file=sys.stderr)  # fmt: skip
+            ratio = round(daemon["tok_s"] / engine["tok_s"], 3) if engine else None
+            print(f"run {rep + 1}/{args.repeat}: engine {engine and engine['tok_s']} tok/s, daemon "
+                  f"{daemon['tok_s']} tok/s, ratio {ratio}", file=sys.stderr)  # fmt: skip
             runs.append({"engine": engine, "daemon": daemon, "ratio": ratio})
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -247,9 +319,10 @@ def main(argv=None) -> int:
                   "draft": args.draft, "device": args.device, "prompts": args.prompts,
                   "prompt_chars": args.prompt_chars, "max_new_tokens": args.max_new_tokens,
                   "batch_size": args.batch_size, "k": args.k if args.draft else 0, "threads": args.threads,
+                  "learning": args.learning and {"learner": args.learner, "round_tokens": args.round_tokens},
                   "database": "sqlite" if not args.database_url else args.database_url.split(":")[0]},
         "runs": runs,
-        "median_ratio": statistics.median(run["ratio"] for run in runs),
+        "median_ratio": None if args.learning else statistics.median(run["ratio"] for run in runs),
         "command": "python bench/daemon_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }  # fmt: skip
     text = json.dumps(result, indent=2)

@@ -7,6 +7,7 @@
 #   bash bench/gpu_final.sh OUT daemon                  # bench/daemon_load.py with the real pair through Kafka
 #   bash bench/gpu_final.sh OUT learning [ARGS...]      # bench/learning.py (ARGS go to it)
 #   bash bench/gpu_final.sh OUT daemon learning [ARGS...]
+#   bash bench/gpu_final.sh OUT daemon-learning         # the daemon serving while it runs learning rounds
 set -euo pipefail
 out=$1; shift
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -35,6 +36,13 @@ while [[ $# -gt 0 ]]; do
       python bench/daemon_load.py --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
         --dtype bfloat16 --prompts 256 --batch-size 8 --max-new-tokens 128 --max-seq-len 1024 --repeat 2 \
         --threads 4 --out "$out/daemon/daemon_load.json" 2>&1 | grep -v "it/s\]" | tail -25 ;;
+    daemon-learning)
+      shift
+      mkdir -p "$out/daemon-learning"
+      python bench/daemon_load.py --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
+        --dtype bfloat16 --prompts 768 --prompt-file bench/data/sharegpt.jsonl --batch-size 8 --max-new-tokens 128 \
+        --max-seq-len 1024 --threads 4 --learning --round-tokens 8000 \
+        --out "$out/daemon-learning/daemon_load.json" 2>&1 | grep -v "it/s\]" | tail -60 ;;
     learning)
       shift
       mkdir -p "$out/learning"
