@@ -183,7 +183,7 @@ class LearningSettings(_Section):
     checkpoint_dir: str = Field("var/checkpoints", min_length=1)
     device: str | None = None
     training_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    store_rejected: bool = True
+    store_rejected: bool = False  # a rejected candidate's weights are a draft-sized file per round
     cpu_threads: int = Field(1, ge=1, le=1024)
     deployment: str = Field("default", min_length=1, max_length=64)
     follow_interval_ms: int = Field(100, ge=0, le=600_000)

@@ -72,6 +72,7 @@ def learning_settings(tmp_path: Path, database_url: str = "sqlite:///unused.db",
         "enabled": True, "learner": FAST_LEARNER, "window_max_rows": 64, "heldout_rows": 8,
         "min_heldout_tokens": 50, "min_new_tokens": 200, "promote_margin": 0.02,
         "checkpoint_dir": str(tmp_path / "checkpoints"), "follow_interval_ms": 0,
+        "store_rejected": True,  # the tests look at rejected candidates' weights too
         "live_guard": {"min_requests": 6, "margin": 0.05, **(guard or {})}, **learning,
     }  # fmt: skip
     return Settings.model_validate({

@@ -11,7 +11,7 @@ import torch
 from pipelines.engine import EngineSettings, SpeculativeEngine
 from pipelines.models import load_model, load_tokenizer
 from pipelines.replay import greedy_chain, is_greedy, replay, served_by
-from pipelines.types import GenerationRequest
+from pipelines.types import KIND_BONUS, NO_DRAFT_TOKEN, GenerationRequest, RequestFeedback
 from tests.tiny_models import make_tiny_pair
 
 PROMPTS = [
@@ -193,3 +193,22 @@ def test_greedy_chain_by_hand():
     assert greedy_chain(matches, 3) == (5, [3, 2, 1])
     assert greedy_chain(matches, 0) == (10, [])
     assert greedy_chain(np.array([True]), 4) == (1, [0, 0, 0, 0])
+
+
+def feedback_with(token_ids, topk_ids, topk_logprobs) -> RequestFeedback:
+    n = len(token_ids)
+    return RequestFeedback(
+        prompt_ids=np.array([1, 2], dtype=np.int32), token_ids=np.array(token_ids, dtype=np.int32),
+        kinds=np.full(n, KIND_BONUS, dtype=np.uint8), draft_tokens=np.full(n, NO_DRAFT_TOKEN, dtype=np.int32),
+        target_topk_ids=np.array(topk_ids, dtype=np.int32),
+        target_topk_logprobs=np.array(topk_logprobs, dtype=np.float16), draft_version="v0",
+    )  # fmt: skip
+
+
+def test_a_tied_top_1_stored_second_still_counts_as_greedy():
+    """bf16 logits tie; argmax and the top-m sort may order a tie differently, and such requests stay greedy."""
+    ids = [[5, 7, 9], [3, 4, 6]]
+    assert is_greedy(feedback_with([5, 3], ids, [[-0.5, -1.5, -3.0], [-0.7, -0.9, -2.0]]))
+    assert is_greedy(feedback_with([7, 3], ids, [[-0.69, -0.69, -3.0], [-0.7, -0.9, -2.0]]))  # tie, stored second
+    assert not is_greedy(feedback_with([7, 3], ids, [[-0.6, -0.8, -3.0], [-0.7, -0.9, -2.0]]))  # second, lower
+    assert not is_greedy(feedback_with([5, 8], ids, [[-0.5, -1.5, -3.0], [-0.7, -0.9, -2.0]]))  # outside the top-m
