@@ -67,6 +67,14 @@ def fresh_draft(request):
         engine.swap_draft(weights, version)
 
 
+@pytest.fixture
+def database(sqlite_url):
+    """A session factory on a fresh SQLite database at the schema head."""
+    engine, session_factory = session_factory_for(sqlite_url)
+    yield session_factory
+    engine.dispose()
+
+
 def learning_settings(tmp_path: Path, database_url: str = "sqlite:///unused.db", *, guard=None, **learning) -> Settings:
     values = {
         "enabled": True, "learner": FAST_LEARNER, "window_max_rows": 64, "heldout_rows": 8,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from daemon.cli import main as cli
@@ -14,23 +13,12 @@ from daemon.draft_follower import BASE_DRAFT_VERSION, DraftWeights
 from storage.artifacts import CheckpointStore
 from tests.rounds_fixtures import (
     TARGET_IDENTITY,
-    fresh_draft,  # noqa: F401 (fixture)
     follow,
     follower_for,
     learning_settings,
-    one_thread,  # noqa: F401 (fixture)
     serve,
-    session_factory_for,
     stream,
-    strong_engine,  # noqa: F401 (fixture)
 )
-
-
-@pytest.fixture
-def database(sqlite_url):
-    engine, session_factory = session_factory_for(sqlite_url)
-    yield sqlite_url, session_factory
-    engine.dispose()
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -61,8 +49,9 @@ def perturbed(state: dict, seed: int) -> dict:
     return {n: t + 0.01 * torch.randn(t.shape, generator=generator) for n, t in state.items()}
 
 
-def test_a_rollback_restores_exactly_the_recorded_weights(strong_engine, database, tmp_path, fresh_draft, capsys):
-    url, session_factory = database
+def test_a_rollback_restores_exactly_the_recorded_weights(strong_engine, sqlite_url, database, tmp_path, fresh_draft,
+                                                           capsys):
+    url, session_factory = sqlite_url, database
     engine = fresh_draft(strong_engine)
     settings = learning_settings(tmp_path, url)
     weights = DraftWeights.of_draft(engine.draft, settings.learning.checkpoint_dir)
@@ -96,10 +85,10 @@ def test_a_rollback_restores_exactly_the_recorded_weights(strong_engine, databas
     assert all(torch.equal(t, weights.base_state[n]) for n, t in engine.draft.state_dict().items())
 
 
-def test_list_show_and_rounds_list_as_json_and_tables(database, tmp_path, capsys):
+def test_list_show_and_rounds_list_as_json_and_tables(sqlite_url, database, tmp_path, capsys):
     from storage import checkpoints_repo, rounds_repo
 
-    url, session_factory = database
+    url, session_factory = sqlite_url, database
     store = CheckpointStore(tmp_path / "store")
     state = {"w": torch.ones(3)}
     v1 = add_version(session_factory, store, "r1-aaaa", state, heldout_metrics={"avg_len": 2.5, "tokens": 300})
@@ -137,10 +126,10 @@ def test_list_show_and_rounds_list_as_json_and_tables(database, tmp_path, capsys
     assert code == 0 and "lineage   r1-aaaa <- base" in out
 
 
-def test_refusals_are_errors_with_a_reason(database, tmp_path, capsys):
+def test_refusals_are_errors_with_a_reason(sqlite_url, database, tmp_path, capsys):
     from storage import checkpoints_repo
 
-    url, session_factory = database
+    url, session_factory = sqlite_url, database
     store = CheckpointStore(tmp_path / "store")
     rejected = add_version(session_factory, store, "lost", {"w": torch.ones(2)})
     damaged = add_version(session_factory, store, "damaged", {"w": torch.zeros(2)})

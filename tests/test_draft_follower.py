@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from daemon.draft_follower import BASE_DRAFT_VERSION, DraftFollower, DraftWeights
-from tests.rounds_fixtures import TARGET_IDENTITY, session_factory_for
+from tests.rounds_fixtures import TARGET_IDENTITY
 
 BASE = {"w": torch.zeros(4)}
 
@@ -22,13 +22,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def database(sqlite_url):
-    engine, session_factory = session_factory_for(sqlite_url)
-    yield session_factory
-    engine.dispose()
 
 
 @pytest.fixture

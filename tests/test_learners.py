@@ -54,9 +54,8 @@ def domain_prompt(rng: random.Random) -> str:
     return one_liner(rng) + one_liner(rng) + "def "
 
 
-from tests.rounds_fixtures import one_thread  # noqa: E402,F401 (fixture: one torch thread on a shared 2-core machine)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/rounds_fixtures.py: one torch thread on a shared 2-core machine
 
 
 @pytest.fixture(scope="module")

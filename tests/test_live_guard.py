@@ -15,16 +15,13 @@ from daemon.draft_follower import BASE_DRAFT_VERSION, DraftWeights
 from daemon.live_guard import LiveGuard
 from tests.rounds_fixtures import (
     TARGET_IDENTITY,
-    fresh_draft,  # noqa: F401 (fixture)
     follow,
     follower_for,
     learning_settings,
     live_avg_len,
-    one_thread,  # noqa: F401 (fixture)
     serve,
     session_factory_for,
     stream,
-    strong_engine,  # noqa: F401 (fixture)
 )
 
 

@@ -29,9 +29,8 @@ PROMPTS = [
 MAX_NEW = [7, 30, 19, 24, 1, 40, 12, 33, 2, 27]  # short limits cut chains mid-step
 
 
-from tests.rounds_fixtures import one_thread  # noqa: E402,F401 (fixture: one torch thread on a shared 2-core machine)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/rounds_fixtures.py: one torch thread on a shared 2-core machine
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 from daemon.draft_follower import BASE_DRAFT_VERSION, DraftWeights
@@ -16,25 +15,13 @@ from pipelines.replay import replay
 from tests.rounds_fixtures import (
     K,
     TARGET_IDENTITY,
-    fresh_draft,  # noqa: F401 (fixture)
     follow,
     follower_for,
     learning_settings,
     live_avg_len,
-    one_thread,  # noqa: F401 (fixture)
     serve,
-    session_factory_for,
     stream,
-    strong_engine,  # noqa: F401 (fixture)
-    weak_engine,  # noqa: F401 (fixture)
 )
-
-
-@pytest.fixture
-def database(sqlite_url):
-    engine, session_factory = session_factory_for(sqlite_url)
-    yield session_factory
-    engine.dispose()
 
 
 def runner_for(engine, settings, session_factory, weights=None):
