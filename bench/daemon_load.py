@@ -75,7 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="--learning: a round starts once this many new feedback tokens arrived")
     parser.add_argument("--learner", default="online", help="--learning: learner name (default online)")
     parser.add_argument("--out", help="write the JSON result here too")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.learning and not args.draft:
+        parser.error("--learning needs --draft")  # checked before any broker or model starts
+    return args
 
 
 def load_prompt_values(args) -> list[bytes]:
@@ -199,8 +202,6 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path) -> dict:
 
 def learning_config(args, workdir: Path) -> dict:
     """Rounds as often as the stream allows: small windows, a short trigger check, no interval rounds."""
-    if not args.draft:
-        raise SystemExit("--learning needs --draft")
     return {"enabled": True, "learner": {"name": args.learner}, "interval_s": 86_400, "check_interval_s": 1.0,
             "min_new_tokens": args.round_tokens, "window_max_rows": 256, "heldout_rows": 16,
             "min_heldout_tokens": 500, "checkpoint_dir": str(workdir / "checkpoints")}  # fmt: skip
