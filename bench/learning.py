@@ -12,11 +12,15 @@ Every domain starts from the same static draft and runs `--rounds` rounds of `--
     replay   for every learner, its AvgLen on this round from one teacher-forced pass of the draft it had at the
              START of the round (pipelines.replay, exact greedy chain): the AvgLen it would have seen live
     gated    serve the same prompts again with the gated daemon's active draft (swap_draft), timed: live tok/s
-    train    every learner fits on the round (osd on the positions its own start-of-round draft got rejected
-             at); non-gated learners always serve their candidate next round; the gated one trains on everything
-             but the round's last --gate-holdout fraction, replays candidate and active on that tail, and promotes
-             only if the candidate's AvgLen beats the active's by --gate-margin on >= --gate-min-tokens tokens
-             (the tail is trained on in the next round)
+             (static and gated take turns going first, round by round: the second pass on the same prompts ran
+             faster in earlier runs whatever the draft)
+    train    every learner fits on the round plus the previous --history-rounds rounds (osd on the positions its
+             own current draft gets rejected at); non-gated learners always serve their candidate next round;
+             the gated one holds out the round's newest requests (at least --gate-holdout of them, more until
+             they hold --gate-min-tokens emitted tokens, at most half), trains on the rest plus the history (with
+             no history: the previous round's held-out tail), replays candidate and active on the held-out tail,
+             and promotes only if the candidate's AvgLen beats the active's by --gate-margin on >=
+             --gate-min-tokens tokens
 
 tok/s is measured live for `static` and `gated`; for the other learners it is an ESTIMATE, static tok/s x
 (learner AvgLen / static replay AvgLen): a verification round costs the same whatever the draft proposes.
@@ -89,11 +93,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="layers (default); tiny: all (its draft is random-init)")
     parser.add_argument("--num-last-layers", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--history-rounds", type=int, default=0,
+                        help="also train on the previous N rounds' feedback (0: the round alone)")
+    parser.add_argument("--target-temperature", type=float, default=1.0,
+                        help="LearnerSettings.target_temperature: sharpen the target's top-m before the KL")
     parser.add_argument("--train-batch", type=int, default=8, help="requests per optimizer step")
     parser.add_argument("--optimistic-variant", choices=["ogd", "momentum"], default="ogd")
     parser.add_argument("--hedge-eta", type=float, default=5.0)
     # the gate
-    parser.add_argument("--gate-holdout", type=float, default=0.25, help="fraction of a round held out for the gate")
+    parser.add_argument("--gate-learner", choices=LEARNERS, default="online", help="the gated daemon's learner")
+    parser.add_argument("--gate-holdout", type=float, default=0.25,
+                        help="least fraction of a round held out for the gate (more until --gate-min-tokens)")
     parser.add_argument("--gate-margin", type=float, default=0.01, help="relative AvgLen gain needed to promote")
     parser.add_argument("--gate-min-tokens", type=int, default=None, help="256; tiny 32")
     parser.add_argument("--gate-after-rejection", choices=["rebase", "continue"], default="rebase",
@@ -170,6 +180,7 @@ class Contender:
 
 def learner_settings(args, name: str, lr: float, **extra) -> LearnerSettings:
     return LearnerSettings(name=name, lr=lr, epochs=args.epochs, batch_size=args.train_batch,
+                           target_temperature=args.target_temperature,
                            trainable=args.trainable, num_last_layers=args.num_last_layers,
                            optimistic_variant=args.optimistic_variant, hedge_eta=args.hedge_eta, **extra)
 
@@ -185,10 +196,11 @@ def run_domain(args, name: str, engines: dict, draft, tokenizer, deadline: float
     contenders = {"static": Contender("static", None, draft)}
     for learner in args.learners:
         contenders[learner] = Contender(learner, learner_settings(args, learner, lr(learner)), draft)
-    gated = Contender("gated", learner_settings(args, "online", lr("gated"),
+    gated = Contender("gated", learner_settings(args, args.gate_learner, lr("gated"),
                                                 after_rejection=args.gate_after_rejection), draft)
     gated.serving = gated_active
-    gated_pending = []  # last round's held-out tail: trained on next round
+    gated_pending = []  # last round's held-out tail: trained on next round when there is no history
+    history = []  # feedback of the previous rounds, one list per round
     rounds = []
     for index in range(args.rounds):
         now = time.perf_counter()
@@ -197,8 +209,15 @@ def run_domain(args, name: str, engines: dict, draft, tokenizer, deadline: float
             print(f"[{name}] budget spent before round {index}", flush=True)
             break
         round_prompts = prompts[index * per_round : (index + 1) * per_round]
+        gated_first = index % 2 == 1
+        if gated_first:
+            _, gated_tokens, gated_live = serve(gated_engine, round_prompts, args.new_tokens, args.device,
+                                                f"{name}-{index}-gated")
         feedback, static_tokens, static_live = serve(static_engine, round_prompts, args.new_tokens, args.device,
                                                      f"{name}-{index}")
+        if not gated_first:
+            _, gated_tokens, gated_live = serve(gated_engine, round_prompts, args.new_tokens, args.device,
+                                                f"{name}-{index}-gated")
         record = {"round": index, "prompts": len(round_prompts), "tokens": static_live["tokens"],
                   "static_live": static_live, "learners": {}}
 
@@ -212,22 +231,24 @@ def run_domain(args, name: str, engines: dict, draft, tokenizer, deadline: float
             entry["tok_s_estimate"] = static_live["tok_s"] * entry["avg_len"] / static_replay
 
         # The gated daemon live: same prompts, its active draft.
-        _, gated_tokens, gated_live = serve(gated_engine, round_prompts, args.new_tokens, args.device,
-                                            f"{name}-{index}-gated")
+        gated_live["served_first"] = gated_first
         gated_live["same_tokens_as_static"] = sum(a == b for a, b in zip(gated_tokens, static_tokens)) / len(
             static_tokens)
         record["gated_live"] = gated_live
 
         # Train.
+        past = [f for earlier in history[-args.history_rounds:] for f in earlier] if args.history_rounds else []
         for contender in contenders.values():
             if contender.learner is None or contender.failed:
                 continue
-            examples = feedback
-            if contender.name == "osd":  # its own rejected positions, as if its draft had served the round
-                examples = served_by(contender.draft, feedback, k=args.k, version=f"{contender.version}")
+            examples = past + feedback
+            if contender.name == "osd":  # its own rejected positions, as if its draft had served these requests
+                examples = served_by(contender.draft, examples, k=args.k, version=f"{contender.version}")
             record["learners"][contender.name]["fit"] = fit(contender, examples)
-        record["gate"] = gate_round(args, gated, gated_active, gated_engine, feedback, gated_pending)
+        record["gate"] = gate_round(args, gated, gated_active, gated_engine, feedback,
+                                    past if args.history_rounds else gated_pending)
         gated_pending = feedback[len(feedback) - holdout_size(args, feedback):]
+        history.append(feedback)
         record["seconds"] = time.perf_counter() - now
         round_seconds.append(record["seconds"])
         rounds.append(record)
@@ -250,13 +271,19 @@ def fit(contender: Contender, examples) -> dict:
 
 
 def holdout_size(args, feedback) -> int:
-    return max(1, round(len(feedback) * args.gate_holdout))
+    """The gate's held-out tail: the newest requests, at least --gate-holdout of the round, more until they hold
+    --gate-min-tokens emitted tokens (short answers, e.g. SQL), but never more than half the round."""
+    size = max(1, round(len(feedback) * args.gate_holdout))
+    most = max(size, len(feedback) // 2)
+    while size < most and sum(len(f.token_ids) for f in feedback[len(feedback) - size:]) < args.gate_min_tokens:
+        size += 1
+    return size
 
 
-def gate_round(args, gated: Contender, active, engine: SpeculativeEngine, feedback, pending) -> dict:
-    """Train the gated learner on last round's tail + this round's head, decide on this round's tail."""
+def gate_round(args, gated: Contender, active, engine: SpeculativeEngine, feedback, earlier) -> dict:
+    """Train the gated learner on `earlier` feedback + this round's head, decide on this round's tail."""
     tail = feedback[len(feedback) - holdout_size(args, feedback):]
-    train = pending + feedback[: len(feedback) - len(tail)]
+    train = earlier + feedback[: len(feedback) - len(tail)]
     active_version = f"v{gated.version}"
     gated.draft.load_state_dict(active.state_dict())  # the training copy holds the active weights on entry
     try:
@@ -268,7 +295,7 @@ def gate_round(args, gated: Contender, active, engine: SpeculativeEngine, feedba
     promoted = candidate.tokens >= args.gate_min_tokens and candidate.avg_len >= current.avg_len * (
         1 + args.gate_margin)
     decision = {"promoted": promoted, "candidate_avg_len": candidate.avg_len, "active_avg_len": current.avg_len,
-                "held_out_tokens": candidate.tokens, "fit": report}
+                "held_out_requests": len(tail), "held_out_tokens": candidate.tokens, "fit": report}
     if promoted:
         gated.version += 1
         gated.learner.note_candidate_version(f"v{gated.version}")

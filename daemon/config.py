@@ -178,6 +178,7 @@ class LearningSettings(_Section):
     min_new_tokens: int = Field(20_000, ge=1)
     window_max_rows: int = Field(2_000, ge=2, le=1_000_000)
     heldout_rows: int = Field(64, ge=1, le=100_000)
+    train_history_rows: int = Field(0, ge=0, le=1_000_000)  # rows from before the window trained on too
     min_heldout_tokens: int = Field(2_000, ge=1)
     promote_margin: float = Field(0.02, ge=0, le=10)
     checkpoint_dir: str = Field("var/checkpoints", min_length=1)

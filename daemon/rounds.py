@@ -1,8 +1,10 @@
 """One learning round, read top to bottom like a training loop:
 
     reserve   start_round: the feedback after the last consumed window (its oldest `window_max_rows` rows)
-    split     the newest `heldout_rows` rows of the window are held out: no version ever trains on them
+    split     the newest `heldout_rows` rows of the window are held out: neither candidate nor active trained on them
+    history   plus up to `train_history_rows` of the newest rows before the window (past rounds' feedback)
     train     a training copy of the draft gets the active weights; learner.fit turns them into the candidate
+              on the history and the window's other rows
     check     every weight finite (the learner raises NonFiniteError on a non-finite loss, we check the weights)
     replay    held-out AvgLen of the active draft (before training) and the candidate (after), same rows
     decide    promote when candidate >= active * (1 + promote_margin) on >= min_heldout_tokens held-out tokens
@@ -108,7 +110,7 @@ class RoundRunner:
         from pipelines.replay import replay
 
         with journal.phase("load_s"):
-            train, heldout = self._load_feedback(window)
+            train, heldout = self._load_feedback(window, journal)
         if not train:
             reason = (f"window of {window.rows} rows leaves nothing to train on after holding out "
                       f"{self.learning.heldout_rows}")  # fmt: skip
@@ -202,16 +204,23 @@ class RoundRunner:
             return _Window(round_.id, round_.window_first_id, round_.window_last_id, round_.window_rows, active_id,
                            active_version)  # fmt: skip
 
-    def _load_feedback(self, window: _Window) -> tuple[list, list]:
-        """(train, held-out) RequestFeedback lists: held-out = the newest heldout_rows rows of the window."""
-        from storage.feedback_repo import feedback_window
+    def _load_feedback(self, window: _Window, journal: "_Journal") -> tuple[list, list]:
+        """(train, held-out) RequestFeedback lists: held-out = the newest heldout_rows rows of the window; train =
+        up to train_history_rows rows from before the window, then the window's other rows (oldest first)."""
+        from storage.feedback_repo import feedback_window, recent_feedback
 
         if window.rows == 0:
             return [], []
         with self.session_factory() as session:
             records = feedback_window(session, window.first_id, window.last_id, target_identity=self.target_identity)
-        split = max(0, len(records) - self.learning.heldout_rows)
-        return [r.feedback for r in records[:split]], [r.feedback for r in records[split:]]
+            split = max(0, len(records) - self.learning.heldout_rows)
+            history = []
+            if split and self.learning.train_history_rows:
+                history = recent_feedback(session, self.learning.train_history_rows,
+                                          target_identity=self.target_identity, until_id=window.first_id - 1)
+        journal.notes["train_rows"] = {"window": split, "history": len(history), "heldout": len(records) - split}
+        train = [r.feedback for r in history] + [r.feedback for r in records[:split]]
+        return train, [r.feedback for r in records[split:]]
 
     def _draft_with(self, window: _Window):
         """The training copy, holding the active version's weights (verified against their sha256)."""

@@ -383,3 +383,29 @@ def test_settings_reject_unknown_keys_and_names():
         LearnerSettings(name="sgd")
     assert set(LEARNER_NAMES) == {"osd", "online", "optimistic", "ensemble"}
     assert LearnerSettings().trainable == "layers" and LearnerSettings().max_grad_norm == 1.0
+
+
+def test_target_temperature_sharpens_the_kl_toward_the_targets_argmax(domain, static_rounds):
+    """tau = 1: KL to the renormalised stored top-m; tau -> 0: cross-entropy of the target's top-1; and a learner
+    with target_temperature measures (and so trains on) that same loss."""
+    _, draft, _ = domain
+    batch = collate(static_rounds[0], "cpu")
+    with torch.no_grad():
+        logits = draft_logits(draft, batch)
+    log_q = torch.log_softmax(logits, dim=-1)
+    p = torch.softmax(batch.topk_logprobs, dim=-1)
+    expected = (p * (p.log() - log_q.gather(1, batch.topk_ids))).sum(-1)
+    torch.testing.assert_close(forward_kl(logits, batch), expected, rtol=1e-4, atol=1e-5)
+
+    top2 = batch.topk_logprobs.topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > 0.1  # a clear favourite: at tau 0.01 the runner-up weighs < e^-10
+    assert clear.sum() > 10
+    favourite = batch.topk_ids.gather(1, batch.topk_logprobs.argmax(-1, keepdim=True))
+    cross_entropy = -log_q.gather(1, favourite).squeeze(1)
+    torch.testing.assert_close(forward_kl(logits, batch, 0.01)[clear], cross_entropy[clear], rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(forward_kl(logits, batch, 0.01)[clear], expected[clear], rtol=1e-2)
+
+    learner = make_learner(LearnerSettings(name="online", lr=1e-3, epochs=1, target_temperature=0.25))
+    report = learner.fit(copy.deepcopy(draft), static_rounds[0], base_version="v0")
+    assert report.loss_before == pytest.approx(mean_kl(draft, static_rounds[0], temperature=0.25)[0], rel=1e-5)
+    assert report.loss_before != pytest.approx(mean_kl(draft, static_rounds[0])[0], rel=1e-3)

@@ -227,3 +227,32 @@ def test_rejected_weights_are_not_kept_when_store_rejected_is_off(weak_engine, d
         assert round_.candidate_checkpoint_id is None and round_.candidate_metrics["avg_len"] > 0
         assert round_.candidate_metrics["reason"] == result.reason
     assert not list((tmp_path / "checkpoints").glob("*.safetensors"))
+
+
+def test_train_history_rows_add_the_newest_rows_before_the_window_and_never_the_heldout(weak_engine, database,
+                                                                                       tmp_path, fresh_draft):  # fmt: skip
+    from storage import rounds_repo
+    from storage.feedback_repo import feedback_since
+
+    engine = fresh_draft(weak_engine)
+    settings = learning_settings(tmp_path, train_history_rows=12)
+    runner = runner_for(engine, settings, database)
+    trained_on = []
+    learner = runner._learner_instance()
+    fit = learner.fit
+    learner.fit = lambda draft, examples, **kw: trained_on.append(list(examples)) or fit(draft, examples, **kw)
+    for seed in (70, 71):
+        serve(engine, database, stream(engine.tokenizer, 16, seed=seed))
+        assert runner.run().decision in ("promoted", "rejected")
+
+    with database() as session:
+        rows = feedback_since(session, None, 100)
+        first, second = sorted(rounds_repo.list_rounds(session), key=lambda r: r.id)
+    assert [len(t) for t in trained_on] == [8, 12 + 8]  # round 1 has no past; round 2: 12 past rows + its head
+    assert first.candidate_metrics["train_rows"] == {"window": 8, "history": 0, "heldout": 8}
+    assert second.candidate_metrics["train_rows"] == {"window": 8, "history": 12, "heldout": 8}
+    # Oldest first: the newest 12 rows before round 2's window (round 1's last 4 trained + its 8 held-out rows),
+    # then round 2's first 8; round 2's own held-out rows (24..31) are not among them.
+    content = lambda f: (f.prompt_ids.tolist(), f.token_ids.tolist())  # noqa: E731
+    assert [content(e) for e in trained_on[1]] == [content(r.feedback) for r in rows[4:24]]
+    assert second.candidate_metrics["fit"]["tokens"] == sum(len(e.token_ids) for e in trained_on[1])

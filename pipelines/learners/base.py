@@ -77,6 +77,9 @@ class LearnerSettings(BaseModel):
     # The tiny random-init test drafts need ~1e-2 with AdamW.
     lr: float = Field(5e-6, gt=0)
     epochs: int = Field(2, ge=1)  # passes over the round's feedback
+    # Temperature the target's stored top-m is sharpened to before the KL (pipelines/learners/distill.py): 1 =
+    # match the target's distribution (sampled serving); toward 0 = match its argmax (greedy serving).
+    target_temperature: float = Field(1.0, gt=0, le=10)
     batch_size: int = Field(8, ge=1)  # requests per optimizer step
     micro_batch_tokens: int = Field(8192, ge=1)  # padded tokens per forward/backward; gradients accumulate
     max_grad_norm: float | None = Field(1.0, gt=0)  # global gradient-norm clip; None disables clipping
@@ -300,7 +303,8 @@ class Learner:
 
     def _evaluate(self, draft, examples) -> tuple[float, int]:
         return distill.mean_kl(
-            draft, examples, positions=self.positions, micro_batch_tokens=self.settings.micro_batch_tokens
+            draft, examples, positions=self.positions, micro_batch_tokens=self.settings.micro_batch_tokens,
+            temperature=self.settings.target_temperature,
         )
 
     def _load(self, params: dict[str, torch.nn.Parameter], weights: list[torch.Tensor]) -> None:
@@ -353,7 +357,7 @@ class Learner:
             n = int(mask.sum())
             if n == 0:
                 continue
-            loss_sum = distill.forward_kl(logits, batch)[mask].sum()
+            loss_sum = distill.forward_kl(logits, batch, self.settings.target_temperature)[mask].sum()
             loss_sum.backward()
             for p, w in zip(params.values(), member.weights):
                 if p.grad is not None:

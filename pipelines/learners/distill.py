@@ -5,9 +5,14 @@ input). For emitted token i of a request with P prompt tokens, the draft's predi
 sequence index P - 1 + i. With the target's stored top-m ids x_1..x_m and log-probs l_1..l_m at that position
 (temperature 1, captured at verification, so no target forward is needed):
 
-    p_j     = softmax(l)_j                                (the top-m renormalised to sum to 1)
+    p_j     = softmax(l / tau)_j                          (the top-m renormalised to sum to 1)
     log q_j = log_softmax(draft logits over the full vocabulary)[x_j]
     KL_i    = sum_j p_j (log p_j - log q_j)
+
+tau (LearnerSettings.target_temperature) sharpens the target: tau = 1 is the target's own distribution, what the
+sampling acceptance sum_x min(p, q) rewards; as tau -> 0, p becomes the target's argmax and KL_i the cross-entropy
+-log q(argmax), what greedy acceptance (draft argmax == target argmax) rewards. In between, a position where the
+target hesitates between two tokens still asks the draft to rank the target's favourite first.
 
 KL_i >= 0 only up to the missing tail: q is not renormalised over the top-m, so the loss also pushes draft mass
 out of the tail into the target's top-m, which is what raises acceptance. Positions with p_j = 0 (a log-prob
@@ -113,10 +118,10 @@ def draft_logits(draft: torch.nn.Module, batch: FeedbackBatch) -> torch.Tensor:
     return draft.get_output_embeddings()(picked).float()
 
 
-def forward_kl(logits: torch.Tensor, batch: FeedbackBatch) -> torch.Tensor:
-    """[N] KL(p_target top-m renormalised || q_draft) per emitted position (see the module docstring)."""
+def forward_kl(logits: torch.Tensor, batch: FeedbackBatch, temperature: float = 1.0) -> torch.Tensor:
+    """[N] KL(p_target top-m at `temperature`, renormalised || q_draft) per emitted position (module docstring)."""
     log_q = torch.log_softmax(logits, dim=-1).gather(1, batch.topk_ids)  # [N, m]
-    log_p = torch.log_softmax(batch.topk_logprobs, dim=-1)
+    log_p = torch.log_softmax(batch.topk_logprobs / temperature, dim=-1)
     p = log_p.exp()
     terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
     return terms.sum(dim=-1)
@@ -147,14 +152,16 @@ def mean_kl(
     *,
     positions: str = "all",
     micro_batch_tokens: int = 8192,
+    temperature: float = 1.0,
 ) -> tuple[float, int]:
-    """Mean forward KL over the selected emitted positions, and how many positions that was (0 -> nan)."""
+    """Mean forward KL (target at `temperature`) over the selected emitted positions, and how many positions that
+    was (0 -> nan)."""
     device = next(draft.parameters()).device
     total, count = 0.0, 0
     for group in micro_batches(usable(examples), micro_batch_tokens):
         batch = collate(group, device)
         logits = draft_logits(draft, batch)
         mask = select(logits, batch, positions)
-        total += float(forward_kl(logits, batch)[mask].sum())
+        total += float(forward_kl(logits, batch, temperature)[mask].sum())
         count += int(mask.sum())
     return (total / count if count else float("nan")), count
