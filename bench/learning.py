@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prompts import read_jsonl, text_to_sql  # noqa: E402
+from daemon.rounds import heldout_split  # noqa: E402
 from pipelines.engine import EngineSettings, SpeculativeEngine  # noqa: E402
 from pipelines.learners import LearnerSettings, NonFiniteError, make_learner  # noqa: E402
 from pipelines.models import load_pair  # noqa: E402
@@ -271,13 +272,11 @@ def fit(contender: Contender, examples) -> dict:
 
 
 def holdout_size(args, feedback) -> int:
-    """The gate's held-out tail: the newest requests, at least --gate-holdout of the round, more until they hold
-    --gate-min-tokens emitted tokens (short answers, e.g. SQL), but never more than half the round."""
-    size = max(1, round(len(feedback) * args.gate_holdout))
-    most = max(size, len(feedback) // 2)
-    while size < most and sum(len(f.token_ids) for f in feedback[len(feedback) - size:]) < args.gate_min_tokens:
-        size += 1
-    return size
+    """The gate's held-out tail, chosen like the daemon's (daemon.rounds.heldout_split): the newest requests, at
+    least --gate-holdout of the round, more until they hold --gate-min-tokens emitted tokens (short answers, e.g.
+    SQL), never more than half the round."""
+    least = max(1, round(len(feedback) * args.gate_holdout))
+    return len(feedback) - heldout_split(feedback, least, args.gate_min_tokens)
 
 
 def gate_round(args, gated: Contender, active, engine: SpeculativeEngine, feedback, earlier) -> dict:

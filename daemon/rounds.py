@@ -1,7 +1,8 @@
 """One learning round, read top to bottom like a training loop:
 
     reserve   start_round: the feedback after the last consumed window (its oldest `window_max_rows` rows)
-    split     the newest `heldout_rows` rows of the window are held out: neither candidate nor active trained on them
+    split     the window's newest rows are held out (at least `heldout_rows`, more until they hold `min_heldout_tokens`
+              emitted tokens, at most half the window): neither candidate nor active trained on them
     history   plus up to `train_history_rows` of the newest rows before the window (past rounds' feedback)
     train     a training copy of the draft gets the active weights; learner.fit turns them into the candidate
               on the history and the window's other rows
@@ -205,7 +206,7 @@ class RoundRunner:
                            active_version)  # fmt: skip
 
     def _load_feedback(self, window: _Window, journal: "_Journal") -> tuple[list, list]:
-        """(train, held-out) RequestFeedback lists: held-out = the newest heldout_rows rows of the window; train =
+        """(train, held-out) RequestFeedback lists: held-out = the window's newest rows (heldout_split); train =
         up to train_history_rows rows from before the window, then the window's other rows (oldest first)."""
         from storage.feedback_repo import feedback_window, recent_feedback
 
@@ -213,7 +214,8 @@ class RoundRunner:
             return [], []
         with self.session_factory() as session:
             records = feedback_window(session, window.first_id, window.last_id, target_identity=self.target_identity)
-            split = max(0, len(records) - self.learning.heldout_rows)
+            split = heldout_split([r.feedback for r in records], self.learning.heldout_rows,
+                                  self.learning.min_heldout_tokens)
             history = []
             if split and self.learning.train_history_rows:
                 history = recent_feedback(session, self.learning.train_history_rows,
@@ -325,6 +327,18 @@ class RoundRunner:
         torch.set_num_threads(self.learning.cpu_threads)
         return nullcontext()
 
+
+
+def heldout_split(window: list, heldout_rows: int, min_tokens: int) -> int:
+    """Index of the first held-out row of a window (oldest first): at least the newest `heldout_rows` rows, more
+    until they hold `min_tokens` emitted tokens (short answers such as SQL need more rows for the same evidence),
+    but never more than half the window, so training keeps the other half. 0 = nothing left to train on."""
+    split = max(0, len(window) - heldout_rows)
+    tokens = sum(len(f.token_ids) for f in window[split:])
+    while tokens < min_tokens and split > 0 and len(window) - split < len(window) // 2:
+        split -= 1
+        tokens += len(window[split].token_ids)
+    return split
 
 
 class _Journal:

@@ -256,3 +256,31 @@ def test_train_history_rows_add_the_newest_rows_before_the_window_and_never_the_
     content = lambda f: (f.prompt_ids.tolist(), f.token_ids.tolist())  # noqa: E731
     assert [content(e) for e in trained_on[1]] == [content(r.feedback) for r in rows[4:24]]
     assert second.candidate_metrics["fit"]["tokens"] == sum(len(e.token_ids) for e in trained_on[1])
+
+
+def test_heldout_split_grows_until_min_heldout_tokens_but_keeps_half_the_window_for_training():
+    from types import SimpleNamespace
+
+    from daemon.rounds import heldout_split
+
+    window = [SimpleNamespace(token_ids=[0] * n) for n in [30] * 10 + [10] * 10]  # oldest first
+    assert heldout_split(window, 4, 40) == 16  # 4 rows of 10 tokens suffice
+    assert heldout_split(window, 4, 60) == 14  # 2 more rows for 60 tokens
+    assert heldout_split(window, 4, 130) == 10  # 100 tokens in half the window: capped there
+    assert heldout_split(window, 25, 10) == 0  # more held out than rows: nothing left to train on
+
+
+def test_a_window_of_short_answers_holds_out_more_rows_for_the_same_evidence(weak_engine, database, tmp_path,
+                                                                             fresh_draft):  # fmt: skip
+    from storage import rounds_repo
+
+    engine = fresh_draft(weak_engine)
+    settings = learning_settings(tmp_path, heldout_rows=4, min_heldout_tokens=90)
+    served = serve(engine, database, stream(engine.tokenizer, 24, seed=80, max_new_tokens=8))
+    assert all(len(r.feedback.token_ids) <= 8 for r in served)
+    runner_for(engine, settings, database).run()
+    with database() as session:
+        (round_,) = rounds_repo.list_rounds(session)
+    rows = round_.candidate_metrics["train_rows"]
+    assert rows["heldout"] > 4 and rows["heldout"] + rows["window"] == 24, rows
+    assert round_.active_metrics["requests"] == rows["heldout"] and round_.active_metrics["tokens"] >= 90
