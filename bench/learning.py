@@ -117,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, (small, real) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, small if tiny else real)
+    if args.history_rounds < 0:
+        parser.error("--history-rounds must be >= 0")
     if not tiny and not (args.target and args.draft):
         parser.error("--target and --draft are required (or --tiny)")
     return args

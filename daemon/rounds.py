@@ -1,8 +1,8 @@
 """One learning round, read top to bottom like a training loop:
 
     reserve   start_round: the feedback after the last consumed window (its oldest `window_max_rows` rows)
-    split     the window's newest rows are held out (at least `heldout_rows`, more until they hold `min_heldout_tokens`
-              emitted tokens, at most half the window): neither candidate nor active trained on them
+    split     the window's newest rows are held out (`heldout_rows`, growing to at most half the window until they
+              hold `min_heldout_tokens` emitted tokens): neither candidate nor active trained on them
     history   plus up to `train_history_rows` of the newest rows before the window (past rounds' feedback)
     train     a training copy of the draft gets the active weights; learner.fit turns them into the candidate
               on the history and the window's other rows
@@ -330,9 +330,9 @@ class RoundRunner:
 
 
 def heldout_split(window: list, heldout_rows: int, min_tokens: int) -> int:
-    """Index of the first held-out row of a window (oldest first): at least the newest `heldout_rows` rows, more
-    until they hold `min_tokens` emitted tokens (short answers such as SQL need more rows for the same evidence),
-    but never more than half the window, so training keeps the other half. 0 = nothing left to train on."""
+    """Index of the first held-out row of a window (oldest first): the newest `heldout_rows` rows, growing until
+    they hold `min_tokens` emitted tokens (short answers such as SQL need more rows for the same evidence), but
+    growing only up to half the window, so training keeps the other half. 0 = nothing left to train on."""
     split = max(0, len(window) - heldout_rows)
     tokens = sum(len(f.token_ids) for f in window[split:])
     while tokens < min_tokens and split > 0 and len(window) - split < len(window) // 2:
