@@ -218,7 +218,8 @@ def serving_during_rounds(config_path: Path, arrivals: list[tuple[float, int]], 
     for entry in rounds:
         if not entry["finished_at"]:
             continue
-        start, end = (_epoch(entry["started_at"]), _epoch(entry["finished_at"]))
+        # storage hands back aware UTC datetimes (storage.models), so the ISO strings carry their offset
+        start, end = (datetime.fromisoformat(entry[key]).timestamp() for key in ("started_at", "finished_at"))
         start, end = max(start, stream_started), min(end, stream_ended)
         if end <= start:
             continue  # ran after the stream
@@ -238,13 +239,6 @@ def serving_during_rounds(config_path: Path, arrivals: list[tuple[float, int]], 
     return {"rounds": per_round, "seconds_in_rounds": round(in_rounds, 2), "seconds_outside": round(outside, 2),
             "completion_tok_s_in_rounds": round(tokens_in / in_rounds, 1) if in_rounds > 0 else None,
             "completion_tok_s_outside": round(tokens_out / outside, 1) if outside > 0 else None}  # fmt: skip
-
-
-def _epoch(iso: str) -> float:
-    moment = datetime.fromisoformat(iso)
-    if moment.tzinfo is None:  # SQLite hands back naive datetimes; they were stored in UTC
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
 
 
 def scrape_stages(port: int) -> dict:

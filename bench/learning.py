@@ -248,9 +248,10 @@ def run_domain(args, name: str, engines: dict, draft, tokenizer, deadline: float
             if contender.name == "osd":  # its own rejected positions, as if its draft had served these requests
                 examples = served_by(contender.draft, examples, k=args.k, version=f"{contender.version}")
             record["learners"][contender.name]["fit"] = fit(contender, examples)
-        record["gate"] = gate_round(args, gated, gated_active, gated_engine, feedback,
+        tail = holdout_size(args, feedback)
+        record["gate"] = gate_round(args, gated, gated_active, gated_engine, feedback, tail,
                                     past if args.history_rounds else gated_pending)
-        gated_pending = feedback[len(feedback) - holdout_size(args, feedback):]
+        gated_pending = feedback[len(feedback) - tail:]
         history.append(feedback)
         record["seconds"] = time.perf_counter() - now
         round_seconds.append(record["seconds"])
@@ -281,10 +282,11 @@ def holdout_size(args, feedback) -> int:
     return len(feedback) - heldout_split(feedback, least, args.gate_min_tokens)
 
 
-def gate_round(args, gated: Contender, active, engine: SpeculativeEngine, feedback, earlier) -> dict:
-    """Train the gated learner on `earlier` feedback + this round's head, decide on this round's tail."""
-    tail = feedback[len(feedback) - holdout_size(args, feedback):]
-    train = earlier + feedback[: len(feedback) - len(tail)]
+def gate_round(args, gated: Contender, active, engine: SpeculativeEngine, feedback, tail_size: int,
+               earlier) -> dict:  # fmt: skip
+    """Train the gated learner on `earlier` feedback + this round's head, decide on its last tail_size requests."""
+    head, tail = feedback[: len(feedback) - tail_size], feedback[len(feedback) - tail_size :]
+    train = earlier + head
     active_version = f"v{gated.version}"
     gated.draft.load_state_dict(active.state_dict())  # the training copy holds the active weights on entry
     try:

@@ -213,16 +213,16 @@ class RoundRunner:
         if window.rows == 0:
             return [], []
         with self.session_factory() as session:
-            records = feedback_window(session, window.first_id, window.last_id, target_identity=self.target_identity)
-            split = heldout_split([r.feedback for r in records], self.learning.heldout_rows,
-                                  self.learning.min_heldout_tokens)
+            rows = [r.feedback for r in feedback_window(session, window.first_id, window.last_id,
+                                                         target_identity=self.target_identity)]  # fmt: skip
+            split = heldout_split(rows, self.learning.heldout_rows, self.learning.min_heldout_tokens)
             history = []
             if split and self.learning.train_history_rows:
-                history = recent_feedback(session, self.learning.train_history_rows,
-                                          target_identity=self.target_identity, until_id=window.first_id - 1)
-        journal.notes["train_rows"] = {"window": split, "history": len(history), "heldout": len(records) - split}
-        train = [r.feedback for r in history] + [r.feedback for r in records[:split]]
-        return train, [r.feedback for r in records[split:]]
+                history = [r.feedback for r in recent_feedback(session, self.learning.train_history_rows,
+                                                               target_identity=self.target_identity,
+                                                               until_id=window.first_id - 1)]  # fmt: skip
+        journal.notes["train_rows"] = {"window": split, "history": len(history), "heldout": len(rows) - split}
+        return history + rows[:split], rows[split:]
 
     def _draft_with(self, window: _Window):
         """The training copy, holding the active version's weights (verified against their sha256)."""

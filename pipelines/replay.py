@@ -17,10 +17,10 @@ first mismatch ends the step and the draft never sees anything else. Hence, with
 This is the engine's own accounting, including the chain cut by max_new_tokens, EOS or a stop string (the last
 step covers whatever is left) and k = 0 (one token per forward). A request counts as greedy iff every emitted
 token is a target top-1 by its stored log-prob (ties included, see is_greedy): that is exactly when its tokens
-are the greedy continuation, whatever the request's temperature said. Other (sampled) requests contribute only to `acceptance`. Feedback decoded without a
-draft (target-only) replays like any other: only the tokens matter. The argmaxes come from a full forward rather
-than the engine's incremental KV-cached one; in float32 they agree (the tests check equality with the engine), in
-bfloat16 a near-tie can occasionally flip.
+are the greedy continuation, whatever the request's temperature said. Other (sampled) requests contribute only
+to `acceptance`. Feedback decoded without a draft (target-only) replays like any other: only the tokens matter.
+The argmaxes come from a full forward rather than the engine's incremental KV-cached one; in float32 they agree
+(the tests check equality with the engine), in bfloat16 a near-tie can occasionally flip.
 
 Sampling acceptance (estimate). At every emitted position i >= 1 (position 0 is the prefill's token, never
 drafted), with the target's stored top-m probabilities p(x) = exp(l_x) at temperature 1 (NOT renormalised) and

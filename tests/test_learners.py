@@ -54,8 +54,8 @@ def domain_prompt(rng: random.Random) -> str:
     return one_liner(rng) + one_liner(rng) + "def "
 
 
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/rounds_fixtures.py: one torch thread on a shared 2-core machine
+# one_thread (tests/rounds_fixtures.py): one torch thread on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,8 @@ PROMPTS = [
 MAX_NEW = [7, 30, 19, 24, 1, 40, 12, 33, 2, 27]  # short limits cut chains mid-step
 
 
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/rounds_fixtures.py: one torch thread on a shared 2-core machine
+# one_thread (tests/rounds_fixtures.py): one torch thread on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
