@@ -42,7 +42,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from daemon.messages import tokenize, parse_prompt  # noqa: E402
+from daemon.serving.messages import tokenize, parse_prompt  # noqa: E402
 from daemon.config import LimitSettings  # noqa: E402
 
 
@@ -127,7 +127,7 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path) -> dict:
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
     from storage.migrate import upgrade_to_head
-    from daemon.local_broker import TansuBroker, free_port
+    from devtools.local_broker import TansuBroker, free_port
     from tests.kafka_fixtures import fresh_names
 
     broker = TansuBroker(workdir)

@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prompts import read_jsonl, text_to_sql  # noqa: E402
-from daemon.rounds import heldout_split  # noqa: E402
+from daemon.learning.rounds import heldout_split  # noqa: E402
 from pipelines.engine import EngineSettings, SpeculativeEngine  # noqa: E402
 from pipelines.learners import LearnerSettings, NonFiniteError, make_learner  # noqa: E402
 from pipelines.models import load_pair  # noqa: E402
@@ -275,7 +275,7 @@ def fit(contender: Contender, examples) -> dict:
 
 
 def holdout_size(args, feedback) -> int:
-    """The gate's held-out tail, chosen like the daemon's (daemon.rounds.heldout_split): the newest requests, at
+    """The gate's held-out tail, chosen like the daemon's (daemon.learning.rounds.heldout_split): the newest requests, at
     least --gate-holdout of the round, more until they hold --gate-min-tokens emitted tokens (short answers, e.g.
     SQL), never more than half the round."""
     least = max(1, round(len(feedback) * args.gate_holdout))

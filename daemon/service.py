@@ -7,11 +7,11 @@ from __future__ import annotations
 import logging
 
 from daemon.config import Settings
-from daemon.draft_follower import BASE_DRAFT_VERSION, DraftFollower, DraftWeights
-from daemon.metrics import DaemonMetrics
-from daemon.store import BatchStore
-from daemon.systemd import SystemdNotifier
-from daemon.worker import Worker
+from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftFollower, DraftWeights
+from daemon.serving.metrics import DaemonMetrics
+from daemon.serving.ledger import BatchStore
+from daemon.serving.systemd import SystemdNotifier
+from daemon.serving.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,10 @@ def build_worker(settings: Settings, notifier: SystemdNotifier | None = None) ->
 def build_learning(settings: Settings, db_engine, session_factory, draft, weights: DraftWeights,
                    target_identity: str, serving_counters):  # fmt: skip
     """The learning scheduler: rounds when learning.enabled, the live guard when live_guard.enabled; else None."""
-    from daemon.learner_lock import LearnerLock
-    from daemon.live_guard import LiveGuard
-    from daemon.rounds import RoundRunner
-    from daemon.scheduler import LearningScheduler
+    from daemon.learning.learner_lock import LearnerLock
+    from daemon.learning.live_guard import LiveGuard
+    from daemon.learning.rounds import RoundRunner
+    from daemon.learning.scheduler import LearningScheduler
 
     learning = settings.learning
     runner = lock = guard = None

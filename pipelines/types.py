@@ -23,6 +23,13 @@ KIND_RECOVERED = 1
 KIND_BONUS = 2
 NO_DRAFT_TOKEN = -1  # draft_tokens value where the draft proposed nothing (bonus positions)
 
+# Values of RequestFeedback.draft_sources: who proposed the draft token at each emitted position.
+SOURCE_NONE = 0  # nothing was proposed there (the prefill's token, bonus tokens, target-only rounds)
+SOURCE_DRAFT = 1  # the draft LM (proposer `draft`)
+SOURCE_SUFFIX = 2  # the model-free suffix proposer
+SOURCE_HEAD = 3  # an EAGLE-style head over the target's hidden states
+SOURCE_NAMES = {SOURCE_NONE: "none", SOURCE_DRAFT: "draft", SOURCE_SUFFIX: "suffix", SOURCE_HEAD: "head"}
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -61,6 +68,9 @@ class RequestFeedback:
     target_topk_ids: np.ndarray  # [n, m] int32, the target's top-m tokens at that position (temperature 1)
     target_topk_logprobs: np.ndarray  # [n, m] float16, their log-probabilities
     draft_version: str
+    # [n] uint8 SOURCE_*: who drafted each position. None for feedback recorded before sources were kept, when
+    # every draft token came from the draft model.
+    draft_sources: np.ndarray | None = None
 
 
 @dataclass
@@ -73,6 +83,8 @@ class RequestCounters:
     target_forwards: int = 0  # prefill included
     emitted: int = 0  # tokens emitted (accepted + recovered + bonus)
     accepted_at_position: list[int] = field(default_factory=list)  # [k] accepted count per draft position
+    # Per proposer that drafted for this request (SOURCE_NAMES): {"rounds": .., "drafted": .., "accepted": ..}.
+    by_proposer: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def mean_accepted_length(self) -> float:
@@ -90,6 +102,10 @@ class RequestCounters:
             for i, c in enumerate(counts):
                 merged[i] += c
         self.accepted_at_position = merged
+        for name, counts in other.by_proposer.items():
+            mine = self.by_proposer.setdefault(name, {})
+            for key, value in counts.items():
+                mine[key] = mine.get(key, 0) + value
 
 
 @dataclass

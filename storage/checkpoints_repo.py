@@ -51,8 +51,8 @@ def add_checkpoint(
     window_first_id: int | None = None,
     window_last_id: int | None = None,
     window_rows: int | None = None,
-    window_first_at: datetime | None = None,
-    window_last_at: datetime | None = None,
+    kind: str = "draft",
+    settings: dict[str, Any] | None = None,
     heldout_metrics: dict[str, Any] | None = None,
     deployment: str = DEFAULT_DEPLOYMENT,
     reason: str | None = None,
@@ -62,7 +62,7 @@ def add_checkpoint(
         deployment=deployment, version=version, parent_id=parent_id, sha256=sha256, size_bytes=size_bytes,
         path=str(path), learner=learner, learner_settings=learner_settings, target_identity=target_identity,
         window_first_id=window_first_id, window_last_id=window_last_id, window_rows=window_rows,
-        window_first_at=window_first_at, window_last_at=window_last_at, heldout_metrics=heldout_metrics or {},
+        kind=kind, settings=settings, heldout_metrics=heldout_metrics or {},
         live_metrics=None, status=CheckpointStatus.CANDIDATE.value, reason=reason, created_at=utcnow(),
     )  # fmt: skip
     session.add(checkpoint)

@@ -2,7 +2,8 @@
 (tests/test_migrations.py runs autogenerate and expects no difference).
 
 Tables
-- requests          one row per request id ever seen (the idempotency key) and where it came from in Kafka
+- requests          one row per request id ever seen (the idempotency key), its hash and where it came from in Kafka
+- dead_letters      one row per record sent to the DLQ: why, where from, the original value's size and sha256
 - completions       one per completed request: the exact output message, so a redelivery re-sends it verbatim
 - feedback          one per completed request: packed verification arrays the learner trains on (pruned by age)
 - draft_checkpoints immutable draft versions: provenance, identity, metrics; only status/reason/live_metrics change
@@ -60,8 +61,12 @@ BigIntKey = BigInteger().with_variant(Integer(), "sqlite")
 class RequestStatus(StrEnum):
     RECEIVED = "received"
     COMPLETED = "completed"
-    FAILED = "failed"  # decoding raised; a redelivery may try again
-    DEAD_LETTERED = "dead_lettered"  # sent to the DLQ; final
+    DEAD_LETTERED = "dead_lettered"  # sent to the DLQ; a corrected request may be sent again under the same id
+
+
+class DraftKind(StrEnum):
+    DRAFT = "draft"  # a small LM with the target's tokenizer
+    HEAD = "head"  # an EAGLE-style head over the target's hidden states
 
 
 class CheckpointStatus(StrEnum):
@@ -133,7 +138,10 @@ class Request(Base):
     completed_at: Mapped[datetime | None]
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)  # NULL when dead-lettered before tokenizing
     params: Mapped[dict[str, Any]] = mapped_column(JSON)  # max_new_tokens, temperature, ..., metadata
-    error: Mapped[str | None] = mapped_column(Text)  # why it failed or was dead-lettered
+    # sha256 of the request as parsed (daemon.serving.messages.request_hash): the same id with another hash is a
+    # conflict, with the same hash a retry. NULL for rows written before it was recorded.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)  # why it was dead-lettered
 
     __table_args__ = (
         UniqueConstraint("kafka_topic", "kafka_partition", "kafka_offset"),
@@ -159,9 +167,29 @@ class Completion(Base):
     timings: Mapped[dict[str, Any]] = mapped_column(JSON)
     # The serialized output message exactly as produced to Kafka: a redelivery re-sends these characters.
     message_json: Mapped[str] = mapped_column(Text)
+    # Raw counters per proposer that drafted for this request: {"draft": {"rounds", "drafted", "accepted"}, ...}.
+    by_proposer: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     created_at: Mapped[datetime]
 
     __table_args__ = (Index(None, "draft_version", "created_at"),)  # live counters per version
+
+
+class DeadLetter(Base):
+    __tablename__ = "dead_letters"
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    request_id: Mapped[str | None] = mapped_column(String(MAX_REQUEST_ID_CHARS), index=True)  # when it had one
+    kafka_topic: Mapped[str] = mapped_column(String(255))
+    kafka_partition: Mapped[int] = mapped_column(Integer)
+    kafka_offset: Mapped[int] = mapped_column(BigInteger)
+    reason_code: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    value_size: Mapped[int | None] = mapped_column(BigInteger)  # NULL for a tombstone
+    value_sha256: Mapped[str | None] = mapped_column(String(64))
+    value: Mapped[bytes | None] = mapped_column(LargeBinary)  # only with limits.keep_dead_letter_values
+    created_at: Mapped[datetime] = mapped_column(index=True)
+
+    __table_args__ = (UniqueConstraint("kafka_topic", "kafka_partition", "kafka_offset"),)
 
 
 class Feedback(Base):
@@ -182,6 +210,7 @@ class Feedback(Base):
     draft_tokens: Mapped[bytes] = mapped_column(LargeBinary)  # [n] int32
     target_topk_ids: Mapped[bytes] = mapped_column(LargeBinary)  # [n, m] int32
     target_topk_logprobs: Mapped[bytes] = mapped_column(LargeBinary)  # [n, m] float16
+    draft_sources: Mapped[bytes | None] = mapped_column(LargeBinary)  # [n] uint8; NULL = all from the draft model
     draft_steps: Mapped[int] = mapped_column(Integer)
     drafted: Mapped[int] = mapped_column(Integer)
     accepted: Mapped[int] = mapped_column(Integer)
@@ -206,15 +235,15 @@ class DraftCheckpoint(Base):
     window_first_id: Mapped[int | None] = mapped_column(BigInteger)
     window_last_id: Mapped[int | None] = mapped_column(BigInteger)
     window_rows: Mapped[int | None] = mapped_column(Integer)
-    window_first_at: Mapped[datetime | None]
-    window_last_at: Mapped[datetime | None]
+    kind: Mapped[str] = mapped_column(String(16), server_default=DraftKind.DRAFT.value)
+    settings: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))  # resolved config, masked
     heldout_metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     live_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))  # mutable
     status: Mapped[str] = mapped_column(String(16))  # mutable
     reason: Mapped[str | None] = mapped_column(Text)  # mutable: why it has its current status
     created_at: Mapped[datetime]
 
-    __table_args__ = (_status_check("status", CheckpointStatus),)
+    __table_args__ = (_status_check("status", CheckpointStatus), _status_check("kind", DraftKind))
 
 
 MUTABLE_CHECKPOINT_FIELDS = frozenset({"status", "reason", "live_metrics"})

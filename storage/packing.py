@@ -2,7 +2,8 @@
 
 A feedback row stores each array of `pipelines.types.RequestFeedback` as the bytes of a fixed dtype, plus the
 three lengths that give the shapes back (P prompt tokens, n emitted tokens, m top-m entries). No pickle, no
-compression: packing is a memcpy, and about 6m + 9 bytes per emitted token (105 B for m = 16).
+compression: packing is a memcpy, and about 6m + 10 bytes per emitted token (106 B for m = 16). `draft_sources`
+(who drafted each position) is optional: None for feedback recorded before it existed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ FEEDBACK_DTYPES: dict[str, np.dtype] = {
     "target_topk_logprobs": np.dtype("<f2"),
 }
 PER_TOKEN = ("token_ids", "kinds", "draft_tokens")
+SOURCES_DTYPE = np.dtype("u1")
 TOP_M = ("target_topk_ids", "target_topk_logprobs")
 
 
@@ -40,10 +42,11 @@ class PackedFeedback:
     target_topk_ids: bytes
     target_topk_logprobs: bytes
     draft_version: str
+    draft_sources: bytes | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(len(getattr(self, name)) for name in FEEDBACK_DTYPES)
+        return sum(len(getattr(self, name)) for name in FEEDBACK_DTYPES) + len(self.draft_sources or b"")
 
     def columns(self) -> dict[str, object]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -82,7 +85,13 @@ def pack_feedback(feedback: RequestFeedback) -> PackedFeedback:
     blobs = {
         name: pack_array(getattr(feedback, name), dtype, f"feedback.{name}") for name, dtype in FEEDBACK_DTYPES.items()
     }
-    return PackedFeedback(prompt_len=prompt_len, n_tokens=n, top_m=m, draft_version=feedback.draft_version, **blobs)
+    sources = None
+    if feedback.draft_sources is not None:
+        if np.shape(feedback.draft_sources) != (n,):
+            raise ValueError(f"feedback.draft_sources: shape {np.shape(feedback.draft_sources)}, expected ({n},)")
+        sources = pack_array(feedback.draft_sources, SOURCES_DTYPE, "feedback.draft_sources")
+    return PackedFeedback(prompt_len=prompt_len, n_tokens=n, top_m=m, draft_version=feedback.draft_version,
+                          draft_sources=sources, **blobs)  # fmt: skip
 
 
 def unpack_feedback(row) -> RequestFeedback:
@@ -96,7 +105,9 @@ def unpack_feedback(row) -> RequestFeedback:
         name: unpack_array(getattr(row, name), dtype, shapes[name], f"feedback.{name}")
         for name, dtype in FEEDBACK_DTYPES.items()
     }
-    return RequestFeedback(draft_version=row.draft_version, **arrays)
+    blob = getattr(row, "draft_sources", None)
+    sources = None if blob is None else unpack_array(blob, SOURCES_DTYPE, (row.n_tokens,), "feedback.draft_sources")
+    return RequestFeedback(draft_version=row.draft_version, draft_sources=sources, **arrays)
 
 
 def pack_token_ids(token_ids) -> bytes:

@@ -201,7 +201,8 @@ def _completion_row(item: CompletedRequest, now: datetime) -> dict[str, Any]:
         draft_steps=counters.draft_steps, drafted=counters.drafted, accepted=counters.accepted,
         target_forwards=counters.target_forwards, emitted=counters.emitted,
         accepted_at_position=list(counters.accepted_at_position), decode_seconds=float(result.seconds),
-        timings=dict(item.timings), message_json=item.message_json, created_at=now,
+        timings=dict(item.timings), message_json=item.message_json, by_proposer=counters.by_proposer or None,
+        created_at=now,
     )  # fmt: skip
 
 
@@ -213,15 +214,6 @@ def _feedback_row(result: GenerationResult, target_identity: str, now: datetime)
         target_forwards=counters.target_forwards, emitted=counters.emitted,
         **pack_feedback(result.feedback).columns(),
     )  # fmt: skip
-
-
-def mark_failed(session: Session, request_id: str, error: str) -> None:
-    """Decoding raised: keep the reason. Only a request still `received` changes (a completion always wins)."""
-    session.execute(
-        update(Request)
-        .where(Request.request_id == request_id, Request.status.in_([RequestStatus.RECEIVED, RequestStatus.FAILED]))
-        .values(status=RequestStatus.FAILED.value, error=error)
-    )
 
 
 def mark_dead_lettered(

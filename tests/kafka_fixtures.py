@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from daemon.local_broker import TansuBroker, die_with_parent, free_port
+from devtools.local_broker import TansuBroker, die_with_parent, free_port
 
 __all__ = ["TansuBroker", "KafkaNames", "die_with_parent", "free_port", "fresh_names"]
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from daemon.config import Settings
-from daemon.draft_follower import DraftFollower, DraftWeights
+from daemon.learning.draft_follower import DraftFollower, DraftWeights
 
 TARGET_IDENTITY = "tiny-target"
 K = 3

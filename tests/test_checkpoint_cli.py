@@ -9,7 +9,7 @@ import json
 import torch
 
 from daemon.cli import main as cli
-from daemon.draft_follower import BASE_DRAFT_VERSION, DraftWeights
+from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftWeights
 from storage.artifacts import CheckpointStore
 from tests.rounds_fixtures import (
     TARGET_IDENTITY,

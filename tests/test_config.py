@@ -180,7 +180,7 @@ def test_resolved_settings_round_trip_through_json():
 
 def test_serve_flags_override_file_and_environment(tmp_path, monkeypatch):
     from daemon.cli import build_parser
-    from daemon.commands_serve import settings_from_args
+    from daemon.cli.serve import settings_from_args
 
     path = write(tmp_path, "kafka:\n  group_id: file-group\n  prompts_topic: file-prompts\n")
     monkeypatch.setenv(ENV_DATABASE_URL, "sqlite:///env.db")

@@ -8,7 +8,7 @@ import time
 
 from kafka.structs import TopicPartition
 
-from daemon.batching import OffsetTracker, collect_batch
+from daemon.serving.batching import OffsetTracker, collect_batch
 
 TP0 = TopicPartition("prompts", 0)
 TP1 = TopicPartition("prompts", 1)

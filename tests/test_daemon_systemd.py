@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from daemon.systemd import SystemdNotifier
+from daemon.serving.systemd import SystemdNotifier
 
 
 def receive_all(sock: socket.socket) -> list[str]:
@@ -59,9 +59,9 @@ def test_a_vanished_socket_is_logged_not_raised(tmp_path):
 def test_a_reader_that_stopped_reading_does_not_hang_the_daemon(tmp_path, monkeypatch):
     import time
 
-    import daemon.systemd
+    import daemon.serving.systemd
 
-    monkeypatch.setattr(daemon.systemd, "SEND_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(daemon.serving.systemd, "SEND_TIMEOUT_S", 0.05)
     path = str(tmp_path / "stuck.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
         server.bind(path)  # never read: the datagram queue fills up

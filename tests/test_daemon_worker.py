@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from daemon.config import Settings
-from daemon.metrics import DaemonMetrics
+from daemon.serving.metrics import DaemonMetrics
 from daemon.service import open_database
-from daemon.store import BatchStore
-from daemon.worker import Worker
+from daemon.serving.ledger import BatchStore
+from daemon.serving.worker import Worker
 from pipelines.engine import EngineSettings, SpeculativeEngine
 from pipelines.models import load_model, load_tokenizer
 from tests.daemon_fixtures import TopicReader, daemon_settings, header, ids_of, produce, prompt_records

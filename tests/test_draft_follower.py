@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from daemon.draft_follower import BASE_DRAFT_VERSION, DraftFollower, DraftWeights
+from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftFollower, DraftWeights
 from tests.rounds_fixtures import TARGET_IDENTITY
 
 BASE = {"w": torch.zeros(4)}

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from daemon.config import KafkaSettings
-from daemon.kafka_io import ProduceError, Publisher, completion_record, dlq_record
+from daemon.serving.kafka_io import ProduceError, Publisher, completion_record, dlq_record
 from tests.daemon_fixtures import TopicReader, header
 from tests.kafka_fixtures import TansuBroker, fresh_names
 

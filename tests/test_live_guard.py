@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from daemon.cli import main as cli
-from daemon.draft_follower import BASE_DRAFT_VERSION, DraftWeights
-from daemon.live_guard import LiveGuard
+from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftWeights
+from daemon.learning.live_guard import LiveGuard
 from tests.rounds_fixtures import (
     TARGET_IDENTITY,
     follow,

@@ -8,7 +8,7 @@ import zlib
 import pytest
 
 from daemon.config import LimitSettings
-from daemon.messages import InvalidMessage, completion_payload, parse_prompt, tokenize
+from daemon.serving.messages import InvalidMessage, completion_payload, parse_prompt, tokenize
 from pipelines.types import GenerationResult, RequestCounters, RequestFeedback
 
 LIMITS = LimitSettings(max_message_bytes=2048, max_prompt_chars=500, max_metadata_bytes=64, max_new_tokens=100,

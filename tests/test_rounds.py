@@ -9,8 +9,8 @@ import copy
 
 import torch
 
-from daemon.draft_follower import BASE_DRAFT_VERSION, DraftWeights
-from daemon.rounds import RoundRunner
+from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftWeights
+from daemon.learning.rounds import RoundRunner
 from pipelines.replay import replay
 from tests.rounds_fixtures import (
     K,
@@ -261,7 +261,7 @@ def test_train_history_rows_add_the_newest_rows_before_the_window_and_never_the_
 def test_heldout_split_grows_until_min_heldout_tokens_but_keeps_half_the_window_for_training():
     from types import SimpleNamespace
 
-    from daemon.rounds import heldout_split
+    from daemon.learning.rounds import heldout_split
 
     window = [SimpleNamespace(token_ids=[0] * n) for n in [30] * 10 + [10] * 10]  # oldest first
     assert heldout_split(window, 4, 40) == 16  # 4 rows of 10 tokens suffice

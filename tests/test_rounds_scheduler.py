@@ -12,9 +12,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from daemon.learner_lock import LearnerLock, advisory_key
-from daemon.rounds import RoundResult
-from daemon.scheduler import GUARD_JOB, ROUND_JOB, TRIGGER_JOB, LearningScheduler
+from daemon.learning.learner_lock import LearnerLock, advisory_key
+from daemon.learning.rounds import RoundResult
+from daemon.learning.scheduler import GUARD_JOB, ROUND_JOB, TRIGGER_JOB, LearningScheduler
 from tests.rounds_fixtures import TARGET_IDENTITY, learning_settings, session_factory_for
 from tests.storage_fixtures import make_result
 
@@ -68,7 +68,7 @@ def scheduler_for(tmp_path, database, runner, **learning) -> LearningScheduler:
 
 
 def test_every_job_is_single_instance_and_coalesced(tmp_path, database):
-    from daemon.live_guard import LiveGuard
+    from daemon.learning.live_guard import LiveGuard
 
     engine, session_factory = database
     settings = learning_settings(tmp_path, str(engine.url), interval_s=600.0, check_interval_s=5.0,

@@ -17,7 +17,6 @@ from storage.requests_repo import (
     find_completion,
     find_completions,
     mark_dead_lettered,
-    mark_failed,
     record_request_received,
     record_requests_received,
     store_results,
@@ -138,20 +137,18 @@ def test_store_results_rolls_back_with_the_callers_transaction(db_session_factor
         assert session.get(Request, "r1").status == RequestStatus.RECEIVED
 
 
-def test_failed_and_dead_lettered(db_session_factory):
+def test_dead_lettered(db_session_factory):
     with db_session_factory.begin() as session:
         receive(session, "r1", 0)
         receive(session, "done", 1)
         store_results(session, [completed("done")], target_identity=TARGET)
-        mark_failed(session, "r1", "CUDA out of memory")
-        mark_failed(session, "done", "late failure must not override a completion")
         rejected = mark_dead_lettered(session, "bad", "validation: unknown field 'x'", topic="prompts", partition=0,
                                       offset=2)  # fmt: skip
         duplicate = mark_dead_lettered(session, "r1", "duplicate id", topic="prompts", partition=0, offset=3)
         completed_row = mark_dead_lettered(session, "done", "must not apply", topic="prompts", partition=0, offset=1)
     with db_session_factory() as session:
-        assert session.get(Request, "r1").status == RequestStatus.FAILED  # the duplicate left the original alone
-        assert session.get(Request, "r1").error == "CUDA out of memory"
+        assert session.get(Request, "r1").status == RequestStatus.RECEIVED  # the duplicate left the original alone
+        assert session.get(Request, "r1").error is None
         assert duplicate.request_id == "r1"
         bad = session.get(Request, "bad")
         assert (bad.status, bad.error, bad.prompt_tokens) == ("dead_lettered", "validation: unknown field 'x'", None)

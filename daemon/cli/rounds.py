@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
-from daemon.commands_checkpoints import add_common_options, deployment_of, print_table, session_scope
+from daemon.cli.options import add_deployment_options, deployment_of, print_table, session_scope
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("rounds", help="learning rounds: list")
     commands = parser.add_subparsers(dest="rounds_command", required=True)
     listing = commands.add_parser("list", help="rounds, newest first: window, decision, held-out AvgLen")
-    add_common_options(listing)
+    add_deployment_options(listing)
     listing.add_argument("--limit", type=int, default=20)
     listing.set_defaults(func=run_list)
 

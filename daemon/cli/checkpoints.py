@@ -14,11 +14,10 @@ import getpass
 import json
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
-from daemon.commands_db import database_url
-from daemon.draft_follower import BASE_DRAFT_VERSION
+from daemon.cli.options import add_deployment_options, deployment_of, print_table, session_scope
+from daemon.learning.draft_follower import BASE_DRAFT_VERSION
 
 
 def register(subparsers) -> None:
@@ -26,19 +25,19 @@ def register(subparsers) -> None:
     commands = parser.add_subparsers(dest="checkpoints_command", required=True)
 
     listing = commands.add_parser("list", help="draft versions, newest first, with the active one marked")
-    add_common_options(listing)
+    add_deployment_options(listing)
     listing.add_argument("--status", choices=["candidate", "active", "retired", "rejected"])
     listing.add_argument("--limit", type=int, default=50)
     listing.set_defaults(func=run_list)
 
     show = commands.add_parser("show", help="one version: provenance, metrics, live counters, events")
-    add_common_options(show)
+    add_deployment_options(show)
     show.add_argument("checkpoint", help="checkpoint id or version label")
     show.add_argument("--verify", action="store_true", help="hash the weights file and compare with its sha256")
     show.set_defaults(func=run_show)
 
     promote = commands.add_parser("promote", help="make a version the active draft of the deployment")
-    add_common_options(promote)
+    add_deployment_options(promote)
     promote.add_argument("checkpoint", help="checkpoint id, version label, or `base`")
     promote.add_argument("--reason", default="promoted by an operator", help="recorded with the event")
     promote.add_argument("--force", action="store_true", help="promote a version that was rejected")
@@ -46,48 +45,14 @@ def register(subparsers) -> None:
     promote.set_defaults(func=run_promote)
 
     rollback = commands.add_parser("rollback", help="return to the version the active one replaced (or --to)")
-    add_common_options(rollback)
+    add_deployment_options(rollback)
     rollback.add_argument("--to", dest="to", help="checkpoint id, version label, or `base`")
     rollback.add_argument("--reason", default="rolled back by an operator", help="recorded with the event")
     rollback.set_defaults(func=run_rollback)
 
 
-def add_common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database-url", help="SQLAlchemy URL (default: from --config or the environment)")
-    parser.add_argument("--config", help="config.yaml to read database.url (and learning.deployment) from")
-    parser.add_argument("--deployment", help="deployment name (default: learning.deployment, else `default`)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
 def operator() -> str:
     return f"operator:{os.environ.get('USER') or getpass.getuser()}"
-
-
-def deployment_of(args) -> str:
-    if args.deployment:
-        return args.deployment
-    if args.config:
-        from daemon.config import load_settings
-
-        return load_settings(args.config).learning.deployment
-    from storage.models import DEFAULT_DEPLOYMENT
-
-    return DEFAULT_DEPLOYMENT
-
-
-@contextmanager
-def session_scope(args):
-    """One unit of work on a database whose schema is at head."""
-    from storage.db import make_engine, make_session_factory
-    from storage.migrate import assert_at_head
-
-    engine = make_engine(database_url(args))
-    try:
-        assert_at_head(engine)
-        with make_session_factory(engine).begin() as session:
-            yield session
-    finally:
-        engine.dispose()
 
 
 def checkpoint_ref(text: str) -> int | str:
@@ -121,12 +86,6 @@ def event_dict(event, versions: dict[int | None, str]) -> dict:
 def _avg_len(metrics: dict | None) -> str:
     value = (metrics or {}).get("avg_len")
     return "-" if value is None else f"{value:.3f}"
-
-
-def print_table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def _versions(session, ids) -> dict[int | None, str]:

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 
 from daemon.config import LiveGuardSettings
-from daemon.draft_follower import BASE_DRAFT_VERSION
+from daemon.learning.draft_follower import BASE_DRAFT_VERSION
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import sys
 import time
 from typing import TextIO
 
-from daemon.commands_serve import add_settings_arguments, settings_from_args
+from daemon.cli.options import add_config_option, add_kafka_options, settings_from_args
 from daemon.config import ConfigError
-from daemon.kafka_io import HEADER_REASON, HEADER_REQUEST_ID
+from daemon.serving.kafka_io import HEADER_REASON, HEADER_REQUEST_ID
 
 # Records older than this before the start of a submit are not ours even if their id matches (an earlier run).
 CLOCK_SLACK_MS = 5_000
@@ -24,7 +24,8 @@ CLOCK_SLACK_MS = 5_000
 def register(subparsers) -> None:
     parser = subparsers.add_parser("submit", help="produce prompts from JSONL to the prompts topic")
     parser.add_argument("input", nargs="?", default="-", help="JSONL file, - for stdin (default)")
-    add_settings_arguments(parser)
+    add_config_option(parser)
+    add_kafka_options(parser)
     parser.add_argument("--wait", action="store_true", help="wait for the completions and print them")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait with --wait (default 600)")
     parser.set_defaults(func=run)

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from daemon.batching import Inbound, OffsetTracker, collect_batch
+from daemon.serving.batching import Inbound, OffsetTracker, collect_batch
 from daemon.config import Settings
-from daemon.kafka_io import OutboundRecord, ProduceError, Publisher, completion_record, dlq_record
-from daemon.messages import InvalidMessage, completion_payload, encode_json
-from daemon.metrics import DaemonMetrics
-from daemon.store import Admission, BatchStore, Decoded
+from daemon.serving.kafka_io import OutboundRecord, ProduceError, Publisher, completion_record, dlq_record
+from daemon.serving.messages import InvalidMessage, completion_payload, encode_json
+from daemon.serving.metrics import DaemonMetrics
+from daemon.serving.ledger import Admission, BatchStore, Decoded
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Pipeline:
         self.decode_finished = threading.Event()
         self.sink_finished = threading.Event()
         self.beats = {"decode": time.monotonic(), "sink": time.monotonic()}  # last sign of life per stage
-        self.follower = follower  # daemon.draft_follower.DraftFollower: the deployment's active draft version
+        self.follower = follower  # daemon.learning.draft_follower.DraftFollower: the deployment's active draft version
         self._swap_lock = threading.Lock()
         self._pending_swap = None
 

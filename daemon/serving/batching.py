@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from kafka.structs import TopicPartition
 
-from daemon.messages import InvalidMessage, PromptMessage
+from daemon.serving.messages import InvalidMessage, PromptMessage
 from pipelines.types import GenerationRequest
 
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from daemon.batching import Inbound
-from daemon.messages import InvalidMessage
+from daemon.serving.batching import Inbound
+from daemon.serving.messages import InvalidMessage
 from pipelines.types import GenerationResult
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,12 @@
 """The daemon's Worker: owns the threads and the lifecycle (`run()`, `stop()`, `handle_signal()`, `close()`).
 
-    poll thread     daemon.poller     consumer: validate → bounded inbox; pause/resume; commit done offsets
-    decode thread   daemon.pipeline   micro-batch → admit → decode
-    sink thread     daemon.pipeline   store (one transaction) → produce + acks → offsets done
+    poll thread     daemon.serving.poller     consumer: validate → bounded inbox; pause/resume; commit done offsets
+    decode thread   daemon.serving.stages   micro-batch → admit → decode
+    sink thread     daemon.serving.stages   store (one transaction) → produce + acks → offsets done
     main thread     here              systemd READY / WATCHDOG / STATUS / STOPPING, signals, grace, summary
-    scheduler       daemon.scheduler  learning rounds and the live guard (APScheduler's threads), when configured
+    scheduler       daemon.learning.scheduler  learning rounds and the live guard (APScheduler's threads), when configured
 
-At every batch boundary the decode thread follows the deployment's active draft (daemon.draft_follower).
+At every batch boundary the decode thread follows the deployment's active draft (daemon.learning.draft_follower).
 
 On SIGTERM/SIGINT: stop taking records (partitions paused, polling continues so the group keeps us) and stop
 scheduling learning rounds, finish the batch being decoded and the one being stored, commit, wait for a running
@@ -23,14 +23,14 @@ import signal
 import threading
 import time
 
-from daemon.batching import Inbound, OffsetTracker
+from daemon.serving.batching import Inbound, OffsetTracker
 from daemon.config import Settings
-from daemon.kafka_io import Publisher, make_consumer, make_producer
-from daemon.metrics import DaemonMetrics
-from daemon.pipeline import Pipeline, SinkHealth
-from daemon.poller import Poller
-from daemon.store import BatchStore
-from daemon.systemd import SystemdNotifier
+from daemon.serving.kafka_io import Publisher, make_consumer, make_producer
+from daemon.serving.metrics import DaemonMetrics
+from daemon.serving.stages import Pipeline, SinkHealth
+from daemon.serving.poller import Poller
+from daemon.serving.ledger import BatchStore
+from daemon.serving.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Worker:
                              tokenizer, engine.max_prompt_tokens)  # fmt: skip
         self.pipeline = Pipeline(settings, engine, store, self.publisher, self.tracker, self.inbox, self.health,
                                  self.metrics, self.notifier, follower)  # fmt: skip
-        self.learning = learning  # daemon.scheduler.LearningScheduler or None
+        self.learning = learning  # daemon.learning.scheduler.LearningScheduler or None
         self.assigned = self.poller.assigned  # set once partitions were assigned
         self._stopping = threading.Event()
         self._stop_requested = False  # set by signal handlers: a plain flag is safe there

@@ -9,28 +9,17 @@ import os
 import signal
 import sys
 
-from daemon.config import ConfigError, load_settings
+from daemon.cli.options import add_config_option, add_kafka_options, settings_from_args
+from daemon.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-# flag -> settings key; every flag left out keeps the value from the file or the environment
-OVERRIDES = {
-    "bootstrap_servers": "kafka.bootstrap_servers",
-    "prompts_topic": "kafka.prompts_topic",
-    "completions_topic": "kafka.completions_topic",
-    "dlq_topic": "kafka.dlq_topic",
-    "group_id": "kafka.group_id",
-    "database_url": "database.url",
-    "target": "models.target",
-    "draft": "models.draft",
-    "device": "models.device",
-    "metrics_port": "daemon.metrics_port",
-}
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="consume prompts from Kafka and publish completions (the daemon)")
-    add_settings_arguments(parser)
+    add_config_option(parser)
+    add_kafka_options(parser)
+    parser.add_argument("--group-id", help="consumer group shared by the daemons of a deployment")
+    parser.add_argument("--database-url", help="SQLAlchemy URL (prefer ONLINESPEC_DATABASE_URL for secrets)")
     parser.add_argument("--target", help="target model: HF folder or .gguf file")
     parser.add_argument("--draft", help="draft model sharing the target's vocabulary")
     parser.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -38,23 +27,6 @@ def register(subparsers) -> None:
     parser.add_argument("--auto-migrate", action="store_true", help="upgrade the database schema to head first")
     parser.add_argument("--print-config", action="store_true", help="print the resolved settings as JSON and exit")
     parser.set_defaults(func=run)
-
-
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML settings file (default: built-in defaults)")
-    parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers, host:port[,host:port]")
-    parser.add_argument("--prompts-topic")
-    parser.add_argument("--completions-topic")
-    parser.add_argument("--dlq-topic")
-    parser.add_argument("--group-id")
-    parser.add_argument("--database-url", help="SQLAlchemy URL (prefer ONLINESPEC_DATABASE_URL for secrets)")
-
-
-def settings_from_args(args: argparse.Namespace):
-    overrides = {key: getattr(args, flag) for flag, key in OVERRIDES.items() if hasattr(args, flag)}
-    if getattr(args, "auto_migrate", False):
-        overrides["database.auto_migrate"] = True
-    return load_settings(args.config, overrides)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ import argparse
 import re
 from datetime import timedelta
 
-from storage.db import make_engine, make_session_factory, masked, resolve_database_url
+from daemon.cli.options import add_database_options, database_url
+from storage.db import make_engine, make_session_factory, masked
 
 DURATION = re.compile(r"^(\d+)([smhdw])$")
 DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -21,10 +22,10 @@ def register(subparsers) -> None:
     db = subparsers.add_parser("db", help="database schema: upgrade, current")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     upgrade = db_commands.add_parser("upgrade", help="create or upgrade the schema to the latest revision")
-    _add_database_options(upgrade)
+    add_database_options(upgrade)
     upgrade.set_defaults(func=run_upgrade)
     current = db_commands.add_parser("current", help="show the schema revision of the database and the latest")
-    _add_database_options(current)
+    add_database_options(current)
     current.add_argument("--check", action="store_true", help="exit with status 1 unless the schema is at head")
     current.set_defaults(func=run_current)
 
@@ -33,14 +34,9 @@ def register(subparsers) -> None:
     prune = feedback_commands.add_parser(
         "prune", help="delete old feedback rows, keeping those an unfinished learning round still needs"
     )
-    _add_database_options(prune)
+    add_database_options(prune)
     prune.add_argument("--older-than", required=True, type=parse_duration, help="age such as 7d, 12h, 2w")
     prune.set_defaults(func=run_prune)
-
-
-def _add_database_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database-url", help="SQLAlchemy URL (default: from --config or the environment)")
-    parser.add_argument("--config", help="config.yaml to read database.url from")
 
 
 def parse_duration(text: str) -> timedelta:
@@ -49,16 +45,6 @@ def parse_duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(f"expected a duration like 7d, 12h, 30m, 2w; got {text!r}")
     amount, unit = match.groups()
     return timedelta(**{DURATION_UNITS[unit]: int(amount)})
-
-
-def database_url(args) -> str:
-    if args.database_url:
-        return args.database_url
-    if args.config:
-        from daemon.config import load_settings
-
-        return load_settings(args.config).database.url.get_secret_value()
-    return resolve_database_url()
 
 
 def run_upgrade(args) -> int:

@@ -3,7 +3,7 @@
     learning-round    every `learning.interval_s`: a round, if enough new feedback arrived to hold some out
     learning-trigger  every `learning.check_interval_s`: wakes learning-round at once when at least
                       `learning.min_new_tokens` feedback tokens arrived since the last round's window
-    live-guard        every `learning.live_guard.check_interval_s`: judges the newest promotion (daemon.live_guard)
+    live-guard        every `learning.live_guard.check_interval_s`: judges the newest promotion (daemon.learning.live_guard)
 
 Every job has max_instances=1 and coalesce=True: a round never overlaps another, and runs missed while one was
 busy collapse into one. Only learning-round trains, so its max_instances is what keeps rounds apart inside a
@@ -23,9 +23,9 @@ import time
 from datetime import datetime, timezone
 
 from daemon.config import Settings
-from daemon.learner_lock import LearnerLock
-from daemon.live_guard import LiveGuard
-from daemon.rounds import RoundResult, RoundRunner
+from daemon.learning.learner_lock import LearnerLock
+from daemon.learning.live_guard import LiveGuard
+from daemon.learning.rounds import RoundResult, RoundRunner
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.config import Settings
-from daemon.draft_follower import BASE_DRAFT_VERSION, DraftWeights
+from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftWeights
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     for noisy in ("kafka", "alembic"):  # before the imports: alembic logs while loading its plugins
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from daemon.local_broker import TansuBroker
+    from devtools.local_broker import TansuBroker
     from storage.migrate import upgrade_to_head
 
     target, draft = _model_pair(args)

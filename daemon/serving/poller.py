@@ -17,11 +17,11 @@ from kafka import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from daemon.batching import Inbound, OffsetTracker
+from daemon.serving.batching import Inbound, OffsetTracker
 from daemon.config import Settings
-from daemon.messages import InvalidMessage, parse_prompt, tokenize
-from daemon.metrics import DaemonMetrics
-from daemon.pipeline import SinkHealth
+from daemon.serving.messages import InvalidMessage, parse_prompt, tokenize
+from daemon.serving.metrics import DaemonMetrics
+from daemon.serving.stages import SinkHealth
 
 log = logging.getLogger(__name__)
 
