@@ -16,6 +16,8 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from pipelines.settings import EngineSettings, LearnerSettings
+
 ENV_DATABASE_URL = "ONLINESPEC_DATABASE_URL"
 ENV_DATABASE_PASSWORD = "ONLINESPEC_DATABASE_PASSWORD"
 ENV_KAFKA_SASL_PASSWORD = "ONLINESPEC_KAFKA_SASL_PASSWORD"
@@ -115,16 +117,7 @@ def check_device(value: str) -> str:
     return value
 
 
-class EngineSettingsSection(_Section):
-    k: int = Field(5, ge=0, le=8)
-    max_seq_len: int = Field(2048, ge=16, le=131_072)
-    top_m: int = Field(16, ge=1, le=256)
-    cuda_graphs: bool = True
-    compile: bool = False
-
-
 class BatchingSettings(_Section):
-    max_batch_size: int = Field(8, ge=1, le=1024)
     max_wait_ms: int = Field(20, ge=0, le=60_000)
     queue_size: int = Field(64, ge=1, le=100_000)
     resume_below: float = Field(0.5, gt=0, lt=1)
@@ -172,7 +165,7 @@ class LiveGuardSettings(_Section):
 
 class LearningSettings(_Section):
     enabled: bool = False
-    learner: dict[str, Any] = Field(default_factory=dict)  # validated by pipelines.learners.LearnerSettings
+    learner: LearnerSettings = LearnerSettings()
     interval_s: float = Field(3600.0, gt=0, le=7 * 86_400)
     check_interval_s: float = Field(10.0, gt=0, le=3600)
     min_new_tokens: int = Field(20_000, ge=1)
@@ -195,17 +188,6 @@ class LearningSettings(_Section):
     def _known_training_device(cls, value: str | None) -> str | None:
         return None if value is None else check_device(value)
 
-    @field_validator("learner")
-    @classmethod
-    def _valid_learner(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return validate_learner_settings(value)
-
-    def learner_settings(self):
-        """The complete pipelines.learners.LearnerSettings (imports torch)."""
-        from pipelines.learners import LearnerSettings
-
-        return LearnerSettings.model_validate(self.learner)
-
     @model_validator(mode="after")
     def _heldout_fits_the_window(self) -> "LearningSettings":
         if self.heldout_rows >= self.window_max_rows:
@@ -216,30 +198,11 @@ class LearningSettings(_Section):
         return self
 
 
-def validate_learner_settings(value: dict[str, Any]) -> dict[str, Any]:
-    """Check `learning.learner` against the learners' own settings model (pipelines.learners.LearnerSettings);
-    returns the keys that differ from its defaults, so a file spelling out every default equals no file.
-    `learner_settings()` gives the complete settings.
-
-    Imported here, not at module level: reading a config pulls torch in only when it configures a learner."""
-    from pipelines.learners import LearnerSettings
-
-    try:
-        return LearnerSettings.model_validate(value).model_dump(mode="json", exclude_defaults=True)
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            key = ".".join(str(part) for part in error["loc"]) or "(learner)"
-            unknown = error["type"] == "extra_forbidden"
-            problems.append(f"{key}: {'unknown key' if unknown else error['msg'].removeprefix('Value error, ')}")
-        raise ValueError("; ".join(problems)) from None
-
-
 class Settings(_Section):
     kafka: KafkaSettings = KafkaSettings()
     database: DatabaseSettings = DatabaseSettings()
     models: ModelSettings = ModelSettings()
-    engine: EngineSettingsSection = EngineSettingsSection()
+    engine: EngineSettings = EngineSettings()
     batching: BatchingSettings = BatchingSettings()
     limits: LimitSettings = LimitSettings()
     daemon: DaemonSettings = DaemonSettings()

@@ -52,7 +52,7 @@ def open_database(settings: Settings):
 
 def build_engine(settings: Settings):
     """Load target (and draft), build the speculative engine and warm it up before any record is consumed."""
-    from pipelines.engine import EngineSettings, SpeculativeEngine
+    from pipelines.engine import SpeculativeEngine
     from pipelines.models import IncompatibleModelsError, ModelLoadError, load_pair, model_identity
 
     models = settings.models
@@ -62,16 +62,10 @@ def build_engine(settings: Settings):
         target, draft, tokenizer = load_pair(models.target, models.draft, models.dtype, models.device)
     except (ModelLoadError, IncompatibleModelsError) as exc:
         raise StartupError(str(exc), exit_code=2) from None
-    engine_settings = EngineSettings(
-        k=settings.engine.k,
-        max_batch_size=settings.batching.max_batch_size,
-        max_seq_len=settings.engine.max_seq_len,
-        top_m=settings.engine.top_m,
-        device=models.device,
-        cuda_graphs=settings.engine.cuda_graphs,
-        compile=settings.engine.compile,
-    )
-    engine = SpeculativeEngine(target, draft, tokenizer, engine_settings, draft_version=BASE_DRAFT_VERSION)
+    try:
+        engine = SpeculativeEngine(target, draft, tokenizer, settings.engine, draft_version=BASE_DRAFT_VERSION)
+    except ValueError as exc:  # e.g. proposer draft or hybrid without a draft model
+        raise StartupError(f"engine: {exc}", exit_code=2) from None
     engine.warmup()
     return engine, tokenizer, model_identity(target)
 
@@ -114,9 +108,8 @@ def build_learning(settings: Settings, db_engine, session_factory, draft, weight
     learning = settings.learning
     runner = lock = guard = None
     if learning.enabled:
-        from daemon.config import validate_learner_settings
+        import pipelines.learners  # noqa: F401  imported now, not in the first round
 
-        validate_learner_settings(learning.learner)  # imports the learners now, not in the first round
         lock = LearnerLock(db_engine, learning.deployment)
         runner = RoundRunner(settings, session_factory, weights, draft, target_identity=target_identity,
                              serving=serving_counters)  # fmt: skip

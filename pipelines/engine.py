@@ -1,69 +1,44 @@
-"""Batched chain speculative decoding with transformers models: draft proposes k, target verifies, lossless.
+"""Batched lossless speculative decoding with transformers models and pluggable proposers.
 
-One decoding *round* (`_round`) is a fixed sequence of tensor operations on static buffers:
+A batch is prefilled, then decoded round by round (pipelines.round: propose -> verify -> record -> advance) with
+one *variant*: a proposer and its k (pipelines.proposers). `engine.proposer` fixes the variant (`none`, `draft`,
+`suffix`, `hybrid`, each with `k`) or lets the goodput controller pick one per batch (`auto`, the default:
+pipelines.controller, which may pick target-only).
 
-    propose   draft runs k steps from (previous, current) and proposes d_1..d_k
-    verify    target runs once on [current, d_1..d_k] at positions L..L+k
-    accept    pipelines.verify keeps n draft tokens and adds a recovered or bonus token
-    record    emitted tokens and feedback (target top-m log-probs) go to per-row output buffers
-    advance   lengths += n + 1; rejected cache slots are simply overwritten next round
-
-With no draft (or k = 0) the same round is plain target decoding: verify one token, emit one bonus token.
-On CUDA each round is captured once per (batch size, greedy-only) as a CUDA graph and replayed; the host
-only reads one "any row still active" flag per round, a round late, so it never stalls the GPU.
+On CUDA every (batch bucket, variant, greedy or sampled) round is captured once as a CUDA graph at warm-up, all
+graphs sharing one memory pool, and replayed; the host reads one "any row still active" flag per round, a round
+late, so it never waits on the GPU while rounds remain. Requests with stop strings are the exception: their text
+is checked on the host after every round. Costs of every variant are timed at warm-up (graph replays) for the
+controller.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipelines import sampling
-from pipelines.decode_state import DecodeState
-from pipelines.kv_cache import PositionalKVCache, attention_mask
-from pipelines.types import (
-    KIND_ACCEPTED,
-    KIND_BONUS,
-    KIND_RECOVERED,
-    NO_DRAFT_TOKEN,
-    GenerationRequest,
-    GenerationResult,
-    RequestCounters,
-    RequestFeedback,
-)
-from pipelines.verify import verify_greedy, verify_sampled
+from pipelines.controller import BatchObservation, GoodputController
+from pipelines.decode_state import COUNT_ACCEPTED, COUNT_FULL, COUNT_ROUNDS, DecodeState
+from pipelines.kv_cache import PositionalKVCache, decoder_forward
+from pipelines.proposers import TARGET_ONLY, Variant
+from pipelines.proposers.draft import DraftModelProposer
+from pipelines.proposers.hybrid import HybridProposer
+from pipelines.proposers.suffix import SuffixCache, SuffixProposer
+from pipelines.results import collect
+from pipelines.round import RoundModels, finish_rows, run_round
+from pipelines.settings import EngineSettings
+from pipelines.types import KIND_BONUS, NO_DRAFT_TOKEN, SOURCE_DRAFT, SOURCE_NONE, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
 
 
 class PromptTooLongError(ValueError):
     """The prompt leaves no room in the KV cache for decoding."""
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    k: int = 5  # draft tokens per verification step (0 = target-only)
-    max_batch_size: int = 8
-    max_seq_len: int = 2048  # KV cache slots per row: prompt + generated + k
-    top_m: int = 16  # target log-probabilities kept per emitted position
-    device: str = "cpu"
-    cuda_graphs: bool = True  # capture each round as a CUDA graph (CUDA only)
-    compile: bool = False  # torch.compile the model forwards before capture (CUDA only)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.k <= 8:
-            raise ValueError(f"k must be between 0 and 8, got {self.k}")
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.top_m < 1:
-            raise ValueError(f"top_m must be >= 1, got {self.top_m}")
-        if self.max_seq_len < self.k + 8:
-            raise ValueError(f"max_seq_len {self.max_seq_len} is too small for k = {self.k}")
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -74,77 +49,112 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     return sorted(set(sizes + [max_batch_size]))
 
 
+def variants_for(settings: EngineSettings, has_draft: bool) -> list[Variant]:
+    """The variants an engine can run: one for a fixed proposer, several for auto (target-only among them)."""
+    proposer, k = settings.proposer, settings.k
+    if proposer in ("draft", "hybrid") and not has_draft:
+        raise ValueError(f"engine.proposer {proposer!r} needs a draft model")
+    if proposer == "none" or (proposer != "auto" and k == 0):
+        return [TARGET_ONLY]
+    if proposer != "auto":
+        return [Variant(proposer, k)]
+    kinds = ("suffix", "draft", "hybrid") if has_draft else ("suffix",)
+    return [TARGET_ONLY] + [Variant(kind, choice) for kind in kinds for choice in settings.auto.k_choices]
+
+
 class SpeculativeEngine:
     def __init__(
         self,
         target: PreTrainedModel,
         draft: PreTrainedModel | None,
         tokenizer: PreTrainedTokenizerBase,
-        settings: EngineSettings,
+        settings: EngineSettings | None = None,
         draft_version: str = "base",
+        suffix_cache: SuffixCache | None = None,
     ):
+        settings = settings or EngineSettings()
         self.target = target
-        self.draft = draft
         self.tokenizer = tokenizer
         self.settings = settings
-        self.draft_version = draft_version if draft is not None else "none"
-        self.k = settings.k if draft is not None else 0
-        self.device = torch.device(settings.device)
-        self.eos_ids = self._eos_ids(target, tokenizer)
+        self.k = settings.k
+        self.device = target.device
+        self.variants = variants_for(settings, draft is not None)
+        self.max_k = max(v.k for v in self.variants)
         self._use_graphs = settings.cuda_graphs and self.device.type == "cuda"
-        self._target_forward = self._compiled(target)
-        self._draft_forward = self._compiled(draft) if draft is not None else None
-        target_cache = PositionalKVCache.allocate(target, settings.max_batch_size, settings.max_seq_len)
-        draft_cache = (
-            PositionalKVCache.allocate(draft, settings.max_batch_size, settings.max_seq_len) if draft else None
-        )
-        self._states = {
-            size: DecodeState.allocate(
-                size,
-                target_cache.rows(size),
-                draft_cache.rows(size) if draft_cache else None,
-                settings.top_m,
-                self.device,
-            )
-            for size in batch_buckets(settings.max_batch_size)
-        }
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._compile = settings.compile and self.device.type == "cuda"
+        self.eos_ids = self._eos_ids(target, tokenizer)
+        size, length = settings.max_batch_size, settings.max_seq_len
+
+        uses_draft = any(v.uses_draft_model for v in self.variants)
+        self.draft_proposer = DraftModelProposer(draft, size, length, self._compile) if uses_draft else None
+        self.draft_version = draft_version if self.draft_proposer is not None else "none"
+        suffix_k = max((v.k for v in self.variants if v.uses_suffix), default=0)
+        self.suffix = None
+        if suffix_k:
+            self.suffix_cache = suffix_cache or SuffixCache(settings.suffix, self.device)
+            self.suffix = SuffixProposer(self.suffix_cache, suffix_k)
+        hybrid = None
+        if any(v.proposer == "hybrid" for v in self.variants):
+            hybrid = HybridProposer(self.suffix, self.draft_proposer)
+        self.controller = None  # picks the variant with auto; keeps the evidence a hybrid's per-row choice uses
+        if settings.proposer == "auto" or hybrid is not None:
+            ratio = _parameters(draft) / _parameters(target) if draft is not None else 0.0
+            self.controller = GoodputController(settings.auto, self.variants, draft_cost_ratio=ratio)
+        self._models = RoundModels(
+            target_forward=decoder_forward(target, self._compile), lm_head=target.get_output_embeddings(),
+            eos_ids=self.eos_ids, top_m=settings.top_m, max_k=self.max_k, draft=self.draft_proposer,
+            suffix=self.suffix, hybrid=hybrid, shadow_k=suffix_k if self.controller is not None else 0,
+        )  # fmt: skip
+        target_cache = PositionalKVCache.allocate(target, size, length)
+        self._states = {bucket: self._allocate_state(bucket, target_cache) for bucket in batch_buckets(size)}
+        self._graphs: dict[tuple[int, Variant, bool], torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None
+        self.last_variant: Variant | None = None
+
+    def _allocate_state(self, bucket: int, target_cache: PositionalKVCache) -> DecodeState:
+        state = DecodeState.allocate(bucket, target_cache.rows(bucket), self.settings.top_m, self.device)
+        for proposer in (self.draft_proposer, self.suffix):
+            if proposer is not None:
+                state.proposer_state[proposer.name] = proposer.allocate(bucket)
+        return state
 
     # ------------------------------------------------------------------ public API
 
     @property
+    def draft(self) -> PreTrainedModel | None:
+        return None if self.draft_proposer is None else self.draft_proposer.model
+
+    @property
     def max_prompt_tokens(self) -> int:
-        """Longest prompt that still leaves room for one verification step."""
-        return self.settings.max_seq_len - self.k - 2
+        """Longest prompt that still leaves room for one round of the widest variant."""
+        return self.settings.max_seq_len - self.max_k - 2
 
     def warmup(self) -> None:
-        """Capture every round graph before serving (CUDA), so no request pays for capture."""
-        if not self._use_graphs:
-            return
+        """Capture every round graph before serving (CUDA), then time every variant for the controller (CUDA; on
+        CPU the controller learns costs from the batches themselves)."""
         started = time.perf_counter()
-        for size in self._states:
-            for greedy_only in (True, False):
-                self._graph(size, greedy_only)
-        log.info("captured %d round graphs in %.1f s", len(self._graphs), time.perf_counter() - started)
+        if self._use_graphs:
+            for size in self._states:
+                for variant in self.variants:
+                    for greedy_only in (True, False):
+                        self._graph(size, variant, greedy_only)
+            log.info("captured %d round graphs in %.1f s", len(self._graphs), time.perf_counter() - started)
+        if self.controller is not None and self.device.type == "cuda":
+            for size in self._states:
+                self._profile(size)
+            log.info("timed %d variants x %d batch buckets: %s", len(self.variants), len(self._states),
+                     self.controller.snapshot()["costs_ms"])  # fmt: skip
 
     def swap_draft(self, weights: PreTrainedModel | dict[str, torch.Tensor], version: str) -> None:
         """Load new draft weights in place (captured graphs keep pointing at the same parameters)."""
-        if self.draft is None:
+        if self.draft_proposer is None:
             raise ValueError("this engine runs without a draft model")
-        state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-        own = self.draft.state_dict()
-        missing = set(own) - set(state_dict)
-        unexpected = set(state_dict) - set(own)
-        misshapen = sorted(n for n in set(own) & set(state_dict) if own[n].shape != state_dict[n].shape)
-        if missing or unexpected or misshapen:
-            raise ValueError(
-                f"draft weights do not fit the draft model: missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}, wrong shape {misshapen[:3]}"
-            )
-        with torch.no_grad():
-            for name, tensor in own.items():
-                tensor.copy_(state_dict[name])
+        self.draft_proposer.swap(weights)
         self.draft_version = version
+
+    def add_to_stream(self, completions: list[list[int]], prompts: list[list[int]] | None = None) -> int:
+        """Teach the suffix proposer earlier completions (at start: the stored ones); returns tokens added."""
+        return self.suffix_cache.add(completions, prompts) if self.suffix is not None else 0
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Decode requests in batches of at most max_batch_size; results come back in request order."""
@@ -164,34 +174,79 @@ class SpeculativeEngine:
 
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         started = time.perf_counter()
-        state = self._states[min(s for s in self._states if s >= len(requests))]
+        bucket = min(s for s in self._states if s >= len(requests))
+        state = self._states[bucket]
         greedy_only = all(r.temperature == 0 for r in requests)
+        variant = self._choose(bucket)
         with torch.inference_mode():
-            self._prefill(state, requests)
-            self._decode(state, greedy_only, requests)
-        elapsed = time.perf_counter() - started
-        return self._collect(state, requests, elapsed)
+            self._prefill(state, requests, variant)
+            decode_started = time.perf_counter()
+            rounds = self._decode(state, variant, greedy_only, requests)
+            decode_seconds = time.perf_counter() - decode_started
+        eos = set(self.eos_ids.tolist())
+        results = collect(state, requests, self.tokenizer, eos, variant.k, self.draft_version,
+                          time.perf_counter() - started)  # fmt: skip
+        self._learn(state, requests, bucket, variant, rounds, decode_seconds, results)
+        return results
 
-    def _decode(self, state: DecodeState, greedy_only: bool, requests: list[GenerationRequest]) -> None:
-        run_round = self._graph(state.batch_size, greedy_only).replay if self._use_graphs else None
-        if run_round is None:
-            run_round = lambda: self._round(state, greedy_only)  # noqa: E731
+    def _choose(self, bucket: int) -> Variant:
+        if self.settings.proposer != "auto":
+            variant = self.variants[0]
+        else:
+            variant = self.controller.choose(bucket, draft_version=self.draft_version)
+        self._share_expectations()
+        self.last_variant = variant
+        return variant
+
+    def _share_expectations(self) -> None:
+        """What the hybrid's per-row choice compares, from the controller's evidence (written between batches)."""
+        hybrid = self._models.hybrid
+        if hybrid is None:
+            return
+        expected = self.controller.suffix_expected_accepted(self.settings.suffix.max_match, self.max_k)
+        self.suffix.expected_accepted.copy_(torch.from_numpy(expected))
+        alpha = self.controller.model_alpha(self.draft_version)
+        hybrid.model_expected_accepted.fill_(sum(alpha**j for j in range(1, self.max_k + 1)))
+
+    def _learn(self, state, requests, bucket, variant, rounds, decode_seconds, results) -> None:
+        """After a batch: the controller's evidence, and the suffix cache learns the completions."""
+        if self.controller is not None:
+            counts = state.source_counts[: len(requests), SOURCE_DRAFT].sum(dim=0).cpu().numpy()
+            hist = None
+            if self.suffix is not None:
+                hist = self.suffix.hist.cpu().numpy()
+                self.suffix.hist.zero_()
+            self.controller.observe(BatchObservation(
+                bucket, variant, rounds, decode_seconds, self.draft_version, model_rounds=int(counts[COUNT_ROUNDS]),
+                model_accepted=int(counts[COUNT_ACCEPTED]), model_full=int(counts[COUNT_FULL]), suffix_hist=hist,
+            ))  # fmt: skip
+        if self.suffix is not None:
+            self.suffix_cache.add([r.token_ids for r in results], [q.input_ids for q in requests])
+
+    def _decode(self, state: DecodeState, variant: Variant, greedy_only: bool, requests) -> int:
+        """Run rounds until every row finished; returns the rounds run."""
+        if self._use_graphs:
+            run_once = self._graph(state.batch_size, variant, greedy_only).replay
+        else:
+            run_once = lambda: run_round(self._models, state, variant, greedy_only)  # noqa: E731
         has_stops = any(r.stop for r in requests)
         max_rounds = max(r.max_new_tokens for r in requests) + 1
         if self.device.type != "cuda" or has_stops:
-            for _ in range(max_rounds):
+            for done in range(max_rounds):
                 if not bool(state.active.any()):
-                    break
-                run_round()
+                    return done
+                run_once()
                 if has_stops:
                     self._apply_stop_strings(state, requests)
-            return
+            return max_rounds
         # Read the "still active" flag one round late: the next round is already queued while we wait,
         # so the GPU never idles on the host. A round after the last finish is a no-op.
         flags = [torch.zeros((), dtype=torch.bool).pin_memory() for _ in range(2)]
         events = [torch.cuda.Event(), torch.cuda.Event()]
+        rounds = 0
         for round_index in range(max_rounds):
-            run_round()
+            run_once()
+            rounds += 1
             slot = round_index % 2
             flags[slot].copy_(state.active.any(), non_blocking=True)
             events[slot].record()
@@ -200,6 +255,7 @@ class SpeculativeEngine:
                 if not bool(flags[1 - slot]):
                     break
         torch.cuda.current_stream().synchronize()
+        return rounds
 
     def _apply_stop_strings(self, state: DecodeState, requests: list[GenerationRequest]) -> None:
         generated = state.generated.tolist()
@@ -212,9 +268,10 @@ class SpeculativeEngine:
 
     # ------------------------------------------------------------------ prefill
 
-    def _prefill(self, state: DecodeState, requests: list[GenerationRequest]) -> None:
-        """Run both models over the prompts (right-padded) and emit each row's first token from the target."""
-        batch = state.batch_size
+    def _prefill(self, state: DecodeState, requests: list[GenerationRequest], variant: Variant) -> None:
+        """Run the target (and the draft, when the variant uses it) over the right-padded prompts and emit each
+        row's first token from the target."""
+        batch, rows = state.batch_size, len(requests)
         longest = max(len(r.input_ids) for r in requests)
         tokens = torch.zeros((batch, longest), dtype=torch.int64)
         prompt_lengths = torch.ones(batch, dtype=torch.int64)
@@ -225,210 +282,93 @@ class SpeculativeEngine:
         positions = torch.arange(longest, device=self.device).expand(batch, -1)
 
         def per_row(values, default):
-            padded = list(values) + [default] * (batch - len(requests))
-            return torch.tensor(padded, device=self.device)
+            return torch.tensor(list(values) + [default] * (batch - rows), device=self.device)
 
-        state.active.copy_(per_row([True] * len(requests), False))
+        state.active.copy_(per_row([True] * rows, False))
         state.max_new_tokens.copy_(per_row([r.max_new_tokens for r in requests], 1))
         state.temperature.copy_(per_row([float(r.temperature) for r in requests], 0.0).float())
         state.top_p.copy_(per_row([float(r.top_p) for r in requests], 1.0).float())
         state.seed.copy_(per_row([r.seed for r in requests], 0))
-        state.generated.zero_()
+        for counter in (state.generated, state.drafted, state.draft_steps, state.source_counts):
+            counter.zero_()
         state.target_forwards.copy_(state.active.long())
+        state.tokens[:, :longest].copy_(tokens)
+        if self.suffix is not None:
+            state.proposer_state[self.suffix.name].reset()
 
         # Hidden states only, then the LM head on each row's last prompt token: full prompt logits would
         # cost batch x prompt x vocab memory for nothing.
-        last = (prompt_lengths - 1)[:, None, None]
-        hidden = self._hidden_states(self.target, state.target_cache, tokens, positions)
-        hidden = hidden.gather(1, last.expand(-1, 1, hidden.shape[-1]))
-        logits = self.target.get_output_embeddings()(hidden).float()  # [B, 1, V]
-        if self.draft is not None:
-            self._hidden_states(self.draft, state.draft_cache, tokens, positions)
+        hidden = self._models.target_forward(tokens, positions, state.target_cache)
+        last = (prompt_lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1])
+        logits = self._models.lm_head(hidden.gather(1, last)).float()  # [B, 1, V]
+        if variant.uses_draft_model:
+            self.draft_proposer.prefill(state, tokens, positions)
 
         probs = sampling.warp(logits, state.temperature, state.top_p)
         first = sampling.sample(probs, state.seed, prompt_lengths[:, None], sampling.STREAM_RESIDUAL)  # [B, 1]
         topk = torch.log_softmax(logits, dim=-1).topk(self.settings.top_m, dim=-1)
-        none = torch.full_like(first, NO_DRAFT_TOKEN)
-        state.record(first, state.active[:, None], torch.full_like(first, KIND_BONUS), none, topk.indices, topk.values)
+        state.lengths.copy_(prompt_lengths - 1)  # record() writes the token after `lengths`: position P
+        state.record(first, state.active[:, None], torch.full_like(first, KIND_BONUS),
+                     torch.full_like(first, NO_DRAFT_TOKEN), torch.full_like(first, SOURCE_NONE), topk.indices,
+                     topk.values)  # fmt: skip
         state.generated.copy_(state.active.long())
         state.lengths.copy_(prompt_lengths)
         state.current.copy_(first[:, 0])
         state.previous.copy_(tokens.gather(1, (prompt_lengths - 1)[:, None])[:, 0])
-        self._finish_rows(state, first, state.active[:, None])
+        finish_rows(self._models, state, first, state.active[:, None])
 
-    def _hidden_states(self, model, cache: PositionalKVCache, tokens, positions) -> torch.Tensor:
-        cache.positions = positions
-        mask = attention_mask(positions, cache.max_seq_len)
-        decoder = model.get_decoder()
-        return decoder(
-            input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True
-        ).last_hidden_state
+    # ------------------------------------------------------------------ graphs and costs
 
-    # ------------------------------------------------------------------ one round (captured on CUDA)
-
-    def _round(self, state: DecodeState, greedy_only: bool) -> None:
-        k = self.k
-        lengths = state.lengths
-        steps = torch.arange(k + 1, device=self.device)
-
-        draft_tokens, draft_probs = self._propose(state, greedy_only)  # [B, k], [B, k, V] or None
-        verify_tokens = torch.cat([state.current[:, None], draft_tokens], dim=1)  # [B, k + 1]
-        target_logits = self._logits(
-            self._target_forward, state.target_cache, verify_tokens, lengths[:, None] + steps
-        ).float()  # [B, k + 1, V]
-        if greedy_only:
-            outcome = verify_greedy(draft_tokens, target_logits)
-        else:
-            target_probs = sampling.warp(target_logits, state.temperature, state.top_p)
-            if draft_probs is None:  # target-only: no proposals, the bonus token is drawn from p itself
-                draft_probs = target_probs[:, :0]
-            outcome = verify_sampled(draft_tokens, draft_probs, target_probs, state.seed, lengths + 1)
-
-        accepted = outcome.accepted[:, None]  # [B, 1]
-        next_token = outcome.next_token[:, None]
-        padded_drafts = torch.cat([draft_tokens, torch.full_like(next_token, NO_DRAFT_TOKEN)], dim=1)
-        emitted = torch.where(steps == accepted, next_token, padded_drafts)  # [B, k + 1]
-        valid = (steps <= accepted) & state.active[:, None]
-        last_kind = torch.where(accepted == k, KIND_BONUS, KIND_RECOVERED)
-        kinds = torch.where(steps < accepted, KIND_ACCEPTED, last_kind)
-        topk = torch.log_softmax(target_logits, dim=-1).topk(self.settings.top_m, dim=-1)
-        state.record(emitted, valid, kinds, padded_drafts, topk.indices, topk.values)
-
-        advance = torch.where(state.active, outcome.accepted + 1, 0)
-        state.previous.copy_(torch.where(state.active, verify_tokens.gather(1, accepted)[:, 0], state.previous))
-        state.current.copy_(torch.where(state.active, outcome.next_token, state.current))
-        state.lengths.add_(advance)
-        state.generated.add_(advance)
-        state.target_forwards.add_(state.active.long())
-        self._finish_rows(state, emitted, valid)
-
-    def _propose(self, state: DecodeState, greedy_only: bool):
-        """k draft steps; the first re-feeds `previous` so the draft cache catches up after a full acceptance."""
-        batch = state.batch_size
-        if self.k == 0:
-            return torch.zeros((batch, 0), dtype=torch.int64, device=self.device), None
-        lengths = state.lengths
-        tokens = torch.stack([state.previous, state.current], dim=1)
-        positions = torch.stack([lengths - 1, lengths], dim=1)
-        proposals, probs = [], []
-        for step in range(self.k):
-            logits = self._logits(self._draft_forward, state.draft_cache, tokens, positions, last_only=True)
-            if greedy_only:
-                token = logits[:, -1].argmax(dim=-1)
-            else:
-                q = sampling.warp(logits[:, -1:], state.temperature, state.top_p)  # [B, 1, V]
-                token = sampling.sample(q, state.seed, (lengths + 1 + step)[:, None], sampling.STREAM_DRAFT)[:, 0]
-                probs.append(q[:, 0])
-            proposals.append(token)
-            tokens, positions = token[:, None], (lengths + 1 + step)[:, None]
-        return torch.stack(proposals, dim=1), (torch.stack(probs, dim=1) if probs else None)
-
-    def _finish_rows(self, state: DecodeState, emitted: torch.Tensor, valid: torch.Tensor) -> None:
-        eos = torch.isin(emitted, self.eos_ids) & valid
-        no_room = state.lengths + self.k + 1 > state.target_cache.max_seq_len
-        done = eos.any(dim=1) | (state.generated >= state.max_new_tokens) | no_room
-        state.active.logical_and_(~done)
-
-    def _logits(self, forward, cache, tokens, positions, last_only: bool = False) -> torch.Tensor:
-        cache.positions = positions
-        mask = attention_mask(positions, cache.max_seq_len)
-        return forward(tokens, positions, mask, cache, 1 if last_only else 0)
-
-    # ------------------------------------------------------------------ compilation and graphs
-
-    def _compiled(self, model: PreTrainedModel):
-        def forward(tokens, positions, mask, cache, logits_to_keep):
-            return model(
-                input_ids=tokens,
-                position_ids=positions,
-                attention_mask=mask,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=logits_to_keep,
-            ).logits
-
-        if self.settings.compile and self.device.type == "cuda":
-            # One static shape per (batch size, tokens per forward, logits kept): more than Dynamo's default 8.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            return torch.compile(forward, fullgraph=True, dynamic=False)
-        return forward
-
-    def _graph(self, batch_size: int, greedy_only: bool) -> torch.cuda.CUDAGraph:
-        key = (batch_size, greedy_only)
+    def _graph(self, batch_size: int, variant: Variant, greedy_only: bool) -> torch.cuda.CUDAGraph:
+        key = (batch_size, variant, greedy_only)
         if key in self._graphs:
             return self._graphs[key]
         state = self._states[batch_size]
         state.active.zero_()  # every row inactive: warm-up and capture change nothing that matters
+        if self._graph_pool is None:
+            # One pool for every graph: they never run concurrently and keep no tensor alive between replays.
+            self._graph_pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._round(state, greedy_only)
+                    run_round(self._models, state, variant, greedy_only)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._round(state, greedy_only)
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                run_round(self._models, state, variant, greedy_only)
         torch.cuda.synchronize()
         self._graphs[key] = graph
         return graph
 
-    # ------------------------------------------------------------------ results
+    def _profile(self, bucket: int) -> None:
+        """Seconds per greedy round of every variant at this bucket (rows inactive: the work is the same)."""
+        state = self._states[bucket]
+        state.active.zero_()
+        for variant in self.variants:
+            self.controller.set_cost(bucket, variant, self._time_round(state, variant))
 
-    def _collect(self, state: DecodeState, requests: list[GenerationRequest], elapsed: float) -> list[GenerationResult]:
-        rows = len(requests)
-        generated = state.generated[:rows].cpu().numpy()
-        width = int(generated.max())
-        tokens = state.out_tokens[:rows, :width].cpu().numpy()
-        kinds = state.out_kinds[:rows, :width].cpu().numpy()
-        draft_tokens = state.out_draft_tokens[:rows, :width].cpu().numpy()
-        slots = state.out_step_slot[:rows, :width].cpu().numpy()
-        topk_ids = state.out_topk_ids[:rows, :width].cpu().numpy()
-        topk_logprobs = state.out_topk_logprobs[:rows, :width].cpu().numpy()
-        forwards = state.target_forwards[:rows].cpu().numpy()
-        eos = set(self.eos_ids.tolist())
-        results = []
-        for row, request in enumerate(requests):
-            keep, reason = self._kept_length(tokens[row, : generated[row]], request, eos)
-            row_kinds = kinds[row, :keep]
-            counters = RequestCounters(
-                draft_steps=int(forwards[row] - 1) if self.k else 0,
-                drafted=int(forwards[row] - 1) * self.k,
-                accepted=int((row_kinds == KIND_ACCEPTED).sum()),
-                target_forwards=int(forwards[row]),
-                emitted=keep,
-                accepted_at_position=[
-                    int(((row_kinds == KIND_ACCEPTED) & (slots[row, :keep] == j)).sum()) for j in range(self.k)
-                ],
-            )
-            token_ids = tokens[row, :keep].astype(np.int64).tolist()
-            feedback = RequestFeedback(
-                prompt_ids=np.asarray(request.input_ids, dtype=np.int32),
-                token_ids=tokens[row, :keep].astype(np.int32),
-                kinds=row_kinds.astype(np.uint8),
-                draft_tokens=draft_tokens[row, :keep].astype(np.int32),
-                target_topk_ids=topk_ids[row, :keep].astype(np.int32),
-                target_topk_logprobs=topk_logprobs[row, :keep].astype(np.float16),
-                draft_version=self.draft_version,
-            )
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            if reason == "stop":
-                text = _cut_at_stop(text, request.stop)
-            results.append(GenerationResult(request.id, token_ids, text, reason, counters, feedback, elapsed))
-        return results
-
-    def _kept_length(self, tokens: np.ndarray, request: GenerationRequest, eos: set[int]) -> tuple[int, str]:
-        """How many emitted tokens belong to the answer, and why decoding ended."""
-        limit = min(len(tokens), request.max_new_tokens)
-        for index in range(limit):
-            if int(tokens[index]) in eos:
-                return index + 1, "eos"
-        if request.stop:
-            for index in range(1, limit + 1):
-                text = self.tokenizer.decode(tokens[:index].tolist(), skip_special_tokens=True)
-                if any(stop in text for stop in request.stop):
-                    return index, "stop"
-        return limit, "length"
+    def _time_round(self, state: DecodeState, variant: Variant) -> float:
+        with torch.inference_mode():
+            if not self._use_graphs:  # CUDA without graphs: eager rounds, the first one untimed
+                run_round(self._models, state, variant, True)
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                run_round(self._models, state, variant, True)
+                torch.cuda.synchronize()
+                return time.perf_counter() - started
+            graph = self._graph(state.batch_size, variant, True)
+            graph.replay()
+            times = []
+            for _ in range(self.settings.auto.profile_rounds):
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                times.append(begin.elapsed_time(end) / 1e3)
+            return statistics.median(times)
 
     @staticmethod
     def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
@@ -439,6 +379,5 @@ class SpeculativeEngine:
         return torch.tensor(sorted(set(ids)) or [-1], dtype=torch.int64, device=model.device)
 
 
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
-    cut = min((text.index(s) for s in stops if s in text), default=len(text))
-    return text[:cut]
+def _parameters(model: PreTrainedModel) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -57,6 +57,30 @@ def attention_mask(positions: torch.Tensor, max_seq_len: int) -> torch.Tensor:
     return slots[None, None, None, :] <= positions[:, None, :, None]
 
 
+def decoder_forward(model: PreTrainedModel, compile: bool = False):
+    """forward(tokens [B, T], positions [B, T], cache) -> last hidden states [B, T, H] of the model's decoder,
+    writing the tokens' keys and values into `cache` at their positions. The LM head is applied by the caller, to
+    the positions it needs. With `compile` the decoder call goes through torch.compile (one static shape per
+    batch size and width; the cache's positions are set outside the compiled region)."""
+    decoder = model.get_decoder()
+
+    def run_decoder(tokens, positions, mask, cache):
+        return decoder(
+            input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True
+        ).last_hidden_state
+
+    if compile:
+        # One static shape per (batch size, tokens per forward): more than Dynamo's default 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        run_decoder = torch.compile(run_decoder, fullgraph=True, dynamic=False)
+
+    def forward(tokens: torch.Tensor, positions: torch.Tensor, cache: "PositionalKVCache") -> torch.Tensor:
+        cache.positions = positions
+        return run_decoder(tokens, positions, attention_mask(positions, cache.max_seq_len), cache)
+
+    return forward
+
+
 def _sdpa_with_gqa(module, query, key, value, attention_mask, scaling=None, **kwargs):
     # transformers' own sdpa path repeats grouped KV heads whenever a mask is given; SDPA can broadcast them
     # itself (enable_gqa), which avoids materialising a [B, heads, S, D] copy per layer per step.

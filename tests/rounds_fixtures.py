@@ -28,7 +28,7 @@ def make_engine(target_dir: Path, draft_dir: Path):
     from pipelines.engine import EngineSettings, SpeculativeEngine
     from pipelines.models import load_model, load_tokenizer
 
-    settings = EngineSettings(k=K, max_batch_size=8, max_seq_len=256, top_m=8)
+    settings = EngineSettings(proposer="draft", k=K, max_batch_size=8, max_seq_len=256, top_m=8)
     return SpeculativeEngine(load_model(str(target_dir)), load_model(str(draft_dir)),
                              load_tokenizer(str(target_dir)), settings)  # fmt: skip
 

@@ -34,8 +34,6 @@ def test_repo_config_loads_and_equals_the_defaults():
 def test_repo_config_documents_every_key_with_a_comment():
     from pydantic import BaseModel
 
-    from pipelines.learners import LearnerSettings
-
     lines = REPO_CONFIG.read_text().splitlines()
     documented: set[str] = set()
     path: list[tuple[int, str]] = []  # (indent, key) of the enclosing mappings
@@ -56,7 +54,7 @@ def test_repo_config_documents_every_key_with_a_comment():
         out = set()
         for name, field in model.model_fields.items():
             out.add(f"{prefix}{name}")
-            annotation = LearnerSettings if f"{prefix}{name}" == "learning.learner" else field.annotation
+            annotation = field.annotation
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 out |= keys(annotation, f"{prefix}{name}.")
         return out
@@ -81,11 +79,13 @@ def test_unknown_keys_are_rejected_by_name(tmp_path):
     [
         ("kafka:\n  session_timeout_ms: 500\n", "kafka.session_timeout_ms"),
         ("kafka:\n  session_timeout_ms: 6000\n  heartbeat_interval_ms: 3000\n", "at most a third"),
-        ("batching:\n  max_batch_size: 0\n", "batching.max_batch_size"),
+        ("engine:\n  max_batch_size: 0\n", "engine.max_batch_size"),
+        ("engine:\n  proposer: magic\n", "engine.proposer"),
+        ("engine:\n  suffix:\n    table_buckets: 3000\n", "power of two"),
         ("batching:\n  resume_below: 1.5\n", "batching.resume_below"),
         ("daemon:\n  metrics_port: 70000\n", "daemon.metrics_port"),
         ("models:\n  device: gpu\n", "device must be cpu, cuda or cuda:N"),
-        ("engine:\n  k: 9\n", "engine.k"),
+        ("engine:\n  k: 17\n", "engine.k"),
         ("limits:\n  max_new_tokens: 4096\n", "limits.max_new_tokens must be below engine.max_seq_len"),
         ("kafka:\n  prompts_topic: a\n  completions_topic: a\n", "three different topics"),
         ("kafka:\n  session_timeout_ms: ten\n", "kafka.session_timeout_ms"),
@@ -100,9 +100,9 @@ def test_unknown_keys_are_rejected_by_name(tmp_path):
         ("learning:\n  live_guard:\n    margin: 1.5\n", "learning.live_guard.margin"),
         ("learning:\n  live_guard:\n    min_requests: 0\n", "learning.live_guard.min_requests"),
         ("learning:\n  live_guard:\n    minimum: 3\n", "learning.live_guard.minimum: unknown key"),
-        ("learning:\n  learner:\n    name: sgd\n", "learning.learner: name:"),
-        ("learning:\n  learner:\n    lr: 0\n", "learning.learner: lr:"),
-        ("learning:\n  learner:\n    learning_rate: 0.1\n", "learning.learner: learning_rate: unknown key"),
+        ("learning:\n  learner:\n    name: sgd\n", "learning.learner.name:"),
+        ("learning:\n  learner:\n    lr: 0\n", "learning.learner.lr:"),
+        ("learning:\n  learner:\n    learning_rate: 0.1\n", "learning.learner.learning_rate: unknown key"),
         ("learning:\n  trigger_tokens: 5\n", "learning.trigger_tokens: unknown key"),
     ],
 )
@@ -199,10 +199,12 @@ def test_serve_flags_override_file_and_environment(tmp_path, monkeypatch):
     assert settings.database.auto_migrate and settings.daemon.metrics_port == 0
 
 
-def test_learning_section_keeps_only_non_default_learner_keys_and_resolves_them(tmp_path):
+def test_learning_section_is_the_learners_own_settings_type(tmp_path):
+    from pipelines.learners import LearnerSettings
+
     path = write(tmp_path, "learning:\n  enabled: true\n  learner:\n    name: osd\n    lr: 5.0e-06\n    epochs: 3\n")
     learning = load_settings(path, environ={}).learning
-    assert learning.enabled and learning.learner == {"name": "osd", "epochs": 3}  # lr is the default
-    full = learning.learner_settings()
+    assert learning.enabled and isinstance(learning.learner, LearnerSettings)
+    full = learning.learner
     assert (full.name, full.epochs, full.lr, full.trainable) == ("osd", 3, 5e-06, "layers")
     assert Settings().learning.enabled is False  # serving alone never trains unless asked

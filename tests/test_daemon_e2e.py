@@ -157,7 +157,7 @@ def test_kill_9_mid_batch_then_restart_loses_and_duplicates_nothing(tmp_path, da
                                                                     sqlite_url, tiny_models):  # fmt: skip
     ids = [f"k{i:02d}" for i in range(24)]
     # Long decodes so the kill lands inside a batch: 4 requests x 64 tokens per batch.
-    sections = {"batching": {"max_batch_size": 4, "queue_size": 8}}
+    sections = {"batching": {"queue_size": 8}, "engine": {"max_batch_size": 4}}
     daemon = start_daemon(tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models, **sections)
     daemon.wait_ready()
     produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(ids, max_new_tokens=64))

@@ -35,7 +35,7 @@ def engine(tiny_models):
     target_dir, draft_dir = tiny_models
     tokenizer = load_tokenizer(str(target_dir))
     yield SpeculativeEngine(load_model(str(target_dir)), load_model(str(draft_dir)), tokenizer,
-                            EngineSettings(k=3, max_batch_size=4, max_seq_len=256, top_m=4))  # fmt: skip
+                            EngineSettings(proposer="draft", k=3, max_batch_size=4, max_seq_len=256, top_m=4))  # fmt: skip
     torch.set_num_threads(threads)
 
 
@@ -77,8 +77,11 @@ class RunningWorker:
         assert not self.thread.is_alive()
 
 
-def make_worker(kafka_names, database_url, tiny_models, engine, metrics=None, **sections) -> Worker:
+def make_worker(kafka_names, database_url, tiny_models, engine, metrics=None, engine_section=None,
+                **sections) -> Worker:  # fmt: skip
     target_dir, draft_dir = tiny_models
+    if engine_section:
+        sections["engine"] = engine_section
     settings = Settings.model_validate(daemon_settings(kafka_names, database_url, target_dir, draft_dir, **sections))
     _, session_factory = open_database(settings)
     store = BatchStore(session_factory, target_identity="tiny")
@@ -209,7 +212,8 @@ def test_backpressure_pauses_partitions_and_long_decodes_cause_no_rebalance(
     slow = CountingEngine(engine, delay_s=2.5)  # longer than the 2 s session timeout and the 2 s poll interval
     metrics = DaemonMetrics()
     worker = make_worker(kafka_names, sqlite_url, tiny_models, slow, metrics=metrics,
-                         kafka={"max_poll_interval_ms": 2000}, batching={"queue_size": 2, "max_batch_size": 2})  # fmt: skip
+                         kafka={"max_poll_interval_ms": 2000}, batching={"queue_size": 2},
+                         engine_section={"max_batch_size": 2})  # fmt: skip
     ids = [f"b{i}" for i in range(8)]
     paused_seen = []
     with RunningWorker(worker):

@@ -14,10 +14,8 @@ from scipy import stats
 
 from pipelines import sampling
 from pipelines.engine import EngineSettings, SpeculativeEngine
-from pipelines.models import load_model, load_tokenizer
-from pipelines.types import GenerationRequest
+from pipelines.types import KIND_ACCEPTED, KIND_RECOVERED, GenerationRequest
 from pipelines.verify import verify_sampled
-from tests.tiny_models import make_tiny_pair
 
 ALPHA = 1e-3
 
@@ -50,22 +48,49 @@ def synthetic_step(batch: int, k: int, vocab: int, seed: int):
     return p, q, seeds, first_position, draft_tokens
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_rejection_sampling_emits_target_distribution_at_every_slot(k):
-    batch, vocab = 40_000, 6
-    p, q, seeds, first_position, draft_tokens = synthetic_step(batch, k, vocab, seed=k)
-    outcome = verify_sampled(draft_tokens, q.expand(batch, k, vocab), p.expand(batch, k + 1, vocab), seeds, first_position)
+def emitted_tokens(draft_tokens, outcome) -> torch.Tensor:
+    """[B, k + 1]: accepted draft tokens, then the recovered or bonus token at slot n (later slots: junk)."""
     emitted = torch.cat([draft_tokens, torch.zeros_like(draft_tokens[:, :1])], dim=1)
-    emitted.scatter_(1, outcome.accepted[:, None], outcome.next_token[:, None])
+    return emitted.scatter(1, outcome.accepted[:, None], outcome.next_token[:, None])
+
+
+def assert_every_slot_follows_p(p, draft_tokens, outcome, k):
+    emitted = emitted_tokens(draft_tokens, outcome)
     for slot in range(k + 1):
         rows = outcome.accepted >= slot  # rows that emit a token at this slot
         tokens = emitted[rows, slot].numpy()
         assert len(tokens) > 1000
         assert chi_square_pvalue(tokens, p[slot].numpy()) > ALPHA, f"slot {slot}"
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_rejection_sampling_emits_target_distribution_at_every_slot(k):
+    batch, vocab = 40_000, 6
+    p, q, seeds, first_position, draft_tokens = synthetic_step(batch, k, vocab, seed=k)
+    counts = torch.full((batch,), k)
+    outcome = verify_sampled(draft_tokens, counts, q.expand(batch, k, vocab), p.expand(batch, k + 1, vocab), seeds,
+                             first_position)  # fmt: skip
+    assert_every_slot_follows_p(p, draft_tokens, outcome, k)
     # Acceptance rate of the first draft token is sum_x min(p, q) (the paper's alpha).
     alpha = torch.minimum(p[0], q[0]).sum().item()
     rate = outcome.accept_mask[:, 0].float().mean().item()
     assert rate == pytest.approx(alpha, abs=4 * (alpha * (1 - alpha) / batch) ** 0.5)
+
+
+def test_a_deterministic_proposer_with_fewer_drafts_per_row_is_lossless():
+    """One-hot q (suffix drafts) and per-row counts 0..k: every slot still has exactly p's distribution."""
+    batch, vocab, k = 40_000, 6, 3
+    p, _, seeds, first_position, _ = synthetic_step(batch, k, vocab, seed=7)
+    draft_tokens = torch.stack([torch.full((batch,), int(p[j].argmax())) for j in range(k)], dim=1)  # likely tokens
+    counts = torch.arange(batch) % (k + 1)
+    outcome = verify_sampled(draft_tokens, counts, None, p.expand(batch, k + 1, vocab), seeds, first_position)
+    assert (outcome.accepted <= counts).all()
+    assert_every_slot_follows_p(p, draft_tokens, outcome, k)
+    # A one-hot q accepts d with probability p(d).
+    first = counts > 0
+    rate = outcome.accept_mask[first, 0].float().mean().item()
+    expected = p[0, int(p[0].argmax())].item()
+    assert rate == pytest.approx(expected, abs=4 * (expected * (1 - expected) / int(first.sum())) ** 0.5)
 
 
 def test_a_biased_verifier_is_detected():
@@ -97,48 +122,54 @@ def test_uniforms_are_uniform_and_independent_across_streams():
     assert abs(np.corrcoef(a, b)[0, 1]) < 0.02
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    target_dir, draft_dir = make_tiny_pair(tmp_path_factory.mktemp("models"))
-    return load_model(str(target_dir)), load_model(str(draft_dir)), load_tokenizer(str(target_dir))
+PROMPT = "The quick brown"
+TEMPERATURE, TOP_P = 0.9, 0.95
 
 
-def exact_second_token_distribution(target, prompt: list[int], temperature: float, top_p: float) -> np.ndarray:
-    """P(x2) = sum_x1 P(x1) P(x2 | x1) under the target's warped distribution."""
-    t, tp = torch.tensor([temperature]), torch.tensor([top_p])
+def conditional_distribution(models, prefix: list[int]) -> np.ndarray:
+    """The target's warped next-token distribution after the prompt and `prefix` (one forward, stock attention)."""
     with torch.no_grad():
-        first = sampling.warp(target(torch.tensor([prompt])).logits[:, -1:], t, tp)[0, 0]
-        candidates = torch.nonzero(first).flatten()
-        contexts = torch.tensor(prompt).expand(len(candidates), -1)
-        contexts = torch.cat([contexts, candidates[:, None]], dim=1)
-        logits = target(contexts).logits[:, -1:]
-        second = sampling.warp(logits, t.expand(len(candidates)), tp.expand(len(candidates)))[:, 0]
-    return (first[candidates, None] * second).sum(0).double().numpy()
+        logits = models.reference(torch.tensor([models.tokenizer(PROMPT).input_ids + prefix])).logits[:, -1:]
+    return sampling.warp(logits, torch.tensor([TEMPERATURE]), torch.tensor([TOP_P]))[0, 0].double().numpy()
 
 
-@pytest.mark.parametrize("with_draft", [True, False])
-def test_engine_sampling_follows_the_target_distribution(pair, with_draft):
-    target, draft, tokenizer = pair
-    draft = draft if with_draft else None
-    prompt = tokenizer("The quick brown").input_ids
-    temperature, top_p = 1.3, 0.95  # a flat distribution so the random draft is often rejected
-    engine = SpeculativeEngine(target, draft, tokenizer, EngineSettings(k=3, max_batch_size=16, max_seq_len=48))
-    requests = [
-        GenerationRequest(id=str(s), input_ids=prompt, max_new_tokens=2, temperature=temperature, top_p=top_p, seed=s)
-        for s in range(4000)
-    ]
-    results = engine.generate(requests)
-    second = np.array([r.token_ids[1] for r in results if len(r.token_ids) > 1])
-    kinds = np.array([r.feedback.kinds[1] for r in results if len(r.token_ids) > 1])
-    if with_draft:
-        assert (kinds == 0).mean() > 0.05 and (kinds == 1).mean() > 0.05, "need both accepted and recovered tokens"
-    expected = exact_second_token_distribution(target, prompt, temperature, top_p)
-    assert chi_square_pvalue(second, expected) > ALPHA
+@pytest.mark.parametrize("proposer, draft, min_accepted", [
+    ("none", None, 0), ("draft", "strong", 100), ("draft", "weak", 20), ("suffix", None, 100),
+    ("hybrid", "strong", 100),
+])  # fmt: skip
+def test_engine_sampling_follows_the_target_distribution_at_every_slot(engine_models, proposer, draft, min_accepted):
+    """Samples share their first tokens often enough to test the distribution of token s given the most common
+    prefix of s tokens, for s = 1..4: slots whose tokens are accepted drafts, recovered or bonus tokens."""
+    draft_model = {"strong": engine_models.strong_draft, "weak": engine_models.weak_draft, None: None}[draft]
+    engine = SpeculativeEngine(engine_models.target, draft_model, engine_models.tokenizer,
+                               EngineSettings(proposer=proposer, k=3, max_batch_size=64, max_seq_len=32))  # fmt: skip
+    prompt = engine_models.tokenizer(PROMPT).input_ids
+    greedy = engine_models.reference_greedy(prompt, 8)
+    engine.add_to_stream([greedy], [prompt])  # suffix drafts propose the greedy path, often but not always right
+    requests = [GenerationRequest(id=str(s), input_ids=prompt, max_new_tokens=5, temperature=TEMPERATURE,
+                                  top_p=TOP_P, seed=s) for s in range(6000)]  # fmt: skip
+    results = [r for r in engine.generate(requests) if len(r.token_ids) == 5]
+    tokens = np.array([r.token_ids for r in results])
+    kinds = np.array([r.feedback.kinds for r in results])
+    if proposer != "none":
+        for slot in (1, 2):
+            assert (kinds[:, slot] == KIND_ACCEPTED).sum() > min_accepted, f"slot {slot}: too few accepted drafts"
+            assert (kinds[:, slot] == KIND_RECOVERED).sum() > 50, f"slot {slot}: too few recovered tokens"
+    for slot in range(1, 5):
+        prefixes, counts = np.unique(tokens[:, :slot], axis=0, return_counts=True)
+        prefix = prefixes[counts.argmax()]
+        rows = (tokens[:, :slot] == prefix).all(axis=1)
+        assert rows.sum() > 300, f"slot {slot}: the most common prefix has {rows.sum()} samples"
+        expected = conditional_distribution(engine_models, prefix.tolist())
+        assert chi_square_pvalue(tokens[rows, slot], expected) > ALPHA, f"slot {slot} given {prefix.tolist()}"
 
 
-def test_sampling_is_reproducible_whatever_the_batch(pair):
-    target, draft, tokenizer = pair
-    engine = SpeculativeEngine(target, draft, tokenizer, EngineSettings(k=3, max_batch_size=8, max_seq_len=64))
+def test_sampling_is_reproducible_whatever_the_batch(engine_models):
+    """For a given proposer and draft version: another proposer drafts other tokens, so its accept/reject draws differ
+    (the distribution is the target's either way)."""
+    tokenizer = engine_models.tokenizer
+    engine = SpeculativeEngine(engine_models.target, engine_models.strong_draft, tokenizer,
+                               EngineSettings(proposer="draft", k=3, max_batch_size=8, max_seq_len=64))  # fmt: skip
     make = lambda i, text: GenerationRequest(  # noqa: E731
         id=str(i), input_ids=tokenizer(text).input_ids, max_new_tokens=20, temperature=0.9, seed=42 + i
     )

@@ -88,7 +88,7 @@ def domain_requests(tokenizer, seed: int, count: int) -> list[GenerationRequest]
 
 
 def new_engine(target, draft, tokenizer) -> SpeculativeEngine:
-    settings = EngineSettings(k=K, max_batch_size=8, max_seq_len=160)
+    settings = EngineSettings(proposer="draft", k=K, max_batch_size=8, max_seq_len=160)
     return SpeculativeEngine(target, draft, tokenizer, settings, draft_version="v0")
 
 
@@ -365,7 +365,7 @@ def test_osd_trains_on_rejected_positions_and_falls_back_for_target_only_feedbac
     rejected = sum(int((f.kinds == 1).sum()) for f in static_rounds[0])
     assert report.tokens == rejected and report.loss_after < report.loss_before
 
-    engine = SpeculativeEngine(target, None, tokenizer, EngineSettings(k=0, max_batch_size=8, max_seq_len=160))
+    engine = SpeculativeEngine(target, None, tokenizer, EngineSettings(proposer="none", max_batch_size=8, max_seq_len=160))
     target_only = [r.feedback for r in engine.generate(domain_requests(tokenizer, 5, 8))]
     fallback = make_learner(LearnerSettings(name="osd", lr=TINY_LR, trainable="all"))
     report = fallback.fit(copy.deepcopy(draft), target_only, base_version="v0")

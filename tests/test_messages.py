@@ -115,7 +115,9 @@ def test_tokenize_renders_chat_and_enforces_the_engine_prompt_limit():
 def test_completion_payload_follows_the_output_contract():
     import numpy as np
 
-    counters = RequestCounters(draft_steps=2, drafted=6, accepted=4, target_forwards=3, emitted=7)
+    by_proposer = {"suffix": {"rounds": 2, "drafted": 6, "accepted": 4}}
+    counters = RequestCounters(draft_steps=2, drafted=6, accepted=4, target_forwards=3, emitted=7,
+                               by_proposer=by_proposer)  # fmt: skip
     empty = np.zeros(0, dtype=np.int32)
     feedback = RequestFeedback(empty, empty, empty.astype(np.uint8), empty, empty.reshape(0, 1), empty.reshape(0, 1),
                                draft_version="v3")  # fmt: skip
@@ -123,6 +125,7 @@ def test_completion_payload_follows_the_output_contract():
     payload = completion_payload(result, 4, {"k": 1}, 0.25)
     assert set(payload) == {"id", "text", "token_ids", "finish_reason", "draft_version", "usage", "acceptance",
                             "timings", "metadata"}  # fmt: skip
-    assert payload["acceptance"] == {"drafted": 6, "accepted": 4, "target_forwards": 3, "mean_accepted_length": 2.3333}
+    assert payload["acceptance"] == {"drafted": 6, "accepted": 4, "target_forwards": 3, "mean_accepted_length": 2.3333,
+                                     "by_proposer": by_proposer}  # fmt: skip
     assert payload["draft_version"] == "v3" and payload["metadata"] == {"k": 1}
     assert payload["usage"] == {"prompt_tokens": 4, "completion_tokens": 7}

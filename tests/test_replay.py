@@ -58,7 +58,8 @@ def requests(tokenizer, temperature: float = 0.0) -> list[GenerationRequest]:
 
 
 def decode(target, draft, tokenizer, k: int, reqs, top_m: int = 16):
-    settings = EngineSettings(k=k, max_batch_size=4, max_seq_len=128, top_m=top_m)
+    settings = EngineSettings(proposer="draft" if draft is not None else "none", k=k, max_batch_size=4,
+                              max_seq_len=128, top_m=top_m)
     return SpeculativeEngine(target, draft, tokenizer, settings).generate(reqs)
 
 

@@ -75,3 +75,17 @@ def make_tiny_pair(root: Path) -> tuple[Path, Path]:
     target = make_model_dir(root / "target", tokenizer, layers=4, hidden=64, seed=1)
     draft = make_model_dir(root / "draft", tokenizer, layers=2, hidden=32, seed=2)
     return target, draft
+
+
+def make_noisy_copy(source: Path, path: Path, noise: float, seed: int) -> Path:
+    """A draft that agrees with the target most of the time: the target's weights plus Gaussian noise of `noise`
+    times each tensor's own standard deviation, saved like any other model."""
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point() and tensor.numel() > 1:
+                tensor.add_(torch.randn(tensor.shape, generator=generator) * noise * tensor.std())
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast.from_pretrained(source).save_pretrained(path)
+    return path

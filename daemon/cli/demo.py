@@ -113,8 +113,8 @@ def _write_config(workdir: Path, bootstrap: str, topics: dict, group: str, datab
                   "session_timeout_ms": 2000, "heartbeat_interval_ms": 500},  # Tansu: fast joins
         "database": {"url": database_url},
         "models": {"target": target, "draft": draft, "device": args.device},
-        "engine": {"k": args.k, "max_seq_len": 1024},
-        "batching": {"max_batch_size": args.batch_size, "max_wait_ms": 50},
+        "engine": {"k": args.k, "max_seq_len": 1024, "max_batch_size": args.batch_size},
+        "batching": {"max_wait_ms": 50},
         "limits": {"default_max_new_tokens": args.max_new_tokens, "max_new_tokens": max(args.max_new_tokens, 64)},
         "daemon": {"metrics_port": 0, "shutdown_grace_s": 60.0},
     }  # fmt: skip

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from pipelines.settings import PROPOSER_NAMES
 from pipelines.types import GenerationRequest, GenerationResult
 
 LINE_FIELDS = {"id", "prompt", "input_ids", "max_new_tokens", "temperature", "top_p", "seed", "stop"}
@@ -22,8 +23,11 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="decode JSONL prompts from stdin (no Kafka, no database)")
     parser.add_argument("--target", required=True, help="target model: HF folder or .gguf file")
     parser.add_argument("--draft", help="draft model sharing the target's vocabulary")
-    parser.add_argument("--no-draft", action="store_true", help="target-only decoding through the same engine")
-    parser.add_argument("--k", type=int, default=5, help="draft tokens per verification step, 1-8 (default 5)")
+    parser.add_argument("--no-draft", action="store_true", help="no draft model (proposers none, suffix, auto)")
+    parser.add_argument("--proposer", choices=PROPOSER_NAMES, default="auto",
+                        help="what drafts: none, draft, suffix, hybrid or auto (default auto; see config.yaml)")
+    parser.add_argument("--k", type=int, default=5,
+                        help="draft tokens per round of a fixed proposer, 0-16 (default 5; 0 = target-only)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="default per line (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -102,17 +106,20 @@ def result_line(result: GenerationResult) -> dict[str, Any]:
 def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     draft_ref = None if args.no_draft else args.draft
     if not args.no_draft and not args.draft:
-        print("error: give --draft DIR, or --no-draft for target-only decoding", file=sys.stderr)
+        print("error: give --draft DIR, or --no-draft to decode without a draft model", file=sys.stderr)
         return 2
     # Imported here: torch and transformers take seconds to import, and every other command skips them.
     from pipelines.engine import EngineSettings, SpeculativeEngine
     from pipelines.models import load_pair
 
     target, draft, tokenizer = load_pair(args.target, draft_ref, args.dtype, args.device)
-    settings = EngineSettings(
-        k=args.k, max_batch_size=args.batch_size, max_seq_len=args.max_seq_len, top_m=args.top_m, device=args.device
-    )
-    engine = SpeculativeEngine(target, draft, tokenizer, settings)
+    try:
+        settings = EngineSettings(proposer=args.proposer, k=args.k, max_batch_size=args.batch_size,
+                                  max_seq_len=args.max_seq_len, top_m=args.top_m)  # fmt: skip
+        engine = SpeculativeEngine(target, draft, tokenizer, settings)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     engine.warmup()
 
     pending: list[GenerationRequest] = []

@@ -309,14 +309,14 @@ class RoundRunner:
         from pipelines.learners import make_learner
 
         if self._learner is None:
-            self._learner = make_learner(self.learning.learner_settings())
+            self._learner = make_learner(self.learning.learner)
         return self._learner
 
     def _learner_name(self) -> str:
-        return self.learning.learner_settings().name
+        return self.learning.learner.name
 
     def _learner_settings(self) -> dict[str, Any]:
-        return self.learning.learner_settings().model_dump(mode="json")
+        return self.learning.learner.model_dump(mode="json")
 
     def _training_context(self):
         """CPU: few intra-op threads on this thread only. CUDA: a side stream for the round's kernels."""

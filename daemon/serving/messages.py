@@ -251,6 +251,8 @@ def completion_payload(
             "accepted": counters.accepted,
             "target_forwards": counters.target_forwards,
             "mean_accepted_length": round(counters.mean_accepted_length, 4),
+            # per proposer that drafted for this request: {"suffix": {"rounds", "drafted", "accepted"}, ...}
+            "by_proposer": counters.by_proposer,
         },
         "timings": {"queue_s": round(queue_s, 4), "decode_s": round(result.seconds, 4)},
         "metadata": metadata,

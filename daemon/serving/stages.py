@@ -125,7 +125,7 @@ class Pipeline:
         try:
             while not self.stopping.is_set():
                 self.beats["decode"] = time.monotonic()
-                batch = collect_batch(self.inbox, batching.max_batch_size, batching.max_wait_ms / 1000)
+                batch = collect_batch(self.inbox, self.settings.engine.max_batch_size, batching.max_wait_ms / 1000)
                 batch = [item for item in batch if self.tracker.is_current(item.tp, item.epoch)]
                 self._follow_active_draft()
                 self._apply_pending_swap()  # between batches: the collected batch decodes with the new draft

@@ -15,13 +15,15 @@ from pipelines.learners.online import OnlineLearner
 from pipelines.learners.optimistic import OptimisticLearner
 from pipelines.learners.osd import OSDLearner
 
+from pipelines.settings import LEARNER_NAMES
+
 LEARNERS: dict[str, type[Learner]] = {
     "osd": OSDLearner,
     "online": OnlineLearner,
     "optimistic": OptimisticLearner,
     "ensemble": EnsembleLearner,
 }
-LEARNER_NAMES: tuple[str, ...] = tuple(LEARNERS)
+assert tuple(LEARNERS) == LEARNER_NAMES, "pipelines.settings.LEARNER_NAMES lists the learners in this order"
 
 
 def make_learner(settings: LearnerSettings) -> Learner:

@@ -51,9 +51,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.learners import distill
+from pipelines.settings import LearnerSettings
 from pipelines.types import RequestFeedback
 
 log = logging.getLogger(__name__)
@@ -61,47 +61,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     """A loss, gradient or weight became NaN or infinite: the round is void and the caller keeps the active draft."""
-
-
-class LearnerSettings(BaseModel):
-    """Settings of one learner (config.yaml `learning.learner`). Unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # Update rule: "osd" (KL at rejected positions), "online" (online gradient descent on all positions),
-    # "optimistic" (optimistic OGD or persisted momentum), "ensemble" (Hedge over learning rates).
-    name: Literal["osd", "online", "optimistic", "ensemble"] = "online"
-    # Step size of the optimizer. For the real 0.5B draft with "layers" trainable and float32 masters, one round
-    # of 12 Shakespeare requests (float32, CPU, 2026-11-29): AdamW 2e-5 over-stepped (held-out KL
-    # up), 5e-6 gave +20% held-out AvgLen, 1e-6 +17%; SGD with momentum 0.9 needs ~1e-2 (+17%; 1e-1 diverged).
-    # The tiny random-init test drafts need ~1e-2 with AdamW.
-    lr: float = Field(5e-6, gt=0)
-    epochs: int = Field(2, ge=1)  # passes over the round's feedback
-    # Temperature the target's stored top-m is sharpened to before the KL (pipelines/learners/distill.py): 1 =
-    # match the target's distribution (sampled serving); toward 0 = match its argmax (greedy serving).
-    target_temperature: float = Field(1.0, gt=0, le=10)
-    batch_size: int = Field(8, ge=1)  # requests per optimizer step
-    micro_batch_tokens: int = Field(8192, ge=1)  # padded tokens per forward/backward; gradients accumulate
-    max_grad_norm: float | None = Field(1.0, gt=0)  # global gradient-norm clip; None disables clipping
-    # Which parameters train: see the module docstring. "layers" was the stable choice on the real 0.5B draft.
-    trainable: Literal["all", "layers", "last_layers"] = "layers"
-    num_last_layers: int = Field(4, ge=1)  # blocks trained with trainable = "last_layers"
-    optimizer: Literal["adamw", "sgd"] = "adamw"  # base optimizer of osd, online, ensemble and optimistic "ogd"
-    momentum: float = Field(0.9, ge=0, lt=1)  # SGD momentum (optimizer "sgd" and optimistic "momentum")
-    weight_decay: float = Field(0.0, ge=0)  # decoupled for AdamW and optimistic "ogd"; L2 for torch SGD
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW moment decay rates
-    # optimistic: "ogd" = x <- x - lr (2 d_t - d_{t-1}), d = the gradient (sgd) or Adam's normalised step (adamw);
-    # "momentum" = SGD with momentum whose buffer persists across rounds (the paper's code).
-    optimistic_variant: Literal["ogd", "momentum"] = "ogd"
-    ensemble_size: int = Field(3, ge=1)  # ensemble members
-    ensemble_lr_ratio: float = Field(2.0, ge=1)  # member i's lr = lr * ratio ** (i - (size - 1) / 2)
-    # Hedge: w_i ∝ exp(-hedge_eta * cumulative per-token KL of member i). Member losses differ by ~0.01-0.1 nats
-    # per round, so eta ~ 5 separates members within a few rounds without betting on one round's noise.
-    hedge_eta: float = Field(5.0, ge=0)
-    # What a fit does when handed the same base_version as last time (its candidate was rejected): see above.
-    after_rejection: Literal["rebase", "continue"] = "rebase"
-    check_weights_every: int = Field(8, ge=1)  # optimizer steps between finiteness checks of the masters
-    seed: int = 0  # shuffling of the round's requests between epochs
 
 
 @dataclass

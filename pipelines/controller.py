@@ -1,0 +1,244 @@
+"""The goodput controller behind `engine.proposer: auto`: per batch, the variant (proposer and k, target-only
+included) with the highest expected tokens per second.
+
+    goodput(v) = expected tokens per row and round of v / seconds per round of v at this batch bucket
+
+Costs: on CUDA every (bucket, variant) is timed at warm-up (graph replays); then each follows the live seconds per
+round of the batches that ran it. A cost not measured yet (on CPU nothing is timed at warm-up: an eager round of a
+real model can take seconds) is estimated from target-only's at the same bucket, which the first batch of a
+bucket measures: verifying k more tokens adds 10% per token and each draft-model step costs its share of the
+target's parameters. One batch of the variant then replaces the estimate. Expected tokens per round:
+
+    none:0       1
+    suffix:k     1 + E[min(a, k)] over hist[m, a], the accepted suffix tokens seen per round at match length m, from
+                 real suffix rounds and from shadow proposals scored during target-only rounds
+    draft:k      1 + alpha + ... + alpha^k, with alpha the model's per-token acceptance (accepted / tested
+                 positions of its rounds, per draft version, starting from a prior)
+    hybrid:k     1 + E_m[max(suffix's mean accepted at m, the model's expected accepted)]
+
+A speculative variant must beat target-only by `margin`, so with no evidence, or with proposers that cost more
+than they return, the engine decodes target-only: speculation is never knowingly slower than no speculation.
+Evidence decays by `decay` per batch (the stream drifts). Every `explore_every` batches of a bucket, a variant
+that could win on an optimistic estimate but has no recent evidence (a newly promoted draft version, say) runs
+once to measure it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipelines.proposers import TARGET_ONLY, Variant
+from pipelines.settings import ControllerSettings
+
+SUFFIX_PRIOR_ROUNDS = 4.0
+
+
+@dataclass
+class _Cost:
+    seconds: float
+    samples: int = 0  # live batches measured (0 = the warm-up profile only)
+
+
+@dataclass
+class _ModelEvidence:
+    """Per-token acceptance of one draft version: accepted / tested positions (a rejection ends the test)."""
+
+    accepted: float = 0.0
+    tested: float = 0.0
+
+
+@dataclass
+class BatchObservation:
+    """What one batch showed, handed back by the engine after it ran."""
+
+    bucket: int
+    variant: Variant
+    rounds: int
+    seconds: float
+    draft_version: str | None = None
+    model_rounds: int = 0  # rounds (row-rounds) in which the draft model drafted
+    model_accepted: int = 0
+    model_full: int = 0  # of those, rounds in which all k drafted tokens were accepted
+    suffix_hist: np.ndarray | None = None  # [J + 1, K + 1] rounds by (match length, accepted suffix tokens)
+
+
+@dataclass
+class _Choice:
+    variant: Variant
+    goodput: dict[Variant, float] = field(default_factory=dict)
+    explored: bool = False
+
+
+class GoodputController:
+    def __init__(self, settings: ControllerSettings, variants: list[Variant], *, draft_cost_ratio: float = 0.0):
+        if TARGET_ONLY not in variants:
+            variants = [TARGET_ONLY, *variants]
+        self.settings = settings
+        self.variants = sorted(set(variants))
+        self.draft_cost_ratio = draft_cost_ratio  # draft parameters / target parameters (the cost estimate)
+        self._lock = threading.Lock()
+        self._costs: dict[tuple[int, Variant], _Cost] = {}
+        self._suffix_hist: np.ndarray | None = None
+        self._model: dict[str, _ModelEvidence] = {}
+        self._batches: Counter[int] = Counter()
+        self._last_run: dict[tuple[int, Variant], int] = {}
+        self.choices: Counter[Variant] = Counter()  # batches per variant, since start
+        self.last: _Choice | None = None
+
+    # ------------------------------------------------------------------ evidence
+
+    def set_cost(self, bucket: int, variant: Variant, seconds: float) -> None:
+        with self._lock:
+            self._costs[(bucket, variant)] = _Cost(seconds)
+
+    def cost(self, bucket: int, variant: Variant) -> float | None:
+        """Seconds per round: measured, else estimated from target-only at this bucket, else None."""
+        entry = self._costs.get((bucket, variant))
+        if entry is not None:
+            return entry.seconds
+        baseline = self._costs.get((bucket, TARGET_ONLY))
+        if baseline is None:
+            return None
+        steps = variant.k if variant.uses_draft_model else 0
+        return baseline.seconds * (1 + 0.1 * variant.k + self.draft_cost_ratio * steps)
+
+    def observe(self, obs: BatchObservation) -> None:
+        with self._lock:
+            self._decay()
+            if obs.rounds > 0 and obs.seconds > 0:
+                per_round = obs.seconds / obs.rounds
+                entry = self._costs.get((obs.bucket, obs.variant))
+                if entry is None:
+                    self._costs[(obs.bucket, obs.variant)] = _Cost(per_round, 1)
+                else:  # the live figure takes over from the profile quickly, then moves slowly
+                    weight = max(0.2, 1.0 / (entry.samples + 2))
+                    entry.seconds += weight * (per_round - entry.seconds)
+                    entry.samples += 1
+            if obs.suffix_hist is not None and obs.suffix_hist.sum():
+                hist = obs.suffix_hist.astype(np.float64)
+                self._suffix_hist = hist if self._suffix_hist is None else self._suffix_hist + hist
+            if obs.draft_version is not None and obs.model_rounds:
+                evidence = self._model.setdefault(obs.draft_version, _ModelEvidence())
+                evidence.accepted += obs.model_accepted
+                # every round tests positions until the first rejection: accepted + 1, or k when all passed
+                evidence.tested += obs.model_accepted + (obs.model_rounds - obs.model_full)
+
+    def _decay(self) -> None:
+        factor = self.settings.decay
+        if self._suffix_hist is not None:
+            self._suffix_hist *= factor
+        for evidence in self._model.values():
+            evidence.accepted *= factor
+            evidence.tested *= factor
+
+    def model_alpha(self, version: str | None, optimistic: bool = False) -> float:
+        s = self.settings
+        evidence = self._model.get(version or "", _ModelEvidence())
+        tested = evidence.tested + s.prior_positions
+        alpha = (evidence.accepted + s.prior_alpha * s.prior_positions) / tested if tested else s.prior_alpha
+        if optimistic:
+            alpha += 1.0 / math.sqrt(tested + 1.0)
+        return min(alpha, 0.999)
+
+    def suffix_expected_accepted(self, max_match: int, max_k: int) -> np.ndarray:
+        """Mean accepted suffix tokens per round by match length m, starting from a prior of half of min(m, k)
+        worth SUFFIX_PRIOR_ROUNDS rounds (so a hybrid tries suffix drafts before it has seen any)."""
+        prior = 0.5 * np.minimum(np.arange(max_match + 1), max_k)
+        counts = np.zeros(max_match + 1)
+        accepted = np.zeros(max_match + 1)
+        if self._suffix_hist is not None:
+            counts = self._suffix_hist.sum(axis=1)[: max_match + 1]
+            accepted = (self._suffix_hist @ np.arange(self._suffix_hist.shape[1]))[: max_match + 1]
+        mean = (accepted + SUFFIX_PRIOR_ROUNDS * prior) / (counts + SUFFIX_PRIOR_ROUNDS)
+        return mean.astype(np.float32)
+
+    # ------------------------------------------------------------------ expected tokens
+
+    def expected_tokens(self, variant: Variant, draft_version: str | None = None, optimistic: bool = False) -> float:
+        if variant.proposer == "none" or variant.k == 0:
+            return 1.0
+        if variant.proposer == "suffix":
+            return 1.0 + self._suffix_accepted(variant.k)
+        alpha = self.model_alpha(draft_version, optimistic)
+        model = _geometric_accepted(alpha, variant.k)
+        if variant.proposer == "draft":
+            return 1.0 + model
+        if variant.proposer == "hybrid":
+            return 1.0 + self._hybrid_accepted(variant.k, model)
+        raise ValueError(f"unknown proposer {variant.proposer!r}")
+
+    def _suffix_accepted(self, k: int) -> float:
+        hist = self._suffix_hist
+        if hist is None or hist.sum() <= 0:
+            return 0.0
+        accepted = np.minimum(np.arange(hist.shape[1]), k)
+        return float((hist @ accepted).sum() / hist.sum())
+
+    def _hybrid_accepted(self, k: int, model: float) -> float:
+        hist = self._suffix_hist
+        if hist is None or hist.sum() <= 0:
+            return model
+        per_match = hist @ np.minimum(np.arange(hist.shape[1]), k) / np.maximum(hist.sum(axis=1), 1e-9)
+        weights = hist.sum(axis=1) / hist.sum()
+        return float((weights * np.maximum(per_match, model)).sum())
+
+    # ------------------------------------------------------------------ the choice
+
+    def choose(self, bucket: int, allowed: list[Variant] | None = None, draft_version: str | None = None) -> Variant:
+        """The variant to run this batch at `bucket` (the batch size it pads to)."""
+        with self._lock:
+            candidates = [v for v in (allowed or self.variants) if self.cost(bucket, v) is not None]
+            if not candidates:  # the first batch of a bucket measures target-only
+                self.choices[TARGET_ONLY] += 1
+                self.last = _Choice(TARGET_ONLY)
+                return TARGET_ONLY
+            goodput = {v: self.expected_tokens(v, draft_version) / self.cost(bucket, v) for v in candidates}
+            baseline = goodput.get(TARGET_ONLY, 0.0)
+            best = max(goodput, key=goodput.get)
+            if best != TARGET_ONLY and goodput[best] < baseline * (1 + self.settings.margin):
+                best = TARGET_ONLY
+            explored = False
+            self._batches[bucket] += 1
+            explore = self._exploration(bucket, candidates, goodput[best], draft_version)
+            if explore is not None:
+                best, explored = explore, True
+            self._last_run[(bucket, best)] = self._batches[bucket]
+            self.choices[best] += 1
+            self.last = _Choice(best, goodput, explored)
+            return best
+
+    def _exploration(self, bucket: int, candidates: list[Variant], best_goodput: float,
+                     draft_version: str | None) -> Variant | None:  # fmt: skip
+        every = self.settings.explore_every
+        if not every or self._batches[bucket] % every:
+            return None
+        stale = [v for v in candidates if v.uses_draft_model
+                 and self._batches[bucket] - self._last_run.get((bucket, v), 0) >= every]  # fmt: skip
+        if not stale:
+            return None
+        hopeful = {v: self.expected_tokens(v, draft_version, optimistic=True) / self.cost(bucket, v) for v in stale}
+        variant = max(hopeful, key=hopeful.get)
+        return variant if hopeful[variant] >= best_goodput else None
+
+    def snapshot(self) -> dict:
+        """Counters and the last decision, for metrics and logs."""
+        with self._lock:
+            last = self.last
+            return {
+                "choices": {str(v): n for v, n in sorted(self.choices.items())},
+                "last": None if last is None else {
+                    "variant": str(last.variant), "explored": last.explored,
+                    "goodput": {str(v): g for v, g in sorted(last.goodput.items())},
+                },
+                "costs_ms": {f"{b}/{v}": round(c.seconds * 1e3, 3) for (b, v), c in sorted(self._costs.items())},
+            }  # fmt: skip
+
+
+def _geometric_accepted(alpha: float, k: int) -> float:
+    """Expected accepted tokens of a chain of k drafts with per-token acceptance alpha: alpha + ... + alpha^k."""
+    return sum(alpha**j for j in range(1, k + 1))

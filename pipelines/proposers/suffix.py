@@ -1,0 +1,266 @@
+"""Proposer `suffix`: model-free drafting from the longest earlier match (SuffixDecoding, vLLM `ngram`).
+
+A row's context ends with ... t_{L-1} t_L (t_L = `current`). Two places can hold an earlier occurrence of that
+ending, and what followed it there is the draft:
+
+    the row itself    its prompt and everything it emitted so far (state.tokens): code that repeats names, SQL that
+                      copies columns from the schema in the prompt, text that quotes the question
+    the stream        earlier completions, in a bounded ring of tokens (SuffixCache) with a hashed bigram index:
+                      bucket(t_{L-1}, t_L) -> the `ways` most recent positions where that bigram ended
+
+Each candidate is scored by its match length m (how many tokens before and including t_L agree, up to
+max_match) and, in the stream, by its support (how many other candidates agree on the next token: frequency, as
+SuffixDecoding scores continuations); the row's own context wins ties. The row drafts min(k, available,
+floor(spec_factor * m)) tokens, or none when m < min_match: short matches are weak evidence. Everything is tensor
+work on static buffers, so it runs inside the captured round with no host synchronisation; it is deterministic,
+so verification uses a one-hot q.
+
+The stream ring is written between batches (`SuffixCache.add`, from the host), with every finished request's
+completion after the end of its prompt; at daemon start it is rebuilt from stored completions, so a restart keeps what the stream taught it.
+Memory is bounded: 4 bytes per ring token plus 8 * ways bytes per bucket; the oldest tokens are overwritten and a
+stale index entry is recognised by its position (older than the ring).
+
+Acceptance statistics for the goodput controller: `hist[m, a]` counts rounds in which a row with match length m
+had a accepted suffix tokens, from real suffix rounds and from *shadow* proposals during target-only rounds (the
+proposal is checked against the tokens the target then emitted: decoding is lossless, so that is exactly what
+verification would have accepted under greedy decoding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.decode_state import DecodeState
+from pipelines.proposers import Proposal
+from pipelines.settings import SuffixSettings
+from pipelines.types import SOURCE_NONE, SOURCE_SUFFIX
+
+SEPARATOR = -1  # ring value between completions: a continuation never runs across it
+_NEVER = -2  # padding before position 0 of a row: matches no token
+_HASH = 1_000_003
+_RECENCY_BITS = 44  # score = (match length, support) above, ring position below
+
+
+def bigram_bucket(first, second, buckets: int):
+    """The index bucket of a bigram; the same arithmetic for numpy arrays (host) and torch tensors (device)."""
+    return (first * _HASH + second) & (buckets - 1)
+
+
+class SuffixCache:
+    """The stream's earlier completions: a token ring and a W-way hashed bigram index, mirrored host -> device."""
+
+    def __init__(self, settings: SuffixSettings, device: torch.device | str):
+        self.settings = settings
+        capacity, buckets, ways = settings.cache_tokens, settings.table_buckets, settings.ways
+        self._ring = np.full(capacity, SEPARATOR, dtype=np.int32)
+        self._table = np.full((buckets, ways), -1, dtype=np.int64)  # absolute ring positions, -1 = empty
+        self._fill = np.zeros(buckets, dtype=np.int64)  # insertions per bucket (its next way is fill % ways)
+        self.total = 0  # tokens ever written: the absolute position of the next one
+        self.sequences = 0
+        self.ring = torch.from_numpy(self._ring).to(device)
+        self.table = torch.from_numpy(self._table).to(device)
+        self.total_tensor = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        """Host and device bytes together (the two mirrors are the same size)."""
+        host = self._ring.nbytes + self._table.nbytes + self._fill.nbytes
+        return host + self.ring.numel() * self.ring.element_size() + self.table.numel() * 8
+
+    def add(self, completions: Iterable[Sequence[int]], prompts: Iterable[Sequence[int]] | None = None) -> int:
+        """Append completions, each after a separator and the last max_match tokens of its prompt (when given), and
+        index the bigrams that end inside the completion: the first one spans the prompt's last token, so a repeated
+        request matches from its first generated token. Returns tokens written. Call between rounds, never while a
+        captured round may replay."""
+        completions = [np.asarray(c, dtype=np.int64) for c in completions]
+        tails = [np.asarray(p, dtype=np.int64)[-self.settings.max_match :] for p in prompts or ()]
+        tails += [np.zeros(0, dtype=np.int64)] * (len(completions) - len(tails))
+        blocks, indexed = [], []
+        for tail, completion in zip(tails, completions):
+            if not len(completion):
+                continue
+            blocks.append(np.concatenate([[SEPARATOR], tail, completion]))
+            indexed.append(np.arange(len(blocks[-1])) >= 1 + len(tail))
+        if not blocks:
+            return 0
+        values, indexable = np.concatenate(blocks), np.concatenate(indexed)
+        capacity = self.settings.cache_tokens
+        if len(values) > capacity:  # only the newest `capacity` tokens can be kept anyway
+            values, indexable = values[-capacity:], indexable[-capacity:]
+        positions = self.total + np.arange(len(values), dtype=np.int64)
+        slots = positions % capacity
+        self._ring[slots] = values
+        self._index(values, positions, indexable)
+        self.total += len(values)
+        self.sequences += len(blocks)
+        self.ring[torch.from_numpy(slots).to(self.ring.device)] = torch.from_numpy(values.astype(np.int32)).to(
+            self.ring.device
+        )
+        self.total_tensor.fill_(self.total)
+        return len(values)
+
+    def _index(self, values: np.ndarray, positions: np.ndarray, indexable: np.ndarray) -> None:
+        """Record, per bigram, the position of its second token; each bucket keeps its `ways` newest."""
+        ends = np.nonzero((values[:-1] >= 0) & (values[1:] >= 0) & indexable[1:])[0] + 1
+        if not len(ends):
+            return
+        buckets = bigram_bucket(values[ends - 1], values[ends], self.settings.table_buckets)
+        order = np.argsort(buckets, kind="stable")  # insertion order kept within a bucket
+        buckets, ends = buckets[order], ends[order]
+        unique, first, counts = np.unique(buckets, return_index=True, return_counts=True)
+        rank = np.arange(len(buckets)) - np.repeat(first, counts)
+        newest = rank >= np.repeat(counts, counts) - self.settings.ways  # older ones would be overwritten
+        buckets, ends, rank = buckets[newest], ends[newest], rank[newest]
+        way = (self._fill[buckets] + rank) % self.settings.ways
+        self._table[buckets, way] = positions[ends]
+        self._fill[unique] += counts
+        rows = torch.from_numpy(unique).to(self.table.device)
+        self.table[rows] = torch.from_numpy(self._table[unique]).to(self.table.device)
+
+
+@dataclass
+class ShadowState:
+    """Per batch bucket: the suffix proposal pending against tokens the target has not emitted yet."""
+
+    tokens: torch.Tensor  # [B, k] proposed tokens
+    counts: torch.Tensor  # [B] how many
+    start: torch.Tensor  # [B] position of the first proposed token
+    match: torch.Tensor  # [B] match length the proposal was made with
+    live: torch.Tensor  # [B] bool: a proposal is pending
+
+    @classmethod
+    def allocate(cls, batch_size: int, k: int, device) -> "ShadowState":
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=device)  # noqa: E731
+        return cls(zeros(batch_size, k), zeros(batch_size), zeros(batch_size), zeros(batch_size),
+                   torch.zeros(batch_size, dtype=torch.bool, device=device))  # fmt: skip
+
+    def reset(self) -> None:
+        self.live.zero_()
+
+
+class SuffixProposer:
+    name = "suffix"
+    source = SOURCE_SUFFIX
+
+    def __init__(self, cache: SuffixCache, max_k: int):
+        self.cache = cache
+        self.settings = cache.settings
+        self.max_k = max_k
+        device = cache.table.device
+        # Rounds by (match length, accepted suffix tokens); read and cleared by the controller between batches.
+        self.hist = torch.zeros((self.settings.max_match + 1, max_k + 1), dtype=torch.int64, device=device)
+        # Expected accepted tokens by match length (hybrid's per-row choice); written by the controller.
+        self.expected_accepted = torch.zeros(self.settings.max_match + 1, dtype=torch.float32, device=device)
+
+    def allocate(self, batch_size: int) -> ShadowState:
+        return ShadowState.allocate(batch_size, self.max_k, self.cache.table.device)
+
+    # ------------------------------------------------------------------ propose (captured)
+
+    def propose(self, state: DecodeState, k: int) -> tuple[Proposal, torch.Tensor]:
+        """Up to k tokens per row from the best earlier match; also returns each row's match length [B]."""
+        s = self.settings
+        lengths, tokens = state.lengths, state.tokens
+        back = torch.arange(s.max_match, device=lengths.device)
+        tail_positions = lengths[:, None] - back  # [B, J]: t_L, t_{L-1}, ...
+        tail_ok = tail_positions >= 0
+        tail = tokens.gather(1, tail_positions.clamp_min(0))
+
+        own_match, own_tokens, own_avail = self._own_match(tokens, lengths, tail, tail_ok, k)
+        stream_match, stream_tokens, stream_avail = self._stream_match(tail, tail_ok, k)
+        use_own = own_match >= stream_match
+        match = torch.where(use_own, own_match, stream_match)
+        continuation = torch.where(use_own[:, None], own_tokens, stream_tokens)
+        available = torch.where(use_own, own_avail, stream_avail)
+
+        by_factor = torch.floor(match.float() * s.spec_factor).long()
+        counts = torch.minimum(torch.minimum(available, by_factor), torch.full_like(available, k))
+        counts = torch.where(match >= s.min_match, counts, 0)
+        sources = torch.where(counts > 0, SOURCE_SUFFIX, SOURCE_NONE).to(torch.uint8)
+        # Padding slots must still hold token ids the target can embed (the ring's separators are -1).
+        padding = torch.arange(k, device=counts.device) >= counts[:, None]
+        continuation = torch.where(padding, 0, continuation)
+        return Proposal(continuation, counts, None, sources), match
+
+    def _own_match(self, tokens, lengths, tail, tail_ok, k):
+        """Best earlier occurrence inside the row (prompt and output): match length, continuation, available."""
+        s = self.settings
+        batch, width = tokens.shape
+        padded = torch.cat([tokens.new_full((batch, s.max_match - 1), _NEVER), tokens], dim=1)
+        windows = padded.unfold(1, s.max_match, 1).flip(-1)  # [B, width, J]: windows[b, p, j] = t_{p - j}
+        agree = (windows == tail[:, None, :]) & tail_ok[:, None, :]
+        run = agree.long().cumprod(dim=-1).sum(dim=-1)  # [B, width] match length of the occurrence ending at p
+        ends = torch.arange(width, device=tokens.device)
+        run = torch.where(ends < lengths[:, None], run, 0)  # only occurrences that end before t_L
+        score = torch.where(run >= s.min_match, run * width + ends, -1)
+        best = score.argmax(dim=1)  # longest, then most recent
+        match = run.gather(1, best[:, None])[:, 0]
+        steps = torch.arange(k, device=tokens.device)
+        continuation = tokens.gather(1, (best[:, None] + 1 + steps).clamp_max(width - 1))
+        available = (lengths - best).clamp(0, k)  # tokens after the occurrence that are already known
+        return match, continuation, available
+
+    def _stream_match(self, tail, tail_ok, k):
+        """Best occurrence in the stream ring among the indexed positions of the row's last bigram."""
+        s, cache = self.settings, self.cache
+        capacity = s.cache_tokens
+        candidates = cache.table[bigram_bucket(tail[:, 1], tail[:, 0], s.table_buckets)]  # [B, W]
+        fresh = (candidates >= 0) & (candidates >= cache.total_tensor - capacity + s.max_match)
+        back = torch.arange(s.max_match, device=tail.device)
+        before = cache.ring[((candidates[..., None] - back) % capacity)].long()  # [B, W, J]
+        agree = (before == tail[:, None, :]) & tail_ok[:, None, :]
+        match = torch.where(fresh, agree.long().cumprod(dim=-1).sum(dim=-1), 0)  # [B, W]
+
+        steps = torch.arange(k, device=tail.device)
+        ahead = candidates[..., None] + 1 + steps  # [B, W, k]
+        continuation = cache.ring[ahead % capacity].long()
+        known = (continuation >= 0) & (ahead < cache.total_tensor)
+        available = known.long().cumprod(dim=-1).sum(dim=-1)  # up to the next separator
+        usable = (match >= s.min_match) & (available > 0)
+        if k:
+            first = continuation[..., 0]
+            support = ((first[:, :, None] == first[:, None, :]) & usable[:, None, :]).sum(dim=-1)
+        else:
+            support = torch.zeros_like(match)
+        score = (match * (s.ways + 1) + support) * (1 << _RECENCY_BITS) + candidates.clamp_min(0)
+        best = torch.where(usable, score, -1).argmax(dim=1, keepdim=True)  # [B, 1]
+        best_match = torch.where(usable.gather(1, best), match.gather(1, best), 0)[:, 0]
+        best_tokens = continuation.gather(1, best[..., None].expand(-1, 1, k))[:, 0]
+        return best_match, best_tokens, available.gather(1, best)[:, 0].clamp_max(k)
+
+    # ------------------------------------------------------------------ statistics (captured)
+
+    def record(self, match: torch.Tensor, accepted: torch.Tensor, rows: torch.Tensor) -> None:
+        """A real round: count (match length, accepted) for the rows in `rows` [B] bool."""
+        index = match.clamp_max(self.settings.max_match) * (self.max_k + 1) + accepted.clamp_max(self.max_k)
+        self.hist.view(-1).index_add_(0, index, rows.long())
+
+    def shadow(self, state: DecodeState, k: int) -> None:
+        """After a round without suffix drafts: score the pending proposals against what the target emitted, then
+        propose again from each row's new context (what a suffix round would have drafted next)."""
+        pending: ShadowState = state.proposer_state[self.name]
+        steps = torch.arange(pending.tokens.shape[1], device=state.lengths.device)
+        positions = pending.start[:, None] + steps
+        proposed = steps < pending.counts[:, None]
+        known = positions <= state.lengths[:, None]  # t_L and everything before it is emitted
+        emitted = state.tokens.gather(1, positions.clamp_max(state.tokens.shape[1] - 1))
+        agree = (emitted == pending.tokens) | ~proposed
+        matched = (agree & known).long().cumprod(dim=1).sum(dim=1).minimum(pending.counts)
+        mismatch_seen = (~agree & known).any(dim=1)
+        all_known = known.gather(1, (pending.counts - 1).clamp_min(0)[:, None])[:, 0]
+        resolved = pending.live & (mismatch_seen | all_known)
+        self.record(pending.match, matched, resolved & state.active)
+
+        proposal, match = self.propose(state, k)
+        renew = (resolved | ~pending.live) & state.active
+        pending.tokens.copy_(torch.where(renew[:, None], proposal.tokens, pending.tokens))
+        pending.counts.copy_(torch.where(renew, proposal.counts, pending.counts))
+        pending.start.copy_(torch.where(renew, state.lengths + 1, pending.start))
+        pending.match.copy_(torch.where(renew, match, pending.match))
+        pending.live.copy_(torch.where(renew, proposal.counts > 0, pending.live & state.active))
+        # A row without a proposal this round still had a round: it would have drafted nothing.
+        self.record(match, torch.zeros_like(match), renew & (proposal.counts == 0))

@@ -1,0 +1,86 @@
+"""From a batch's device buffers to GenerationResults: the kept tokens, text, counters and feedback per request.
+
+The only device-to-host copies of a batch happen here, once, after its last round.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.decode_state import COUNT_ACCEPTED, COUNT_DRAFTED, COUNT_ROUNDS, DecodeState
+from pipelines.types import (
+    KIND_ACCEPTED,
+    SOURCE_NAMES,
+    GenerationRequest,
+    GenerationResult,
+    RequestCounters,
+    RequestFeedback,
+)
+
+
+def collect(state: DecodeState, requests: list[GenerationRequest], tokenizer, eos_ids: set[int], k: int,
+            draft_version: str, elapsed: float) -> list[GenerationResult]:  # fmt: skip
+    rows = len(requests)
+    generated = state.generated[:rows].cpu().numpy()
+    width = max(int(generated.max()), 1)
+    host = {name: getattr(state, name)[:rows, :width].cpu().numpy() for name in
+            ("out_tokens", "out_kinds", "out_draft_tokens", "out_sources", "out_step_slot", "out_topk_ids",
+             "out_topk_logprobs")}  # fmt: skip
+    forwards = state.target_forwards[:rows].cpu().numpy()
+    drafted = state.drafted[:rows].cpu().numpy()
+    draft_steps = state.draft_steps[:rows].cpu().numpy()
+    by_source = state.source_counts[:rows].cpu().numpy()
+    results = []
+    for row, request in enumerate(requests):
+        keep, reason = kept_length(host["out_tokens"][row, : generated[row]], request, tokenizer, eos_ids)
+        kinds = host["out_kinds"][row, :keep]
+        slots = host["out_step_slot"][row, :keep]
+        counters = RequestCounters(
+            draft_steps=int(draft_steps[row]),
+            drafted=int(drafted[row]),
+            accepted=int((kinds == KIND_ACCEPTED).sum()),
+            target_forwards=int(forwards[row]),
+            emitted=keep,
+            accepted_at_position=[int(((kinds == KIND_ACCEPTED) & (slots == j)).sum()) for j in range(k)],
+            by_proposer={
+                SOURCE_NAMES[source]: {"rounds": int(c[COUNT_ROUNDS]), "drafted": int(c[COUNT_DRAFTED]),
+                                       "accepted": int(c[COUNT_ACCEPTED])}  # fmt: skip
+                for source, c in enumerate(by_source[row])
+                if c[COUNT_ROUNDS]
+            },
+        )
+        token_ids = host["out_tokens"][row, :keep].astype(np.int64).tolist()
+        feedback = RequestFeedback(
+            prompt_ids=np.asarray(request.input_ids, dtype=np.int32),
+            token_ids=host["out_tokens"][row, :keep].astype(np.int32),
+            kinds=kinds.astype(np.uint8),
+            draft_tokens=host["out_draft_tokens"][row, :keep].astype(np.int32),
+            target_topk_ids=host["out_topk_ids"][row, :keep].astype(np.int32),
+            target_topk_logprobs=host["out_topk_logprobs"][row, :keep].astype(np.float16),
+            draft_version=draft_version,
+            draft_sources=host["out_sources"][row, :keep].astype(np.uint8),
+        )
+        text = tokenizer.decode(token_ids, skip_special_tokens=True)
+        if reason == "stop":
+            text = cut_at_stop(text, request.stop)
+        results.append(GenerationResult(request.id, token_ids, text, reason, counters, feedback, elapsed))
+    return results
+
+
+def kept_length(tokens: np.ndarray, request: GenerationRequest, tokenizer, eos_ids: set[int]) -> tuple[int, str]:
+    """How many emitted tokens belong to the answer, and why decoding ended."""
+    limit = min(len(tokens), request.max_new_tokens)
+    for index in range(limit):
+        if int(tokens[index]) in eos_ids:
+            return index + 1, "eos"
+    if request.stop:
+        for index in range(1, limit + 1):
+            text = tokenizer.decode(tokens[:index].tolist(), skip_special_tokens=True)
+            if any(stop in text for stop in request.stop):
+                return index, "stop"
+    return limit, "length"
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    cut = min((text.index(s) for s in stops if s in text), default=len(text))
+    return text[:cut]
