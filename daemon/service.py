@@ -89,12 +89,31 @@ def build_worker(settings: Settings, notifier: SystemdNotifier | None = None) ->
         follower.sync(engine)
     log.info("target identity %s, draft version %s, max prompt tokens %d", target_identity, engine.draft_version,
              engine.max_prompt_tokens)  # fmt: skip
+    warm_start_suffix_cache(engine, session_factory, target_identity)
     worker = Worker(settings, engine, tokenizer, store, metrics=DaemonMetrics(), notifier=notifier,
                     follower=follower)  # fmt: skip
     if engine.draft is not None:
         worker.learning = build_learning(settings, db_engine, session_factory, engine.draft, weights,
                                          target_identity, worker.serving_counters)  # fmt: skip
     return worker
+
+
+def warm_start_suffix_cache(engine, session_factory, target_identity: str) -> None:
+    """A restart keeps what the stream taught the suffix proposer: the newest stored completions of this target
+    (half the ring: the prompt tails stored beside them take room too) go back into its cache."""
+    import time
+
+    from storage.feedback_repo import recent_streams
+
+    if engine.suffix is None:
+        return
+    started = time.monotonic()
+    with session_factory() as session:
+        streams = recent_streams(session, target_identity=target_identity,
+                                 max_tokens=engine.settings.suffix.cache_tokens // 2)  # fmt: skip
+    written = engine.add_to_stream([emitted for _, emitted in streams], [prompt for prompt, _ in streams])
+    log.info("suffix proposer: %d stored completions (%d ring tokens) loaded in %.1f s", len(streams), written,
+             time.monotonic() - started)  # fmt: skip
 
 
 def build_learning(settings: Settings, db_engine, session_factory, draft, weights: DraftWeights,

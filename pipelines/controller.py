@@ -11,7 +11,8 @@ target's parameters. One batch of the variant then replaces the estimate. Expect
 
     none:0       1
     suffix:k     1 + E[min(a, k)] over hist[m, a], the accepted suffix tokens seen per round at match length m, from
-                 real suffix rounds and from shadow proposals scored during target-only rounds
+                 real suffix rounds and from shadow proposals scored in every `shadow_every`-th batch
+                 without suffix drafts
     draft:k      1 + alpha + ... + alpha^k, with alpha the model's per-token acceptance (accepted / tested
                  positions of its rounds, per draft version, starting from a prior)
     hybrid:k     1 + E_m[max(suffix's mean accepted at m, the model's expected accepted)]
@@ -59,7 +60,7 @@ class BatchObservation:
     bucket: int
     variant: Variant
     rounds: int
-    seconds: float
+    seconds: float | None
     draft_version: str | None = None
     model_rounds: int = 0  # rounds (row-rounds) in which the draft model drafted
     model_accepted: int = 0
@@ -110,7 +111,7 @@ class GoodputController:
     def observe(self, obs: BatchObservation) -> None:
         with self._lock:
             self._decay()
-            if obs.rounds > 0 and obs.seconds > 0:
+            if obs.rounds > 0 and obs.seconds:  # None: a batch that also ran shadow proposals (not a clean cost)
                 per_round = obs.seconds / obs.rounds
                 entry = self._costs.get((obs.bucket, obs.variant))
                 if entry is None:

@@ -103,13 +103,15 @@ class SpeculativeEngine:
         self._models = RoundModels(
             target_forward=decoder_forward(target, self._compile), lm_head=target.get_output_embeddings(),
             eos_ids=self.eos_ids, top_m=settings.top_m, max_k=self.max_k, draft=self.draft_proposer,
-            suffix=self.suffix, hybrid=hybrid, shadow_k=suffix_k if self.controller is not None else 0,
+            suffix=self.suffix, hybrid=hybrid, shadow_k=suffix_k,
         )  # fmt: skip
         target_cache = PositionalKVCache.allocate(target, size, length)
         self._states = {bucket: self._allocate_state(bucket, target_cache) for bucket in batch_buckets(size)}
-        self._graphs: dict[tuple[int, Variant, bool], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, Variant, bool, bool], torch.cuda.CUDAGraph] = {}
+        self._batches = 0
         self._graph_pool = None
         self.last_variant: Variant | None = None
+        self._last_choice: dict[int, Variant] = {}  # per batch bucket, for the switch log line
 
     def _allocate_state(self, bucket: int, target_cache: PositionalKVCache) -> DecodeState:
         state = DecodeState.allocate(bucket, target_cache.rows(bucket), self.settings.top_m, self.device)
@@ -137,7 +139,8 @@ class SpeculativeEngine:
             for size in self._states:
                 for variant in self.variants:
                     for greedy_only in (True, False):
-                        self._graph(size, variant, greedy_only)
+                        for shadow in {False, self._can_shadow(variant)}:
+                            self._graph(size, variant, greedy_only, shadow)
             log.info("captured %d round graphs in %.1f s", len(self._graphs), time.perf_counter() - started)
         if self.controller is not None and self.device.type == "cuda":
             for size in self._states:
@@ -178,15 +181,19 @@ class SpeculativeEngine:
         state = self._states[bucket]
         greedy_only = all(r.temperature == 0 for r in requests)
         variant = self._choose(bucket)
+        self._batches += 1
+        # auto: every shadow_every-th batch that drafts no suffix tokens scores shadow suffix proposals (a few
+        # kernels per round), so the controller keeps measuring what suffix would gain
+        shadow = self._can_shadow(variant) and self._batches % self.settings.auto.shadow_every == 0
         with torch.inference_mode():
             self._prefill(state, requests, variant)
             decode_started = time.perf_counter()
-            rounds = self._decode(state, variant, greedy_only, requests)
+            rounds = self._decode(state, variant, greedy_only, requests, shadow)
             decode_seconds = time.perf_counter() - decode_started
         eos = set(self.eos_ids.tolist())
         results = collect(state, requests, self.tokenizer, eos, variant.k, self.draft_version,
                           time.perf_counter() - started)  # fmt: skip
-        self._learn(state, requests, bucket, variant, rounds, decode_seconds, results)
+        self._learn(state, requests, bucket, variant, rounds, None if shadow else decode_seconds, results)
         return results
 
     def _choose(self, bucket: int) -> Variant:
@@ -194,9 +201,20 @@ class SpeculativeEngine:
             variant = self.variants[0]
         else:
             variant = self.controller.choose(bucket, draft_version=self.draft_version)
+            if self._last_choice.get(bucket) != variant:
+                self._log_switch(bucket, variant)
+            self._last_choice[bucket] = variant
         self._share_expectations()
         self.last_variant = variant
         return variant
+
+    def _log_switch(self, bucket: int, variant: Variant) -> None:
+        """One line whenever auto changes its choice for a batch size: what it now runs and why."""
+        choice = self.controller.last
+        ranked = sorted(choice.goodput.items(), key=lambda item: -item[1])[:4]
+        log.info("proposer auto, batch %d: %s -> %s%s; expected tokens/s per row: %s", bucket,
+                 self._last_choice.get(bucket, "start"), variant, " (exploring)" if choice.explored else "",
+                 ", ".join(f"{v} {g:.0f}" for v, g in ranked) or "none measured yet")  # fmt: skip
 
     def _share_expectations(self) -> None:
         """What the hybrid's per-row choice compares, from the controller's evidence (written between batches)."""
@@ -214,7 +232,7 @@ class SpeculativeEngine:
             counts = state.source_counts[: len(requests), SOURCE_DRAFT].sum(dim=0).cpu().numpy()
             hist = None
             if self.suffix is not None:
-                hist = self.suffix.hist.cpu().numpy()
+                hist = self.suffix.hist.cpu().numpy().copy()  # on CPU .cpu() is the tensor itself
                 self.suffix.hist.zero_()
             self.controller.observe(BatchObservation(
                 bucket, variant, rounds, decode_seconds, self.draft_version, model_rounds=int(counts[COUNT_ROUNDS]),
@@ -223,12 +241,15 @@ class SpeculativeEngine:
         if self.suffix is not None:
             self.suffix_cache.add([r.token_ids for r in results], [q.input_ids for q in requests])
 
-    def _decode(self, state: DecodeState, variant: Variant, greedy_only: bool, requests) -> int:
+    def _can_shadow(self, variant: Variant) -> bool:
+        return self.settings.proposer == "auto" and self.suffix is not None and not variant.uses_suffix
+
+    def _decode(self, state: DecodeState, variant: Variant, greedy_only: bool, requests, shadow: bool) -> int:
         """Run rounds until every row finished; returns the rounds run."""
         if self._use_graphs:
-            run_once = self._graph(state.batch_size, variant, greedy_only).replay
+            run_once = self._graph(state.batch_size, variant, greedy_only, shadow).replay
         else:
-            run_once = lambda: run_round(self._models, state, variant, greedy_only)  # noqa: E731
+            run_once = lambda: run_round(self._models, state, variant, greedy_only, shadow)  # noqa: E731
         has_stops = any(r.stop for r in requests)
         max_rounds = max(r.max_new_tokens for r in requests) + 1
         if self.device.type != "cuda" or has_stops:
@@ -319,8 +340,8 @@ class SpeculativeEngine:
 
     # ------------------------------------------------------------------ graphs and costs
 
-    def _graph(self, batch_size: int, variant: Variant, greedy_only: bool) -> torch.cuda.CUDAGraph:
-        key = (batch_size, variant, greedy_only)
+    def _graph(self, batch_size: int, variant: Variant, greedy_only: bool, shadow: bool = False):
+        key = (batch_size, variant, greedy_only, shadow)
         if key in self._graphs:
             return self._graphs[key]
         state = self._states[batch_size]
@@ -333,11 +354,11 @@ class SpeculativeEngine:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    run_round(self._models, state, variant, greedy_only)
+                    run_round(self._models, state, variant, greedy_only, shadow)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool):
-                run_round(self._models, state, variant, greedy_only)
+                run_round(self._models, state, variant, greedy_only, shadow)
         torch.cuda.synchronize()
         self._graphs[key] = graph
         return graph

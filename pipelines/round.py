@@ -7,8 +7,8 @@
               raw counters go to per-row buffers
     advance   lengths += n + 1; rejected cache slots are simply overwritten next round
     finish    rows that emitted EOS, reached max_new_tokens or the end of their cache stop
-    shadow    (auto, in rounds without suffix drafts) the suffix proposer scores its pending proposal against what
-              the target emitted and proposes again, so the controller knows what suffix would have gained
+    shadow    (auto, in some batches without suffix drafts) the suffix proposer scores its pending proposal against
+              what the target emitted and proposes again, so the controller knows what suffix would have gained
 
 Nothing here reads a value back to the host.
 """
@@ -38,10 +38,11 @@ class RoundModels:
     draft: object | None = None  # pipelines.proposers.draft.DraftModelProposer
     suffix: object | None = None  # pipelines.proposers.suffix.SuffixProposer
     hybrid: object | None = None  # pipelines.proposers.hybrid.HybridProposer
-    shadow_k: int = 0  # with auto: k of the suffix shadow proposals (0 = no shadow)
+    shadow_k: int = 0  # k of the suffix shadow proposals (rounds with shadow=True)
 
 
-def run_round(models: RoundModels, state: DecodeState, variant: Variant, greedy_only: bool) -> None:
+def run_round(models: RoundModels, state: DecodeState, variant: Variant, greedy_only: bool,
+              shadow: bool = False) -> None:  # fmt: skip
     k = variant.k
     lengths, active = state.lengths, state.active
     steps = torch.arange(k + 1, device=lengths.device)
@@ -78,7 +79,7 @@ def run_round(models: RoundModels, state: DecodeState, variant: Variant, greedy_
     state.lengths.add_(advance)
     state.generated.add_(advance)
     state.target_forwards.add_(active.long())
-    if models.shadow_k and not variant.uses_suffix:
+    if shadow:
         models.suffix.shadow(state, models.shadow_k)
     finish_rows(models, state, emitted, valid)
 

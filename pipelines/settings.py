@@ -52,6 +52,7 @@ class ControllerSettings(BaseModel):
     prior_positions: float = Field(32.0, ge=0)  # how many tested positions the prior is worth
     explore_every: int = Field(64, ge=0)  # batches per bucket between explorations; 0 = never explore
     profile_rounds: int = Field(5, ge=1, le=100)  # timed replays per (bucket, variant) at warm-up (CUDA)
+    shadow_every: int = Field(4, ge=1)  # every n-th batch without suffix drafts scores shadow suffix proposals
 
     @field_validator("k_choices")
     @classmethod

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from storage.db import dialect_insert
@@ -238,13 +238,21 @@ def update_live_metrics(session: Session, checkpoint_id: int, metrics: dict[str,
 
 @dataclass(frozen=True)
 class LiveCounters:
-    """Sums over completions served by one draft version. Ratios are derived here, never stored."""
+    """Sums over completions served by one draft version. Ratios are derived here, never stored.
+
+    With several proposers (engine.proposer auto or hybrid) a request's tokens came partly from other drafts; the
+    `model_*` counters are the draft model's own rounds (completions.by_proposer["draft"]; rows written before
+    by_proposer existed count wholly as the draft model's), and `draft_avg_len`, tokens per round in which the draft
+    model drafted, is what a version is judged by."""
 
     requests: int
     drafted: int
     accepted: int
     target_forwards: int
     emitted: int
+    model_requests: int = 0  # requests in which the draft model drafted at least once
+    model_rounds: int = 0
+    model_accepted: int = 0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -254,17 +262,31 @@ class LiveCounters:
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    @property
+    def draft_avg_len(self) -> float:
+        """Tokens per round of the draft model's own rounds (accepted + the recovered or bonus token)."""
+        return 1.0 + self.model_accepted / self.model_rounds if self.model_rounds else 0.0
+
 
 def live_counters(session: Session, draft_version: str, *, since: datetime | None = None) -> LiveCounters:
     """What the live guard compares: raw counters of completions stamped with `draft_version`."""
-    columns = [Completion.drafted, Completion.accepted, Completion.target_forwards, Completion.emitted]
-    query = select(func.count(), *(func.coalesce(func.sum(c), 0) for c in columns)).where(
-        Completion.draft_version == draft_version
-    )
+    old_row = Completion.by_proposer.is_(None)
+    model = Completion.by_proposer["draft"]
+    rounds = case((old_row, Completion.draft_steps), else_=func.coalesce(model["rounds"].as_integer(), 0))
+    accepted = case((old_row, Completion.accepted), else_=func.coalesce(model["accepted"].as_integer(), 0))
+    columns = [Completion.drafted, Completion.accepted, Completion.target_forwards, Completion.emitted, rounds,
+               accepted]  # fmt: skip
+    query = select(
+        func.count(), func.coalesce(func.sum(case((rounds > 0, 1), else_=0)), 0),
+        *(func.coalesce(func.sum(c), 0) for c in columns),
+    ).where(Completion.draft_version == draft_version)  # fmt: skip
     if since is not None:
         query = query.where(Completion.created_at >= since)
-    requests, drafted, accepted, forwards, emitted = session.execute(query).one()
-    return LiveCounters(int(requests), int(drafted), int(accepted), int(forwards), int(emitted))
+    requests, model_requests, drafted, accepted_all, forwards, emitted, model_rounds, model_accepted = (
+        int(value) for value in session.execute(query).one()
+    )
+    return LiveCounters(requests, drafted, accepted_all, forwards, emitted, model_requests, model_rounds,
+                        model_accepted)  # fmt: skip
 
 
 def _lock_pointer(session: Session, deployment: str) -> ActiveDraft:

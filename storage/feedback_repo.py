@@ -129,3 +129,36 @@ def _record(row: Feedback) -> FeedbackRecord:
         target_forwards=row.target_forwards, emitted=row.emitted,
     )  # fmt: skip
     return FeedbackRecord(row.id, row.request_id, row.created_at, row.target_identity, unpack_feedback(row), counters)
+
+
+def recent_streams(session: Session, *, target_identity: str, max_tokens: int,
+                   batch_rows: int = 1_000) -> list[tuple[list[int], list[int]]]:  # fmt: skip
+    """(prompt ids, emitted ids) of the newest feedback rows of this target, oldest first, as many as hold
+    `max_tokens` emitted tokens: what the suffix proposer's stream cache is rebuilt from at start. Reads only the
+    two token columns, newest first, `batch_rows` at a time."""
+    from storage.packing import FEEDBACK_DTYPES, unpack_array
+
+    streams: list[tuple[list[int], list[int]]] = []
+    tokens, before = 0, None
+    while tokens < max_tokens:
+        query = (
+            select(Feedback.id, Feedback.prompt_len, Feedback.n_tokens, Feedback.prompt_ids, Feedback.token_ids)
+            .where(Feedback.target_identity == target_identity)
+            .order_by(Feedback.id.desc())
+            .limit(batch_rows)
+        )
+        if before is not None:
+            query = query.where(Feedback.id < before)
+        rows = session.execute(query).all()
+        for row in rows:
+            prompt = unpack_array(row.prompt_ids, FEEDBACK_DTYPES["prompt_ids"], (row.prompt_len,)).tolist()
+            emitted = unpack_array(row.token_ids, FEEDBACK_DTYPES["token_ids"], (row.n_tokens,)).tolist()
+            streams.append((prompt, emitted))
+            tokens += len(emitted)
+            if tokens >= max_tokens:
+                break
+        if len(rows) < batch_rows:
+            break
+        before = rows[-1].id
+    streams.reverse()
+    return streams

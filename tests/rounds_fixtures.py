@@ -122,6 +122,12 @@ def live_avg_len(results) -> float:
     return sum(r.counters.emitted for r in results) / sum(r.counters.target_forwards for r in results)
 
 
+def draft_round_avg_len(results) -> float:
+    """What the live guard judges: tokens per round in which the draft model drafted (accepted + 1)."""
+    rounds = sum(r.counters.draft_steps for r in results)
+    return 1.0 + sum(r.counters.accepted for r in results) / rounds
+
+
 def follower_for(engine, settings: Settings, session_factory, weights: DraftWeights | None = None) -> DraftFollower:
     weights = weights or DraftWeights.of_draft(engine.draft, settings.learning.checkpoint_dir)
     return DraftFollower(session_factory, weights, target_identity=TARGET_IDENTITY,

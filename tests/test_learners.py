@@ -409,3 +409,27 @@ def test_target_temperature_sharpens_the_kl_toward_the_targets_argmax(domain, st
     report = learner.fit(copy.deepcopy(draft), static_rounds[0], base_version="v0")
     assert report.loss_before == pytest.approx(mean_kl(draft, static_rounds[0], temperature=0.25)[0], rel=1e-5)
     assert report.loss_before != pytest.approx(mean_kl(draft, static_rounds[0])[0], rel=1e-3)
+
+
+def test_osd_trains_on_the_draft_models_rejections_and_not_on_positions_suffix_drafted():
+    import numpy as np
+
+    from pipelines.learners.distill import model_verified
+    from pipelines.types import KIND_ACCEPTED, KIND_BONUS, KIND_RECOVERED, SOURCE_DRAFT, SOURCE_NONE, SOURCE_SUFFIX
+    from pipelines.types import RequestFeedback
+
+    def feedback(kinds, sources, drafts):
+        n = len(kinds)
+        return RequestFeedback(np.array([1, 2], np.int32), np.arange(n, dtype=np.int32), np.array(kinds, np.uint8),
+                               np.array(drafts, np.int32), np.zeros((n, 2), np.int32), np.zeros((n, 2), np.float16),
+                               "v0", None if sources is None else np.array(sources, np.uint8))  # fmt: skip
+
+    kinds = [KIND_BONUS, KIND_ACCEPTED, KIND_RECOVERED, KIND_ACCEPTED, KIND_RECOVERED, KIND_BONUS]
+    mixed = feedback(kinds, [SOURCE_NONE, SOURCE_DRAFT, SOURCE_DRAFT, SOURCE_SUFFIX, SOURCE_SUFFIX, SOURCE_NONE],
+                     [-1, 1, 9, 3, 9, -1])  # fmt: skip
+    assert model_verified(mixed).tolist() == [True, True, True, False, False, True]
+    legacy = feedback(kinds, None, [-1, 1, 9, 3, 9, -1])
+    assert model_verified(legacy).all()
+    suffix_only = feedback(kinds, [SOURCE_NONE, SOURCE_SUFFIX, SOURCE_SUFFIX, SOURCE_SUFFIX, SOURCE_SUFFIX, SOURCE_NONE],
+                           [-1, 1, 9, 3, 9, -1])  # fmt: skip
+    assert not model_verified(suffix_only).any()

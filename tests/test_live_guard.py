@@ -18,7 +18,7 @@ from tests.rounds_fixtures import (
     follow,
     follower_for,
     learning_settings,
-    live_avg_len,
+    draft_round_avg_len,
     serve,
     session_factory_for,
     stream,
@@ -56,7 +56,7 @@ def test_a_version_that_degrades_live_acceptance_is_rolled_back_automatically(se
     from storage import checkpoints_repo
 
     engine, session_factory, weights, follower, guard, url = setup
-    base_live = live_avg_len(serve(engine, session_factory, stream(engine.tokenizer, 8, seed=60)))
+    base_live = draft_round_avg_len(serve(engine, session_factory, stream(engine.tokenizer, 8, seed=60)))
     bad_id = add_version(session_factory, weights, "bad-1", scrambled(engine))
 
     assert cli(["checkpoints", "promote", "bad-1", "--database-url", url, "--reason", "try it", "--json"]) == 0
@@ -68,7 +68,7 @@ def test_a_version_that_degrades_live_acceptance_is_rolled_back_automatically(se
     served = serve(engine, session_factory, stream(engine.tokenizer, 3, seed=61))
     assert guard.check().action == "watching"  # 3 of 6 requests
     served += serve(engine, session_factory, stream(engine.tokenizer, 3, seed=62))
-    bad_live = live_avg_len(served)
+    bad_live = draft_round_avg_len(served)
     assert bad_live < base_live * 0.95
     verdict = guard.check()
     assert verdict.action == "rolled_back", verdict

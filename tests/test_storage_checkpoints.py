@@ -166,3 +166,24 @@ def test_current_activation_is_the_event_that_set_the_pointer(db_session_factory
         back = checkpoints.rollback(session, actor="operator:alice", reason="bad")
         assert checkpoints.current_activation(session).id == back.id
         assert checkpoints.current_activation(session, "other") is None
+
+
+def test_live_counters_judge_the_draft_models_own_rounds_when_several_proposers_drafted(db_session_factory):
+    """Rows with by_proposer count only the draft model's rounds; rows without (written before) count wholly."""
+    mixed = make_result("mixed", seed=1, version="v3")
+    mixed.counters.by_proposer = {"draft": {"rounds": 4, "drafted": 16, "accepted": 10},
+                                  "suffix": {"rounds": 3, "drafted": 12, "accepted": 12}}  # fmt: skip
+    suffix_only = make_result("suffix-only", seed=2, version="v3")
+    suffix_only.counters.by_proposer = {"suffix": {"rounds": 5, "drafted": 20, "accepted": 7}}
+    legacy = make_result("legacy", seed=3, version="v3")  # by_proposer stays empty: stored as NULL
+    results = [mixed, suffix_only, legacy]
+    with db_session_factory.begin() as session:
+        for i, result in enumerate(results):
+            record_request_received(session, result.id, "prompts", 0, 100 + i, {}, 5)
+        store_results(session, [CompletedRequest(r, json.dumps({"id": r.id})) for r in results], target_identity=TARGET)
+    with db_session_factory() as session:
+        live = checkpoints.live_counters(session, "v3")
+    assert live.requests == 3 and live.model_requests == 2  # the suffix-only request never ran the draft model
+    assert live.model_rounds == 4 + legacy.counters.draft_steps
+    assert live.model_accepted == 10 + legacy.counters.accepted
+    assert live.draft_avg_len == pytest.approx(1 + live.model_accepted / live.model_rounds)

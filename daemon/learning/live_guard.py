@@ -1,9 +1,10 @@
 """Live guard: a promoted version must do as well in service as the version it replaced, or it is rolled back.
 
 Held-out replay decides promotion on recent feedback; live traffic is the final judge. After a promotion
-(the newest pointer move is a `promote` event), once the new version has served `min_requests` requests since
-it went live, its live AvgLen (emitted tokens / target forwards over its completions) is compared with a
-reference for its predecessor:
+(the newest pointer move is a `promote` event), once the new version has drafted for `min_requests` requests since
+it went live, its live AvgLen (tokens per round of the rounds it drafted: storage LiveCounters.draft_avg_len, so
+rounds the goodput controller gave to other proposers do not count) is compared with a reference for its
+predecessor:
 
     1. the predecessor's own live AvgLen, over every completion it served;
     2. if it never served: its held-out AvgLen from the round that promoted the new version (same rows);
@@ -74,14 +75,16 @@ class LiveGuard:
         snapshot = {
             "requests": live.requests, "drafted": live.drafted, "accepted": live.accepted,
             "target_forwards": live.target_forwards, "emitted": live.emitted,
-            "avg_len": live.mean_accepted_length, "acceptance_rate": live.acceptance_rate,
+            "avg_len": live.draft_avg_len, "acceptance_rate": live.acceptance_rate,
+            "model_requests": live.model_requests, "model_rounds": live.model_rounds,
+            "model_accepted": live.model_accepted, "mean_accepted_length": live.mean_accepted_length,
             "since": activation.at.isoformat(), "measured_at": utcnow().isoformat(),
         }  # fmt: skip
         guard = {"activation_event_id": activation.id, "min_requests": self.settings.min_requests,
                  "margin": self.settings.margin}  # fmt: skip
-        if live.requests < self.settings.min_requests:
+        if live.model_requests < self.settings.min_requests:
             update_live_metrics(session, new.id, {**snapshot, "guard": {**guard, "verdict": "watching"}})
-            return GuardVerdict("watching", new.version, f"{live.requests}/{self.settings.min_requests} requests")
+            return GuardVerdict("watching", new.version, f"{live.model_requests}/{self.settings.min_requests} requests")
 
         predecessor = None if activation.from_checkpoint_id is None else get_checkpoint(
             session, activation.from_checkpoint_id)  # fmt: skip
@@ -93,10 +96,10 @@ class LiveGuard:
             return GuardVerdict("kept", new.version, f"no reference for {previous_version}")
 
         floor = reference * (1 - self.settings.margin)
-        numbers = (f"live AvgLen {live.mean_accepted_length:.3f} over {live.requests} requests vs "
+        numbers = (f"live AvgLen {live.draft_avg_len:.3f} over {live.model_requests} requests vs "
                    f"{reference:.3f} for {previous_version} ({source}); floor {floor:.3f} at margin "
                    f"{self.settings.margin:.0%}")  # fmt: skip
-        if live.mean_accepted_length >= floor:
+        if live.draft_avg_len >= floor:
             update_live_metrics(session, new.id, {**snapshot, "guard": {**guard, "verdict": "kept"}})
             log.info("live guard keeps %s: %s", new.version, numbers)
             return GuardVerdict("kept", new.version, numbers)
@@ -113,8 +116,8 @@ class LiveGuard:
     @staticmethod
     def _reference(session, activation, predecessor, previous_version, live_counters) -> tuple[float | None, str]:
         served = live_counters(session, previous_version)
-        if served.requests and served.target_forwards:
-            return served.mean_accepted_length, f"live over {served.requests} requests"
+        if served.model_rounds:
+            return served.draft_avg_len, f"live over {served.model_requests} requests"
         promoted_against = ((activation.metrics or {}).get("active") or {}).get("avg_len")
         if promoted_against:
             return float(promoted_against), "held-out in the promoting round"

@@ -52,6 +52,16 @@ class DaemonMetrics:
                                        buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.produce_seconds = Histogram("onlinespec_produce_seconds", "Produce-and-ack time per batch",
                                          buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.proposer_drafted = Counter("onlinespec_proposer_drafted_tokens", "Draft tokens proposed, by proposer",
+                                        ["proposer"], registry=r)  # fmt: skip
+        self.proposer_accepted = Counter("onlinespec_proposer_accepted_tokens", "Draft tokens accepted, by proposer",
+                                         ["proposer"], registry=r)  # fmt: skip
+        self.proposer_rounds = Counter("onlinespec_proposer_rounds", "Row-rounds in which a proposer drafted",
+                                       ["proposer"], registry=r)  # fmt: skip
+        self.variant_batches = Counter("onlinespec_variant_batches", "Batches decoded with each variant "
+                                       "(proposer:k; none:0 is target-only)", ["variant"], registry=r)  # fmt: skip
+        self.expected_goodput = Gauge("onlinespec_expected_goodput", "The goodput controller's expected tokens/s "
+                                      "per row of each variant at its last decision", ["variant"], registry=r)  # fmt: skip
         self._lock = threading.Lock()
         self._per_version: dict[str, list[int]] = {}  # version -> [emitted, forwards]
         self.database_up.set(1)
@@ -66,11 +76,24 @@ class DaemonMetrics:
                 self.target_forwards.labels(version).inc(c.target_forwards)
                 self.drafted.labels(version).inc(c.drafted)
                 self.accepted.labels(version).inc(c.accepted)
+                for proposer, counts in c.by_proposer.items():
+                    self.proposer_drafted.labels(proposer).inc(counts["drafted"])
+                    self.proposer_accepted.labels(proposer).inc(counts["accepted"])
+                    self.proposer_rounds.labels(proposer).inc(counts["rounds"])
                 totals = self._per_version.setdefault(version, [0, 0])
                 totals[0] += c.emitted
                 totals[1] += c.target_forwards
                 if totals[1]:
                     self.avg_len.labels(version).set(totals[0] / totals[1])
+
+    def record_choice(self, engine) -> None:
+        """The variant the engine ran for the last batch and, with proposer auto, what the controller expected."""
+        if engine.last_variant is None:
+            return
+        self.variant_batches.labels(str(engine.last_variant)).inc()
+        last = engine.controller.last if engine.controller is not None else None
+        for variant, goodput in (last.goodput if last is not None else {}).items():
+            self.expected_goodput.labels(str(variant)).set(goodput)
 
     def serve(self, host: str, port: int) -> int | None:
         """Start the HTTP exporter; port 0 disables it. Returns the bound port."""

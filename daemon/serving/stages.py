@@ -183,6 +183,7 @@ class Pipeline:
         seconds = time.monotonic() - started
         self.metrics.decode_seconds.observe(seconds)
         self.metrics.record_results(results)
+        self.metrics.record_choice(self.engine)
         self.metrics.decode_tps.set(sum(r.counters.emitted for r in results) / seconds if seconds > 0 else 0.0)
         self.totals.decode_seconds += seconds
         decoded = []

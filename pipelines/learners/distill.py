@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines.types import KIND_RECOVERED, NO_DRAFT_TOKEN, RequestFeedback
+from pipelines.types import KIND_RECOVERED, NO_DRAFT_TOKEN, SOURCE_DRAFT, SOURCE_NONE, RequestFeedback
 
 PAD_ID = 0  # right padding never reaches a real position under causal attention
 
@@ -45,7 +45,7 @@ class FeedbackBatch:
     index: torch.Tensor  # [N] int64, i (0 = the prefill's token)
     tokens: torch.Tensor  # [N] int64, the emitted token
     kinds: torch.Tensor  # [N] uint8, KIND_*
-    proposed: torch.Tensor  # [N] bool, the request had draft proposals (not target-only feedback)
+    proposed: torch.Tensor  # [N] bool, the draft model's verification covered this position (model_verified)
     topk_ids: torch.Tensor  # [N, m] int64
     topk_logprobs: torch.Tensor  # [N, m] float32
 
@@ -78,8 +78,7 @@ def collate(examples: Sequence[RequestFeedback], device: torch.device | str) -> 
         columns.append(len(prompt) - 1 + np.arange(n))
         index.append(np.arange(n))
     cat = lambda name: np.concatenate([getattr(e, name) for e in examples])  # noqa: E731
-    has_proposals = [bool((e.draft_tokens != NO_DRAFT_TOKEN).any()) for e in examples]
-    proposed = np.concatenate([np.full(len(e.token_ids), flag) for e, flag in zip(examples, has_proposals)])
+    proposed = np.concatenate([model_verified(e) for e in examples])
     to = lambda array, dtype: torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)  # noqa: E731
     return FeedbackBatch(
         input_ids=to(input_ids, torch.int64),
@@ -92,6 +91,21 @@ def collate(examples: Sequence[RequestFeedback], device: torch.device | str) -> 
         topk_ids=to(np.concatenate([e.target_topk_ids[:, :top_m] for e in examples]), torch.int64),
         topk_logprobs=to(np.concatenate([e.target_topk_logprobs[:, :top_m] for e in examples]), torch.float32),
     )
+
+
+def model_verified(example: RequestFeedback) -> np.ndarray:
+    """[n] bool: positions the draft model's own proposals were verified at, so their kind says how the model did:
+    every position of a request the draft model drafted for, except those drafted by another proposer (suffix).
+    Feedback recorded before draft_sources existed came from the draft model alone."""
+    model = example.draft_tokens != NO_DRAFT_TOKEN
+    if example.draft_sources is not None:
+        model = model & (example.draft_sources == SOURCE_DRAFT)
+    if not model.any():
+        return np.zeros(len(example.token_ids), dtype=bool)
+    if example.draft_sources is None:
+        return np.ones(len(example.token_ids), dtype=bool)
+    others = (example.draft_sources != SOURCE_DRAFT) & (example.draft_sources != SOURCE_NONE)
+    return ~others
 
 
 def micro_batches(examples: Sequence[RequestFeedback], max_tokens: int) -> list[list[RequestFeedback]]:
@@ -128,9 +142,10 @@ def forward_kl(logits: torch.Tensor, batch: FeedbackBatch, temperature: float = 
 
 
 def rejected_positions(logits: torch.Tensor, batch: FeedbackBatch) -> torch.Tensor:
-    """[N] bool: OSD's positions. Where the request had draft proposals, the positions the serving draft got
-    rejected at (KIND_RECOVERED); in target-only feedback (no proposals), the positions where the draft being
-    trained would be rejected now (its teacher-forced argmax differs from the emitted token)."""
+    """[N] bool: OSD's positions. Where the draft model's proposals were verified (model_verified), the positions
+    it got rejected at (KIND_RECOVERED); elsewhere (target-only feedback, positions another proposer drafted), the
+    positions where the draft being trained would be rejected now (its teacher-forced argmax differs from the
+    emitted token)."""
     recovered = batch.kinds == KIND_RECOVERED
     mismatch = logits.detach().argmax(dim=-1) != batch.tokens
     return torch.where(batch.proposed, recovered, mismatch)

@@ -1,0 +1,115 @@
+"""The goodput controller of proposer auto: target-only unless a proposer promises more tokens per second."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.controller import BatchObservation, GoodputController
+from pipelines.engine import EngineSettings, SpeculativeEngine
+from pipelines.proposers import TARGET_ONLY, Variant
+from pipelines.settings import ControllerSettings
+from pipelines.types import GenerationRequest
+
+SUFFIX, DRAFT, HYBRID = Variant("suffix", 4), Variant("draft", 4), Variant("hybrid", 4)
+MAX_MATCH, MAX_K = 16, 4
+
+
+def suffix_hist(accepted_per_round: int, rounds: int = 200) -> np.ndarray:
+    hist = np.zeros((MAX_MATCH + 1, MAX_K + 1), dtype=np.int64)
+    hist[8, accepted_per_round] = rounds
+    return hist
+
+
+def controller(**settings) -> GoodputController:
+    return GoodputController(ControllerSettings(explore_every=0, **settings), [TARGET_ONLY, SUFFIX, DRAFT, HYBRID])
+
+
+def price(ctl: GoodputController, bucket: int, **seconds: float) -> None:
+    for variant in (TARGET_ONLY, SUFFIX, DRAFT, HYBRID):
+        ctl.set_cost(bucket, variant, seconds[variant.proposer])
+
+
+def test_target_only_when_every_proposer_is_made_expensive():
+    ctl = controller()
+    ctl.observe(BatchObservation(1, SUFFIX, 10, 0.01, suffix_hist=suffix_hist(accepted_per_round=3)))  # 4 tokens per round
+    ctl.observe(BatchObservation(1, DRAFT, 10, 0.01, "v1", model_rounds=100, model_accepted=300, model_full=50))
+    price(ctl, 1, none=0.004, suffix=0.05, draft=0.05, hybrid=0.06)  # 12x target-only: 4 tokens do not pay
+    assert ctl.choose(1, draft_version="v1") == TARGET_ONLY
+
+
+def test_a_proposer_when_it_is_cheap_and_accepted():
+    ctl = controller()
+    ctl.observe(BatchObservation(1, SUFFIX, 10, 0.01, suffix_hist=suffix_hist(accepted_per_round=3)))
+    price(ctl, 1, none=0.004, suffix=0.0045, draft=0.02, hybrid=0.021)
+    assert ctl.choose(1) == SUFFIX
+    assert ctl.expected_tokens(SUFFIX) == pytest.approx(4.0)
+    # The draft model wins once it is cheap and accepted more often than suffix drafts.
+    ctl.observe(BatchObservation(1, DRAFT, 10, 0.01, "v1", model_rounds=1000, model_accepted=3900, model_full=950))
+    price(ctl, 1, none=0.004, suffix=0.0045, draft=0.0045, hybrid=0.02)
+    assert ctl.choose(1, draft_version="v1") == DRAFT
+
+
+def test_no_evidence_and_equal_cost_keeps_target_only():
+    ctl = controller()
+    price(ctl, 1, none=0.004, suffix=0.004, draft=0.05, hybrid=0.05)
+    assert ctl.choose(1) == TARGET_ONLY  # suffix promises nothing yet: target-only, with the margin
+
+
+def test_the_margin_keeps_target_only_for_a_marginal_gain():
+    ctl = controller(margin=0.1)
+    ctl.observe(BatchObservation(1, SUFFIX, 10, 0.01, suffix_hist=suffix_hist(accepted_per_round=1)))  # 2 tokens per round
+    price(ctl, 1, none=0.004, suffix=0.0075, draft=1.0, hybrid=1.0)  # 2 / 0.0075 = 267 vs 250 tokens/s: +7%
+    assert ctl.choose(1) == TARGET_ONLY
+
+
+def test_costs_follow_live_measurements_and_missing_ones_are_estimated():
+    ctl = GoodputController(ControllerSettings(explore_every=0), [TARGET_ONLY, SUFFIX], draft_cost_ratio=0.0)
+    assert ctl.choose(1) == TARGET_ONLY  # nothing measured yet: target-only measures the bucket first
+    ctl.observe(BatchObservation(1, TARGET_ONLY, 100, 0.4))
+    assert ctl.cost(1, TARGET_ONLY) == pytest.approx(0.004)
+    assert ctl.cost(1, SUFFIX) == pytest.approx(0.004 * 1.4)  # estimate: 10% per verified draft slot
+    ctl.observe(BatchObservation(1, SUFFIX, 100, 0.9, suffix_hist=suffix_hist(accepted_per_round=4)))
+    assert ctl.cost(1, SUFFIX) == pytest.approx(0.009)
+
+
+def test_model_acceptance_is_per_draft_version_and_starts_from_the_prior():
+    ctl = controller(prior_alpha=0.5, prior_positions=10)
+    assert ctl.model_alpha("new") == pytest.approx(0.5)
+    # 100 rounds of k = 4, 360 accepted, 80 fully accepted: tested = 360 + 20 rejections
+    ctl.observe(BatchObservation(1, DRAFT, 100, 1.0, "v1", model_rounds=100, model_accepted=360, model_full=80))
+    assert ctl.model_alpha("v1") == pytest.approx((360 + 5) / (380 + 10))
+    assert ctl.model_alpha("v2") == pytest.approx(0.5)
+
+
+def test_exploration_tries_a_stale_draft_version_that_could_win():
+    ctl = GoodputController(ControllerSettings(explore_every=4, prior_alpha=0.2, prior_positions=2), [TARGET_ONLY, DRAFT])
+    price_none, price_draft = 0.004, 0.006
+    ctl.set_cost(1, TARGET_ONLY, price_none)
+    ctl.set_cost(1, DRAFT, price_draft)
+    ctl.observe(BatchObservation(1, DRAFT, 10, 0.06, "v1", model_rounds=500, model_accepted=50, model_full=0))
+    picks = [ctl.choose(1, draft_version="v1") for _ in range(8)]
+    assert picks.count(TARGET_ONLY) == 8  # v1 is measured and poor: never explored
+    picks = [ctl.choose(1, draft_version="v2") for _ in range(8)]  # a new version: optimistic, tried every 4th
+    assert DRAFT in picks and picks.count(TARGET_ONLY) >= 6
+
+
+def test_the_engine_decodes_target_only_when_speculation_is_made_expensive(engine_models):
+    engine = SpeculativeEngine(engine_models.target, engine_models.strong_draft, engine_models.tokenizer,
+                               EngineSettings(proposer="auto", max_batch_size=4, max_seq_len=96,
+                                              auto={"k_choices": [3], "explore_every": 0, "shadow_every": 1}))  # fmt: skip
+    for variant in engine.variants:
+        engine.controller.set_cost(4, variant, 1.0 if variant != TARGET_ONLY else 0.001)
+    tokenizer = engine_models.tokenizer
+    requests = [GenerationRequest(id=str(i), input_ids=tokenizer("The quick brown").input_ids, max_new_tokens=12)
+                for i in range(4)]  # fmt: skip
+    for _ in range(3):
+        results = engine.generate(requests)
+        assert engine.last_variant == TARGET_ONLY
+        assert all(r.counters.drafted == 0 for r in results)
+    # ...and speculates once speculation is cheap again: suffix has seen this stream three times (shadow rounds).
+    for variant in engine.variants:
+        engine.controller.set_cost(4, variant, 0.001)
+    engine.generate(requests)
+    assert engine.last_variant.proposer in ("suffix", "draft", "hybrid")
+    assert engine.controller.expected_tokens(Variant("suffix", 3)) > 2.0  # learned from shadow proposals
