@@ -20,6 +20,11 @@ while the round ran against outside every round, and the daemon's own decode tok
 
     python bench/daemon_load.py --target T --draft D --device cuda --prompts 768 --learning --round-tokens 8000
 
+With --proposers the daemon runs once per proposer (engine.proposer; the rest of the engine config at its
+defaults) on the same stream, in one run: e.g. `--proposers auto none` compares the default auto with target-only.
+--prompt-file takes several files: their prompts are interleaved (a mixed stream); --chat sends them as chat
+`messages`.
+
 Prints one JSON object (also written to --out) with both rates and their ratio.
 """
 
@@ -53,7 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4, help="tiny target: layers (default 4)")
     parser.add_argument("--hidden", type=int, default=64, help="tiny target: hidden size (default 64)")
     parser.add_argument("--prompts", type=int, default=128, help="number of prompts (default 128)")
-    parser.add_argument("--prompt-file", default=str(REPO / "bench/data/humaneval.jsonl"))
+    parser.add_argument("--prompt-file", nargs="+", default=[str(REPO / "bench/data/humaneval.jsonl")],
+                        help="one file: a homogeneous stream; several: their prompts interleaved")
+    parser.add_argument("--chat", action="store_true", help="send prompts as chat `messages`")
+    parser.add_argument("--proposers", nargs="+", default=["auto"],
+                        help="engine.proposer of each daemon run, same stream (default: auto)")
+    parser.add_argument("--no-engine", action="store_true", help="skip the in-process engine baseline")
     parser.add_argument("--prompt-chars", type=int, default=300, help="truncate prompts to this many characters")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -82,11 +92,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_prompt_values(args) -> list[bytes]:
-    lines = [json.loads(line) for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+    files = [[json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()] for f in args.prompt_file]
     values = []
     for i in range(args.prompts):
-        prompt = lines[i % len(lines)]["prompt"][: args.prompt_chars]
-        values.append(json.dumps({"id": f"load-{i:05d}", "prompt": prompt, "max_new_tokens": args.max_new_tokens,
+        lines = files[i % len(files)]
+        prompt = lines[(i // len(files)) % len(lines)]["prompt"][: args.prompt_chars]
+        text = {"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt}
+        values.append(json.dumps({"id": f"load-{i:05d}", **text, "max_new_tokens": args.max_new_tokens,
                                   "temperature": 0}).encode())  # fmt: skip
     return values
 
@@ -97,14 +109,14 @@ def build_tiny_target(root: Path, layers: int, hidden: int) -> Path:
     return make_model_dir(root / "target", build_tokenizer(), layers=layers, hidden=hidden, seed=1)
 
 
-def engine_rate(args, target: str, values: list[bytes]) -> dict:
+def engine_rate(args, target: str, values: list[bytes], proposer: str) -> dict:
     """Tokens/s of the engine alone on the same requests the daemon will get."""
     from pipelines.engine import EngineSettings, SpeculativeEngine
     from pipelines.models import load_pair
 
     target_model, draft_model, tokenizer = load_pair(target, args.draft, args.dtype, args.device)
-    settings = EngineSettings(k=args.k, max_batch_size=args.batch_size, max_seq_len=args.max_seq_len, top_m=16,
-                              device=args.device)  # fmt: skip
+    settings = EngineSettings(proposer=proposer, k=args.k, max_batch_size=args.batch_size,
+                              max_seq_len=args.max_seq_len, top_m=16)  # fmt: skip
     engine = SpeculativeEngine(target_model, draft_model, tokenizer, settings)
     engine.warmup()
     limits = LimitSettings(max_new_tokens=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens)
@@ -123,7 +135,7 @@ def engine_rate(args, target: str, values: list[bytes]) -> dict:
             "avg_len": round(tokens / forwards, 3)}  # fmt: skip
 
 
-def daemon_rate(args, target: str, values: list[bytes], workdir: Path) -> dict:
+def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer: str) -> dict:
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
     from storage.migrate import upgrade_to_head
@@ -145,7 +157,8 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path) -> dict:
                       "session_timeout_ms": 2000, "heartbeat_interval_ms": 500},
             "database": {"url": database_url},
             "models": {"target": target, "draft": args.draft, "device": args.device, "dtype": args.dtype},
-            "engine": {"k": args.k, "max_seq_len": args.max_seq_len, "top_m": 16, "max_batch_size": args.batch_size},
+            "engine": {"proposer": proposer, "k": args.k, "max_seq_len": args.max_seq_len, "top_m": 16,
+                       "max_batch_size": args.batch_size},
             "batching": {"max_wait_ms": args.max_wait_ms,
                          "queue_size": max(64, 4 * args.batch_size)},
             "limits": {"max_new_tokens": args.max_new_tokens, "default_max_new_tokens": args.max_new_tokens},
@@ -183,6 +196,7 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path) -> dict:
                     arrivals.append((time.time(), count))
         seconds = time.perf_counter() - started
         stages = scrape_stages(metrics_port)
+        stages["variants"] = scrape_variants(metrics_port)
         producer.close()
         reader.close()
         daemon.terminate()
@@ -256,6 +270,17 @@ def scrape_stages(port: int) -> dict:
     return stages
 
 
+def scrape_variants(port: int) -> dict:
+    """Batches per variant the daemon ran (onlinespec_variant_batches)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {s.labels["variant"]: int(s.value) for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "onlinespec_variant_batches_total"}  # fmt: skip
+
+
 def _wait_for(path: Path, text: str, process, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -297,27 +322,33 @@ def main(argv=None) -> int:
         workdir = Path(tmp)
         target = args.target or str(build_tiny_target(workdir, args.layers, args.hidden))
         for rep in range(args.repeat):
-            # Alternating engine and daemon runs spreads slow phases of a shared machine over both.
-            # --learning compares the daemon with itself (during vs outside rounds): no engine baseline.
-            engine = None if args.learning else engine_rate(args, target, values)
-            rundir = workdir / f"run{rep}"
-            rundir.mkdir()
-            daemon = daemon_rate(args, target, values, rundir)
-            ratio = round(daemon["tok_s"] / engine["tok_s"], 3) if engine else None
-            print(f"run {rep + 1}/{args.repeat}: engine {engine and engine['tok_s']} tok/s, daemon "
-                  f"{daemon['tok_s']} tok/s, ratio {ratio}", file=sys.stderr)  # fmt: skip
-            runs.append({"engine": engine, "daemon": daemon, "ratio": ratio})
+            for proposer in args.proposers:
+                # Alternating engine and daemon runs spreads slow phases of a shared machine over both.
+                # --learning compares the daemon with itself (during vs outside rounds): no engine baseline.
+                skip_engine = args.learning or args.no_engine
+                engine = None if skip_engine else engine_rate(args, target, values, proposer)
+                rundir = workdir / f"run{rep}-{proposer}"
+                rundir.mkdir()
+                daemon = daemon_rate(args, target, values, rundir, proposer)
+                ratio = round(daemon["tok_s"] / engine["tok_s"], 3) if engine else None
+                print(f"run {rep + 1}/{args.repeat} {proposer}: engine {engine and engine['tok_s']} tok/s, daemon "
+                      f"{daemon['tok_s']} tok/s, ratio {ratio}, variants {daemon['stages']['variants']}",
+                      file=sys.stderr)  # fmt: skip
+                runs.append({"proposer": proposer, "engine": engine, "daemon": daemon, "ratio": ratio})
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "setup": {"target": args.target or f"tiny random Qwen2 ({args.layers} layers, hidden {args.hidden})",
                   "draft": args.draft, "device": args.device, "prompts": args.prompts,
                   "prompt_chars": args.prompt_chars, "max_new_tokens": args.max_new_tokens,
-                  "batch_size": args.batch_size, "k": args.k if args.draft else 0, "threads": args.threads,
+                  "batch_size": args.batch_size, "k": args.k, "proposers": args.proposers,
+                  "prompt_files": [Path(f).name for f in args.prompt_file], "chat": args.chat, "threads": args.threads,
                   "learning": args.learning and {"learner": args.learner, "round_tokens": args.round_tokens},
                   "database": "sqlite" if not args.database_url else args.database_url.split(":")[0]},
         "runs": runs,
-        "median_ratio": None if args.learning else statistics.median(run["ratio"] for run in runs),
+        "median_ratio": None if args.learning or args.no_engine else statistics.median(run["ratio"] for run in runs),
+        "daemon_tok_s_by_proposer": {p: [r["daemon"]["tok_s"] for r in runs if r["proposer"] == p]
+                                     for p in args.proposers},  # fmt: skip
         "command": "python bench/daemon_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }  # fmt: skip
     text = json.dumps(result, indent=2)

@@ -97,6 +97,16 @@ class GoodputController:
         with self._lock:
             self._costs[(bucket, variant)] = _Cost(seconds)
 
+    def forget_evidence(self) -> None:
+        """Drop acceptance evidence and choice counts; measured costs stay."""
+        with self._lock:
+            self._suffix_hist = None
+            self._model.clear()
+            self._batches.clear()
+            self._last_run.clear()
+            self.choices.clear()
+            self.last = None
+
     def cost(self, bucket: int, variant: Variant) -> float | None:
         """Seconds per round: measured, else estimated from target-only at this bucket, else None."""
         entry = self._costs.get((bucket, variant))

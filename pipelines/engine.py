@@ -155,6 +155,15 @@ class SpeculativeEngine:
         self.draft_proposer.swap(weights)
         self.draft_version = version
 
+    def reset_stream(self) -> None:
+        """Forget what the stream taught: the suffix cache and the controller's acceptance evidence (its measured
+        costs stay). For benchmarks that replay several streams through one engine."""
+        if self.suffix is not None:
+            self.suffix_cache.clear()
+            self.suffix.hist.zero_()
+        if self.controller is not None:
+            self.controller.forget_evidence()
+
     def add_to_stream(self, completions: list[list[int]], prompts: list[list[int]] | None = None) -> int:
         """Teach the suffix proposer earlier completions (at start: the stored ones); returns tokens added."""
         return self.suffix_cache.add(completions, prompts) if self.suffix is not None else 0

@@ -17,8 +17,9 @@ so verification uses a one-hot q.
 
 The stream ring is written between batches (`SuffixCache.add`, from the host), with every finished request's
 completion after the end of its prompt; at daemon start it is rebuilt from stored completions, so a restart keeps what the stream taught it.
-Memory is bounded: 4 bytes per ring token plus 8 * ways bytes per bucket; the oldest tokens are overwritten and a
-stale index entry is recognised by its position (older than the ring).
+Memory is bounded: 4 bytes per ring token plus 4 * ways bytes per bucket on the device (and 4 bytes per bucket on
+the host); the oldest tokens are overwritten, and an index entry always points at whatever its slot now holds,
+which the token-by-token match verifies.
 
 Acceptance statistics for the goodput controller: `hist[m, a]` counts rounds in which a row with match length m
 had a accepted suffix tokens, from real suffix rounds and from *shadow* proposals during target-only rounds (the
@@ -42,7 +43,7 @@ from pipelines.types import SOURCE_NONE, SOURCE_SUFFIX
 SEPARATOR = -1  # ring value between completions: a continuation never runs across it
 _NEVER = -2  # padding before position 0 of a row: matches no token
 _HASH = 1_000_003
-_RECENCY_BITS = 44  # score = (match length, support) above, ring position below
+_RECENCY_BITS = 32  # score = (match length, support) above, newness (< cache_tokens <= 2**31) below
 
 
 def bigram_bucket(first, second, buckets: int):
@@ -51,25 +52,33 @@ def bigram_bucket(first, second, buckets: int):
 
 
 class SuffixCache:
-    """The stream's earlier completions: a token ring and a W-way hashed bigram index, mirrored host -> device."""
+    """The stream's earlier completions on the device: a token ring and a W-way hashed bigram index of ring slots.
+
+    Index entries are ring slots (int32) with no age: an entry whose slot was overwritten since simply points at
+    newer text, and the proposer verifies every candidate token by token (a wrong draft costs acceptance, never
+    correctness). The host keeps only the per-bucket insertion counters and the write head."""
 
     def __init__(self, settings: SuffixSettings, device: torch.device | str):
         self.settings = settings
         capacity, buckets, ways = settings.cache_tokens, settings.table_buckets, settings.ways
-        self._ring = np.full(capacity, SEPARATOR, dtype=np.int32)
-        self._table = np.full((buckets, ways), -1, dtype=np.int64)  # absolute ring positions, -1 = empty
-        self._fill = np.zeros(buckets, dtype=np.int64)  # insertions per bucket (its next way is fill % ways)
-        self.total = 0  # tokens ever written: the absolute position of the next one
+        self._fill = np.zeros(buckets, dtype=np.int32)  # insertions per bucket, mod ways: its next way
+        self.total = 0  # tokens ever written; the write head is total % cache_tokens
         self.sequences = 0
-        self.ring = torch.from_numpy(self._ring).to(device)
-        self.table = torch.from_numpy(self._table).to(device)
-        self.total_tensor = torch.zeros((), dtype=torch.int64, device=device)
+        self.ring = torch.full((capacity,), SEPARATOR, dtype=torch.int32, device=device)
+        self.table = torch.full((buckets, ways), -1, dtype=torch.int32, device=device)  # ring slots, -1 = empty
+        self.head = torch.zeros((), dtype=torch.int64, device=device)  # slot of the next write
+
+    def clear(self) -> None:
+        self._fill.fill(0)
+        self.total = self.sequences = 0
+        self.ring.fill_(SEPARATOR)
+        self.table.fill_(-1)
+        self.head.zero_()
 
     @property
     def nbytes(self) -> int:
-        """Host and device bytes together (the two mirrors are the same size)."""
-        host = self._ring.nbytes + self._table.nbytes + self._fill.nbytes
-        return host + self.ring.numel() * self.ring.element_size() + self.table.numel() * 8
+        """Device ring and index plus the host's insertion counters."""
+        return self.ring.numel() * 4 + self.table.numel() * 4 + self._fill.nbytes
 
     def add(self, completions: Iterable[Sequence[int]], prompts: Iterable[Sequence[int]] | None = None) -> int:
         """Append completions, each after a separator and the last max_match tokens of its prompt (when given), and
@@ -91,35 +100,34 @@ class SuffixCache:
         capacity = self.settings.cache_tokens
         if len(values) > capacity:  # only the newest `capacity` tokens can be kept anyway
             values, indexable = values[-capacity:], indexable[-capacity:]
-        positions = self.total + np.arange(len(values), dtype=np.int64)
-        slots = positions % capacity
-        self._ring[slots] = values
-        self._index(values, positions, indexable)
+        slots = (self.total + np.arange(len(values), dtype=np.int64)) % capacity
+        device = self.ring.device
+        self.ring[torch.from_numpy(slots).to(device)] = torch.from_numpy(values.astype(np.int32)).to(device)
+        self._index(values, slots, indexable)
         self.total += len(values)
         self.sequences += len(blocks)
-        self.ring[torch.from_numpy(slots).to(self.ring.device)] = torch.from_numpy(values.astype(np.int32)).to(
-            self.ring.device
-        )
-        self.total_tensor.fill_(self.total)
+        self.head.fill_(self.total % capacity)
         return len(values)
 
-    def _index(self, values: np.ndarray, positions: np.ndarray, indexable: np.ndarray) -> None:
-        """Record, per bigram, the position of its second token; each bucket keeps its `ways` newest."""
+    def _index(self, values: np.ndarray, slots: np.ndarray, indexable: np.ndarray) -> None:
+        """Record, per bigram, the ring slot of its second token; each bucket keeps its `ways` newest."""
         ends = np.nonzero((values[:-1] >= 0) & (values[1:] >= 0) & indexable[1:])[0] + 1
         if not len(ends):
             return
+        ways = self.settings.ways
         buckets = bigram_bucket(values[ends - 1], values[ends], self.settings.table_buckets)
         order = np.argsort(buckets, kind="stable")  # insertion order kept within a bucket
         buckets, ends = buckets[order], ends[order]
         unique, first, counts = np.unique(buckets, return_index=True, return_counts=True)
         rank = np.arange(len(buckets)) - np.repeat(first, counts)
-        newest = rank >= np.repeat(counts, counts) - self.settings.ways  # older ones would be overwritten
+        newest = rank >= np.repeat(counts, counts) - ways  # older ones would be overwritten in this same call
         buckets, ends, rank = buckets[newest], ends[newest], rank[newest]
-        way = (self._fill[buckets] + rank) % self.settings.ways
-        self._table[buckets, way] = positions[ends]
-        self._fill[unique] += counts
-        rows = torch.from_numpy(unique).to(self.table.device)
-        self.table[rows] = torch.from_numpy(self._table[unique]).to(self.table.device)
+        way = (self._fill[buckets].astype(np.int64) + rank) % ways
+        device = self.table.device
+        self.table[torch.from_numpy(buckets).to(device), torch.from_numpy(way).to(device)] = torch.from_numpy(
+            slots[ends].astype(np.int32)
+        ).to(device)
+        self._fill[unique] = (self._fill[unique].astype(np.int64) + counts) % ways
 
 
 @dataclass
@@ -205,20 +213,21 @@ class SuffixProposer:
         return match, continuation, available
 
     def _stream_match(self, tail, tail_ok, k):
-        """Best occurrence in the stream ring among the indexed positions of the row's last bigram."""
+        """Best occurrence in the stream ring among the indexed slots of the row's last bigram."""
         s, cache = self.settings, self.cache
         capacity = s.cache_tokens
-        candidates = cache.table[bigram_bucket(tail[:, 1], tail[:, 0], s.table_buckets)]  # [B, W]
-        fresh = (candidates >= 0) & (candidates >= cache.total_tensor - capacity + s.max_match)
+        candidates = cache.table[bigram_bucket(tail[:, 1], tail[:, 0], s.table_buckets)].long()  # [B, W] slots
+        present = candidates >= 0
         back = torch.arange(s.max_match, device=tail.device)
-        before = cache.ring[((candidates[..., None] - back) % capacity)].long()  # [B, W, J]
+        before = cache.ring[(candidates[..., None] - back) % capacity].long()  # [B, W, J]
         agree = (before == tail[:, None, :]) & tail_ok[:, None, :]
-        match = torch.where(fresh, agree.long().cumprod(dim=-1).sum(dim=-1), 0)  # [B, W]
+        match = torch.where(present, agree.long().cumprod(dim=-1).sum(dim=-1), 0)  # [B, W]
 
         steps = torch.arange(k, device=tail.device)
-        ahead = candidates[..., None] + 1 + steps  # [B, W, k]
-        continuation = cache.ring[ahead % capacity].long()
-        known = (continuation >= 0) & (ahead < cache.total_tensor)
+        continuation = cache.ring[(candidates[..., None] + 1 + steps) % capacity].long()  # [B, W, k]
+        # tokens between the slot and the write head: beyond it lies the oldest text of the ring
+        before_head = steps < ((cache.head - candidates - 1) % capacity)[..., None]
+        known = (continuation >= 0) & before_head
         available = known.long().cumprod(dim=-1).sum(dim=-1)  # up to the next separator
         usable = (match >= s.min_match) & (available > 0)
         if k:
@@ -226,7 +235,8 @@ class SuffixProposer:
             support = ((first[:, :, None] == first[:, None, :]) & usable[:, None, :]).sum(dim=-1)
         else:
             support = torch.zeros_like(match)
-        score = (match * (s.ways + 1) + support) * (1 << _RECENCY_BITS) + candidates.clamp_min(0)
+        age = (cache.head - candidates) % capacity  # slots since it was written: smaller is newer
+        score = (match * (s.ways + 1) + support) * (1 << _RECENCY_BITS) + (capacity - age)
         best = torch.where(usable, score, -1).argmax(dim=1, keepdim=True)  # [B, 1]
         best_match = torch.where(usable.gather(1, best), match.gather(1, best), 0)[:, 0]
         best_tokens = continuation.gather(1, best[..., None].expand(-1, 1, k))[:, 0]
