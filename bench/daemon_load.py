@@ -175,7 +175,7 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer:
         _wait_for(log_path, "partitions assigned", daemon, timeout=600)
 
         reader = KafkaConsumer(bootstrap_servers=names.bootstrap, enable_auto_commit=False)
-        reader.assign([TopicPartition(names.completions, 0)])
+        reader.assign([TopicPartition(names.completions, 0), TopicPartition(names.dlq, 0)])
         reader.seek_to_beginning()
         producer = KafkaProducer(bootstrap_servers=names.bootstrap, acks="all", linger_ms=5)
 
@@ -183,13 +183,16 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer:
         for value in values:
             producer.send(names.prompts, value=value)
         producer.flush()
-        tokens, received = 0, 0
+        tokens, received, rejected = 0, 0, 0
         arrivals = []  # (wall-clock time, completion tokens): serving rate during vs outside learning rounds
         stream_started = time.time()
         deadline = time.monotonic() + 3600
-        while received < len(values) and time.monotonic() < deadline:
-            for batch in reader.poll(timeout_ms=100).values():
+        while received + rejected < len(values) and time.monotonic() < deadline:
+            for tp, batch in reader.poll(timeout_ms=100).items():
                 for record in batch:
+                    if tp.topic == names.dlq:  # counted, so a rejected prompt cannot hang the benchmark
+                        rejected += 1
+                        continue
                     received += 1
                     count = json.loads(record.value)["usage"]["completion_tokens"]
                     tokens += count
@@ -202,7 +205,7 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer:
         daemon.terminate()
         daemon.wait(120)
         summary = [line for line in log_path.read_text().splitlines() if "onlinespec stopped" in line]
-        result = {"tokens": tokens, "completions": received, "seconds": round(seconds, 3),
+        result = {"tokens": tokens, "completions": received, "dead_lettered": rejected, "seconds": round(seconds, 3),
                   "tok_s": round(tokens / seconds, 1), "daemon_exit": daemon.returncode, "stages": stages,
                   "summary": summary[-1].split(": ", 1)[-1] if summary else None}  # fmt: skip
         if args.learning:

