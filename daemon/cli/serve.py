@@ -9,10 +9,11 @@ import os
 import signal
 import sys
 
-from daemon.cli.options import add_config_option, add_kafka_options, settings_from_args
+from daemon.cli.options import add_config_option, add_kafka_options, configure_logging, settings_from_args
 from daemon.config import ConfigError
 
 log = logging.getLogger(__name__)
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="consume prompts from Kafka and publish completions (the daemon)")
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(settings.resolved(), indent=2))
         return 0
-    _configure_logging(settings.daemon.log_level)
+    configure_logging(settings.daemon.log_level)  # --log-level, when given, is daemon.log_level (SETTINGS_FLAGS)
     log.info("settings: %s", json.dumps(settings.resolved(), sort_keys=True))
     try:
         worker = build_worker(settings)
@@ -56,11 +57,3 @@ def run(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(code)
     return code
-
-
-def _configure_logging(level: str) -> None:
-    logging.getLogger().setLevel(level)
-    # kafka-python logs every connection attempt, alembic every plugin and APScheduler every job run at INFO;
-    # warnings are what matter here.
-    for noisy in ("kafka", "alembic", "apscheduler"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
