@@ -6,11 +6,11 @@ Same prompts, same batch size, same engine settings, both greedy:
            clock from the first prompt produced to the last completion consumed (the daemon is up and has
            its partitions before the clock starts, so start-up and group join are not counted)
 
-Without --target it builds a target-only tiny Qwen2 model (tests/tiny_models.py) so it runs anywhere:
+Without --target it builds a target-only tiny Qwen2 model (devtools/tiny_models.py) so it runs anywhere:
 
-    python bench/daemon_load.py                                   # tiny target-only model, CPU, SQLite
-    python bench/daemon_load.py --layers 8 --hidden 256 --repeat 3   # a larger random model, median of 3
-    python bench/daemon_load.py --target T --draft D --device cuda --prompts 512 --batch-size 16 \\
+    python -m bench.daemon_load                                   # tiny target-only model, CPU, SQLite
+    python -m bench.daemon_load --layers 8 --hidden 256 --repeat 3   # a larger random model, median of 3
+    python -m bench.daemon_load --target T --draft D --device cuda --prompts 512 --batch-size 16 \\
         --database-url postgresql+psycopg://postgres@127.0.0.1:5432/bench
 
 With --learning the daemon also runs learning rounds while it serves (learning.enabled, a round every
@@ -18,7 +18,7 @@ With --learning the daemon also runs learning rounds while it serves (learning.e
 while the round ran against outside every round, and the daemon's own decode tokens/s during and between rounds
 (`onlinespec rounds list --json`): does training stall serving?
 
-    python bench/daemon_load.py --target T --draft D --device cuda --prompts 768 --learning --round-tokens 8000
+    python -m bench.daemon_load --target T --draft D --device cuda --prompts 768 --learning --round-tokens 8000
 
 Prints one JSON object (also written to --out) with both rates and their ratio.
 """
@@ -39,11 +39,10 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from daemon.config import LimitSettings
+from daemon.serving.messages import parse_prompt, tokenize
 
-from daemon.serving.messages import tokenize, parse_prompt  # noqa: E402
-from daemon.config import LimitSettings  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,9 +91,16 @@ def load_prompt_values(args) -> list[bytes]:
 
 
 def build_tiny_target(root: Path, layers: int, hidden: int) -> Path:
-    from tests.tiny_models import build_tokenizer, make_model_dir
+    from devtools.tiny_models import build_tokenizer, make_model_dir
 
     return make_model_dir(root / "target", build_tokenizer(), layers=layers, hidden=hidden, seed=1)
+
+
+def engine_section(args) -> dict:
+    """The same engine settings for the engine run and the daemon's config: a fixed proposer, so both decode alike
+    (proposer auto would let each pick its own)."""
+    return {"proposer": "draft" if args.draft else "none", "k": args.k if args.draft else 0,
+            "max_seq_len": args.max_seq_len, "top_m": 16, "max_batch_size": args.batch_size}
 
 
 def engine_rate(args, target: str, values: list[bytes]) -> dict:
@@ -103,8 +109,7 @@ def engine_rate(args, target: str, values: list[bytes]) -> dict:
     from pipelines.models import load_pair
 
     target_model, draft_model, tokenizer = load_pair(target, args.draft, args.dtype, args.device)
-    settings = EngineSettings(k=args.k, max_batch_size=args.batch_size, max_seq_len=args.max_seq_len, top_m=16,
-                              device=args.device)  # fmt: skip
+    settings = EngineSettings(**engine_section(args))
     engine = SpeculativeEngine(target_model, draft_model, tokenizer, settings)
     engine.warmup()
     limits = LimitSettings(max_new_tokens=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens)
@@ -126,9 +131,8 @@ def engine_rate(args, target: str, values: list[bytes]) -> dict:
 def daemon_rate(args, target: str, values: list[bytes], workdir: Path) -> dict:
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+    from devtools.local_broker import TansuBroker, free_port, fresh_names
     from storage.migrate import upgrade_to_head
-    from devtools.local_broker import TansuBroker, free_port
-    from tests.kafka_fixtures import fresh_names
 
     broker = TansuBroker(workdir)
     broker.start()
@@ -145,7 +149,7 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path) -> dict:
                       "session_timeout_ms": 2000, "heartbeat_interval_ms": 500},
             "database": {"url": database_url},
             "models": {"target": target, "draft": args.draft, "device": args.device, "dtype": args.dtype},
-            "engine": {"k": args.k, "max_seq_len": args.max_seq_len, "top_m": 16, "max_batch_size": args.batch_size},
+            "engine": engine_section(args),
             "batching": {"max_wait_ms": args.max_wait_ms,
                          "queue_size": max(64, 4 * args.batch_size)},
             "limits": {"max_new_tokens": args.max_new_tokens, "default_max_new_tokens": args.max_new_tokens},
@@ -318,7 +322,7 @@ def main(argv=None) -> int:
                   "database": "sqlite" if not args.database_url else args.database_url.split(":")[0]},
         "runs": runs,
         "median_ratio": None if args.learning else statistics.median(run["ratio"] for run in runs),
-        "command": "python bench/daemon_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.daemon_load " + " ".join(sys.argv[1:] if argv is None else argv),
     }  # fmt: skip
     text = json.dumps(result, indent=2)
     print(text)
