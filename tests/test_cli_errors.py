@@ -161,6 +161,14 @@ def test_read_only_commands_create_no_database_file_or_folder(tmp_path):
     assert not (tmp_path / "var").exists()
 
 
+def test_database_commands_print_their_answer_and_nothing_else(tmp_path):
+    url = f"sqlite:///{tmp_path / 'quiet.db'}"
+    for argv in (("db", "upgrade"), ("db", "current"), ("checkpoints", "list"), ("rounds", "list")):
+        result = run_subprocess(*argv, "--database-url", url, cwd=tmp_path)
+        assert result.returncode == 0 and result.stderr == "", (argv, result.stderr)  # no alembic INFO lines
+    assert len(run_subprocess("db", "upgrade", "--database-url", url, cwd=tmp_path).stdout.splitlines()) == 1
+
+
 def test_help_shows_only_options_that_do_something(capsys):
     with pytest.raises(SystemExit):
         cli(["submit", "--help"])
