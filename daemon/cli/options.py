@@ -1,7 +1,7 @@
 """Options shared by several commands, defined once, and the helpers that read them.
 
     add_config_option      --config
-    add_kafka_options      --bootstrap-servers, --prompts-topic, --completions-topic, --dlq-topic
+    add_kafka_options      --bootstrap-servers, --prompts-topic, --completions-topic, --dlq-topic [--group-id]
     add_database_options   --database-url (and --config)
     add_deployment_options --deployment, --json (and the database options)
     configure_logging      the root level (--log-level, or daemon.log_level for `serve`); libraries at WARNING
@@ -43,22 +43,41 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML settings file (default: built-in defaults)")
 
 
-def add_kafka_options(parser: argparse.ArgumentParser) -> None:
+KAFKA_TOPIC_FLAGS = {
+    "prompts": "topic of prompt records (default kafka.prompts_topic)",
+    "completions": "topic of completions (default kafka.completions_topic)",
+    "dlq": "topic of rejected records (default kafka.dlq_topic)",
+}
+
+
+def add_kafka_options(
+    parser: argparse.ArgumentParser, topics: tuple[str, ...] = tuple(KAFKA_TOPIC_FLAGS), group: bool = False
+) -> None:
+    """--bootstrap-servers, a --TOPIC-topic flag per topic the command uses, and --group-id when it reads the
+    daemons' consumer group."""
     parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers, host:port[,host:port]")
-    parser.add_argument("--prompts-topic", help="topic of prompt records (default kafka.prompts_topic)")
-    parser.add_argument("--completions-topic", help="topic of completions (default kafka.completions_topic)")
-    parser.add_argument("--dlq-topic", help="topic of rejected records (default kafka.dlq_topic)")
+    for topic in topics:
+        parser.add_argument(f"--{topic}-topic", help=KAFKA_TOPIC_FLAGS[topic])
+    if group:
+        parser.add_argument("--group-id", help="consumer group shared by the daemons (default kafka.group_id)")
+
+
+def add_database_url_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL (default: from --config, else $ONLINESPEC_DATABASE_URL; prefer the variable for secrets)",
+    )
 
 
 def add_database_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database-url", help="SQLAlchemy URL (default: from --config or $ONLINESPEC_DATABASE_URL)")
+    add_database_url_option(parser)
     add_config_option(parser)
 
 
 def add_deployment_options(parser: argparse.ArgumentParser) -> None:
     add_database_options(parser)
     parser.add_argument("--deployment", help="deployment name (default: learning.deployment, else `default`)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def settings_from_args(args: argparse.Namespace):

@@ -9,7 +9,13 @@ import os
 import signal
 import sys
 
-from daemon.cli.options import add_config_option, add_kafka_options, configure_logging, settings_from_args
+from daemon.cli.options import (
+    add_config_option,
+    add_database_url_option,
+    add_kafka_options,
+    configure_logging,
+    settings_from_args,
+)
 from daemon.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -18,9 +24,8 @@ log = logging.getLogger(__name__)
 def register(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="consume prompts from Kafka and publish completions (the daemon)")
     add_config_option(parser)
-    add_kafka_options(parser)
-    parser.add_argument("--group-id", help="consumer group shared by the daemons of a deployment")
-    parser.add_argument("--database-url", help="SQLAlchemy URL (prefer ONLINESPEC_DATABASE_URL for secrets)")
+    add_kafka_options(parser, group=True)
+    add_database_url_option(parser)
     parser.add_argument("--target", help="target model: HF folder or .gguf file")
     parser.add_argument("--draft", help="draft model sharing the target's vocabulary")
     parser.add_argument("--device", help="cpu, cuda or cuda:N")

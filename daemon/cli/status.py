@@ -23,19 +23,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from daemon.cli.errors import first_line
-from daemon.cli.options import add_database_options, settings_from_args
+from daemon.cli.options import add_deployment_options, add_kafka_options, settings_from_args
 
 KAFKA_TIMEOUT_MS = 5_000
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("status", help="broker, consumer lag, schema, active draft, last round")
-    add_database_options(parser)
-    parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers, host:port[,host:port]")
-    parser.add_argument("--prompts-topic", help="topic of prompt records (default kafka.prompts_topic)")
-    parser.add_argument("--group-id", help="the daemons' consumer group (default kafka.group_id)")
-    parser.add_argument("--deployment", help="deployment name (default: learning.deployment)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    add_deployment_options(parser)
+    add_kafka_options(parser, topics=("prompts",), group=True)
     parser.set_defaults(func=run)
 
 
