@@ -1,0 +1,1 @@
+"""Benchmarks and the model fetcher, run as modules from the repository root: `python -m bench.decode ...`."""

@@ -6,11 +6,11 @@ Same prompts, same batch size, same engine settings, both greedy:
            clock from the first prompt produced to the last completion consumed (the daemon is up and has
            its partitions before the clock starts, so start-up and group join are not counted)
 
-Without --target it builds a target-only tiny Qwen2 model (tests/tiny_models.py) so it runs anywhere:
+Without --target it builds a target-only tiny Qwen2 model (devtools/tiny_models.py) so it runs anywhere:
 
-    python bench/daemon_load.py                                   # tiny target-only model, CPU, SQLite
-    python bench/daemon_load.py --layers 8 --hidden 256 --repeat 3   # a larger random model, median of 3
-    python bench/daemon_load.py --target T --draft D --device cuda --prompts 512 --batch-size 16 \\
+    python -m bench.daemon_load                                   # tiny target-only model, CPU, SQLite
+    python -m bench.daemon_load --layers 8 --hidden 256 --repeat 3   # a larger random model, median of 3
+    python -m bench.daemon_load --target T --draft D --device cuda --prompts 512 --batch-size 16 \\
         --database-url postgresql+psycopg://postgres@127.0.0.1:5432/bench
 
 With --learning the daemon also runs learning rounds while it serves (learning.enabled, a round every
@@ -18,7 +18,7 @@ With --learning the daemon also runs learning rounds while it serves (learning.e
 while the round ran against outside every round, and the daemon's own decode tokens/s during and between rounds
 (`onlinespec rounds list --json`): does training stall serving?
 
-    python bench/daemon_load.py --target T --draft D --device cuda --prompts 768 --learning --round-tokens 8000
+    python -m bench.daemon_load --target T --draft D --device cuda --prompts 768 --learning --round-tokens 8000
 
 With --proposers the daemon runs once per proposer (engine.proposer; the rest of the engine config at its
 defaults) on the same stream, in one run: e.g. `--proposers auto none` compares the default auto with target-only.
@@ -44,11 +44,10 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from daemon.config import LimitSettings
+from daemon.serving.messages import parse_prompt, tokenize
 
-from daemon.serving.messages import tokenize, parse_prompt  # noqa: E402
-from daemon.config import LimitSettings  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,9 +103,15 @@ def load_prompt_values(args) -> list[bytes]:
 
 
 def build_tiny_target(root: Path, layers: int, hidden: int) -> Path:
-    from tests.tiny_models import build_tokenizer, make_model_dir
+    from devtools.tiny_models import build_tokenizer, make_model_dir
 
     return make_model_dir(root / "target", build_tokenizer(), layers=layers, hidden=hidden, seed=1)
+
+
+def engine_section(args, proposer: str) -> dict:
+    """The same engine settings for the engine run and the daemon's config."""
+    return {"proposer": proposer, "k": args.k, "max_seq_len": args.max_seq_len, "top_m": 16,
+            "max_batch_size": args.batch_size}
 
 
 def engine_rate(args, target: str, values: list[bytes], proposer: str) -> dict:
@@ -115,8 +120,7 @@ def engine_rate(args, target: str, values: list[bytes], proposer: str) -> dict:
     from pipelines.models import load_pair
 
     target_model, draft_model, tokenizer = load_pair(target, args.draft, args.dtype, args.device)
-    settings = EngineSettings(proposer=proposer, k=args.k, max_batch_size=args.batch_size,
-                              max_seq_len=args.max_seq_len, top_m=16)  # fmt: skip
+    settings = EngineSettings(**engine_section(args, proposer))
     engine = SpeculativeEngine(target_model, draft_model, tokenizer, settings)
     engine.warmup()
     limits = LimitSettings(max_new_tokens=args.max_new_tokens, default_max_new_tokens=args.max_new_tokens)
@@ -138,9 +142,8 @@ def engine_rate(args, target: str, values: list[bytes], proposer: str) -> dict:
 def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer: str) -> dict:
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+    from devtools.local_broker import TansuBroker, free_port, fresh_names
     from storage.migrate import upgrade_to_head
-    from devtools.local_broker import TansuBroker, free_port
-    from tests.kafka_fixtures import fresh_names
 
     broker = TansuBroker(workdir)
     broker.start()
@@ -157,8 +160,7 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer:
                       "session_timeout_ms": 2000, "heartbeat_interval_ms": 500},
             "database": {"url": database_url},
             "models": {"target": target, "draft": args.draft, "device": args.device, "dtype": args.dtype},
-            "engine": {"proposer": proposer, "k": args.k, "max_seq_len": args.max_seq_len, "top_m": 16,
-                       "max_batch_size": args.batch_size},
+            "engine": engine_section(args, proposer),
             "batching": {"max_wait_ms": args.max_wait_ms,
                          "queue_size": max(64, 4 * args.batch_size)},
             "limits": {"max_new_tokens": args.max_new_tokens, "default_max_new_tokens": args.max_new_tokens},
@@ -352,7 +354,7 @@ def main(argv=None) -> int:
         "median_ratio": None if args.learning or args.no_engine else statistics.median(run["ratio"] for run in runs),
         "daemon_tok_s_by_proposer": {p: [r["daemon"]["tok_s"] for r in runs if r["proposer"] == p]
                                      for p in args.proposers},  # fmt: skip
-        "command": "python bench/daemon_load.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m bench.daemon_load " + " ".join(sys.argv[1:] if argv is None else argv),
     }  # fmt: skip
     text = json.dumps(result, indent=2)
     print(text)

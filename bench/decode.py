@@ -2,9 +2,9 @@
 
 All on the same prompts in one run, batch 1 and batch 8, greedy. Prints a table last and writes JSON.
 
-    python bench/decode.py --target T.gguf --draft D.gguf --prompts bench/data/humaneval.jsonl --chat \
+    python -m bench.decode --target T.gguf --draft D.gguf --prompts bench/data/humaneval.jsonl --chat \
         --device cuda --dtype bfloat16 --out results.json
-    python bench/decode.py --random-llama8b --device cuda --out llama.json   # bandwidth-floor check
+    python -m bench.decode --random-llama8b --device cuda --out llama.json   # bandwidth-floor check
 
 Tokens/s counts generated tokens over wall time, prefill included, after a warm-up run of the same shape.
 """
@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipelines.engine import EngineSettings, SpeculativeEngine  # noqa: E402
-from pipelines.kv_cache import ATTENTION_NAME  # noqa: E402
-from pipelines.models import load_pair  # noqa: E402
-from pipelines.types import GenerationRequest  # noqa: E402
+from pipelines.engine import EngineSettings, SpeculativeEngine
+from pipelines.kv_cache import ATTENTION_NAME
+from pipelines.models import load_pair
+from pipelines.prompts import encode_prompt
+from pipelines.types import GenerationRequest
 
 
 def sync(device: str) -> None:
@@ -34,16 +32,7 @@ def sync(device: str) -> None:
 
 def load_prompts(path: str, count: int, tokenizer, chat: bool) -> list[list[int]]:
     prompts = [json.loads(line)["prompt"] for line in Path(path).read_text().splitlines() if line.strip()][:count]
-    encoded = []
-    for prompt in prompts:
-        if chat:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            encoded.append(tokenizer(text, add_special_tokens=False).input_ids)
-        else:
-            encoded.append(tokenizer(prompt).input_ids)
-    return encoded
+    return [encode_prompt(tokenizer, prompt, chat=chat) for prompt in prompts]
 
 
 def time_hf(model, prompts, max_new, device, assistant=None) -> dict:
@@ -112,8 +101,8 @@ def copy_bandwidth(device: str) -> float:
 
 
 def random_llama8b(device: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     config = LlamaConfig(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -145,8 +134,8 @@ def main() -> None:
     args = parser.parse_args()
 
     rows, report = [], {"args": vars(args), "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
-    settings = lambda k, batch: EngineSettings(  # noqa: E731
-        k=k, max_batch_size=batch, max_seq_len=args.max_seq_len, device=args.device, compile=args.compile
+    settings = lambda k, batch: EngineSettings(  # noqa: E731  (runs on the target's device; k 0 = target-only)
+        proposer="draft" if k else "none", k=k, max_batch_size=batch, max_seq_len=args.max_seq_len, compile=args.compile
     )
 
     if args.random_llama8b:

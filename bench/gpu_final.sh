@@ -19,9 +19,8 @@ bash bench/gpu_join.sh finish
 bash bench/gpu_join.sh wheels
 for role in target draft; do
   python -c "
-import sys; sys.path.insert(0, 'bench')
 from pathlib import Path
-import fetch_models as f
+from bench import fetch_models as f
 gguf = Path('$STAGE/$role.gguf')
 f.convert_all([(gguf, open(str(gguf) + '.sha256').read().strip(), Path('$STAGE/$role-hf'), 'bfloat16')])
 " 2>&1 | grep -v "it/s\]\|s/it\]" &
@@ -33,13 +32,13 @@ while [[ $# -gt 0 ]]; do
     daemon)
       shift
       mkdir -p "$out/daemon"
-      python bench/daemon_load.py --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
+      python -m bench.daemon_load --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
         --dtype bfloat16 --prompts 256 --batch-size 8 --max-new-tokens 128 --max-seq-len 1024 --repeat 2 \
         --threads 4 --out "$out/daemon/daemon_load.json" 2>&1 | grep -v "it/s\]" | tail -25 ;;
     daemon-learning)
       shift
       mkdir -p "$out/daemon-learning"
-      python bench/daemon_load.py --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
+      python -m bench.daemon_load --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
         --dtype bfloat16 --prompts 768 --prompt-file bench/data/sharegpt.jsonl --batch-size 8 --max-new-tokens 128 \
         --max-seq-len 1024 --threads 4 --learning --round-tokens 8000 \
         --out "$out/daemon-learning/daemon_load.json" 2>&1 | grep -v "it/s\]" | tail -60 ;;
@@ -54,7 +53,7 @@ while [[ $# -gt 0 ]]; do
       mkdir -p "$out/daemon-proposers"
       for stream in "text_to_sql" "text_to_sql sharegpt"; do
         files=$(for d in $stream; do printf 'bench/data/%s.jsonl ' "$d"; done)
-        python bench/daemon_load.py --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
+        python -m bench.daemon_load --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
           --dtype bfloat16 --prompts 192 --batch-size 8 --max-new-tokens 128 --max-seq-len 1024 --threads 4 \
           --prompt-file $files --chat --prompt-chars 3000 --proposers auto none --no-engine \
           --out "$out/daemon-proposers/${stream// /+}.json" 2>&1 | grep "^run "
@@ -66,7 +65,7 @@ while [[ $# -gt 0 ]]; do
     learning)
       shift
       mkdir -p "$out/learning"
-      python bench/learning.py --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
+      python -m bench.learning --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
         --out "$out/learning" "$@" 2>&1 | grep -v "it/s\]" | tee "$out/learning/log.txt" | tail -40
       break ;;
     *) echo "unknown benchmark $1" >&2; exit 2 ;;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the GGUF files on the GPU machine from pieces carried one call at a time.
 #
-# Made by `python bench/fetch_models.py --pair qwen-coder --gpu-dir assets/gpu`: folders assets/gpu/pNN
+# Made by `python -m bench.fetch_models --pair qwen-coder --gpu-dir assets/gpu`: folders assets/gpu/pNN
 # holding one piece each, and assets/gpu/MANIFEST.txt (sizes and sha256 of every piece and whole file).
 # Carry the manifest with the first piece (it is 3 KB; assets/gpu/whl, 0.8 MB, fits there too; when whl/ came
 # along, 'add' installs the gguf wheel into /tmp/site, which bench/gpu_engine_run.sh puts on PYTHONPATH):

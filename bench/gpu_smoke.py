@@ -1,6 +1,6 @@
 """On a CUDA machine: check that captured rounds (and compiled ones) decode exactly like HF greedy generate.
 
-    python bench/gpu_smoke.py [--compile]
+    python -m bench.gpu_smoke [--compile]
 
 Tiny fp32 models, so any mismatch is a bug, not bf16 rounding. Exits non-zero on a mismatch.
 """
@@ -15,12 +15,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from pipelines.engine import EngineSettings, SpeculativeEngine  # noqa: E402
-from pipelines.models import load_pair  # noqa: E402
-from pipelines.types import GenerationRequest  # noqa: E402
-from tests.tiny_models import make_tiny_pair  # noqa: E402
+from devtools.tiny_models import make_tiny_pair
+from pipelines.engine import EngineSettings, SpeculativeEngine
+from pipelines.models import load_pair
+from pipelines.types import GenerationRequest
 
 PROMPTS = ["def add(a, b):", "The quick brown", "SELECT name FROM", "To be, or not to be", "T", "for i in"]
 
@@ -34,7 +32,7 @@ def main() -> int:
     target, draft, tokenizer = load_pair(str(target_dir), str(draft_dir), "float32", "cuda")
     failures = 0
     for k in (0, 3, 5):
-        settings = EngineSettings(k=k, max_batch_size=8, max_seq_len=128, device="cuda", compile=args.compile)
+        settings = EngineSettings(proposer="draft", k=k, max_batch_size=8, max_seq_len=128, compile=args.compile)
         engine = SpeculativeEngine(target, draft, tokenizer, settings)
         started = time.perf_counter()
         engine.warmup()

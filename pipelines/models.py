@@ -33,14 +33,27 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def check_reference(ref: str) -> None:
+    """Refuse at once a reference that can only be a local path and is not there: without this check the hub
+    client answers a mistyped folder with "Repo id must be in the form ..." (or a network error), after the
+    other model may already have spent half a minute loading. A hub id is `name` or `org/name`, nothing else."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if path.suffix == ".gguf" and not path.is_file():
+            raise ModelLoadError(f"{ref} is not a GGUF file")
+        return
+    looks_like_path = path.suffix == ".gguf" or ref.startswith((".", "/", "~")) or ref.count("/") > 1
+    if looks_like_path:
+        raise ModelLoadError(f"no such model folder or file: {ref}")
+
+
 def _split_reference(ref: str) -> tuple[str, dict]:
     """A GGUF file loads from its folder with gguf_file=...; anything else is a folder or hub id."""
-    path = Path(ref)
+    check_reference(ref)
+    path = Path(ref).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {ref}")
         return str(path.parent), {"gguf_file": path.name}
-    return ref, {}
+    return str(path) if path.exists() else ref, {}
 
 
 def load_model(ref: str, dtype: str = "auto", device: str = "cpu") -> PreTrainedModel:
@@ -51,7 +64,7 @@ def load_model(ref: str, dtype: str = "auto", device: str = "cpu") -> PreTrained
             source, dtype=resolve_dtype(dtype, device), attn_implementation=ATTENTION_NAME, **extra
         )
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"Could not load model {ref!r}: {exc}") from exc
+        raise _load_error(ref, "model", exc) from exc
     if getattr(model.config, "use_sliding_window", False):
         raise ModelLoadError(f"{ref}: sliding-window attention is not supported by the speculative engine")
     return model.to(device).eval().requires_grad_(False)
@@ -62,7 +75,15 @@ def load_tokenizer(ref: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(source, **extra)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"Could not load the tokenizer of {ref!r}: {exc}") from exc
+        raise _load_error(ref, "tokenizer", exc) from exc
+
+
+def _load_error(ref: str, what: str, exc: BaseException) -> ModelLoadError:
+    text = str(exc).strip()
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    if not Path(ref).expanduser().exists():  # it was tried as a hub id
+        return ModelLoadError(f"no such model folder or file: {ref} (as a hub id: {reason})")
+    return ModelLoadError(f"could not load the {what} of {ref}: {reason}")
 
 
 def check_compatible(
@@ -99,7 +120,11 @@ def model_identity(model: PreTrainedModel) -> str:
 def load_pair(
     target_ref: str, draft_ref: str | None, dtype: str = "auto", device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedModel | None, PreTrainedTokenizerBase]:
-    """Load target, optional draft and the target's tokenizer; refuse a draft that does not fit the target."""
+    """Load target, optional draft and the target's tokenizer; refuse a draft that does not fit the target.
+    Both references are checked before either model loads."""
+    for ref in (target_ref, draft_ref):
+        if ref:
+            check_reference(ref)
     tokenizer = load_tokenizer(target_ref)
     target = load_model(target_ref, dtype, device)
     draft = None

@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-.venv/bin/python bench/fetch_models.py --pair qwen-coder --convert
+.venv/bin/python -m bench.fetch_models --pair qwen-coder --convert
 exec .venv/bin/onlinespec demo "$@"

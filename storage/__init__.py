@@ -6,7 +6,7 @@
     requests_repo    record_request(s)_received, find_completion(s), store_results, mark_dead_lettered
     feedback_repo    feedback_since / feedback_window / recent_feedback / feedback_totals_since for the learner;
                      prune_feedback
-    checkpoints_repo add_checkpoint, set_active, rollback, retire, reject, get_active_checkpoint, live_counters,
+    checkpoints_repo add_checkpoint, set_active, rollback, reject, get_active_checkpoint, live_counters,
                      current_activation
     rounds_repo      start_round, finish_round, fail_unfinished_rounds, list_rounds, last_window_end
     migrate          upgrade_to_head, current_revision, assert_at_head (Alembic scripts in `migrations/`)

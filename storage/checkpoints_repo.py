@@ -6,7 +6,6 @@ and rollback needs no extra state: the version to return to is the one the curre
 
     promote   candidate -> active; the version it replaces -> retired
     rollback  active -> retired; the pointer returns to what the current version replaced (or `to_id`)
-    retire    a non-active version is taken out of consideration
     reject    a candidate failed held-out replay (or an operator said no)
 
 Functions that move the pointer start with a write (they ensure the pointer row exists), so on SQLite the
@@ -59,12 +58,26 @@ def add_checkpoint(
 ) -> DraftCheckpoint:
     """Record a new candidate version (its file already written by storage.artifacts.CheckpointStore.put)."""
     checkpoint = DraftCheckpoint(
-        deployment=deployment, version=version, parent_id=parent_id, sha256=sha256, size_bytes=size_bytes,
-        path=str(path), learner=learner, learner_settings=learner_settings, target_identity=target_identity,
-        window_first_id=window_first_id, window_last_id=window_last_id, window_rows=window_rows,
-        kind=kind, settings=settings, heldout_metrics=heldout_metrics or {},
-        live_metrics=None, status=CheckpointStatus.CANDIDATE.value, reason=reason, created_at=utcnow(),
-    )  # fmt: skip
+        deployment=deployment,
+        version=version,
+        parent_id=parent_id,
+        sha256=sha256,
+        size_bytes=size_bytes,
+        path=str(path),
+        learner=learner,
+        learner_settings=learner_settings,
+        target_identity=target_identity,
+        window_first_id=window_first_id,
+        window_last_id=window_last_id,
+        window_rows=window_rows,
+        kind=kind,
+        settings=settings,
+        heldout_metrics=heldout_metrics or {},
+        live_metrics=None,
+        status=CheckpointStatus.CANDIDATE.value,
+        reason=reason,
+        created_at=utcnow(),
+    )
     session.add(checkpoint)
     session.flush()  # assigns the id
     return checkpoint
@@ -181,18 +194,7 @@ def rollback(
                 "promoted over another version; give the version to roll back to"
             )
         to_id = promoted.from_checkpoint_id
-    return set_active(
-        session, to_id, actor, reason, EventKind.ROLLBACK, deployment=deployment, metrics=metrics
-    )
-
-
-def retire(
-    session: Session, checkpoint_id: int, *, actor: str, reason: str, deployment: str = DEFAULT_DEPLOYMENT
-) -> DraftEvent:
-    """Take a non-active version out of consideration (the active one leaves through promote or rollback)."""
-    return _change_status(
-        session, deployment, checkpoint_id, EventKind.RETIRE, CheckpointStatus.RETIRED, actor, reason, None
-    )
+    return set_active(session, to_id, actor, reason, EventKind.ROLLBACK, deployment=deployment, metrics=metrics)
 
 
 def reject(
@@ -223,11 +225,13 @@ def current_activation(session: Session, deployment: str = DEFAULT_DEPLOYMENT) -
     guard reads its `from_checkpoint_id` (the predecessor) and `at` (when the version went live)."""
     query = (
         select(DraftEvent)
-        .where(DraftEvent.deployment == deployment,
-               DraftEvent.kind.in_([EventKind.PROMOTE.value, EventKind.ROLLBACK.value]))
+        .where(
+            DraftEvent.deployment == deployment,
+            DraftEvent.kind.in_([EventKind.PROMOTE.value, EventKind.ROLLBACK.value]),
+        )
         .order_by(DraftEvent.id.desc())
         .limit(1)
-    )  # fmt: skip
+    )
     return session.scalar(query)
 
 
@@ -270,23 +274,35 @@ class LiveCounters:
 
 def live_counters(session: Session, draft_version: str, *, since: datetime | None = None) -> LiveCounters:
     """What the live guard compares: raw counters of completions stamped with `draft_version`."""
+    return live_counters_by_version(session, [draft_version], since=since)[draft_version]
+
+
+def live_counters_by_version(
+    session: Session, versions: list[str], *, since: datetime | None = None
+) -> dict[str, LiveCounters]:
+    """LiveCounters of each version in one query; a version that served nothing gets zeros. The one source of
+    live numbers for the live guard, `checkpoints list | show` and `status`."""
     old_row = Completion.by_proposer.is_(None)
     model = Completion.by_proposer["draft"]
     rounds = case((old_row, Completion.draft_steps), else_=func.coalesce(model["rounds"].as_integer(), 0))
     accepted = case((old_row, Completion.accepted), else_=func.coalesce(model["accepted"].as_integer(), 0))
     columns = [Completion.drafted, Completion.accepted, Completion.target_forwards, Completion.emitted, rounds,
                accepted]  # fmt: skip
-    query = select(
-        func.count(), func.coalesce(func.sum(case((rounds > 0, 1), else_=0)), 0),
-        *(func.coalesce(func.sum(c), 0) for c in columns),
-    ).where(Completion.draft_version == draft_version)  # fmt: skip
+    query = (
+        select(Completion.draft_version, func.count(), func.coalesce(func.sum(case((rounds > 0, 1), else_=0)), 0),
+               *(func.coalesce(func.sum(c), 0) for c in columns))  # fmt: skip
+        .where(Completion.draft_version.in_(set(versions)))
+        .group_by(Completion.draft_version)
+    )
     if since is not None:
         query = query.where(Completion.created_at >= since)
-    requests, model_requests, drafted, accepted_all, forwards, emitted, model_rounds, model_accepted = (
-        int(value) for value in session.execute(query).one()
-    )
-    return LiveCounters(requests, drafted, accepted_all, forwards, emitted, model_requests, model_rounds,
-                        model_accepted)  # fmt: skip
+    counters = {version: LiveCounters(0, 0, 0, 0, 0) for version in versions}
+    for version, requests, model_requests, drafted, accepted_all, forwards, emitted, model_rounds, model_accepted in (
+        session.execute(query)
+    ):
+        counters[version] = LiveCounters(*(int(v) for v in (requests, drafted, accepted_all, forwards, emitted,
+                                                            model_requests, model_rounds, model_accepted)))  # fmt: skip
+    return counters
 
 
 def _lock_pointer(session: Session, deployment: str) -> ActiveDraft:
@@ -298,9 +314,10 @@ def _lock_pointer(session: Session, deployment: str) -> ActiveDraft:
         .on_conflict_do_nothing()
     )
     return session.scalars(
-        select(ActiveDraft).where(ActiveDraft.deployment == deployment).with_for_update().execution_options(
-            populate_existing=True
-        )
+        select(ActiveDraft)
+        .where(ActiveDraft.deployment == deployment)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).one()
 
 
@@ -325,9 +342,15 @@ def _change_status(
 
 def _append_event(session, deployment, kind, checkpoint_id, from_id, actor, reason, metrics, at) -> DraftEvent:
     event = DraftEvent(
-        deployment=deployment, kind=str(kind), checkpoint_id=checkpoint_id, from_checkpoint_id=from_id,
-        actor=actor, reason=reason, metrics=metrics, at=at,
-    )  # fmt: skip
+        deployment=deployment,
+        kind=str(kind),
+        checkpoint_id=checkpoint_id,
+        from_checkpoint_id=from_id,
+        actor=actor,
+        reason=reason,
+        metrics=metrics,
+        at=at,
+    )
     session.add(event)
     session.flush()
     return event

@@ -13,16 +13,22 @@ the psycopg 3 driver because SQLAlchemy would otherwise pick psycopg2, which we 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
+
+from storage.errors import DatabaseNotFoundError, DatabaseURLError
 
 ENV_DATABASE_URL = "ONLINESPEC_DATABASE_URL"
 DEFAULT_DATABASE_URL = "sqlite:///var/onlinespec.db"  # relative to the working directory
 SQLITE_BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another writer's lock before failing
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+URL_FORMS = "use sqlite:///PATH (a file) or postgresql+psycopg://USER@HOST:PORT/DATABASE"
 
 
 def resolve_database_url(explicit: str | None = None, environ: Mapping[str, str] | None = None) -> str:
@@ -43,11 +49,33 @@ def masked(url: str | URL) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def make_engine(url: str | URL, **engine_options: Any) -> Engine:
-    """Build an engine for SQLite (file) or PostgreSQL; creates the parent folder of a SQLite file."""
-    parsed = normalize_url(url)
+def display_url(url: str | URL) -> str:
+    """masked(url), also for a URL that does not parse (its would-be password is hidden all the same)."""
+    try:
+        return masked(url)
+    except ArgumentError:
+        return _without_password(str(url))
+
+
+def check_url(url: str | URL) -> URL:
+    """The parsed URL of a backend we support (SQLite or PostgreSQL); DatabaseURLError says what is wrong."""
+    try:
+        parsed = normalize_url(url)
+    except ArgumentError:
+        raise DatabaseURLError(f"invalid database URL {display_url(url)!r}: {URL_FORMS}") from None
+    if parsed.get_backend_name() not in SUPPORTED_BACKENDS:
+        raise DatabaseURLError(
+            f"unsupported database backend {parsed.get_backend_name()!r} in {masked(parsed)}: {URL_FORMS}"
+        )
+    return parsed
+
+
+def make_engine(url: str | URL, *, must_exist: bool = False, **engine_options: Any) -> Engine:
+    """Build an engine for SQLite (file) or PostgreSQL. A SQLite file and its folder are created on first use,
+    unless `must_exist` (read-only commands): then a missing file is DatabaseNotFoundError and nothing is made."""
+    parsed = check_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return _make_sqlite_engine(parsed, engine_options)
+        return _make_sqlite_engine(parsed, engine_options, must_exist)
     # pre_ping: after a PostgreSQL restart the first checkout fails over to a fresh connection instead of
     # handing the worker a dead one.
     engine_options.setdefault("pool_pre_ping", True)
@@ -60,9 +88,11 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
-def _make_sqlite_engine(url: URL, engine_options: dict[str, Any]) -> Engine:
+def _make_sqlite_engine(url: URL, engine_options: dict[str, Any], must_exist: bool) -> Engine:
     database = url.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
+        if must_exist and not Path(database).is_file():
+            raise DatabaseNotFoundError(f"no SQLite database at {database} (`onlinespec db upgrade` creates one)")
         Path(database).parent.mkdir(parents=True, exist_ok=True)
     connect_args = engine_options.pop("connect_args", {})
     connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_S)
@@ -84,6 +114,11 @@ def _make_sqlite_engine(url: URL, engine_options: dict[str, Any]) -> Engine:
         connection.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def _without_password(url: str) -> str:
+    """An unparseable URL may still hold a password between `user:` and `@`: never echo it."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 def dialect_insert(session: Session, model):

@@ -37,3 +37,11 @@ class TargetMismatchError(StorageError):
 
 class RollbackError(StorageError):
     """A rollback has nowhere to go: the active version was never promoted over another one."""
+
+
+class DatabaseURLError(StorageError, ValueError):
+    """The database URL cannot be parsed or names a backend other than SQLite and PostgreSQL."""
+
+
+class DatabaseNotFoundError(StorageError):
+    """A read-only command was pointed at a SQLite file that does not exist (it is never created for them)."""

@@ -51,9 +51,10 @@ def upgrade_to_head(url: str | URL) -> None:
     upgrade(url, "head")
 
 
-def current_revision(url: str | URL) -> str | None:
-    """The database's revision, or None for an empty (never migrated) database."""
-    engine = make_engine(url)
+def current_revision(url: str | URL, *, must_exist: bool = False) -> str | None:
+    """The database's revision, or None for an empty (never migrated) database. With `must_exist`, a missing
+    SQLite file is DatabaseNotFoundError instead of an empty database created on the spot."""
+    engine = make_engine(url, must_exist=must_exist)
     try:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()

@@ -8,7 +8,7 @@ Tables
 - feedback          one per completed request: packed verification arrays the learner trains on (pruned by age)
 - draft_checkpoints immutable draft versions: provenance, identity, metrics; only status/reason/live_metrics change
 - active_drafts     one pointer row per deployment (NULL = the base draft), moved only with a draft_events row
-- draft_events      append-only log of promote / rollback / retire / reject decisions
+- draft_events      append-only log of promote / rollback / reject decisions
 - learning_rounds   one row per round: window, learner, metrics of candidate and active, decision, error
 
 Times are timezone-aware UTC on both backends (see UTCDateTime). Counters are raw; ratios are derived when read.
@@ -79,7 +79,7 @@ class CheckpointStatus(StrEnum):
 class EventKind(StrEnum):
     PROMOTE = "promote"
     ROLLBACK = "rollback"
-    RETIRE = "retire"
+    RETIRE = "retire"  # allowed by the schema, written by nothing: a replaced version is retired by its promote
     REJECT = "reject"
 
 

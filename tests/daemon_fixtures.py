@@ -31,7 +31,7 @@ LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
-    from tests.tiny_models import make_tiny_pair
+    from devtools.tiny_models import make_tiny_pair
 
     return make_tiny_pair(tmp_path_factory.mktemp("tiny-models"))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.tiny_models import make_noisy_copy, make_tiny_pair
+from devtools.tiny_models import make_noisy_copy, make_tiny_pair
 
 # Relative weight noise of the strong draft: greedy acceptance ~65-75% with k = 4 on the tiny target.
 STRONG_DRAFT_NOISE = 0.004

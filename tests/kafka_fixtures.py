@@ -7,30 +7,11 @@ test asks for more (auto-created topics would get 4).
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import dataclass
-
 import pytest
 
-from devtools.local_broker import TansuBroker, die_with_parent, free_port
+from devtools.local_broker import KafkaNames, TansuBroker, die_with_parent, free_port, fresh_names
 
 __all__ = ["TansuBroker", "KafkaNames", "die_with_parent", "free_port", "fresh_names"]
-
-
-@dataclass
-class KafkaNames:
-    """Fresh names for one test: prompts, completions and DLQ topics and a consumer group."""
-
-    bootstrap: str
-    prompts: str
-    completions: str
-    dlq: str
-    group: str
-
-
-def fresh_names(broker: TansuBroker) -> KafkaNames:
-    tag = uuid.uuid4().hex[:10]
-    return KafkaNames(broker.bootstrap, f"prompts-{tag}", f"completions-{tag}", f"prompts-{tag}.dlq", f"group-{tag}")
 
 
 @pytest.fixture(scope="session")

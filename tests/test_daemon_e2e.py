@@ -311,18 +311,28 @@ def test_submit_waits_for_and_prints_completions(tmp_path, daemon_processes, kaf
     printed = [json.loads(line) for line in result.stdout.splitlines()]
     assert sorted(p["id"] for p in printed) == [f"s{i}" for i in range(5)]
     assert "rejected s-bad: `top_p` must be in (0, 1]" in result.stderr
-    assert "completed 5/6, rejected 1" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "submit: 7/7 lines sent, 5 completed, 1 rejected, 0 unanswered, 1 without an id (not tracked)")
 
 
-def test_demo_runs_broker_database_daemon_and_a_sample_stream(tmp_path, tiny_models):
+def test_the_demo_runs_again_and_again_in_one_folder(tmp_path, tiny_models):
     target_dir, draft_dir = tiny_models
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "demo", "--target", str(target_dir), "--draft", str(draft_dir),
-         "--prompts", "3", "--max-new-tokens", "8", "--workdir", str(tmp_path / "demo"), "--timeout", "120"],
-        capture_output=True, text=True, cwd=REPO, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("── demo-") == 3
-    assert "3/3 completions" in result.stderr and "mean accepted length" in result.stderr
-    assert "database: 3 requests, 3 completions, 3 feedback" in result.stderr
-    assert "daemon exited with 0" in result.stderr
+    workdir = tmp_path / "demo"
+    for run in (1, 2):  # the second run must not be served from the first run's database or read its log
+        result = subprocess.run(
+            [sys.executable, "-m", "daemon.cli", "demo", "--target", str(target_dir), "--draft", str(draft_dir),
+             "--prompts", "3", "--max-new-tokens", "8", "--workdir", str(workdir), "--timeout", "120"],
+            capture_output=True, text=True, cwd=REPO, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert result.returncode == 0, (run, result.stderr[-3000:])
+        assert result.stdout.count("── demo-") == 3
+        assert "3/3 completions" in result.stderr and "mean accepted length" in result.stderr
+        assert "database: 3 requests, 3 completions, 3 feedback" in result.stderr
+        assert "daemon exited with 0" in result.stderr
+    runs = sorted(workdir.iterdir())
+    assert len(runs) == 2
+    for folder in runs:  # what the daemon's own log shows an operator
+        log = (folder / "daemon.log").read_text()
+        assert len(re.findall(r"served demo-\d \(demo-prompts/0@\d\): \d+ tokens, \w+, AvgLen", log)) == 3
+        assert "SIGTERM received: taking no more records" in log and "grace period over" not in log
+        assert "Loading weights" not in log and "it/s]" not in log  # no progress bars in a log file

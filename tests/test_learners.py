@@ -2,7 +2,7 @@
 
 The stream: a tiny Qwen2 target that knows a small domain (briefly trained on templated Python one-liners, so
 its greedy answers follow the domain instead of the chaos of a random network) answers prompts from the same
-template family; the draft is the random-init tiny draft of tests/tiny_models.py. Every round is served by the
+template family; the draft is the random-init tiny draft of devtools/tiny_models.py. Every round is served by the
 speculative engine with the current draft, the learner trains on the round's feedback, the candidate is
 promoted, and held-out requests (never trained on) are replayed with pipelines.replay.
 """
@@ -32,7 +32,7 @@ from pipelines.learners.optimistic import OptimisticGD
 from pipelines.models import load_model
 from pipelines.replay import replay
 from pipelines.types import GenerationRequest
-from tests.tiny_models import build_tokenizer, make_model_dir, tiny_config
+from devtools.tiny_models import build_tokenizer, make_model_dir, tiny_config
 
 K = 3
 ROUNDS = 3

@@ -12,7 +12,7 @@ from pipelines.engine import EngineSettings, SpeculativeEngine
 from pipelines.models import load_model, load_tokenizer
 from pipelines.replay import greedy_chain, is_greedy, replay, served_by
 from pipelines.types import KIND_BONUS, NO_DRAFT_TOKEN, GenerationRequest, RequestFeedback
-from tests.tiny_models import make_tiny_pair
+from devtools.tiny_models import make_tiny_pair
 
 PROMPTS = [
     "def add(a, b):",

@@ -86,17 +86,15 @@ def test_rollback_follows_promotions_not_earlier_rollbacks(db_session_factory):
         assert kinds == ["promote"] * 3 + ["rollback"] * 5
 
 
-def test_reject_retire_and_refusals(db_session_factory):
+def test_reject_and_refusals(db_session_factory):
     with db_session_factory.begin() as session:
-        v1, v2, v3 = add(session, "v1"), add(session, "v2"), add(session, "v3")
+        v1, v2, _ = add(session, "v1"), add(session, "v2"), add(session, "v3")
         checkpoints.set_active(session, v1.id, actor="scheduler", reason="first")
         event = checkpoints.reject(session, v2.id, actor="scheduler", reason="avg_len 1.9 < 2.5",
                                    metrics={"candidate": 1.9})  # fmt: skip
         assert event.kind == EventKind.REJECT and checkpoints.get_checkpoint(session, "v2").status == "rejected"
-        checkpoints.retire(session, v3.id, actor="operator:bob", reason="superseded")
-        assert checkpoints.get_checkpoint(session, "v3").status == CheckpointStatus.RETIRED
         with pytest.raises(StorageError, match="is active"):
-            checkpoints.retire(session, v1.id, actor="operator:bob", reason="no")
+            checkpoints.reject(session, v1.id, actor="operator:bob", reason="no")
         with pytest.raises(StorageError, match="already active"):
             checkpoints.set_active(session, v1.id, actor="operator:bob", reason="again")
         with pytest.raises(ValueError, match="promote or rollback"):

@@ -10,7 +10,7 @@ import argparse
 import re
 from datetime import timedelta
 
-from daemon.cli.options import add_database_options, database_url
+from daemon.cli.options import add_database_options, database_errors, database_url
 from storage.db import make_engine, make_session_factory, masked
 
 DURATION = re.compile(r"^(\d+)([smhdw])$")
@@ -44,6 +44,8 @@ def parse_duration(text: str) -> timedelta:
     if not match:
         raise argparse.ArgumentTypeError(f"expected a duration like 7d, 12h, 30m, 2w; got {text!r}")
     amount, unit = match.groups()
+    if int(amount) == 0:
+        raise argparse.ArgumentTypeError(f"the age must be positive, got {text!r}")
     return timedelta(**{DURATION_UNITS[unit]: int(amount)})
 
 
@@ -51,8 +53,9 @@ def run_upgrade(args) -> int:
     from storage.migrate import current_revision, head_revision, upgrade_to_head
 
     url = database_url(args)
-    before = current_revision(url)
-    upgrade_to_head(url)
+    with database_errors(url):
+        before = current_revision(url)
+        upgrade_to_head(url)
     print(f"{masked(url)}: schema {before or 'empty'} -> {head_revision()}")
     return 0
 
@@ -61,7 +64,8 @@ def run_current(args) -> int:
     from storage.migrate import current_revision, head_revision
 
     url = database_url(args)
-    current, head = current_revision(url), head_revision()
+    with database_errors(url):
+        current, head = current_revision(url, must_exist=True), head_revision()
     note = "(head)" if current == head else f"(head is {head}; run `onlinespec db upgrade`)"
     print(f"{masked(url)}: {current or 'empty'} {note}")
     return 1 if args.check and current != head else 0
@@ -71,19 +75,21 @@ def run_prune(args) -> int:
     from storage.feedback_repo import prune_feedback
     from storage.migrate import assert_at_head
 
-    engine = make_engine(database_url(args))
-    try:
-        assert_at_head(engine)
-        session_factory = make_session_factory(engine)
-        total = 0
-        while True:
-            with session_factory.begin() as session:
-                deleted = prune_feedback(session, args.older_than, limit=PRUNE_BATCH_ROWS)
-            total += deleted
-            if deleted < PRUNE_BATCH_ROWS:
-                break
-        age = f"{args.older_than.total_seconds() / 86400:g} days"
-        print(f"{masked(engine.url)}: deleted {total} feedback rows older than {age}")
-    finally:
-        engine.dispose()
+    url = database_url(args)
+    total = 0
+    with database_errors(url):
+        engine = make_engine(url, must_exist=True)
+        try:
+            assert_at_head(engine)
+            session_factory = make_session_factory(engine)
+            while True:  # short transactions: the worker keeps writing meanwhile
+                with session_factory.begin() as session:
+                    deleted = prune_feedback(session, args.older_than, limit=PRUNE_BATCH_ROWS)
+                total += deleted
+                if deleted < PRUNE_BATCH_ROWS:
+                    break
+        finally:
+            engine.dispose()
+    age = f"{args.older_than.total_seconds() / 86400:g} days"
+    print(f"{masked(url)}: deleted {total} feedback rows older than {age}")
     return 0

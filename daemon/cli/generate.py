@@ -1,22 +1,29 @@
-"""`onlinespec generate`: decode JSONL prompts from stdin with the speculative engine, one JSON result per line.
+"""`onlinespec generate`: decode JSONL prompt records from stdin with the speculative engine; no Kafka, no database.
 
-Input lines: {"id": ..., "prompt": "..."} (with --chat the tokenizer's chat template is applied) or
-{"id": ..., "input_ids": [...]}; optional per line: max_new_tokens, temperature, top_p, seed, stop.
-A bad line produces {"id": ..., "error": "..."} and the rest still run.
+Input: one record per line, the daemon's own input contract (daemon/serving/messages.py): `id`, one of `prompt`
+or `messages`, optional max_new_tokens, temperature, top_p, seed, stop, metadata. --max-new-tokens,
+--temperature, --top-p and --seed fill the fields a line leaves out (a line without a seed gets the daemon's
+seed, derived from its id); with --chat a `prompt` is rendered as the one user turn of a chat.
+
+Output: one JSON line per record in input order, the daemon's output contract (what it publishes on the
+completions topic), or {"id", "line", "code", "error"} for a record that cannot be served; the other records
+still run. Progress lines and a summary go to stderr. Exit 0 when every record was served, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
-from typing import Any, TextIO
+from typing import TextIO
 
+from daemon.cli.errors import EXIT_USAGE, CommandError, validation_summary
+from daemon.cli.progress import Progress
 from pipelines.settings import PROPOSER_NAMES
-from pipelines.types import GenerationRequest, GenerationResult
 
-LINE_FIELDS = {"id", "prompt", "input_ids", "max_new_tokens", "temperature", "top_p", "seed", "stop"}
+DEFAULTED_FIELDS = ("max_new_tokens", "temperature", "top_p", "seed")  # flag dest == field name
 
 
 def register(subparsers) -> None:
@@ -24,145 +31,171 @@ def register(subparsers) -> None:
     parser.add_argument("--target", required=True, help="target model: HF folder or .gguf file")
     parser.add_argument("--draft", help="draft model sharing the target's vocabulary")
     parser.add_argument("--no-draft", action="store_true", help="no draft model (proposers none, suffix, auto)")
-    parser.add_argument("--proposer", choices=PROPOSER_NAMES, default="auto",
-                        help="what drafts: none, draft, suffix, hybrid or auto (default auto; see config.yaml)")
-    parser.add_argument("--k", type=int, default=5,
-                        help="draft tokens per round of a fixed proposer, 0-16 (default 5; 0 = target-only)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="default per line (default 128)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0, help="default seed for lines that give none")
+    parser.add_argument(
+        "--proposer",
+        choices=PROPOSER_NAMES,
+        default="auto",
+        help="what drafts: none, draft, suffix, hybrid or auto (default auto; see config.yaml)",
+    )
+    parser.add_argument(
+        "--k", type=int, default=5, help="draft tokens per round of a fixed proposer, 0-16 (default 5; 0 = target-only)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="for lines that give none (default 128)")
+    parser.add_argument("--temperature", type=float, help="for lines that give none (default 0: greedy)")
+    parser.add_argument("--top-p", type=float, help="for lines that give none (default 1)")
+    parser.add_argument("--seed", type=int, help="for lines that give none (default: derived from the id)")
     parser.add_argument("--batch-size", type=int, default=8, help="requests decoded together (default 8)")
-    parser.add_argument("--max-seq-len", type=int, default=2048, help="KV cache slots per request")
-    parser.add_argument("--top-m", type=int, default=16, help="target log-probs kept per position")
-    parser.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to `prompt`")
+    parser.add_argument("--max-seq-len", type=int, default=2048, help="KV cache slots per request (default 2048)")
+    parser.add_argument("--top-m", type=int, default=16, help="target log-probs kept per position (default 16)")
+    parser.add_argument("--chat", action="store_true", help="render a `prompt` as one user turn of the chat template")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16",
+    )
     parser.set_defaults(func=run)
 
 
-def parse_line(line: str, line_number: int, args, tokenizer) -> GenerationRequest:
-    """Turn one input line into a request; raises ValueError with a reason the user can act on."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"line {line_number}: not JSON ({exc.msg})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"line {line_number}: expected a JSON object")
-    unknown = set(obj) - LINE_FIELDS
-    if unknown:
-        raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
-    if not isinstance(obj.get("id"), str) or not obj["id"]:
-        raise ValueError("`id` must be a non-empty string")
-    if ("prompt" in obj) == ("input_ids" in obj):
-        raise ValueError("give exactly one of `prompt` or `input_ids`")
-    if "prompt" in obj:
-        if not isinstance(obj["prompt"], str):
-            raise ValueError("`prompt` must be a string")
-        input_ids = _tokenize(obj["prompt"], tokenizer, args.chat)
-    else:
-        input_ids = obj["input_ids"]
-        if not isinstance(input_ids, list) or not all(isinstance(t, int) and t >= 0 for t in input_ids):
-            raise ValueError("`input_ids` must be a list of non-negative integers")
-        if any(t >= len(tokenizer) for t in input_ids):
-            raise ValueError(f"`input_ids` holds ids outside the vocabulary of {len(tokenizer)}")
-    stop = obj.get("stop", [])
-    if isinstance(stop, str):
-        stop = [stop]
-    return GenerationRequest(
-        id=obj["id"],
-        input_ids=input_ids,
-        max_new_tokens=int(obj.get("max_new_tokens", args.max_new_tokens)),
-        temperature=float(obj.get("temperature", args.temperature)),
-        top_p=float(obj.get("top_p", args.top_p)),
-        seed=int(obj.get("seed", args.seed)),
-        stop=tuple(stop),
-    )
-
-
-def _tokenize(prompt: str, tokenizer, chat: bool) -> list[int]:
-    if chat:
-        messages = [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False).input_ids
-    return tokenizer(prompt).input_ids
-
-
-def result_line(result: GenerationResult) -> dict[str, Any]:
-    c = result.counters
-    return {
-        "id": result.id,
-        "token_ids": result.token_ids,
-        "text": result.text,
-        "finish_reason": result.finish_reason,
-        "drafted": c.drafted,
-        "accepted": c.accepted,
-        "mean_accepted_length": round(c.mean_accepted_length, 4),
-        "target_forwards": c.target_forwards,
-        "seconds": round(result.seconds, 4),
-    }
-
-
 def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
-    draft_ref = None if args.no_draft else args.draft
-    if not args.no_draft and not args.draft:
-        print("error: give --draft DIR, or --no-draft to decode without a draft model", file=sys.stderr)
-        return 2
-    # Imported here: torch and transformers take seconds to import, and every other command skips them.
-    from pipelines.engine import EngineSettings, SpeculativeEngine
-    from pipelines.models import load_pair
-
-    target, draft, tokenizer = load_pair(args.target, draft_ref, args.dtype, args.device)
-    try:
-        settings = EngineSettings(proposer=args.proposer, k=args.k, max_batch_size=args.batch_size,
-                                  max_seq_len=args.max_seq_len, top_m=args.top_m)  # fmt: skip
-        engine = SpeculativeEngine(target, draft, tokenizer, settings)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    engine.warmup()
-
-    pending: list[GenerationRequest] = []
-    totals = {"requests": 0, "errors": 0, "tokens": 0, "forwards": 0}
-    started = time.perf_counter()
-
-    def flush() -> None:
-        for result in engine.generate(pending):
-            print(json.dumps(result_line(result)), file=stdout, flush=True)
-            totals["tokens"] += result.counters.emitted
-            totals["forwards"] += result.counters.target_forwards
-        pending.clear()
-
+    settings, limits = check_arguments(args)
+    progress = Progress("generate: ")
+    engine, tokenizer = load_engine(args, settings, progress)
+    batch = Batch(engine, stdout, progress)
     for number, line in enumerate(stdin, start=1):
         if not line.strip():
             continue
-        try:
-            request = parse_line(line, number, args, tokenizer)
-            if len(request.input_ids) > engine.max_prompt_tokens:
-                raise ValueError(f"prompt has {len(request.input_ids)} tokens, the limit is {engine.max_prompt_tokens}")
-        except ValueError as exc:
-            totals["errors"] += 1
-            print(json.dumps({"id": _id_of(line), "error": str(exc)}), file=stdout, flush=True)
-            continue
-        totals["requests"] += 1
-        pending.append(request)
-        if len(pending) == args.batch_size:
-            flush()
-    if pending:
-        flush()
-    elapsed = time.perf_counter() - started
-    avg_len = totals["tokens"] / totals["forwards"] if totals["forwards"] else 0.0
-    print(
-        f"generate: {totals['requests']} requests, {totals['errors']} errors, {totals['tokens']} tokens in "
-        f"{elapsed:.1f} s ({totals['tokens'] / max(elapsed, 1e-9):.1f} tok/s), mean accepted length {avg_len:.2f}",
-        file=sys.stderr,
-    )
-    return 0
+        batch.add(number, line, lambda text: read_record(text, args, limits, tokenizer, engine.max_prompt_tokens))
+        if len(batch.pending) == args.batch_size:
+            batch.flush()
+    batch.flush()
+    progress.say(batch.summary())
+    return 0 if batch.errors == 0 else 1
 
 
-def _id_of(line: str) -> str | None:
+def check_arguments(args: argparse.Namespace):
+    """Engine settings and input limits from the flags, checked before any model is loaded."""
+    from pydantic import ValidationError
+
+    from daemon.config import LimitSettings, check_device
+    from pipelines.settings import EngineSettings
+
+    if not args.no_draft and not args.draft:
+        raise CommandError("give --draft DIR, or --no-draft to decode without a draft model", EXIT_USAGE)
+    if args.no_draft and args.proposer in ("draft", "hybrid"):
+        raise CommandError(f"--proposer {args.proposer} needs a draft model; drop --no-draft", EXIT_USAGE)
+    try:
+        check_device(args.device)
+        settings = EngineSettings(
+            proposer=args.proposer,
+            k=args.k,
+            max_batch_size=args.batch_size,
+            max_seq_len=args.max_seq_len,
+            top_m=args.top_m,
+        )
+    except ValidationError as exc:
+        raise CommandError(validation_summary(exc), EXIT_USAGE) from None
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    if not 1 <= args.max_new_tokens < args.max_seq_len:
+        raise CommandError(
+            f"--max-new-tokens must be between 1 and --max-seq-len - 1 ({args.max_seq_len - 1}), "
+            f"got {args.max_new_tokens}",
+            EXIT_USAGE,
+        )
+    limits = LimitSettings(default_max_new_tokens=args.max_new_tokens, max_new_tokens=args.max_seq_len - 1)
+    from pipelines.models import check_reference  # with torch: generate needs it next anyway
+
+    for ref in (args.target, None if args.no_draft else args.draft):
+        if ref:
+            check_reference(ref)
+    return settings, limits
+
+
+def load_engine(args, settings, progress: Progress):
+    # Imported here: torch and transformers take seconds to import, and every other command skips them.
+    from pipelines.engine import SpeculativeEngine
+    from pipelines.models import load_pair
+
+    draft = None if args.no_draft else args.draft
+    progress.say(f"loading target {args.target}" + (f" and draft {draft}" if draft else "") + f" on {args.device}")
+    started = time.monotonic()
+    target, draft_model, tokenizer = load_pair(args.target, draft, args.dtype, args.device)
+    engine = SpeculativeEngine(target, draft_model, tokenizer, settings)
+    engine.warmup()
+    progress.say(f"ready after {time.monotonic() - started:.1f} s (proposer {settings.proposer}, k {settings.k})")
+    return engine, tokenizer
+
+
+def read_record(line: str, args, limits, tokenizer, max_prompt_tokens: int):
+    """One input line as (engine request, metadata); InvalidMessage names what is wrong with it."""
+    from daemon.serving.messages import parse_prompt, tokenize
+
+    message = parse_prompt(with_defaults(line, args).encode("utf-8", errors="surrogatepass"), limits)
+    if args.chat and message.prompt is not None:
+        message = dataclasses.replace(message, prompt=None, messages=({"role": "user", "content": message.prompt},))
+    return tokenize(message, tokenizer, max_prompt_tokens), message.metadata
+
+
+def with_defaults(line: str, args) -> str:
+    """The line with the flags written into the fields it leaves out. A line that is not a JSON object goes on
+    as it is: parse_prompt says what is wrong with it."""
     try:
         obj = json.loads(line)
-        return obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
-    except json.JSONDecodeError:
-        return None
+    except ValueError:
+        return line
+    if not isinstance(obj, dict):
+        return line
+    given = {name: getattr(args, name) for name in DEFAULTED_FIELDS if getattr(args, name) is not None}
+    return json.dumps({**given, **obj}, ensure_ascii=False)
+
+
+class Batch:
+    """Requests waiting to be decoded together; results and errors written in input order."""
+
+    def __init__(self, engine, stdout: TextIO, progress: Progress):
+        self.engine = engine
+        self.stdout = stdout
+        self.progress = progress
+        self.pending: list[tuple[object, dict | None, float]] = []  # (request, metadata, read at)
+        self.served = self.errors = self.tokens = self.forwards = 0
+        self.started = time.monotonic()
+
+    def add(self, number: int, line: str, read) -> None:
+        from daemon.serving.messages import InvalidMessage
+
+        try:
+            request, metadata = read(line)
+        except InvalidMessage as exc:
+            self.flush()  # keep the output in input order
+            self.errors += 1
+            self._write({"id": exc.request_id, "line": number, "code": exc.code, "error": exc.reason})
+            return
+        self.pending.append((request, metadata, time.monotonic()))
+
+    def flush(self) -> None:
+        from daemon.serving.messages import completion_payload
+
+        if not self.pending:
+            return
+        decode_started = time.monotonic()
+        results = self.engine.generate([request for request, _, _ in self.pending])
+        for (request, metadata, read_at), result in zip(self.pending, results, strict=True):
+            self._write(completion_payload(result, len(request.input_ids), metadata, decode_started - read_at))
+            self.served += 1
+            self.tokens += result.counters.emitted
+            self.forwards += result.counters.target_forwards
+        self.pending.clear()
+        self.progress.update(self.summary())
+
+    def summary(self) -> str:
+        elapsed = time.monotonic() - self.started
+        avg_len = self.tokens / self.forwards if self.forwards else 0.0
+        return (
+            f"{self.served} served, {self.errors} errors, {self.tokens} tokens in {elapsed:.1f} s "
+            f"({self.tokens / max(elapsed, 1e-9):.1f} tok/s), mean accepted length {avg_len:.2f}"
+        )
+
+    def _write(self, payload: dict) -> None:
+        print(json.dumps(payload, ensure_ascii=False), file=self.stdout, flush=True)

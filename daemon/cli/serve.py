@@ -9,17 +9,23 @@ import os
 import signal
 import sys
 
-from daemon.cli.options import add_config_option, add_kafka_options, settings_from_args
+from daemon.cli.options import (
+    add_config_option,
+    add_database_url_option,
+    add_kafka_options,
+    configure_logging,
+    settings_from_args,
+)
 from daemon.config import ConfigError
 
 log = logging.getLogger(__name__)
 
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="consume prompts from Kafka and publish completions (the daemon)")
     add_config_option(parser)
-    add_kafka_options(parser)
-    parser.add_argument("--group-id", help="consumer group shared by the daemons of a deployment")
-    parser.add_argument("--database-url", help="SQLAlchemy URL (prefer ONLINESPEC_DATABASE_URL for secrets)")
+    add_kafka_options(parser, group=True)
+    add_database_url_option(parser)
     parser.add_argument("--target", help="target model: HF folder or .gguf file")
     parser.add_argument("--draft", help="draft model sharing the target's vocabulary")
     parser.add_argument("--device", help="cpu, cuda or cuda:N")
@@ -40,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(settings.resolved(), indent=2))
         return 0
-    _configure_logging(settings.daemon.log_level)
+    configure_logging(settings.daemon.log_level)  # --log-level, when given, is daemon.log_level (SETTINGS_FLAGS)
     log.info("settings: %s", json.dumps(settings.resolved(), sort_keys=True))
     try:
         worker = build_worker(settings)
@@ -56,11 +62,3 @@ def run(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(code)
     return code
-
-
-def _configure_logging(level: str) -> None:
-    logging.getLogger().setLevel(level)
-    # kafka-python logs every connection attempt, alembic every plugin and APScheduler every job run at INFO;
-    # warnings are what matter here.
-    for noisy in ("kafka", "alembic", "apscheduler"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)

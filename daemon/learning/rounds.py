@@ -1,20 +1,21 @@
-"""One learning round, read top to bottom like a training loop:
+"""One learning round, read top to bottom like a training loop (RoundRunner._round, one comment per phase):
 
     reserve   start_round: the feedback after the last consumed window (its oldest `window_max_rows` rows)
     split     the window's newest rows are held out (`heldout_rows`, growing to at most half the window until they
-              hold `min_heldout_tokens` emitted tokens): neither candidate nor active trained on them
-    history   plus up to `train_history_rows` of the newest rows before the window (past rounds' feedback)
-    train     a training copy of the draft gets the active weights; learner.fit turns them into the candidate
-              on the history and the window's other rows
-    check     every weight finite (the learner raises NonFiniteError on a non-finite loss, we check the weights)
-    replay    held-out AvgLen of the active draft (before training) and the candidate (after), same rows
+              hold `min_heldout_tokens` emitted tokens: pipelines.gate.heldout_split), plus up to
+              `train_history_rows` of the newest rows before the window to train on
+    replay    held-out AvgLen of the active draft, on a training copy holding its weights (sha256-verified)
+    train     learner.fit turns the copy into the candidate; every weight must stay finite
+    replay    held-out AvgLen of the candidate, same rows
     decide    promote when candidate >= active * (1 + promote_margin) on >= min_heldout_tokens held-out tokens
-    record    candidate file (safetensors, sha256) + checkpoint row + promote or reject event + the round row
+              (pipelines.gate.decide)
+    record    the one exit, whatever the outcome: candidate file (safetensors, sha256) + checkpoint row with the
+              whole resolved config + promote or reject event + the round row, in one transaction
 
 Outcomes (storage.models.RoundDecision): promoted / rejected consume the window; skipped (too few rows to hold
 some out) and failed (an error, or the process stopped) leave it to the next round. A non-finite candidate is
 *rejected* with the error: its window is consumed, so a poisonous window cannot stall learning forever, and the
-learner's state is reset. The active draft never changes unless the candidate won.
+learner's state is reset. The active draft never changes unless the candidate won. Each phase logs one line.
 
 Training must not stall serving: the round runs on the scheduler's thread. On CPU it is limited to
 `learning.cpu_threads` intra-op threads (torch's setting is per thread with OpenMP, so the decode thread keeps
@@ -36,6 +37,9 @@ from typing import Any
 
 from daemon.config import Settings
 from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftWeights
+from pipelines.gate import decide, heldout_split
+
+__all__ = ["RoundResult", "RoundRunner", "RoundStopped", "heldout_split"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,8 @@ class RoundResult:
 
 @dataclass
 class _Window:
+    """The feedback a round reserved, and the version that was active when it did."""
+
     round_id: int
     first_id: int | None
     last_id: int | None
@@ -71,9 +77,30 @@ class _Window:
     active_version: str
 
 
+@dataclass
+class _Outcome:
+    """How a round ended: what record() writes, whatever the decision."""
+
+    decision: str  # promoted | rejected | skipped | failed
+    reason: str
+    active: dict[str, Any] | None = None  # held-out metrics of the active draft
+    candidate: dict[str, Any] | None = None  # held-out metrics of the candidate
+    error: str | None = None
+    stored: Any = None  # storage.artifacts.StoredCheckpoint: the candidate's weights, when kept
+    version: str | None = None  # the candidate's version label, when its weights were kept
+
+
 class RoundRunner:
-    def __init__(self, settings: Settings, session_factory, weights: DraftWeights, draft, *, target_identity: str,
-                 serving: ServingCounters | None = None):  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory,
+        weights: DraftWeights,
+        draft,
+        *,
+        target_identity: str,
+        serving: ServingCounters | None = None,
+    ):
         """`draft` is the served draft model: copied once (on the training device) to train and replay on."""
         self.settings = settings
         self.learning = settings.learning
@@ -91,38 +118,63 @@ class RoundRunner:
     # ------------------------------------------------------------------ the round
 
     def run(self, stop: threading.Event | None = None) -> RoundResult:
-        """Run one round (the caller holds the learner lock). A round that fails is recorded as failed with the
-        error and reported in the result; only a failure to reserve the window raises."""
+        """Run one round (the caller holds the learner lock) and record its outcome, whatever it is. Only a
+        failure to reserve the window, or to record the round at all, raises."""
         journal = _Journal(self.serving, self._serving_mark)
         window = self._reserve()
         try:
             with self._training_context():
-                result = self._train_decide_record(window, stop or threading.Event(), journal)
+                outcome = self._round(window, stop or threading.Event(), journal)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
             log.error("round %d failed: %s", window.round_id, error, exc_info=not isinstance(exc, RoundStopped))
-            self._finish(window, "failed", journal, reason=error, error=error)
-            result = RoundResult(window.round_id, "failed", error)
-        self._serving_mark = (self.serving(), time.monotonic())
-        return result
+            outcome = _Outcome("failed", error, error=error)
+        try:
+            return self.record(window, outcome, journal)
+        except Exception as exc:
+            if outcome.decision == "failed":
+                raise
+            # The candidate could not be recorded (the database went away, say): the round is failed, its window
+            # offered again, and the active draft unchanged.
+            error = f"recording the {outcome.decision} round failed: {type(exc).__name__}: {exc}"
+            log.error("round %d: %s", window.round_id, error)
+            return self.record(window, _Outcome("failed", error, error=error), journal)
+        finally:
+            self._serving_mark = (self.serving(), time.monotonic())
 
-    def _train_decide_record(self, window: _Window, stop: threading.Event, journal: "_Journal") -> RoundResult:
+    def _round(self, window: _Window, stop: threading.Event, journal: _Journal) -> _Outcome:
+        """The round's body, phase by phase; every way out is an _Outcome for record()."""
         from pipelines.learners import NonFiniteError
         from pipelines.replay import replay
 
+        # split: hold out the window's newest rows; train on the rest, plus rows from before the window
         with journal.phase("load_s"):
             train, heldout = self._load_feedback(window, journal)
         if not train:
-            reason = (f"window of {window.rows} rows leaves nothing to train on after holding out "
-                      f"{self.learning.heldout_rows}")  # fmt: skip
-            self._finish(window, "skipped", journal, reason=reason)
-            return RoundResult(window.round_id, "skipped", reason)
+            return _Outcome(
+                "skipped",
+                f"window of {window.rows} rows leaves nothing to train on after holding out "
+                f"{self.learning.heldout_rows}",
+            )
+        rows = journal.notes["train_rows"]
+        self._say(
+            window,
+            f"split: training on {len(train)} rows ({rows['window']} of the window, {rows['history']} "
+            f"from before it), {len(heldout)} held out",
+        )
 
+        # replay the active draft on the held-out rows (the training copy holds its weights, verified)
         with journal.phase("replay_active_s"):
             draft = self._draft_with(window)
             active = _as_dict(replay(draft, heldout, k=self.k, device=self.device))
+        self._say(
+            window,
+            f"replayed {window.active_version}: held-out AvgLen {_number(active.get('avg_len'))} "
+            f"({journal.timings['replay_active_s']:.1f} s)",
+        )
         _check_stop(stop)
 
+        # train: the learner turns the active weights into the candidate; every weight must stay finite
         learner = self._learner_instance()
         try:
             with journal.phase("fit_s"):
@@ -130,50 +182,190 @@ class RoundRunner:
                 _assert_finite(draft)
         except NonFiniteError as exc:
             self._learner = None  # its state (momentum, ensemble weights) may be poisoned too
-            reason = f"candidate not finite, {window.active_version} stays active: {exc}"
-            self._finish(window, "rejected", journal, active_metrics=active, reason=reason,
-                         error=f"NonFiniteError: {exc}")  # fmt: skip
-            log.warning("round %d rejected: %s", window.round_id, reason)
-            return RoundResult(window.round_id, "rejected", reason, active_avg_len=active.get("avg_len"))
+            # Rejected, not failed: the window is consumed, so a poisonous window cannot stall learning.
+            return _Outcome(
+                "rejected",
+                f"candidate not finite, {window.active_version} stays active: {exc}",
+                active=active,
+                error=f"NonFiniteError: {exc}",
+            )
         journal.notes["learner_state"] = _json_ready(learner.state_summary())
+        fit = journal.notes["fit"]
+        self._say(
+            window,
+            f"trained {fit.get('learner')}: {fit.get('steps')} steps, loss {_number(fit.get('loss_before'))}"
+            f" -> {_number(fit.get('loss_after'))} ({journal.timings['fit_s']:.1f} s)",
+        )
         _check_stop(stop)
 
+        # replay the candidate on the same rows, and decide
         with journal.phase("replay_candidate_s"):
             candidate = _as_dict(replay(draft, heldout, k=self.k, device=self.device))
         promote, reason = self._decide(candidate, active, window)
         _check_stop(stop)
-        if not promote and not self.learning.store_rejected:
-            self._finish(window, "rejected", journal, candidate=candidate, active_metrics=active, reason=reason)
-            log.info("round %d rejected (weights not kept): %s", window.round_id, reason)
-            return RoundResult(window.round_id, "rejected", reason, None, candidate.get("avg_len"),
-                               active.get("avg_len"))  # fmt: skip
+        outcome = _Outcome("promoted" if promote else "rejected", reason, active=active, candidate=candidate)
 
-        with journal.phase("store_s"):
-            stored = self.weights.store.put(draft.state_dict())  # no metadata: the same weights are the same file
-        version = f"r{window.round_id}-{stored.sha256[:8]}"
-        learner.note_candidate_version(version)
-        promoted, reason = self._record(window, version, stored, candidate, active, promote, reason, journal)
-        decision = "promoted" if promoted else "rejected"
-        serving = journal.notes["serving"]
-        log.info("round %d %s %s: %s; fit %.1f s, round %.1f s; decode %s tok/s during the round, %s between rounds",
-                 window.round_id, decision, version, reason, journal.timings.get("fit_s", 0.0), journal.elapsed(),
-                 _rate(serving["decode_tps_during"]), _rate(serving["decode_tps_between"]))  # fmt: skip
-        return RoundResult(window.round_id, decision, reason, version, candidate.get("avg_len"), active.get("avg_len"))
+        # keep the candidate's weights: always when promoted, a rejected one's only with store_rejected
+        if promote or self.learning.store_rejected:
+            with journal.phase("store_s"):
+                outcome.stored = self.weights.store.put(draft.state_dict())  # the same weights are the same file
+            outcome.version = f"r{window.round_id}-{outcome.stored.sha256[:8]}"
+            learner.note_candidate_version(outcome.version)
+        return outcome
 
     def _decide(self, candidate: dict, active: dict, window: _Window) -> tuple[bool, str]:
+        """(promote, reason): pipelines.gate.decide on the held-out numbers; the reason always carries them."""
         margin, minimum = self.learning.promote_margin, self.learning.min_heldout_tokens
         tokens = int(active.get("tokens") or 0)
         c, a = float(candidate.get("avg_len") or 0.0), float(active.get("avg_len") or 0.0)
         gain = f"{c / a - 1:+.1%}" if a else "n/a"
-        numbers = (f"held-out AvgLen {c:.3f} vs {a:.3f} for {window.active_version} ({gain}, margin {margin:.1%}) "
-                   f"on {tokens} tokens of {int(active.get('requests') or 0)} requests")  # fmt: skip
-        if tokens < minimum:
-            return False, f"{numbers}: fewer held-out tokens than min_heldout_tokens {minimum}"
-        if a <= 0:
-            return False, f"{numbers}: no greedy held-out request to measure AvgLen on"
-        if c >= a * (1 + margin):
-            return True, numbers
-        return False, f"{numbers}: below the margin"
+        numbers = (
+            f"held-out AvgLen {c:.3f} vs {a:.3f} for {window.active_version} ({gain}, margin {margin:.1%}) "
+            f"on {tokens} tokens of {int(active.get('requests') or 0)} requests"
+        )
+        decision = decide(c, a, tokens, margin=margin, min_tokens=minimum)
+        return decision.promote, numbers if decision.promote else f"{numbers}: {decision.why_not}"
+
+    # ------------------------------------------------------------------ the one exit
+
+    def record(self, window: _Window, outcome: _Outcome, journal: _Journal) -> RoundResult:
+        """Write the outcome, in one transaction: the candidate's checkpoint row (when its weights were kept), the
+        promote or reject event, the round row. Then one log line.
+
+        A promotion is taken only if the pointer still holds the version the candidate was compared with; an
+        operator or the live guard may have moved it during the round, and then the candidate is rejected."""
+        from storage.checkpoints_repo import reject, set_active
+        from storage.models import EventKind
+
+        journal.notes["serving"] = journal.serving_stats()
+        actor_reason = f"round {window.round_id}: {outcome.reason}"
+        if outcome.decision == "promoted":
+            try:
+                with self.session_factory.begin() as session:
+                    checkpoint = self._add_candidate(session, window, outcome)
+                    event = set_active(
+                        session,
+                        checkpoint.id,
+                        ACTOR,
+                        actor_reason,
+                        EventKind.PROMOTE,
+                        deployment=self.learning.deployment,
+                        metrics=self._evidence(window, outcome),
+                    )
+                    if event.from_checkpoint_id != window.active_id:
+                        raise _PointerMoved(
+                            f"the active draft changed during the round (it is no longer {window.active_version})"
+                        )
+                    self._finish_round(session, window, outcome, journal, checkpoint.id)
+                return self._report(window, outcome, journal)
+            except _PointerMoved as moved:
+                outcome = dataclasses.replace(
+                    outcome, decision="rejected", reason=f"{outcome.reason}; not promoted: {moved}"
+                )
+                actor_reason = f"round {window.round_id}: {outcome.reason}"
+        with self.session_factory.begin() as session:
+            checkpoint_id = None
+            if outcome.stored is not None:
+                checkpoint_id = self._add_candidate(session, window, outcome).id
+                reject(
+                    session,
+                    checkpoint_id,
+                    actor=ACTOR,
+                    reason=actor_reason,
+                    deployment=self.learning.deployment,
+                    metrics=self._evidence(window, outcome),
+                )
+            self._finish_round(session, window, outcome, journal, checkpoint_id)
+        return self._report(window, outcome, journal)
+
+    def _evidence(self, window: _Window, outcome: _Outcome) -> dict[str, Any]:
+        return {
+            "candidate": outcome.candidate or {},
+            "active": {"version": window.active_version, **(outcome.active or {})},
+        }
+
+    def _add_candidate(self, session, window: _Window, outcome: _Outcome):
+        """The candidate's checkpoint row, with the round's whole resolved configuration (secrets masked)."""
+        from storage.checkpoints_repo import add_checkpoint
+
+        stored, evidence = outcome.stored, self._evidence(window, outcome)
+        return add_checkpoint(
+            session,
+            version=outcome.version,
+            sha256=stored.sha256,
+            size_bytes=stored.size_bytes,
+            path=str(stored.path),
+            learner=self._learner_name(),
+            learner_settings=self._learner_settings(),
+            target_identity=self.target_identity,
+            parent_id=window.active_id,
+            window_first_id=window.first_id,
+            window_last_id=window.last_id,
+            window_rows=window.rows,
+            settings=self.settings.resolved(),
+            heldout_metrics={**(outcome.candidate or {}), "baseline": evidence["active"]},
+            deployment=self.learning.deployment,
+            reason=f"round {window.round_id}: {outcome.reason}",
+        )
+
+    def _finish_round(self, session, window: _Window, outcome: _Outcome, journal: _Journal, candidate_id) -> None:
+        """The round row: the candidate's held-out metrics plus the round's own notes (why it decided so, phase
+        timings, fit report, learner state, serving tokens/s during and between rounds) under candidate_metrics."""
+        from storage.rounds_repo import finish_round
+
+        candidate_metrics = {
+            **(outcome.candidate or {}),
+            "reason": outcome.reason,
+            "timings": dict(journal.timings),
+            **journal.notes,
+        }
+        finish_round(
+            session,
+            window.round_id,
+            decision=outcome.decision,
+            active_checkpoint_id=window.active_id,
+            candidate_checkpoint_id=candidate_id,
+            candidate_metrics=candidate_metrics,
+            active_metrics=outcome.active,
+            error=outcome.error,
+            duration_seconds=journal.elapsed(),
+        )
+
+    def _report(self, window: _Window, outcome: _Outcome, journal: _Journal) -> RoundResult:
+        """One log line for the round, and its result."""
+        serving = journal.notes["serving"]
+        rates = (
+            f"fit {journal.timings.get('fit_s', 0.0):.1f} s, round {journal.elapsed():.1f} s; decode "
+            f"{_rate(serving['decode_tps_during'])} tok/s during the round, "
+            f"{_rate(serving['decode_tps_between'])} between rounds"
+        )
+        if outcome.version is not None:
+            log.info(
+                "round %d %s %s: %s; %s", window.round_id, outcome.decision, outcome.version, outcome.reason, rates
+            )
+        elif outcome.decision == "rejected" and outcome.error is None:
+            log.info("round %d rejected (weights not kept): %s; %s", window.round_id, outcome.reason, rates)
+        elif outcome.decision != "failed":  # a failure was logged with its traceback where it happened
+            log.log(
+                logging.WARNING if outcome.error else logging.INFO,
+                "round %d %s: %s",
+                window.round_id,
+                outcome.decision,
+                outcome.reason,
+            )
+        candidate, active = outcome.candidate or {}, outcome.active or {}
+        return RoundResult(
+            window.round_id,
+            outcome.decision,
+            outcome.reason,
+            outcome.version,
+            candidate.get("avg_len"),
+            active.get("avg_len"),
+        )
+
+    def _say(self, window: _Window, text: str) -> None:
+        """A round takes minutes: one line per phase shows where it is."""
+        log.info("round %d %s", window.round_id, text)
 
     # ------------------------------------------------------------------ phases
 
@@ -182,30 +374,50 @@ class RoundRunner:
         from storage.rounds_repo import fail_unfinished_rounds
 
         with self.session_factory.begin() as session:
-            closed = fail_unfinished_rounds(session, deployment=self.learning.deployment,
-                                            reason="interrupted: its process stopped before the round finished")
+            closed = fail_unfinished_rounds(
+                session,
+                deployment=self.learning.deployment,
+                reason="interrupted: its process stopped before the round finished",
+            )
         removed = self.weights.store.cleanup_temp(min_age_seconds=0)
         if closed or removed:
-            log.warning("closed %d unfinished learning rounds as failed, removed %d partial checkpoint files",
-                        closed, len(removed))  # fmt: skip
+            log.warning(
+                "closed %d unfinished learning rounds as failed, removed %d partial checkpoint files",
+                closed,
+                len(removed),
+            )
 
     def _reserve(self) -> _Window:
+        """reserve: the feedback after the last consumed window (its oldest window_max_rows rows)."""
         from storage.checkpoints_repo import get_active_pointer, get_checkpoint
         from storage.rounds_repo import last_window_end, start_round
 
         deployment = self.learning.deployment
         with self.session_factory.begin() as session:
             after = last_window_end(session, deployment=deployment, target_identity=self.target_identity)
-            round_ = start_round(session, learner=self._learner_name(), settings=self.settings.resolved(),
-                                 target_identity=self.target_identity, after_id=after,
-                                 max_rows=self.learning.window_max_rows, deployment=deployment)  # fmt: skip
+            round_ = start_round(
+                session,
+                learner=self._learner_name(),
+                settings=self.settings.resolved(),
+                target_identity=self.target_identity,
+                after_id=after,
+                max_rows=self.learning.window_max_rows,
+                deployment=deployment,
+            )
             pointer = get_active_pointer(session, deployment)
             active_id = None if pointer is None else pointer.checkpoint_id
             active_version = BASE_DRAFT_VERSION if active_id is None else get_checkpoint(session, active_id).version
-            return _Window(round_.id, round_.window_first_id, round_.window_last_id, round_.window_rows, active_id,
-                           active_version)  # fmt: skip
+            window = _Window(
+                round_.id, round_.window_first_id, round_.window_last_id, round_.window_rows, active_id, active_version
+            )
+        self._say(
+            window,
+            f"started: {window.rows} feedback rows ({window.first_id}..{window.last_id}), "
+            f"{self._learner_name()} learner, {active_version} active",
+        )
+        return window
 
-    def _load_feedback(self, window: _Window, journal: "_Journal") -> tuple[list, list]:
+    def _load_feedback(self, window: _Window, journal: _Journal) -> tuple[list, list]:
         """(train, held-out) RequestFeedback lists: held-out = the window's newest rows (heldout_split); train =
         up to train_history_rows rows from before the window, then the window's other rows (oldest first)."""
         from storage.feedback_repo import feedback_window, recent_feedback
@@ -213,14 +425,22 @@ class RoundRunner:
         if window.rows == 0:
             return [], []
         with self.session_factory() as session:
-            rows = [r.feedback for r in feedback_window(session, window.first_id, window.last_id,
-                                                         target_identity=self.target_identity)]  # fmt: skip
+            rows = [
+                r.feedback
+                for r in feedback_window(session, window.first_id, window.last_id, target_identity=self.target_identity)
+            ]
             split = heldout_split(rows, self.learning.heldout_rows, self.learning.min_heldout_tokens)
             history = []
             if split and self.learning.train_history_rows:
-                history = [r.feedback for r in recent_feedback(session, self.learning.train_history_rows,
-                                                               target_identity=self.target_identity,
-                                                               until_id=window.first_id - 1)]  # fmt: skip
+                history = [
+                    r.feedback
+                    for r in recent_feedback(
+                        session,
+                        self.learning.train_history_rows,
+                        target_identity=self.target_identity,
+                        until_id=window.first_id - 1,
+                    )
+                ]
         journal.notes["train_rows"] = {"window": split, "history": len(history), "heldout": len(rows) - split}
         return history + rows[:split], rows[split:]
 
@@ -240,68 +460,12 @@ class RoundRunner:
             with self.session_factory() as session:
                 active = get_checkpoint(session, window.active_id)
             if active.target_identity != self.target_identity:
-                raise TargetMismatchError(f"active draft {active.version} was trained against target "
-                                          f"{active.target_identity}, this daemon serves {self.target_identity}")
+                raise TargetMismatchError(
+                    f"active draft {active.version} was trained against target "
+                    f"{active.target_identity}, this daemon serves {self.target_identity}"
+                )
         self._training_draft.load_state_dict(self.weights.load(active), strict=True)
         return self._training_draft
-
-    def _record(self, window, version, stored, candidate, active, promote, reason, journal) -> tuple[bool, str]:
-        """Checkpoint row, then promote or reject, then the round row: one transaction. Returns (promoted, reason).
-
-        The promotion is taken only if the pointer still holds the version the candidate was compared with; an
-        operator or the live guard may have moved it during the round, and then the candidate is rejected."""
-        from storage.checkpoints_repo import reject, set_active
-        from storage.models import EventKind
-
-        evidence = {"candidate": candidate, "active": {"version": window.active_version, **active}}
-        if promote:
-            try:
-                with self.session_factory.begin() as session:
-                    checkpoint = self._add_candidate(session, window, version, stored, candidate, evidence, reason)
-                    event = set_active(session, checkpoint.id, ACTOR, f"round {window.round_id}: {reason}",
-                                       EventKind.PROMOTE, deployment=self.learning.deployment,
-                                       metrics=evidence)  # fmt: skip
-                    if event.from_checkpoint_id != window.active_id:
-                        raise _PointerMoved(f"the active draft changed during the round (it is no longer "
-                                            f"{window.active_version})")  # fmt: skip
-                    self._finish_in(session, window, "promoted", journal, checkpoint.id, candidate, active, reason)
-                return True, reason
-            except _PointerMoved as moved:
-                reason = f"{reason}; not promoted: {moved}"
-        with self.session_factory.begin() as session:
-            checkpoint = self._add_candidate(session, window, version, stored, candidate, evidence, reason)
-            reject(session, checkpoint.id, actor=ACTOR, reason=f"round {window.round_id}: {reason}",
-                   deployment=self.learning.deployment, metrics=evidence)  # fmt: skip
-            self._finish_in(session, window, "rejected", journal, checkpoint.id, candidate, active, reason)
-        return False, reason
-
-    def _add_candidate(self, session, window, version, stored, candidate, evidence, reason):
-        from storage.checkpoints_repo import add_checkpoint
-
-        return add_checkpoint(
-            session, version=version, sha256=stored.sha256, size_bytes=stored.size_bytes, path=str(stored.path),
-            learner=self._learner_name(), learner_settings=self._learner_settings(),
-            target_identity=self.target_identity, parent_id=window.active_id, window_first_id=window.first_id,
-            window_last_id=window.last_id, window_rows=window.rows,
-            heldout_metrics={**candidate, "baseline": evidence["active"]}, deployment=self.learning.deployment,
-            reason=f"round {window.round_id}: {reason}",
-        )  # fmt: skip
-
-    def _finish(self, window, decision, journal, *, candidate=None, active_metrics=None, reason, error=None) -> None:
-        with self.session_factory.begin() as session:
-            self._finish_in(session, window, decision, journal, None, candidate or {}, active_metrics, reason, error)
-
-    def _finish_in(self, session, window, decision, journal, candidate_id, candidate, active, reason,
-                   error=None) -> None:  # fmt: skip
-        """The round row: the candidate's held-out metrics plus the round's own notes (why it decided so, phase
-        timings, fit report, learner state, serving tokens/s during and between rounds) under candidate_metrics."""
-        from storage.rounds_repo import finish_round
-
-        journal.notes["serving"] = journal.serving_stats()
-        candidate_metrics = {**candidate, "reason": reason, "timings": dict(journal.timings), **journal.notes}
-        finish_round(session, window.round_id, decision=decision, active_checkpoint_id=window.active_id,
-                     candidate_checkpoint_id=candidate_id, candidate_metrics=candidate_metrics,
-                     active_metrics=active, error=error, duration_seconds=journal.elapsed())  # fmt: skip
 
     # ------------------------------------------------------------------ helpers
 
@@ -326,19 +490,6 @@ class RoundRunner:
             return torch.cuda.stream(torch.cuda.Stream(device=self.device))
         torch.set_num_threads(self.learning.cpu_threads)
         return nullcontext()
-
-
-
-def heldout_split(window: list, heldout_rows: int, min_tokens: int) -> int:
-    """Index of the first held-out row of a window (oldest first): the newest `heldout_rows` rows, growing until
-    they hold `min_tokens` emitted tokens (short answers such as SQL need more rows for the same evidence), but
-    growing only up to half the window, so training keeps the other half. 0 = nothing left to train on."""
-    split = max(0, len(window) - heldout_rows)
-    tokens = sum(len(f.token_ids) for f in window[split:])
-    while tokens < min_tokens and split > 0 and len(window) - split < len(window) // 2:
-        split -= 1
-        tokens += len(window[split].token_ids)
-    return split
 
 
 class _Journal:
@@ -379,6 +530,10 @@ class _Journal:
 
 def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _check_stop(stop: threading.Event) -> None:

@@ -1,4 +1,4 @@
-"""The message contracts of architecture.md: validating prompt records and building completion records.
+"""The message contracts: validating prompt records and building completion records.
 
 Input (JSON object, UTF-8): `id` (string, required, the idempotency key), exactly one of `prompt` (string) or
 `messages` (chat list rendered with the target tokenizer's chat template), optional `max_new_tokens`,
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daemon.config import LimitSettings
+from pipelines.prompts import NoChatTemplateError, encode_chat, encode_prompt
 from pipelines.types import GenerationRequest, GenerationResult
 
 FIELDS = ("id", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "seed", "stop", "metadata")
@@ -210,13 +211,13 @@ def _json_type(value: Any) -> str:
 def tokenize(message: PromptMessage, tokenizer, max_prompt_tokens: int) -> GenerationRequest:
     """Render and tokenize a validated message; a prompt the engine has no room for is InvalidMessage."""
     if message.messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidMessage("unsupported", "`messages` given but the target tokenizer has no chat template",
-                                 message.id)  # fmt: skip
-        text = tokenizer.apply_chat_template(list(message.messages), add_generation_prompt=True, tokenize=False)
-        input_ids = tokenizer(text, add_special_tokens=False).input_ids
+        try:
+            input_ids = encode_chat(tokenizer, message.messages)
+        except NoChatTemplateError:
+            reason = "`messages` given but the target tokenizer has no chat template"
+            raise InvalidMessage("unsupported", reason, message.id) from None
     else:
-        input_ids = tokenizer(message.prompt).input_ids
+        input_ids = encode_prompt(tokenizer, message.prompt)
     if not input_ids:
         raise InvalidMessage("out_of_range", "the prompt tokenizes to nothing", message.id)
     if len(input_ids) > max_prompt_tokens:

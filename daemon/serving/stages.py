@@ -26,6 +26,7 @@ from daemon.serving.kafka_io import OutboundRecord, ProduceError, Publisher, com
 from daemon.serving.messages import InvalidMessage, completion_payload, encode_json
 from daemon.serving.metrics import DaemonMetrics
 from daemon.serving.ledger import Admission, BatchStore, Decoded
+from daemon.serving.request_log import log_answered
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,7 @@ class Pipeline:
 
         for item in prepared.batch:
             self.tracker.done(item.tp, item.epoch, item.offset)
+        log_answered(decoded, admission.resend)
         self._count(decoded, admission.resend, rejected)
         tokens = sum(d.result.counters.emitted for d in decoded)
         elapsed = time.monotonic() - min(item.queued_at for item in prepared.batch)

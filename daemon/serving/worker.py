@@ -73,6 +73,7 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._started_at = time.monotonic()
         self._abandoned = 0
+        self._abandon_reason = "stop requested"  # what set hard_stop before the grace period ran out
         self._closed = False
 
     @property
@@ -111,8 +112,10 @@ class Worker:
             self._stopping.set()
 
     def handle_signal(self, signum, _frame=None) -> None:
-        """SIGTERM/SIGINT: the first one drains, a second one abandons in-flight work at once."""
+        """SIGTERM/SIGINT: the first one drains, a second one abandons in-flight work at once. Only flags are set
+        here; the main thread logs what it does about them."""
         if self._stop_requested:
+            self._abandon_reason = f"second {signal.Signals(signum).name}"
             self.pipeline.hard_stop.set()
         self._stop_requested = True
         self._stop_reason = signal.Signals(signum).name
@@ -161,6 +164,8 @@ class Worker:
         next_status = time.monotonic()
         while not self._stopping.wait(0.2):
             if self._stop_requested:
+                log.info("%s received: taking no more records, finishing those in hand (grace %g s; a second "
+                         "signal abandons them)", self._stop_reason, self.settings.daemon.shutdown_grace_s)  # fmt: skip
                 self.stop(self._stop_reason)
                 break
             if not all(thread.is_alive() for thread in self._threads):
@@ -195,15 +200,16 @@ class Worker:
             if time.monotonic() >= deadline or self.pipeline.hard_stop.is_set():
                 self.pipeline.hard_stop.set()
                 self._abandoned = self.tracker.in_flight() - self.inbox.qsize()
-                log.warning("grace period over: abandoning %d in-flight records (they will be redelivered)",
-                            self._abandoned)  # fmt: skip
+                why = "grace period over" if time.monotonic() >= deadline else self._abandon_reason
+                log.warning("%s: abandoning %d in-flight records (they will be redelivered)", why, self._abandoned)
                 break
         if self.learning is not None and self.learning.round_running:
             self.notifier.status("waiting for the learning round to stop")
             while not self.learning.wait_idle(0.2):
                 self.notifier.watchdog()
                 if time.monotonic() >= deadline or self.pipeline.hard_stop.is_set():
-                    log.warning("grace period over: leaving the learning round (closed as failed at next start)")
+                    why = "grace period over" if time.monotonic() >= deadline else self._abandon_reason
+                    log.warning("%s: leaving the learning round (closed as failed at next start)", why)
                     break
 
     def status_line(self) -> str:

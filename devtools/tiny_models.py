@@ -1,4 +1,5 @@
-"""Tiny real models for tests: built in-process, saved with save_pretrained, loaded back through from_pretrained.
+"""Tiny real models for tests and CPU smoke runs of the benchmarks: built in-process, saved with save_pretrained,
+loaded back through from_pretrained like any model folder.
 
 The target and draft share one tokenizer (a small byte-level BPE trained here on a fixed text), so the
 pair behaves like a real draft/target pair with a common vocabulary.

@@ -1,0 +1,66 @@
+"""What the Worker says about signals (its handler called directly, as arq's tests do): SIGTERM is logged when it
+arrives, and a second one abandons the work in hand saying so, not "grace period over"."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+import pytest
+
+import tests.test_daemon_worker as worker_tests
+from tests.daemon_fixtures import produce, prompt_records
+
+engine = worker_tests.engine  # the real engine on the tiny models, a module-scoped fixture shared with those tests
+
+pytestmark = pytest.mark.kafka
+
+
+class GatedEngine:
+    """The real engine, but a decode waits until the test releases it: the test decides when the batch in hand
+    finishes, so the second signal certainly arrives while it is in flight."""
+
+    def __init__(self, inner):
+        self.engine = inner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, requests):
+        self.entered.set()
+        assert self.release.wait(60), "the test never released the decode"
+        return self.engine.generate(requests)
+
+
+def wait_for_message(caplog, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in record.getMessage() for record in caplog.records):
+        assert time.monotonic() < deadline, f"no log line with {text!r}"
+        time.sleep(0.02)
+
+
+def test_sigterm_is_logged_and_a_second_one_abandons_the_work_in_hand(
+    kafka_names, sqlite_url, tiny_models, engine, caplog
+):
+    gated = GatedEngine(engine)
+    worker = worker_tests.make_worker(kafka_names, sqlite_url, tiny_models, gated, daemon={"shutdown_grace_s": 600.0})
+    with caplog.at_level(logging.INFO, logger="daemon.serving.worker"):
+        running = worker_tests.RunningWorker(worker)
+        try:
+            with running:
+                produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(["g0", "g1"]))
+                assert gated.entered.wait(60), "nothing reached the engine"
+                worker.handle_signal(signal.SIGTERM)
+                wait_for_message(caplog, "SIGTERM received: taking no more records")
+                worker.handle_signal(signal.SIGTERM)
+                wait_for_message(caplog, "second SIGTERM: abandoning")
+        finally:
+            gated.release.set()
+    messages = [record.getMessage() for record in caplog.records]
+    assert not any("grace period over" in message for message in messages), messages
+    assert any(m.startswith("onlinespec stopped (SIGTERM, abandoned") for m in messages), messages
+    assert running.exit_code == 0
