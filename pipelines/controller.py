@@ -156,6 +156,10 @@ class GoodputController:
             alpha += 1.0 / math.sqrt(tested + 1.0)
         return min(alpha, 0.999)
 
+    def suffix_rounds(self) -> float:
+        """Row-rounds of suffix evidence (decayed), real and shadow."""
+        return 0.0 if self._suffix_hist is None else float(self._suffix_hist.sum())
+
     def suffix_expected_accepted(self, max_match: int, max_k: int) -> np.ndarray:
         """Mean accepted suffix tokens per round by match length m, starting from a prior of half of min(m, k)
         worth SUFFIX_PRIOR_ROUNDS rounds (so a hybrid tries suffix drafts before it has seen any)."""

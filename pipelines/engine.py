@@ -92,7 +92,8 @@ class SpeculativeEngine:
         self.suffix = None
         if suffix_k:
             self.suffix_cache = suffix_cache or SuffixCache(settings.suffix, self.device)
-            self.suffix = SuffixProposer(self.suffix_cache, suffix_k)
+            self.suffix = SuffixProposer(self.suffix_cache, suffix_k,
+                                         compile=settings.suffix.compile and self.device.type == "cuda")
         hybrid = None
         if any(v.proposer == "hybrid" for v in self.variants):
             hybrid = HybridProposer(self.suffix, self.draft_proposer)
@@ -196,7 +197,10 @@ class SpeculativeEngine:
         self._batches += 1
         # auto: every shadow_every-th batch that drafts no suffix tokens scores shadow suffix proposals (a few
         # kernels per round), so the controller keeps measuring what suffix would gain
-        shadow = self._can_shadow(variant) and self._batches % self.settings.auto.shadow_every == 0
+        shadow = self._can_shadow(variant) and (
+            self._batches % self.settings.auto.shadow_every == 0
+            or self.controller.suffix_rounds() < self.settings.auto.shadow_until
+        )
         with torch.inference_mode():
             self._prefill(state, requests, variant)
             decode_started = time.perf_counter()

@@ -51,6 +51,20 @@ def bigram_bucket(first, second, buckets: int):
     return (first * _HASH + second) & (buckets - 1)
 
 
+def leading_run(agree: torch.Tensor) -> torch.Tensor:
+    """[..., J] bool -> [...] int64: how many leading entries are True (the index of the first False, else J)."""
+    width = agree.shape[-1]
+    index = torch.arange(width, device=agree.device)
+    return torch.where(agree, width, index).amin(dim=-1)
+
+
+def trailing_run(agree: torch.Tensor) -> torch.Tensor:
+    """[..., J] bool -> [...] int64: how many trailing entries are True."""
+    width = agree.shape[-1]
+    index = torch.arange(width, device=agree.device)
+    return width - 1 - torch.where(agree, -1, index).amax(dim=-1)
+
+
 class SuffixCache:
     """The stream's earlier completions on the device: a token ring and a W-way hashed bigram index of ring slots.
 
@@ -154,11 +168,18 @@ class SuffixProposer:
     name = "suffix"
     source = SOURCE_SUFFIX
 
-    def __init__(self, cache: SuffixCache, max_k: int):
+    def __init__(self, cache: SuffixCache, max_k: int, compile: bool = False):
         self.cache = cache
         self.settings = cache.settings
         self.max_k = max_k
         device = cache.table.device
+        self._back = torch.arange(max(self.settings.max_match, max_k), device=device)  # 0, 1, 2, ...
+        self._match = self._match_eager
+        if compile:
+            # ~60 small kernels eager (about 1 ms per round on an H200, a quarter of a 1.5B target forward);
+            # fused by Inductor into a few. One compile per (batch bucket, k).
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            self._match = torch.compile(self._match_eager, fullgraph=True)
         # Rounds by (match length, accepted suffix tokens); read and cleared by the controller between batches.
         self.hist = torch.zeros((self.settings.max_match + 1, max_k + 1), dtype=torch.int64, device=device)
         # Expected accepted tokens by match length (hybrid's per-row choice); written by the controller.
@@ -171,64 +192,61 @@ class SuffixProposer:
 
     def propose(self, state: DecodeState, k: int) -> tuple[Proposal, torch.Tensor]:
         """Up to k tokens per row from the best earlier match; also returns each row's match length [B]."""
-        s = self.settings
-        lengths, tokens = state.lengths, state.tokens
-        back = torch.arange(s.max_match, device=lengths.device)
-        tail_positions = lengths[:, None] - back  # [B, J]: t_L, t_{L-1}, ...
-        tail_ok = tail_positions >= 0
-        tail = tokens.gather(1, tail_positions.clamp_min(0))
+        tokens, counts, sources, match = self._match(state.tokens, state.lengths, k)
+        return Proposal(tokens, counts, None, sources), match
 
-        own_match, own_tokens, own_avail = self._own_match(tokens, lengths, tail, tail_ok, k)
-        stream_match, stream_tokens, stream_avail = self._stream_match(tail, tail_ok, k)
+    def _match_eager(self, tokens: torch.Tensor, lengths: torch.Tensor, k: int):
+        """(draft tokens [B, k], counts [B], sources [B], match length [B]): pure tensor work, so torch.compile
+        fuses it into a few kernels on CUDA (SuffixSettings.compile)."""
+        s = self.settings
+        tail_positions = lengths[:, None] - self._back  # [B, J]: positions of t_L, t_{L-1}, ...
+        # a tail slot before position 0 holds a value no token has: it matches nothing
+        tail = torch.where(tail_positions >= 0, tokens.gather(1, tail_positions.clamp_min(0)), _NEVER)
+
+        own_match, own_tokens, own_avail = self._own_match(tokens, lengths, tail, k)
+        stream_match, stream_tokens, stream_avail = self._stream_match(tail, k)
         use_own = own_match >= stream_match
         match = torch.where(use_own, own_match, stream_match)
         continuation = torch.where(use_own[:, None], own_tokens, stream_tokens)
         available = torch.where(use_own, own_avail, stream_avail)
 
-        by_factor = torch.floor(match.float() * s.spec_factor).long()
-        counts = torch.minimum(torch.minimum(available, by_factor), torch.full_like(available, k))
+        by_factor = torch.floor(match * s.spec_factor).long()
+        counts = torch.minimum(available, by_factor).clamp_max(k)
         counts = torch.where(match >= s.min_match, counts, 0)
         sources = torch.where(counts > 0, SOURCE_SUFFIX, SOURCE_NONE).to(torch.uint8)
         # Padding slots must still hold token ids the target can embed (the ring's separators are -1).
-        padding = torch.arange(k, device=counts.device) >= counts[:, None]
-        continuation = torch.where(padding, 0, continuation)
-        return Proposal(continuation, counts, None, sources), match
+        continuation = torch.where(self._back[:k] >= counts[:, None], 0, continuation)
+        return continuation, counts, sources, match
 
-    def _own_match(self, tokens, lengths, tail, tail_ok, k):
+    def _own_match(self, tokens, lengths, tail, k):
         """Best earlier occurrence inside the row (prompt and output): match length, continuation, available."""
         s = self.settings
         batch, width = tokens.shape
         padded = torch.cat([tokens.new_full((batch, s.max_match - 1), _NEVER), tokens], dim=1)
-        windows = padded.unfold(1, s.max_match, 1).flip(-1)  # [B, width, J]: windows[b, p, j] = t_{p - j}
-        agree = (windows == tail[:, None, :]) & tail_ok[:, None, :]
-        run = agree.long().cumprod(dim=-1).sum(dim=-1)  # [B, width] match length of the occurrence ending at p
+        windows = padded.unfold(1, s.max_match, 1)  # [B, width, J]: windows[b, p, J-1-j] = t_{p-j}
+        run = trailing_run(windows == tail.flip(-1)[:, None, :])  # [B, width] match of the occurrence ending at p
         ends = torch.arange(width, device=tokens.device)
-        run = torch.where(ends < lengths[:, None], run, 0)  # only occurrences that end before t_L
-        score = torch.where(run >= s.min_match, run * width + ends, -1)
-        best = score.argmax(dim=1)  # longest, then most recent
-        match = run.gather(1, best[:, None])[:, 0]
-        steps = torch.arange(k, device=tokens.device)
-        continuation = tokens.gather(1, (best[:, None] + 1 + steps).clamp_max(width - 1))
-        available = (lengths - best).clamp(0, k)  # tokens after the occurrence that are already known
+        score = torch.where((run >= s.min_match) & (ends < lengths[:, None]), run * width + ends, -1)
+        best = score.argmax(dim=1, keepdim=True)  # longest, then most recent
+        match = torch.where(score.gather(1, best) >= 0, run.gather(1, best), 0)[:, 0]
+        end = ends[best[:, 0]]
+        continuation = tokens.gather(1, (end[:, None] + 1 + self._back[:k]).clamp_max(width - 1))
+        available = (lengths - end).clamp(0, k)  # tokens after the occurrence that are already known
         return match, continuation, available
 
-    def _stream_match(self, tail, tail_ok, k):
+    def _stream_match(self, tail, k):
         """Best occurrence in the stream ring among the indexed slots of the row's last bigram."""
         s, cache = self.settings, self.cache
         capacity = s.cache_tokens
         candidates = cache.table[bigram_bucket(tail[:, 1], tail[:, 0], s.table_buckets)].long()  # [B, W] slots
-        present = candidates >= 0
-        back = torch.arange(s.max_match, device=tail.device)
-        before = cache.ring[(candidates[..., None] - back) % capacity].long()  # [B, W, J]
-        agree = (before == tail[:, None, :]) & tail_ok[:, None, :]
-        match = torch.where(present, agree.long().cumprod(dim=-1).sum(dim=-1), 0)  # [B, W]
+        before = cache.ring[(candidates[..., None] - self._back) % capacity]  # [B, W, J]
+        match = torch.where(candidates >= 0, leading_run(before == tail[:, None, :]), 0)  # [B, W]
 
-        steps = torch.arange(k, device=tail.device)
+        steps = self._back[:k]
         continuation = cache.ring[(candidates[..., None] + 1 + steps) % capacity].long()  # [B, W, k]
         # tokens between the slot and the write head: beyond it lies the oldest text of the ring
         before_head = steps < ((cache.head - candidates - 1) % capacity)[..., None]
-        known = (continuation >= 0) & before_head
-        available = known.long().cumprod(dim=-1).sum(dim=-1)  # up to the next separator
+        available = leading_run((continuation >= 0) & before_head)  # up to the next separator
         usable = (match >= s.min_match) & (available > 0)
         if k:
             first = continuation[..., 0]
