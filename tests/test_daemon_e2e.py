@@ -15,7 +15,6 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from tests.daemon_fixtures import (
     REPO,
@@ -30,6 +29,7 @@ from tests.daemon_fixtures import (
     write_config,
 )
 from tests.kafka_fixtures import TansuBroker, fresh_names
+from tests.worker_fixtures import completion_rows
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -71,20 +71,6 @@ class NotifyListener:
         self.thread.join(2)
         self.sock.close()
         return self.messages
-
-
-def completion_rows(database_url: str) -> dict[str, int]:
-    """request id -> number of completion rows."""
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(text(
-                "SELECT r.request_id, COUNT(c.request_id) FROM requests r "
-                "LEFT JOIN completions c ON c.request_id = r.request_id GROUP BY r.request_id"
-            )).all()  # fmt: skip
-    finally:
-        engine.dispose()
-    return {request_id: count for request_id, count in rows}
 
 
 @pytest.mark.postgres
@@ -252,9 +238,9 @@ def test_database_outage_pauses_consumption_and_resumes_with_nothing_lost(tmp_pa
 
 def test_broker_restart_the_daemon_reconnects_recreates_its_producer_and_resumes(tmp_path, daemon_processes,
                                                                                  sqlite_url, tiny_models):  # fmt: skip
-    """Tansu keeps nothing across a restart, so the re-created topic hands out offsets 0, 1, 2 again. Those
-    positions are recorded for the requests served before the restart: records landing there are refused to
-    the DLQ (position_conflict), never confused with a redelivery; later positions are served normally."""
+    """Tansu keeps nothing across a restart, so the re-created topic hands out offsets 0, 1, 2 again, the positions
+    of the requests served before. The id identifies a request, not its position: the new records there are
+    served like any other."""
     broker = TansuBroker(tmp_path)
     broker.start()
     try:
@@ -276,23 +262,18 @@ def test_broker_restart_the_daemon_reconnects_recreates_its_producer_and_resumes
         after = ["b0", "b1", "b2", "b3", "b4", "b5"]
         produce(names.bootstrap, names.prompts, prompt_records(after))
         reader = TopicReader(names.bootstrap, names.completions)
-        records = reader.read_until(lambda rs: set(ids_of(rs)) >= set(after[3:]), timeout=60)
+        records = reader.read_until(lambda rs: set(ids_of(rs)) >= set(after), timeout=60)
+        reader.read_for(1.0)
         reader.close()
-        dlq = TopicReader(names.bootstrap, names.dlq)
-        dead = dlq.read_until(lambda rs: len(rs) >= 3, timeout=30)
-        dlq.close()
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
     finally:
         broker.stop()
-    assert sorted(ids_of(records)) == after[3:]
-    assert sorted(header(r, "request-id") for r in dead) == after[:3]
-    assert {header(r, "reason-code") for r in dead} == {"position_conflict"}
-    assert "already recorded for 'a0'" in header(next(r for r in dead if header(r, "request-id") == "b0"), "reason")
-    assert completion_rows(sqlite_url) == {i: 1 for i in before + after[3:]}
+    assert sorted(ids_of(records)) == after
+    assert completion_rows(sqlite_url) == {i: 1 for i in before + after}
     log = daemon.log()
     assert "replacing it" in log and "kafka available again" in log
-    assert "1 producer recreations" in log or "producer recreations" in log
+    assert re.search(r"[1-9]\d* producer recreations", log)
 
 
 def test_submit_waits_for_and_prints_completions(tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models):

@@ -32,6 +32,7 @@ class Inbound:
     queued_at: float = field(default_factory=time.monotonic)
     message: PromptMessage | None = None
     request: GenerationRequest | None = None
+    request_hash: str | None = None  # daemon.serving.messages.request_hash of message
     error: InvalidMessage | None = None
 
     @property
@@ -109,6 +110,15 @@ class OffsetTracker:
                 state = self._partitions.get(tp)
                 if state is not None:
                     state.last_committed = offset
+
+    def progress(self, tp: TopicPartition) -> tuple[int | None, int, int | None]:
+        """(last committed offset, records tracked and not committable yet, the first of them) of a partition."""
+        with self._lock:
+            state = self._partitions.get(tp)
+            if state is None:
+                return None, 0, None
+            first = state.outstanding[0] if state.outstanding else None
+            return state.last_committed, len(state.outstanding), first
 
     def in_flight(self) -> int:
         with self._lock:

@@ -5,8 +5,13 @@
     sink stage     store completions + feedback + dead letters (one transaction) → produce completions and DLQ
                    records and wait for the acks → mark the offsets done (the poll thread commits them)
 
-So the accelerator decodes batch n+1 while batch n is being stored and published. A failing database or
-producer is retried with backoff, and `SinkHealth` tells the poll thread to pause consumption meanwhile.
+So the accelerator decodes batch n+1 while batch n is being stored and published. An unavailable database is
+retried with backoff, and `SinkHealth` tells the poll thread to pause consumption meanwhile. Produce failures
+are sorted per record (daemon.serving.kafka_io.classify): transient ones are retried the same way, only the
+records not yet acknowledged; a permanent one is never retried: a completion that cannot be produced is
+dead-lettered (recorded first), a dead letter that cannot be produced stays recorded in the database, and both
+are counted (onlinespec_undeliverable_records_total) and logged with topic, partition, offset and request id.
+Either way the offset moves on: no record can hold its partition.
 """
 
 from __future__ import annotations
@@ -22,15 +27,24 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from daemon.serving.batching import Inbound, OffsetTracker, collect_batch
 from daemon.config import Settings
-from daemon.serving.kafka_io import OutboundRecord, ProduceError, Publisher, completion_record, dlq_record
+from daemon.serving.kafka_io import (
+    PERMANENT,
+    UNCLASSIFIED,
+    UNCLASSIFIED_ATTEMPTS,
+    OutboundRecord,
+    Publisher,
+    completion_record,
+    dlq_record,
+)
+from daemon.serving.ledger import Admission, BatchStore, Decoded, Saved
 from daemon.serving.messages import InvalidMessage, completion_payload, encode_json
 from daemon.serving.metrics import DaemonMetrics
-from daemon.serving.ledger import Admission, BatchStore, Decoded
 
 log = logging.getLogger(__name__)
 
 DATABASE_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
 HANDOFF_POLL_S = 0.2
+COMPLETION, DEAD_LETTER = "completion", "dead_letter"
 
 
 class Abandoned(Exception):
@@ -78,7 +92,23 @@ class Totals:
     decode_seconds: float = 0.0
     database_retries: int = 0
     produce_retries: int = 0
+    undeliverable: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Outgoing:
+    """One record to produce, with the prompt record it answers (for logs and for dead-lettering it)."""
+
+    record: OutboundRecord
+    item: Inbound
+    role: str  # COMPLETION | DEAD_LETTER
+    request_id: str | None
+    unclassified_failures: int = 0
+
+    @property
+    def context(self) -> str:
+        return f"{self.role} of {self.item.where} (id {self.request_id}) to {self.record.topic}"
 
 
 @dataclass
@@ -113,6 +143,8 @@ class Pipeline:
         self.follower = follower  # daemon.learning.draft_follower.DraftFollower: the deployment's active draft version
         self._swap_lock = threading.Lock()
         self._pending_swap = None
+        self._in_flight: set[str] = set()  # ids admitted for decoding whose batch is not stored yet
+        self._in_flight_lock = threading.Lock()
 
     def request_draft_swap(self, weights, version: str) -> None:
         with self._swap_lock:
@@ -156,8 +188,11 @@ class Pipeline:
         self.metrics.batch_size.observe(len(batch))
         dead = [(item, item.error) for item in batch if item.error is not None]
         valid = [item for item in batch if item.error is None]
-        admission = self._retry("decode", "record requests", "database", DATABASE_UNAVAILABLE,
-                                lambda: self.store.admit(valid))  # fmt: skip
+        with self._in_flight_lock:
+            in_flight = set(self._in_flight)
+        admission = self._with_database("decode", "record requests", lambda: self.store.admit(valid, in_flight))
+        with self._in_flight_lock:
+            self._in_flight.update(item.request.id for item in admission.decode)
         decoded, failed = self._decode(admission.decode)
         return Prepared(batch, admission, decoded, dead + failed)
 
@@ -222,44 +257,93 @@ class Pipeline:
 
     def _finish(self, prepared: Prepared) -> None:
         admission, decoded = prepared.admission, prepared.decoded
-        store_started = time.monotonic()
-        messages = self._retry("sink", "store results", "database", DATABASE_UNAVAILABLE,
-                               lambda: self.store.save(decoded, prepared.dead))  # fmt: skip
-        self.metrics.store_seconds.observe(time.monotonic() - store_started)
-
         rejected = prepared.dead + admission.rejected
-        outbound = self._outbound(decoded, messages, admission.resend, rejected)
+        store_started = time.monotonic()
+        saved = self._with_database("sink", "store results",
+                                    lambda: self.store.save(decoded, rejected, admission.wait))  # fmt: skip
+        self.metrics.store_seconds.observe(time.monotonic() - store_started)
+        with self._in_flight_lock:  # stored: a copy admitted from now on finds the completion
+            self._in_flight.difference_update(item.request.id for item in admission.decode)
+
+        rejected = rejected + saved.dead
+        resend = admission.resend + saved.answered
         produce_started = time.monotonic()
-        self._retry("sink", "produce", "kafka", (ProduceError,), lambda: self.publisher.send_all(outbound))
+        self._deliver(self._outgoing(decoded, saved, resend, rejected))
         self.metrics.produce_seconds.observe(time.monotonic() - produce_started)
 
+        # Only now, after the database commit and every ack (or a permanent failure, recorded): committable.
         for item in prepared.batch:
             self.tracker.done(item.tp, item.epoch, item.offset)
-        self._count(decoded, admission.resend, rejected)
+        self._count(decoded, resend, rejected)
         tokens = sum(d.result.counters.emitted for d in decoded)
         elapsed = time.monotonic() - min(item.queued_at for item in prepared.batch)
         if tokens and elapsed > 0:
             self.metrics.e2e_tps.set(tokens / elapsed)
         log.debug("batch of %d: %d decoded, %d resent, %d rejected; store %.3f s, produce %.3f s",
-                  len(prepared.batch), len(decoded), len(admission.resend), len(rejected),
+                  len(prepared.batch), len(decoded), len(resend), len(rejected),
                   produce_started - store_started, time.monotonic() - produce_started)  # fmt: skip
 
-    def _outbound(self, decoded, messages, resend, rejected) -> list[OutboundRecord]:
+    def _outgoing(self, decoded: list[Decoded], saved: Saved, resend, rejected) -> list[Outgoing]:
         """Completions as stored (another worker's message if it stored first), re-sends, dead letters."""
-        kafka = self.settings.kafka
-        records = [
-            completion_record(kafka.completions_topic, d.item.key, d.item.request.id,
-                              messages.get(d.item.request.id, d.message_json).encode(), False)  # fmt: skip
-            for d in decoded
-        ]
-        records += [completion_record(kafka.completions_topic, item.key, item.message.id, message.encode(), True)
-                    for item, message in resend]  # fmt: skip
-        records += [
-            dlq_record(kafka.dlq_topic, item.tp.topic, item.tp.partition, item.offset, item.key, item.value,
-                       error.code, error.reason, error.request_id)  # fmt: skip
-            for item, error in rejected
-        ]
+        topic = self.settings.kafka.completions_topic
+        records = []
+        for d in decoded:
+            request_id = d.item.request.id
+            message = saved.messages.get(request_id, d.message_json).encode()
+            records.append(Outgoing(completion_record(topic, d.item.key, request_id, message, False), d.item,
+                                    COMPLETION, request_id))  # fmt: skip
+        for item, message in resend:
+            records.append(Outgoing(completion_record(topic, item.key, item.request.id, message.encode(), True), item,
+                                    COMPLETION, item.request.id))  # fmt: skip
+        records += [self._dead_letter(item, error) for item, error in rejected]
         return records
+
+    def _dead_letter(self, item: Inbound, error: InvalidMessage) -> Outgoing:
+        kafka = self.settings.kafka
+        record = dlq_record(kafka.dlq_topic, item.tp.topic, item.tp.partition, item.offset, item.key, item.value,
+                            error.code, error.reason, error.request_id, kafka.max_request_size)  # fmt: skip
+        return Outgoing(record, item, DEAD_LETTER, error.request_id)
+
+    def _deliver(self, outgoing: list[Outgoing]) -> None:
+        """Produce until every record is acknowledged or failed for good; only transient failures are retried."""
+        backoff = _Backoff(self, "sink", "produce", "kafka")
+        pending = outgoing
+        while pending:
+            recreations = self.publisher.recreations
+            delivery = self.publisher.send_all([o.record for o in pending])
+            self.metrics.producer_recreated.inc(self.publisher.recreations - recreations)
+            retry, permanent = [], []
+            for failure in delivery.failures:
+                item = pending[failure.index]
+                if failure.kind == UNCLASSIFIED:
+                    item.unclassified_failures += 1
+                if failure.kind == PERMANENT or item.unclassified_failures >= UNCLASSIFIED_ATTEMPTS:
+                    permanent.append((item, failure.error))
+                else:
+                    retry.append((item, failure.error))
+            follow_ups = self._undeliverable(permanent)
+            if retry:
+                backoff.failed(retry[0][1])
+            pending = [item for item, _ in retry] + follow_ups
+        backoff.succeeded()
+
+    def _undeliverable(self, failed: list[tuple[Outgoing, BaseException]]) -> list[Outgoing]:
+        """Records no retry can deliver: count and log each; dead-letter the requests whose completion it was
+        (recorded before their dead letter is produced); returns those dead letters."""
+        letters = []
+        for outgoing, error in failed:
+            self.totals.undeliverable += 1
+            self.metrics.undeliverable.labels(outgoing.role, type(error).__name__).inc()
+            if outgoing.role == DEAD_LETTER:
+                log.error("%s failed for good (%s); it stays recorded in the database only", outgoing.context,
+                          _short(error))  # fmt: skip
+                continue
+            log.error("%s failed for good (%s); dead-lettering the request", outgoing.context, _short(error))
+            reason = f"the completion could not be produced to {outgoing.record.topic}: {_short(error)}"
+            letters.append((outgoing.item, InvalidMessage("undeliverable", reason, outgoing.request_id)))
+        if letters:
+            self._with_database("sink", "record dead letters", lambda: self.store.record_dead_letters(letters))
+        return [self._dead_letter(item, error) for item, error in letters]
 
     def _count(self, decoded, resend, rejected) -> None:
         t = self.totals
@@ -279,39 +363,58 @@ class Pipeline:
 
     # ------------------------------------------------------------------ retries
 
-    def _retry(self, stage: str, what: str, sink: str, transient: tuple, operation):
-        """Run operation until it succeeds; while it fails, consumption is paused and we back off."""
-        delay = self.settings.daemon.retry_initial_s
-        failures = 0
+    def _with_database(self, stage: str, what: str, operation):
+        """Run operation until it succeeds; while the database is unavailable, consumption is paused."""
+        backoff = _Backoff(self, stage, what, "database")
         while True:
             try:
                 result = operation()
-            except transient as exc:
-                self.beats[stage] = time.monotonic()
-                failures += 1
-                if sink == "database":
-                    self.totals.database_retries += 1
-                    self.metrics.database_up.set(0)
-                else:
-                    self.totals.produce_retries += 1
-                    self.metrics.producer_recreated.inc()
-                if self.health.failing(sink, _short(exc)):
-                    log.warning("%s unavailable during %s (%s); pausing consumption and retrying",
-                                sink, what, _short(exc))  # fmt: skip
-                    self.notifier.status(f"{sink} unavailable, retrying: {_short(exc)}")
-                else:
-                    log.info("%s still unavailable (%s), retry %d in %.1f s", sink, _short(exc), failures, delay)
-                if self.hard_stop.wait(delay):
-                    raise Abandoned() from exc
-                delay = min(delay * 2, self.settings.daemon.retry_max_s)
+            except DATABASE_UNAVAILABLE as exc:
+                backoff.failed(exc)
                 continue
-            if failures and self.health.recovered(sink):
-                log.info("%s available again after %d retries; resuming consumption", sink, failures)
-                if sink == "database":
-                    self.metrics.database_up.set(1)
+            backoff.succeeded()
             return result
+
+
+class _Backoff:
+    """The retry rhythm of one operation against one sink: pause consumption, back off doubling, log once per
+    outage (and each retry at INFO), resume when it works again. Raises Abandoned on a hard stop."""
+
+    def __init__(self, pipeline: Pipeline, stage: str, what: str, sink: str):
+        self.pipeline = pipeline
+        self.stage, self.what, self.sink = stage, what, sink
+        self.delay = pipeline.settings.daemon.retry_initial_s
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> None:
+        p = self.pipeline
+        p.beats[self.stage] = time.monotonic()
+        self.failures += 1
+        if self.sink == "database":
+            p.totals.database_retries += 1
+            p.metrics.database_up.set(0)
+        else:
+            p.totals.produce_retries += 1
+        if p.health.failing(self.sink, _short(exc)):
+            log.warning("%s unavailable during %s (%s); pausing consumption and retrying", self.sink, self.what,
+                        _short(exc))  # fmt: skip
+            p.notifier.status(f"{self.sink} unavailable, retrying: {_short(exc)}")
+        else:
+            log.info("%s still unavailable (%s), retry %d in %.1f s", self.sink, _short(exc), self.failures,
+                     self.delay)  # fmt: skip
+        if p.hard_stop.wait(self.delay):
+            raise Abandoned() from exc
+        self.delay = min(self.delay * 2, p.settings.daemon.retry_max_s)
+
+    def succeeded(self) -> None:
+        if self.failures and self.pipeline.health.recovered(self.sink):
+            log.info("%s available again after %d retries; resuming consumption", self.sink, self.failures)
+            if self.sink == "database":
+                self.pipeline.metrics.database_up.set(1)
 
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:200]}"
+    name = type(exc).__name__
+    text = text[len(name) + 1:].strip() if text.startswith(f"{name}:") else text  # kafka errors name themselves
+    return f"{name}: {text[:200]}"
