@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -292,3 +293,38 @@ def test_no_offset_is_committable_while_the_produce_keeps_failing(kafka_names, s
         worker.pipeline.hard_stop.set()
         finishing.join(30)
         worker.publisher.close()
+
+
+@pytest.mark.postgres
+def test_a_record_the_database_refuses_is_dead_lettered_alone(kafka_names, postgres_url, tiny_models, engine):
+    """PostgreSQL refuses NUL in text. Validation rejects such ids, so the record is built here as if it had not:
+    whatever a record holds that the database refuses, it is dead-lettered and its batch is served."""
+    from daemon.config import LimitSettings
+    from daemon.serving.messages import parse_prompt
+    from pipelines.types import GenerationRequest
+
+    worker = make_worker(kafka_names, postgres_url, tiny_models, engine)
+    tp = TopicPartition(kafka_names.prompts, 0)
+    worker.tracker.assign([tp])
+    batch = []
+    for offset, (key, value) in enumerate(prompt_records(["ok-0", "nul\x00id", "ok-1"])):
+        item = Inbound(tp, offset, key, value, [], worker.tracker.track(tp, offset))
+        worker.poller._validate(item)
+        if item.error is not None:  # the id check caught it; bypass it
+            item.error, item.request_hash = None, "0" * 64
+            item.message = dataclasses.replace(parse_prompt(prompt_records(["x"])[0][1], LimitSettings()),
+                                               id="nul\x00id")  # fmt: skip
+            item.request = GenerationRequest("nul\x00id", input_ids=[1, 2, 3], max_new_tokens=4)
+        batch.append(item)
+    pipeline = worker.pipeline
+    try:
+        pipeline._finish(pipeline._prepare(batch))
+    finally:
+        worker.publisher.close()
+    assert worker.tracker.committable() == {tp: 3}
+    served = read(kafka_names.bootstrap, kafka_names.completions, lambda rs: len(rs) >= 2)
+    (dead,) = read(kafka_names.bootstrap, kafka_names.dlq, lambda rs: len(rs) >= 1)
+    assert sorted(ids_of(served)) == ["ok-0", "ok-1"]
+    assert header(dead, "reason-code") == "storage_error" and "DataError" in header(dead, "reason")
+    assert header(dead, "original-offset") == "1"
+    assert (1, None, "storage_error") in dead_letter_rows(postgres_url)

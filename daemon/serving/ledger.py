@@ -46,6 +46,7 @@ class Saved:
     messages: dict[str, str] = field(default_factory=dict)  # request id -> completion to produce
     answered: list[tuple[Inbound, str]] = field(default_factory=list)  # waiting records and their completion
     dead: list[tuple[Inbound, InvalidMessage]] = field(default_factory=list)  # waiting records left unanswered
+    refused: set[tuple] = field(default_factory=set)  # (tp, offset) of decoded records the database refused
 
 
 class BatchStore:

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DisconnectionError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from daemon.serving.batching import Inbound, OffsetTracker, collect_batch
@@ -43,6 +43,8 @@ from daemon.serving.metrics import DaemonMetrics
 log = logging.getLogger(__name__)
 
 DATABASE_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+# The database refused what a record holds: no retry helps, the record is dead-lettered (storage_error) alone.
+RECORD_REFUSED = (DataError, IntegrityError)
 HANDOFF_POLL_S = 0.2
 COMPLETION, DEAD_LETTER = "completion", "dead_letter"
 
@@ -190,11 +192,33 @@ class Pipeline:
         valid = [item for item in batch if item.error is None]
         with self._in_flight_lock:
             in_flight = set(self._in_flight)
-        admission = self._with_database("decode", "record requests", lambda: self.store.admit(valid, in_flight))
+        admission = self._admit(valid, in_flight)
         with self._in_flight_lock:
             self._in_flight.update(item.request.id for item in admission.decode)
         decoded, failed = self._decode(admission.decode)
         return Prepared(batch, admission, decoded, dead + failed)
+
+    def _admit(self, items: list[Inbound], in_flight: set[str]) -> Admission:
+        """Admit a batch; if the database refuses a record in it, admit one by one and dead-letter that one."""
+        try:
+            return self._with_database("decode", "record requests", lambda: self.store.admit(items, in_flight))
+        except RECORD_REFUSED as exc:
+            if len(items) == 1:
+                return Admission(rejected=[self._refused(items[0], "record the request", exc)])
+        admission = Admission()
+        for item in items:
+            decoding = {i.request.id for i in admission.decode}  # a copy later in the batch waits for the first
+            one = self._admit([item], in_flight | decoding)
+            for name in ("decode", "resend", "wait", "rejected"):
+                getattr(admission, name).extend(getattr(one, name))
+        return admission
+
+    @staticmethod
+    def _refused(item: Inbound, what: str, exc: BaseException) -> tuple[Inbound, InvalidMessage]:
+        """The dead letter of a record the database refused: without its id, which may be what was refused."""
+        request_id = item.request.id if item.request is not None else None
+        log.error("the database refused to %s for %s (id %r): %s", what, item.where, request_id, _short(exc))
+        return item, InvalidMessage("storage_error", f"the database refused to {what}: {_short(exc)}")
 
     def _decode(self, items: list[Inbound]) -> tuple[list[Decoded], list[tuple[Inbound, InvalidMessage]]]:
         """Decode a batch; if the engine fails on it, decode one by one and dead-letter the requests that fail."""
@@ -259,12 +283,12 @@ class Pipeline:
         admission, decoded = prepared.admission, prepared.decoded
         rejected = prepared.dead + admission.rejected
         store_started = time.monotonic()
-        saved = self._with_database("sink", "store results",
-                                    lambda: self.store.save(decoded, rejected, admission.wait))  # fmt: skip
+        saved = self._save(decoded, rejected, admission.wait)
         self.metrics.store_seconds.observe(time.monotonic() - store_started)
         with self._in_flight_lock:  # stored: a copy admitted from now on finds the completion
             self._in_flight.difference_update(item.request.id for item in admission.decode)
 
+        decoded = [d for d in decoded if (d.item.tp, d.item.offset) not in saved.refused]  # dead-lettered instead
         rejected = rejected + saved.dead
         resend = admission.resend + saved.answered
         produce_started = time.monotonic()
@@ -282,6 +306,40 @@ class Pipeline:
         log.debug("batch of %d: %d decoded, %d resent, %d rejected; store %.3f s, produce %.3f s",
                   len(prepared.batch), len(decoded), len(resend), len(rejected),
                   produce_started - store_started, time.monotonic() - produce_started)  # fmt: skip
+
+    def _save(self, decoded: list[Decoded], dead: list, waiting: list[Inbound]) -> Saved:
+        """Save a batch; if the database refuses a record in it, save one by one (see _save_one_by_one)."""
+        try:
+            return self._with_database("sink", "store results", lambda: self.store.save(decoded, dead, waiting))
+        except RECORD_REFUSED as exc:
+            log.warning("the database refused a batch of %d (%s); storing its records one by one",
+                        len(decoded) + len(dead) + len(waiting), _short(exc))  # fmt: skip
+            return self._save_one_by_one(decoded, dead, waiting)
+
+    def _save_one_by_one(self, decoded: list[Decoded], dead: list, waiting: list[Inbound]) -> Saved:
+        """A decoded or waiting record the database refuses is dead-lettered (storage_error; those dead letters
+        are saved last, and if even they are refused the database is broken for every record and the sink
+        fails). A refused dead letter still goes to the DLQ topic, with its own reason."""
+        saved, refused = Saved(), []
+        units = [(d.item, ([d], [], [])) for d in decoded] + [(w, ([], [], [w])) for w in waiting]
+        units += [(x[0], ([], [x], [])) for x in dead]
+        for item, unit in units:
+            try:
+                part = self._with_database("sink", "store results", lambda: self.store.save(*unit))
+            except RECORD_REFUSED as exc:
+                if unit[1]:
+                    log.error("the database refused the dead letter of %s: %s", item.where, _short(exc))
+                else:
+                    refused.append(self._refused(item, "store the result", exc))
+                continue
+            saved.messages.update(part.messages)
+            saved.answered += part.answered
+            saved.dead += part.dead
+        if refused:
+            self._with_database("sink", "record dead letters", lambda: self.store.record_dead_letters(refused))
+            saved.dead += refused
+            saved.refused = {(item.tp, item.offset) for item, _ in refused}
+        return saved
 
     def _outgoing(self, decoded: list[Decoded], saved: Saved, resend, rejected) -> list[Outgoing]:
         """Completions as stored (another worker's message if it stored first), re-sends, dead letters."""
