@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -31,7 +32,7 @@ class DeadLetterRecord:
     reason: str
     value: bytes | None  # None for a tombstone
 
-    @property
+    @cached_property  # a dead letter may be megabytes: hash it once
     def value_sha256(self) -> str | None:
         return None if self.value is None else hashlib.sha256(self.value).hexdigest()
 
@@ -47,27 +48,25 @@ def record_dead_letters(
         return 0
     offsets = {letter.offset for letter in letters}
     topics = {letter.topic for letter in letters}
-    recorded = {
-        (row.kafka_topic, row.kafka_partition, row.kafka_offset, row.value_sha256)
-        for row in session.scalars(
-            select(DeadLetter).where(DeadLetter.kafka_topic.in_(topics), DeadLetter.kafka_offset.in_(offsets))
-        )
-    }
+    key = (DeadLetter.kafka_topic, DeadLetter.kafka_partition, DeadLetter.kafka_offset, DeadLetter.value_sha256)
+    recorded = set(session.execute(
+        select(*key).where(DeadLetter.kafka_topic.in_(topics), DeadLetter.kafka_offset.in_(offsets))
+    ).tuples())  # fmt: skip
     now = created_at or utcnow()
     new = []
     for letter in letters:
         if letter.key() in recorded:
             continue
         recorded.add(letter.key())
-        new.append(DeadLetter(
+        new.append(dict(
             request_id=letter.request_id, kafka_topic=letter.topic, kafka_partition=letter.partition,
             kafka_offset=letter.offset, reason_code=letter.reason_code,
             reason=storable_text(letter.reason[:MAX_REASON_CHARS]),
             value_size=None if letter.value is None else len(letter.value), value_sha256=letter.value_sha256,
             value=letter.value if keep_values else None, created_at=now,
         ))  # fmt: skip
-    session.add_all(new)
-    session.flush()
+    if new:
+        session.execute(DeadLetter.__table__.insert(), new)  # Core: one multi-row INSERT, no ORM bookkeeping
     return len(new)
 
 

@@ -214,6 +214,17 @@ def _feedback_row(result: GenerationResult, target_identity: str, now: datetime)
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class DeadLetteredRequest:
+    """A record with a usable request id that went to the DLQ."""
+
+    request_id: str
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    reason: str
+
+
 def mark_dead_lettered(
     session: Session,
     request_id: str,
@@ -222,18 +233,44 @@ def mark_dead_lettered(
     topic: str | None = None,
     partition: int | None = None,
     offset: int | None = None,
-    params: dict[str, Any] | None = None,
 ) -> Request:
-    """Record that the record at this position went to the DLQ with `reason`, recording the request first if it
-    was never received (input rejected before it got that far); the row is returned.
+    """mark_requests_dead_lettered for one record; returns the request's row."""
+    mark_requests_dead_lettered(session, [DeadLetteredRequest(request_id, topic, partition, offset, reason)])
+    return session.get(Request, request_id, populate_existing=True)
 
-    Only the row of this very record changes: a completed request stays completed, and an id received earlier at
+
+def mark_requests_dead_lettered(session: Session, letters: Sequence[DeadLetteredRequest]) -> None:
+    """Record that these records went to the DLQ with their reasons, recording each request first if it was never
+    received (input rejected before it got that far). Two statements however many letters.
+
+    Only the row of the very record changes: a completed request stays completed, and an id received earlier at
     another position (a retry, a conflict) leaves that request alone - the DLQ message and the dead_letters row
     carry this record's reason."""
-    row, is_new = record_request_received(session, request_id, topic, partition, offset, params or {}, None)
-    same_record = is_new or (row.kafka_topic, row.kafka_partition, row.kafka_offset) == (topic, partition, offset)
-    if same_record and row.status != RequestStatus.COMPLETED:
-        row.status = RequestStatus.DEAD_LETTERED.value
-        row.error = storable_text(reason)
-        session.flush()
-    return row
+    if not letters:
+        return
+    now = utcnow()
+    first_of_id = {}
+    for letter in letters:
+        first_of_id.setdefault(letter.request_id, letter)
+    rows = [
+        dict(request_id=l.request_id, kafka_topic=l.topic, kafka_partition=l.partition, kafka_offset=l.offset,
+             status=RequestStatus.DEAD_LETTERED.value, received_at=now, prompt_tokens=None, params={},
+             error=storable_text(l.reason))
+        for l in sorted(first_of_id.values(), key=lambda l: l.request_id)
+    ]  # fmt: skip
+    insert = dialect_insert(session, Request).on_conflict_do_nothing().returning(Request.request_id)
+    inserted = set(session.scalars(insert, rows))
+    known = [l for l in letters if l.request_id not in inserted]
+    if not known:
+        return
+    stored = {row.request_id: row for row in session.scalars(
+        select(Request).where(Request.request_id.in_({l.request_id for l in known}))
+    )}  # fmt: skip
+    for letter in known:
+        row = stored[letter.request_id]
+        same_record = (row.kafka_topic, row.kafka_partition, row.kafka_offset) == (
+            letter.topic, letter.partition, letter.offset)  # fmt: skip
+        if same_record and row.status != RequestStatus.COMPLETED:
+            row.status = RequestStatus.DEAD_LETTERED.value
+            row.error = storable_text(letter.reason)
+    session.flush()

@@ -135,3 +135,56 @@ def test_progress_reports_the_committed_offset_and_what_is_not_committable_yet()
     tracker.committed(tracker.committable())
     assert tracker.progress(TP0) == (5, 2, 5)
     assert tracker.progress(TP1) == (None, 0, None)
+
+
+def test_records_that_will_not_be_decoded_do_not_fill_a_batch():
+    inbox = queue.Queue()
+    for i in range(12):
+        inbox.put(("bad", i) if i % 3 else ("good", i))  # good at 0, 3, 6, 9
+    batch = collect_batch(inbox, 3, max_wait_s=5.0, counts=lambda item: item[0] == "good")
+    assert [i for _, i in batch] == list(range(7)) and inbox.qsize() == 5  # three good ones and the bad between
+
+
+def test_the_wait_starts_at_the_first_record_to_decode_and_a_batch_has_a_largest_size():
+    inbox = queue.Queue()
+    for i in range(5):
+        inbox.put(("bad", i))
+    threading.Timer(0.15, inbox.put, args=(("good", 5),)).start()  # the first to decode comes late
+    started = time.monotonic()
+    batch = collect_batch(inbox, 4, max_wait_s=0.3, counts=lambda item: item[0] == "good")
+    assert [i for _, i in batch] == list(range(6)) and time.monotonic() - started >= 0.15 + 0.29
+    for i in range(50):
+        inbox.put(("bad", i))
+    assert len(collect_batch(inbox, 4, max_wait_s=5.0, counts=lambda item: item[0] == "good", max_records=20)) == 20
+    assert collect_batch(inbox, 4, max_wait_s=0.05, counts=lambda item: False) == [("bad", i) for i in range(20, 50)]
+
+
+class RecordingConsumer:
+    """Records what the rebalance listener asks of the consumer; a blocking call would raise, as on the IO thread."""
+
+    def __init__(self):
+        self.async_commits = []
+
+    def commit_async(self, offsets):
+        self.async_commits.append({tp: meta.offset for tp, meta in offsets.items()})
+
+    def commit(self, *args, **kwargs):
+        raise RuntimeError("Cannot block on net.run() from the IO thread itself")
+
+
+def test_the_rebalance_listener_never_blocks_and_forgets_lost_partitions():
+    from daemon.serving.metrics import DaemonMetrics
+    from daemon.serving.poller import _Rebalance
+    from daemon.serving.stalls import StallWatch
+
+    tracker = OffsetTracker()
+    poller = type("PollerParts", (), {"tracker": tracker, "stalls": StallWatch(30.0, DaemonMetrics())})()
+    consumer = RecordingConsumer()
+    listener = _Rebalance(poller, consumer)
+    tracker.assign([TP0, TP1])
+    tracker.done(TP0, tracker.track(TP0, 3), 3)
+    listener.on_partitions_revoked({TP0})
+    assert consumer.async_commits == [{TP0: 4}] and not tracker.is_current(TP0, 1)
+    epoch = tracker.track(TP1, 9)
+    listener.on_partitions_lost({TP1})  # no commit at all: the group no longer knows us
+    assert consumer.async_commits == [{TP0: 4}] and not tracker.done(TP1, epoch, 9)

@@ -26,7 +26,7 @@ from tests.daemon_fixtures import (
     migrate,
     produce,
     prompt_records,
-    write_config,
+    start_daemon,
 )
 from tests.kafka_fixtures import TansuBroker, fresh_names
 from tests.worker_fixtures import completion_rows
@@ -35,15 +35,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 OUTPUT_FIELDS = {"id", "text", "token_ids", "finish_reason", "draft_version", "usage", "acceptance", "timings",
                  "metadata"}  # fmt: skip
-
-
-def start_daemon(tmp_path, daemon_processes, names, database_url, tiny_models, *extra_args, env=None, **sections):
-    target_dir, draft_dir = tiny_models
-    config = write_config(tmp_path / "config.yaml", daemon_settings(names, database_url, target_dir, draft_dir,
-                                                                    **sections))  # fmt: skip
-    daemon = DaemonProcess(config, tmp_path / "daemon.log", extra_args, env=env)
-    daemon_processes.append(daemon)
-    return daemon.start()
 
 
 class NotifyListener:

@@ -3,8 +3,9 @@
 ID is a checkpoint id or a version label; `base` names the draft given in models.draft. Every command takes
 --json, and the database options of `onlinespec db` (--database-url, --config, else $ONLINESPEC_DATABASE_URL).
 Promote and rollback only move the deployment's active pointer (recorded with actor "operator:$USER" and the
---reason); every running daemon of the deployment swaps its draft at its next batch boundary, loading the
-version's file by its sha256, so a rollback serves exactly the weights that were recorded.
+--reason), after hashing the weights file of the version they move to (a damaged one is refused; --no-verify
+skips the check); every running daemon of the deployment swaps its draft at its next batch boundary, loading
+the version's file by its sha256, so a rollback serves exactly the weights that were recorded.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def register(subparsers) -> None:
     add_deployment_options(rollback)
     rollback.add_argument("--to", dest="to", help="checkpoint id, version label, or `base`")
     rollback.add_argument("--reason", default="rolled back by an operator", help="recorded with the event")
+    rollback.add_argument("--no-verify", action="store_true", help="skip hashing the weights file first")
     rollback.set_defaults(func=run_rollback)
 
 
@@ -210,6 +212,10 @@ def run_promote(args) -> int:
     return 0
 
 
+class _DamagedTarget(Exception):
+    """The version a rollback would move to has a damaged weights file: the move is undone."""
+
+
 def run_rollback(args) -> int:
     from storage.checkpoints_repo import get_checkpoint, rollback
     from storage.errors import StorageError
@@ -221,7 +227,14 @@ def run_rollback(args) -> int:
             to_id = None if args.to is None or to_base else get_checkpoint(session, checkpoint_ref(args.to)).id
             event = rollback(session, to_id, to_base=to_base, actor=operator(), reason=args.reason,
                              deployment=deployment)  # fmt: skip
+            if event.checkpoint_id is not None and not args.no_verify:
+                target = get_checkpoint(session, event.checkpoint_id)
+                if not _verify(target.path, target.sha256):  # raising here rolls the pointer move back
+                    raise _DamagedTarget(f"not rolling back to {target.version}: its weights file is damaged")
             result = event_dict(event, _versions(session, [event.checkpoint_id, event.from_checkpoint_id]))
+    except _DamagedTarget as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except StorageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

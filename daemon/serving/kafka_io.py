@@ -175,6 +175,7 @@ class Publisher:
         futures = {}
         for index, record in enumerate(records):
             try:
+                self._check_size(record)
                 futures[index] = producer.send(record.topic, value=record.value, key=record.key,
                                                headers=record.headers)  # fmt: skip
             except Exception as exc:  # checked before sending: too large, not serializable, no metadata
@@ -189,6 +190,14 @@ class Publisher:
         if sent_failures or any(f.kind != PERMANENT for f in delivery.failures):
             self._replace(delivery.failures[0].error)
         return delivery
+
+    def _check_size(self, record: OutboundRecord) -> None:
+        """kafka-python's own size check, done first: send() hashes the key for the partition before it checks,
+        in pure Python, and a megabyte key takes it most of a second."""
+        size = record_size(record.key, record.value, record.headers)
+        if size > self.settings.max_request_size:
+            raise kafka_errors.MessageSizeTooLargeError(
+                f"the record is {size} bytes, more than max_request_size {self.settings.max_request_size}")
 
     @staticmethod
     def _wait_for_acks(producer, futures: dict, timeout_s: float, deadline: float) -> list[Failure]:

@@ -40,6 +40,12 @@ class Admission:
     wait: list[Inbound] = field(default_factory=list)  # the first copy is in flight in this daemon
     rejected: list[tuple[Inbound, InvalidMessage]] = field(default_factory=list)  # DLQ
 
+    def extend(self, other: "Admission") -> None:
+        self.decode += other.decode
+        self.resend += other.resend
+        self.wait += other.wait
+        self.rejected += other.rejected
+
 
 @dataclass
 class Saved:
@@ -135,7 +141,7 @@ class BatchStore:
 
     def _record_dead_letters(self, session, dead: list[tuple[Inbound, InvalidMessage]]) -> None:
         from storage.dead_letters_repo import DeadLetterRecord, record_dead_letters
-        from storage.requests_repo import mark_dead_lettered
+        from storage.requests_repo import DeadLetteredRequest, mark_requests_dead_lettered
 
         letters = [
             DeadLetterRecord(error.request_id, item.tp.topic, item.tp.partition, item.offset, error.code, error.reason,
@@ -143,10 +149,11 @@ class BatchStore:
             for item, error in dead
         ]
         record_dead_letters(session, letters, keep_values=self.keep_dead_letter_values)
-        for item, error in dead:
-            if error.request_id:
-                mark_dead_lettered(session, error.request_id, f"{error.code}: {error.reason}", topic=item.tp.topic,
-                                   partition=item.tp.partition, offset=item.offset)  # fmt: skip
+        mark_requests_dead_lettered(session, [
+            DeadLetteredRequest(error.request_id, item.tp.topic, item.tp.partition, item.offset,
+                                f"{error.code}: {error.reason}")
+            for item, error in dead if error.request_id
+        ])  # fmt: skip
 
 
 def _received(item: Inbound):

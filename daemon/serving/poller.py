@@ -156,17 +156,32 @@ class Poller:
 
 
 class _Rebalance(ConsumerRebalanceListener):
+    """Called on the consumer's IO thread, where a blocking consumer call raises: nothing here waits."""
+
     def __init__(self, poller: Poller, consumer):
         self.poller = poller
         self.consumer = consumer
 
     def on_partitions_revoked(self, revoked):
-        # Commit what is finished while we still own it; queued records of revoked partitions become stale.
-        self.poller.commit_done(self.consumer)
-        self.poller.tracker.revoke(revoked)
-        self.poller.stalls.forget(revoked)
-        if revoked:
-            log.info("partitions revoked: %s", _names(revoked))
+        # Send what is finished while we still own it, without waiting (if that commit is lost, the next owner
+        # answers those records from storage); queued records of revoked partitions become stale.
+        offsets = self.poller.tracker.committable()
+        if offsets:
+            try:
+                self.consumer.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            except Exception as exc:
+                log.warning("committing before the revocation failed (%s: %s)", type(exc).__name__, exc)
+        self._forget(revoked, "revoked")
+
+    def on_partitions_lost(self, lost):
+        # No longer a member (the broker restarted, the session expired): a commit would be refused.
+        self._forget(lost, "lost")
+
+    def _forget(self, tps, how: str) -> None:
+        self.poller.tracker.revoke(tps)
+        self.poller.stalls.forget(tps)
+        if tps:
+            log.info("partitions %s: %s", how, _names(tps))
 
     def on_partitions_assigned(self, assigned):
         self.poller.tracker.assign(assigned)

@@ -159,7 +159,8 @@ class Pipeline:
         try:
             while not self.stopping.is_set():
                 self.beats["decode"] = time.monotonic()
-                batch = collect_batch(self.inbox, batching.max_batch_size, batching.max_wait_ms / 1000)
+                batch = collect_batch(self.inbox, batching.max_batch_size, batching.max_wait_ms / 1000,
+                                      counts=_to_decode, max_records=batching.queue_size)  # fmt: skip
                 batch = [item for item in batch if self.tracker.is_current(item.tp, item.epoch)]
                 self._follow_active_draft()
                 self._apply_pending_swap()  # between batches: the collected batch decodes with the new draft
@@ -187,16 +188,34 @@ class Pipeline:
             log.info("draft swapped to version %s", version)
 
     def _prepare(self, batch: list[Inbound]) -> Prepared:
+        """Admit the batch, topped up from the inbox while admission left room in the engine's batch (records
+        answered from storage or dead-lettered at admission need none), then decode."""
+        batching = self.settings.batching
+        admission = self._claim(self._admit_valid(batch))
+        while len(admission.decode) < batching.max_batch_size and not self.stopping.is_set():
+            more = collect_batch(self.inbox, batching.max_batch_size - len(admission.decode), 0.0,
+                                 first_timeout_s=0.0, counts=_to_decode,
+                                 max_records=max(1, batching.queue_size - len(batch)))  # fmt: skip
+            more = [item for item in more if self.tracker.is_current(item.tp, item.epoch)]
+            if not more:
+                break
+            batch = batch + more
+            admission.extend(self._claim(self._admit_valid(more)))
         self.metrics.batch_size.observe(len(batch))
+        decoded, failed = self._decode(admission.decode)
         dead = [(item, item.error) for item in batch if item.error is not None]
-        valid = [item for item in batch if item.error is None]
+        return Prepared(batch, admission, decoded, dead + failed)
+
+    def _admit_valid(self, batch: list[Inbound]) -> Admission:
         with self._in_flight_lock:
             in_flight = set(self._in_flight)
-        admission = self._admit(valid, in_flight)
+        return self._admit([item for item in batch if item.error is None], in_flight)
+
+    def _claim(self, admission: Admission) -> Admission:
+        """The ids admitted for decoding are in flight here until their batch is stored."""
         with self._in_flight_lock:
             self._in_flight.update(item.request.id for item in admission.decode)
-        decoded, failed = self._decode(admission.decode)
-        return Prepared(batch, admission, decoded, dead + failed)
+        return admission
 
     def _admit(self, items: list[Inbound], in_flight: set[str]) -> Admission:
         """Admit a batch; if the database refuses a record in it, admit one by one and dead-letter that one."""
@@ -208,9 +227,7 @@ class Pipeline:
         admission = Admission()
         for item in items:
             decoding = {i.request.id for i in admission.decode}  # a copy later in the batch waits for the first
-            one = self._admit([item], in_flight | decoding)
-            for name in ("decode", "resend", "wait", "rejected"):
-                getattr(admission, name).extend(getattr(one, name))
+            admission.extend(self._admit([item], in_flight | decoding))
         return admission
 
     @staticmethod
@@ -469,6 +486,10 @@ class _Backoff:
             log.info("%s available again after %d retries; resuming consumption", self.sink, self.failures)
             if self.sink == "database":
                 self.pipeline.metrics.database_up.set(1)
+
+
+def _to_decode(item: Inbound) -> bool:
+    return item.error is None
 
 
 def _short(exc: BaseException) -> str:
