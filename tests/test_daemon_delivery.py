@@ -247,7 +247,7 @@ def test_offsets_become_committable_only_after_the_database_commit_and_every_ack
     pipeline.store = Gated(pipeline.store, "save", stored)
     pipeline.publisher = Gated(pipeline.publisher, "send_all", acked)
     prepared = pipeline._prepare(batch)
-    finishing = threading.Thread(target=pipeline._finish, args=(prepared,))
+    finishing = threading.Thread(target=pipeline._finish, args=(prepared,), daemon=True)
     finishing.start()
     try:
         assert stored.reached.wait(30)
@@ -263,6 +263,7 @@ def test_offsets_become_committable_only_after_the_database_commit_and_every_ack
     finally:
         stored.opened.set()
         acked.opened.set()
+        finishing.join(30)
         worker.publisher.close()
 
 
@@ -277,7 +278,8 @@ def test_no_offset_is_committable_while_the_produce_keeps_failing(kafka_names, s
     (key, value), = prompt_records(["p-0"])
     item = Inbound(tp, 0, key, value, [], worker.tracker.track(tp, 0))
     worker.poller._validate(item)
-    finishing = threading.Thread(target=worker.pipeline._finish, args=(worker.pipeline._prepare([item]),))
+    finishing = threading.Thread(target=worker.pipeline._finish, args=(worker.pipeline._prepare([item]),),
+                                 daemon=True)  # fmt: skip
     finishing.start()
     try:
         deadline = time.monotonic() + 30

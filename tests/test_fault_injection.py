@@ -50,6 +50,29 @@ def stream_records(ids: list[str]) -> list[tuple[bytes, bytes]]:
     return prompt_records(ids, max_new_tokens=6)
 
 
+def run_until(daemon: DaemonProcess, done, readers: list[TopicReader], timeout: float = 300.0) -> float:
+    """Wait for a started daemon to be ready, read the topics until done(), then stop it as systemd does
+    (SIGTERM, exit 0) and read what else arrived; returns the seconds from ready to done()."""
+    daemon.wait_ready()
+    started = time.monotonic()
+    while not done():
+        assert time.monotonic() < started + timeout, f"not done in {timeout} s: {[len(r.records) for r in readers]}"
+        for reader in readers:
+            reader.read_for(0.1)
+    seconds = time.monotonic() - started
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    for reader in readers:
+        reader.read_for(0.5)
+        reader.close()
+    return seconds
+
+
+def serve_the_rest(daemon: DaemonProcess, reader: TopicReader, ids: list[str]) -> list:
+    run_until(daemon, lambda: answered(reader.records) >= set(ids), [reader])
+    return reader.records
+
+
 @pytest.mark.postgres
 def test_a_kill_9_at_random_moments(tmp_path, daemon_processes, kafka_names, postgres_url, tiny_models,
                                     fault_figures):  # fmt: skip
@@ -74,12 +97,7 @@ def test_a_kill_9_at_random_moments(tmp_path, daemon_processes, kafka_names, pos
         mid_batch += any(n == 0 for n in counts.values())  # recorded, not completed: the kill hit a batch
         daemon = DaemonProcess(daemon.config, daemon.log_path)
         daemon_processes.append(daemon.start())
-    daemon.wait_ready()  # the last start serves what is left and stops cleanly
-    records = reader.read_until(lambda rs: answered(rs) >= set(ids), timeout=180)
-    reader.read_for(1.0)
-    reader.close()
-    daemon.signal(signal.SIGTERM)
-    assert daemon.wait(30) == 0
+    records = serve_the_rest(daemon, reader, ids)  # the last start serves what is left and stops cleanly
 
     figures = delivery_figures(postgres_url, ids, records)
     log = daemon.log_path.read_text(errors="replace")
@@ -258,22 +276,6 @@ def bad_value(rng: random.Random, index: int, good_ids: list[str]) -> tuple[byte
     return json.dumps({"id": rid}).encode(), {"missing_field"}, None
 
 
-def drain_seconds(daemon: DaemonProcess, done, readers: list[TopicReader], timeout: float = 300.0) -> float:
-    """Start the daemon on a backlog already in Kafka and time it from ready to done(): its throughput alone,
-    not the test's producer's."""
-    daemon.start()
-    daemon.wait_ready()
-    started = time.monotonic()
-    while not done():
-        assert time.monotonic() < started + timeout, f"not drained in {timeout} s: {[len(r.records) for r in readers]}"
-        for reader in readers:
-            reader.read_for(0.1)
-    seconds = time.monotonic() - started
-    daemon.signal(signal.SIGTERM)
-    assert daemon.wait(30) == 0
-    return seconds
-
-
 @pytest.mark.postgres
 def test_d_fuzzed_bad_records_among_good_ones(tmp_path, daemon_processes, kafka_names, postgres_url, tiny_models,
                                               fault_figures):  # fmt: skip
@@ -286,12 +288,12 @@ def test_d_fuzzed_bad_records_among_good_ones(tmp_path, daemon_processes, kafka_
                                daemon={"log_level": "INFO"})  # fmt: skip
     daemon = DaemonProcess(write_config(tmp_path / "config.yaml", settings), tmp_path / "daemon.log")
     daemon_processes.append(daemon)
-    completions = TopicReader(kafka_names.bootstrap, kafka_names.completions)
-    dlq = TopicReader(kafka_names.bootstrap, kafka_names.dlq)
-
     clean_ids = [f"clean-{i:03d}" for i in range(200)]
     produce(kafka_names.bootstrap, kafka_names.prompts, [good_record(rng, i) for i in clean_ids])
-    clean_seconds = drain_seconds(daemon, lambda: answered(completions.records) >= set(clean_ids), [completions])
+    # Each stream is in Kafka before the daemon starts: the time from ready to done is the daemon's alone.
+    completions = TopicReader(kafka_names.bootstrap, kafka_names.completions)
+    clean_seconds = run_until(daemon.start(), lambda: answered(completions.records) >= set(clean_ids),
+                              [completions])  # fmt: skip
 
     good_ids = [f"good-{i:03d}" for i in range(200)]
     stream, expected = [], {}  # expected: offset -> reason codes it may get
@@ -303,12 +305,10 @@ def test_d_fuzzed_bad_records_among_good_ones(tmp_path, daemon_processes, kafka_
         expected[first_offset + len(stream)] = codes
         stream.append((key or f"bad-{index}".encode(), value, rng.choice(ODD_HEADERS) if rng.random() < 0.1 else None))
     produce(kafka_names.bootstrap, kafka_names.prompts, stream, max_request_size=8_000_000)
-    fuzz_seconds = drain_seconds(daemon, lambda: answered(completions.records) >= set(good_ids)
-                                 and len(dlq.records) >= len(expected), [completions, dlq])  # fmt: skip
-    completions.read_for(1.0)
-    dlq.read_for(1.0)
-    completions.close()
-    dlq.close()
+    completions = TopicReader(kafka_names.bootstrap, kafka_names.completions)  # both streams' answers
+    dlq = TopicReader(kafka_names.bootstrap, kafka_names.dlq)
+    fuzz_seconds = run_until(daemon.start(), lambda: answered(completions.records) >= set(good_ids)
+                             and len(dlq.records) >= len(expected), [completions, dlq])  # fmt: skip
 
     by_offset: dict[int, list] = {}
     for record in dlq.records:
@@ -358,11 +358,7 @@ def test_e_sigterm_mid_stream(tmp_path, daemon_processes, kafka_names, sqlite_ur
 
     restarted = DaemonProcess(daemon.config, daemon.log_path)
     daemon_processes.append(restarted.start())
-    records = reader.read_until(lambda rs: answered(rs) >= set(ids), timeout=120)
-    reader.read_for(1.0)
-    reader.close()
-    restarted.signal(signal.SIGTERM)
-    assert restarted.wait(30) == 0
+    records = serve_the_rest(restarted, reader, ids)
 
     figures = delivery_figures(sqlite_url, ids, records)
     figures.update(exit_code=0, exit_seconds=round(exit_seconds, 2), grace_seconds=grace,
