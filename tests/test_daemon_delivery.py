@@ -156,6 +156,7 @@ def test_a_completion_too_large_to_produce_is_dead_lettered_and_the_partition_mo
     assert big.startswith(dead.value)
     assert metric_value(text, "onlinespec_undeliverable_records_total", record="completion",
                         error="MessageSizeTooLargeError") == 1  # fmt: skip
+    assert metric_value(text, "onlinespec_dlq_records_total", reason="undeliverable") == 1
     assert request_statuses(sqlite_url)["big"] == ("completed", None)  # decoded and stored; only undeliverable
     assert (0, "big", "undeliverable") in dead_letter_rows(sqlite_url)
 

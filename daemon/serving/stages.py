@@ -309,7 +309,7 @@ class Pipeline:
         rejected = rejected + saved.dead
         resend = admission.resend + saved.answered
         produce_started = time.monotonic()
-        self._deliver(self._outgoing(decoded, saved, resend, rejected))
+        rejected += self._deliver(self._outgoing(decoded, saved, resend, rejected))  # + completions undeliverable
         self.metrics.produce_seconds.observe(time.monotonic() - produce_started)
 
         # Only now, after the database commit and every ack (or a permanent failure, recorded): committable.
@@ -379,10 +379,11 @@ class Pipeline:
                             error.code, error.reason, error.request_id, kafka.max_request_size)  # fmt: skip
         return Outgoing(record, item, DEAD_LETTER, error.request_id)
 
-    def _deliver(self, outgoing: list[Outgoing]) -> None:
-        """Produce until every record is acknowledged or failed for good; only transient failures are retried."""
+    def _deliver(self, outgoing: list[Outgoing]) -> list[tuple[Inbound, InvalidMessage]]:
+        """Produce until every record is acknowledged or failed for good; only transient failures are retried.
+        Returns the dead letters of the completions that failed for good (produced here too)."""
         backoff = _Backoff(self, "sink", "produce", "kafka")
-        pending = outgoing
+        pending, undeliverable = outgoing, []
         while pending:
             recreations = self.publisher.recreations
             delivery = self.publisher.send_all([o.record for o in pending])
@@ -396,13 +397,15 @@ class Pipeline:
                     permanent.append((item, failure.error))
                 else:
                     retry.append((item, failure.error))
-            follow_ups = self._undeliverable(permanent)
+            letters = self._undeliverable(permanent)
+            undeliverable += letters
             if retry:
                 backoff.failed(retry[0][1])
-            pending = [item for item, _ in retry] + follow_ups
+            pending = [item for item, _ in retry] + [self._dead_letter(item, error) for item, error in letters]
         backoff.succeeded()
+        return undeliverable
 
-    def _undeliverable(self, failed: list[tuple[Outgoing, BaseException]]) -> list[Outgoing]:
+    def _undeliverable(self, failed: list[tuple[Outgoing, BaseException]]) -> list[tuple[Inbound, InvalidMessage]]:
         """Records no retry can deliver: count and log each; dead-letter the requests whose completion it was
         (recorded before their dead letter is produced); returns those dead letters."""
         letters = []
@@ -418,7 +421,7 @@ class Pipeline:
             letters.append((outgoing.item, InvalidMessage("undeliverable", reason, outgoing.request_id)))
         if letters:
             self._with_database("sink", "record dead letters", lambda: self.store.record_dead_letters(letters))
-        return [self._dead_letter(item, error) for item, error in letters]
+        return letters
 
     def _count(self, decoded, resend, rejected) -> None:
         t = self.totals
