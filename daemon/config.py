@@ -47,7 +47,7 @@ class KafkaSettings(_Section):
     request_timeout_ms: int = Field(30_000, ge=1_000, le=600_000)
     produce_timeout_s: float = Field(30.0, gt=0, le=600)
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
-    max_request_size: int = Field(1_048_576, ge=1_024, le=100_000_000)
+    max_request_size: int = Field(1_048_576, ge=16_384, le=100_000_000)  # a dead letter's headers fit
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
     sasl_plain_username: str | None = None
@@ -132,6 +132,7 @@ class LimitSettings(_Section):
     max_stop_strings: int = Field(8, ge=0, le=64)
     default_max_new_tokens: int = Field(256, ge=1)
     max_new_tokens: int = Field(1024, ge=1)
+    keep_dead_letter_values: bool = False  # the whole value of every dead letter in dead_letters.value
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> "LimitSettings":
@@ -148,6 +149,7 @@ class DaemonSettings(_Section):
     metrics_host: str = "0.0.0.0"
     status_interval_s: float = Field(5.0, gt=0, le=600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    stall_after_s: float = Field(30.0, gt=0, le=3600)  # committed offset still while records wait: a stall
 
     @model_validator(mode="after")
     def _backoff_order(self) -> "DaemonSettings":

@@ -81,7 +81,8 @@ def build_worker(settings: Settings, notifier: SystemdNotifier | None = None) ->
         raise StartupError("learning.enabled needs a draft model (models.draft or --draft)", exit_code=2)
     notifier.status("loading models")
     engine, tokenizer, target_identity = build_engine(settings)
-    store = BatchStore(session_factory, target_identity=target_identity)
+    store = BatchStore(session_factory, target_identity=target_identity,
+                       keep_dead_letter_values=settings.limits.keep_dead_letter_values)  # fmt: skip
     follower = weights = None
     if engine.draft is not None:
         weights = DraftWeights.of_draft(engine.draft, settings.learning.checkpoint_dir)

@@ -3,7 +3,9 @@
     db               make_engine(url), make_session_factory(engine), resolve_database_url()
     models           typed SQLAlchemy models, the naming convention, status enums
     packing          feedback arrays <-> raw little-endian bytes
-    requests_repo    record_request(s)_received, find_completion(s), store_results, mark_dead_lettered
+    requests_repo    record_request(s)_received, find_completion(s), store_results, mark_dead_lettered,
+                     readmit_dead_lettered
+    dead_letters_repo record_dead_letters, dead_letters_at
     feedback_repo    feedback_since / feedback_window / recent_feedback / feedback_totals_since for the learner;
                      prune_feedback
     checkpoints_repo add_checkpoint, set_active, rollback, reject, get_active_checkpoint, live_counters,

@@ -11,14 +11,6 @@ class SchemaNotAtHeadError(StorageError):
     """The database schema is not at the revision this code expects; the message names the command that fixes it."""
 
 
-class KafkaPositionConflictError(StorageError):
-    """A Kafka (topic, partition, offset) is already recorded for a different request id.
-
-    This happens when a topic was deleted and re-created (offsets restart) or when two producers' records were
-    mixed up; it is never a redelivery, so the record must go to the dead-letter topic rather than be served.
-    """
-
-
 class CheckpointNotFoundError(StorageError, LookupError):
     """No checkpoint row (or artifact file) with that id, version or sha256."""
 

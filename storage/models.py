@@ -3,7 +3,8 @@
 
 Tables
 - requests          one row per request id ever seen (the idempotency key), its hash and where it came from in Kafka
-- dead_letters      one row per record sent to the DLQ: why, where from, the original value's size and sha256
+- dead_letters      one row per record sent to the DLQ (also those without a usable id): why, where from, the
+                    original value's size and sha256, and the value itself with limits.keep_dead_letter_values
 - completions       one per completed request: the exact output message, so a redelivery re-sends it verbatim
 - feedback          one per completed request: packed verification arrays the learner trains on (pruned by age)
 - draft_checkpoints immutable draft versions: provenance, identity, metrics; only status/reason/live_metrics change
@@ -34,7 +35,6 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
-    UniqueConstraint,
     event,
     inspect,
 )
@@ -94,6 +94,12 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def storable_text(text: str) -> str:
+    """Text as PostgreSQL's text type can hold it: NUL becomes U+FFFD (SQLite would keep it; the exact output
+    of a request is completions.message_json, where JSON escapes NUL)."""
+    return text.replace("\x00", "\ufffd")
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Aware UTC datetimes in and out. SQLite has no time zones and would keep an aware value's wall-clock
     time, so values are converted to UTC before binding and tagged UTC when read back."""
@@ -129,7 +135,8 @@ class Request(Base):
     __tablename__ = "requests"
 
     request_id: Mapped[str] = mapped_column(String(MAX_REQUEST_ID_CHARS), primary_key=True)
-    # NULL for requests that did not come from Kafka (CLI); NULLs never collide in the unique constraint.
+    # Where the record was received (a corrected resend of a dead-lettered request moves it to the resend); NULL
+    # for requests that did not come from Kafka (CLI). Not unique: a re-created topic hands out offsets again.
     kafka_topic: Mapped[str | None] = mapped_column(String(255))
     kafka_partition: Mapped[int | None] = mapped_column(Integer)
     kafka_offset: Mapped[int | None] = mapped_column(BigInteger)
@@ -143,10 +150,7 @@ class Request(Base):
     request_hash: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)  # why it was dead-lettered
 
-    __table_args__ = (
-        UniqueConstraint("kafka_topic", "kafka_partition", "kafka_offset"),
-        _status_check("status", RequestStatus),
-    )
+    __table_args__ = (_status_check("status", RequestStatus),)
 
 
 class Completion(Base):
@@ -189,7 +193,9 @@ class DeadLetter(Base):
     value: Mapped[bytes | None] = mapped_column(LargeBinary)  # only with limits.keep_dead_letter_values
     created_at: Mapped[datetime] = mapped_column(index=True)
 
-    __table_args__ = (UniqueConstraint("kafka_topic", "kafka_partition", "kafka_offset"),)
+    # Not unique: a re-created topic hands out offsets again. A redelivery of the same record (same position and
+    # sha256) adds no second row (storage.dead_letters_repo).
+    __table_args__ = (Index(None, "kafka_topic", "kafka_partition", "kafka_offset"),)
 
 
 class Feedback(Base):

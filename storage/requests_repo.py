@@ -2,12 +2,15 @@
 
 Exactly-once effects on top of at-least-once Kafka delivery rest on two keys:
 - `requests.request_id` (the message's `id`): a redelivered or re-sent id is recognised, never inserted twice;
+  `requests.request_hash` tells a retry of the same request from a different request under the same id;
 - `completions.request_id`: at most one completion per request, even when two workers decode the same id
   (a rebalance mid-batch); the later one gets the stored message back and produces that instead of its own.
 
-Serving a record (`received` below is one item of `record_requests_received`):
+Serving a record (the daemon's admission, daemon/serving/ledger.py, decides with these rows):
+    another request hash       -> a conflict: dead-letter the record, leave the request alone
     completion exists          -> produce completion.message_json again, do not decode
-    status == dead_lettered    -> already sent to the DLQ; skip
+    status == dead_lettered    -> the same record again: re-send its dead letter; a corrected request
+                                  (readmit_dead_lettered): decode it
     otherwise                  -> decode, then store_results(...) and produce what it returns
 
 Inserts use INSERT ... ON CONFLICT DO NOTHING (SQLite and PostgreSQL), so concurrent writers of the same id
@@ -26,8 +29,15 @@ from sqlalchemy.orm import Session
 
 from pipelines.types import GenerationResult
 from storage.db import dialect_insert
-from storage.errors import KafkaPositionConflictError
-from storage.models import MAX_REQUEST_ID_CHARS, Completion, Feedback, Request, RequestStatus, utcnow
+from storage.models import (
+    MAX_REQUEST_ID_CHARS,
+    Completion,
+    Feedback,
+    Request,
+    RequestStatus,
+    storable_text,
+    utcnow,
+)
 from storage.packing import pack_feedback, pack_token_ids
 
 
@@ -39,29 +49,17 @@ class ReceivedRequest:
     offset: int | None
     params: dict[str, Any]
     prompt_tokens: int | None
+    request_hash: str | None = None  # daemon.serving.messages.request_hash; None when not parsed
 
-
-@dataclass(frozen=True)
-class PositionConflict:
-    """The Kafka position of `received` is already recorded under `existing_request_id`."""
-
-    received: ReceivedRequest
-    existing_request_id: str | None
-
-    def describe(self) -> str:
-        r = self.received
-        return (
-            f"{r.topic}/{r.partition}@{r.offset} carries request id {r.request_id!r} but is already recorded for "
-            f"{self.existing_request_id!r}: the topic was re-created or records were mixed up; not serving it"
-        )
+    def same_position(self, row: Request) -> bool:
+        return (row.kafka_topic, row.kafka_partition, row.kafka_offset) == (self.topic, self.partition, self.offset)
 
 
 @dataclass
 class ReceivedBatch:
-    """Outcome of record_requests_received: one entry per distinct request id, plus refused positions."""
+    """Outcome of record_requests_received: one entry per distinct request id."""
 
     requests: dict[str, tuple[Request, bool]] = field(default_factory=dict)  # id -> (row, is_new)
-    conflicts: list[PositionConflict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -82,24 +80,19 @@ def record_request_received(
     params: dict[str, Any],
     prompt_tokens: int | None,
     *,
+    request_hash: str | None = None,
     received_at: datetime | None = None,
 ) -> tuple[Request, bool]:
-    """Record one request; returns (row, is_new). Idempotent and safe when processes race on the same id.
-
-    Raises KafkaPositionConflictError when the Kafka position is already taken by another request id.
-    """
-    received = ReceivedRequest(request_id, topic, partition, offset, params, prompt_tokens)
-    batch = record_requests_received(session, [received], received_at=received_at)
-    if batch.conflicts:
-        raise KafkaPositionConflictError(batch.conflicts[0].describe())
-    return batch.requests[request_id]
+    """Record one request; returns (row, is_new). Idempotent and safe when processes race on the same id."""
+    received = ReceivedRequest(request_id, topic, partition, offset, params, prompt_tokens, request_hash)
+    return record_requests_received(session, [received], received_at=received_at).requests[request_id]
 
 
 def record_requests_received(
     session: Session, received: Sequence[ReceivedRequest], *, received_at: datetime | None = None
 ) -> ReceivedBatch:
     """Record a poll's worth of requests in one statement. An id seen before (earlier, or twice in this batch)
-    comes back with is_new False and its first row; positions taken by another id are listed in `conflicts`."""
+    comes back with is_new False and its first row."""
     for item in received:
         if not item.request_id or len(item.request_id) > MAX_REQUEST_ID_CHARS:
             raise ValueError(f"request id must be 1-{MAX_REQUEST_ID_CHARS} characters, got {len(item.request_id)}")
@@ -111,6 +104,7 @@ def record_requests_received(
         dict(
             request_id=r.request_id, kafka_topic=r.topic, kafka_partition=r.partition, kafka_offset=r.offset,
             status=RequestStatus.RECEIVED.value, received_at=now, prompt_tokens=r.prompt_tokens, params=r.params,
+            request_hash=r.request_hash,
         )
         for r in sorted(received, key=_request_id)
     ]  # fmt: skip
@@ -119,11 +113,8 @@ def record_requests_received(
     ids = {r.request_id for r in received}
     stored = {row.request_id: row for row in session.scalars(select(Request).where(Request.request_id.in_(ids)))}
     for item in received:
-        row = stored.get(item.request_id)
-        if row is None:
-            batch.conflicts.append(PositionConflict(item, _owner_of_position(session, item)))
-        elif item.request_id not in batch.requests:
-            batch.requests[item.request_id] = (row, item.request_id in inserted)
+        if item.request_id not in batch.requests:
+            batch.requests[item.request_id] = (stored[item.request_id], item.request_id in inserted)
     return batch
 
 
@@ -133,14 +124,21 @@ def _request_id(item: ReceivedRequest) -> str:
     return item.request_id
 
 
-def _owner_of_position(session: Session, item: ReceivedRequest) -> str | None:
-    return session.scalar(
-        select(Request.request_id).where(
-            Request.kafka_topic == item.topic,
-            Request.kafka_partition == item.partition,
-            Request.kafka_offset == item.offset,
+def readmit_dead_lettered(session: Session, received: ReceivedRequest, *, received_at: datetime | None = None) -> bool:
+    """A dead-lettered request sent again, corrected, under its id: the row becomes this record's (position,
+    hash, params) and is received again. False when the row is no longer dead-lettered (another worker got it)."""
+    result = session.execute(
+        update(Request)
+        .where(Request.request_id == received.request_id, Request.status == RequestStatus.DEAD_LETTERED.value)
+        .values(
+            status=RequestStatus.RECEIVED.value, error=None, kafka_topic=received.topic,
+            kafka_partition=received.partition, kafka_offset=received.offset, params=received.params,
+            prompt_tokens=received.prompt_tokens, request_hash=received.request_hash,
+            received_at=received_at or utcnow(),
         )
-    )
+        .execution_options(synchronize_session="fetch")
+    )  # fmt: skip
+    return result.rowcount == 1
 
 
 def find_completion(session: Session, request_id: str) -> Completion | None:
@@ -196,7 +194,7 @@ def store_results(
 def _completion_row(item: CompletedRequest, now: datetime) -> dict[str, Any]:
     result, counters = item.result, item.result.counters
     return dict(
-        request_id=result.id, text=result.text, token_ids=pack_token_ids(result.token_ids),
+        request_id=result.id, text=storable_text(result.text), token_ids=pack_token_ids(result.token_ids),
         finish_reason=result.finish_reason, draft_version=result.feedback.draft_version,
         draft_steps=counters.draft_steps, drafted=counters.drafted, accepted=counters.accepted,
         target_forwards=counters.target_forwards, emitted=counters.emitted,
@@ -216,6 +214,17 @@ def _feedback_row(result: GenerationResult, target_identity: str, now: datetime)
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class DeadLetteredRequest:
+    """A record with a usable request id that went to the DLQ."""
+
+    request_id: str
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    reason: str
+
+
 def mark_dead_lettered(
     session: Session,
     request_id: str,
@@ -224,18 +233,44 @@ def mark_dead_lettered(
     topic: str | None = None,
     partition: int | None = None,
     offset: int | None = None,
-    params: dict[str, Any] | None = None,
 ) -> Request:
-    """Record that the record at this position went to the DLQ with `reason`, recording the request first if it
-    was never received (input rejected before it got that far); the row is returned.
+    """mark_requests_dead_lettered for one record; returns the request's row."""
+    mark_requests_dead_lettered(session, [DeadLetteredRequest(request_id, topic, partition, offset, reason)])
+    return session.get(Request, request_id, populate_existing=True)
 
-    Only the row of this very record changes: a completed request stays completed, and a duplicate id (the same
-    id received earlier at another position) leaves the original request alone - the DLQ message carries the
-    duplicate's reason. Raises KafkaPositionConflictError like record_request_received."""
-    row, is_new = record_request_received(session, request_id, topic, partition, offset, params or {}, None)
-    same_record = is_new or (row.kafka_topic, row.kafka_partition, row.kafka_offset) == (topic, partition, offset)
-    if same_record and row.status != RequestStatus.COMPLETED:
-        row.status = RequestStatus.DEAD_LETTERED.value
-        row.error = reason
-        session.flush()
-    return row
+
+def mark_requests_dead_lettered(session: Session, letters: Sequence[DeadLetteredRequest]) -> None:
+    """Record that these records went to the DLQ with their reasons, recording each request first if it was never
+    received (input rejected before it got that far). Two statements however many letters.
+
+    Only the row of the very record changes: a completed request stays completed, and an id received earlier at
+    another position (a retry, a conflict) leaves that request alone - the DLQ message and the dead_letters row
+    carry this record's reason."""
+    if not letters:
+        return
+    now = utcnow()
+    first_of_id = {}
+    for letter in letters:
+        first_of_id.setdefault(letter.request_id, letter)
+    rows = [
+        dict(request_id=l.request_id, kafka_topic=l.topic, kafka_partition=l.partition, kafka_offset=l.offset,
+             status=RequestStatus.DEAD_LETTERED.value, received_at=now, prompt_tokens=None, params={},
+             error=storable_text(l.reason))
+        for l in sorted(first_of_id.values(), key=lambda l: l.request_id)
+    ]  # fmt: skip
+    insert = dialect_insert(session, Request).on_conflict_do_nothing().returning(Request.request_id)
+    inserted = set(session.scalars(insert, rows))
+    known = [l for l in letters if l.request_id not in inserted]
+    if not known:
+        return
+    stored = {row.request_id: row for row in session.scalars(
+        select(Request).where(Request.request_id.in_({l.request_id for l in known}))
+    )}  # fmt: skip
+    for letter in known:
+        row = stored[letter.request_id]
+        same_record = (row.kafka_topic, row.kafka_partition, row.kafka_offset) == (
+            letter.topic, letter.partition, letter.offset)  # fmt: skip
+        if same_record and row.status != RequestStatus.COMPLETED:
+            row.status = RequestStatus.DEAD_LETTERED.value
+            row.error = storable_text(letter.reason)
+    session.flush()

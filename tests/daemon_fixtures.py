@@ -218,6 +218,17 @@ class DaemonProcess:
                 self.process.wait()
 
 
+def start_daemon(tmp_path, daemon_processes, names, database_url, tiny_models, *extra_args, env=None,
+                 **sections) -> DaemonProcess:  # fmt: skip
+    """Write tmp_path/config.yaml for a test daemon and start `onlinespec serve` on it (log: tmp_path/daemon.log)."""
+    target_dir, draft_dir = tiny_models
+    config = write_config(tmp_path / "config.yaml", daemon_settings(names, database_url, target_dir, draft_dir,
+                                                                    **sections))  # fmt: skip
+    daemon = DaemonProcess(config, tmp_path / "daemon.log", extra_args, env=env)
+    daemon_processes.append(daemon)
+    return daemon.start()
+
+
 @pytest.fixture
 def daemon_processes():
     """Collects DaemonProcess objects and stops any still running at the end of the test."""
@@ -230,13 +241,14 @@ def daemon_processes():
 # ---------------------------------------------------------------------------------------------- kafka helpers
 
 
-def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
-    """Send (key, value) records with kafka-python and wait for every ack."""
+def produce(bootstrap: str, topic: str, records: list[tuple], max_request_size: int = 1_048_576) -> None:
+    """Send (key, value) or (key, value, headers) records with kafka-python and wait for every ack."""
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=max_request_size)
     try:
-        futures = [producer.send(topic, key=key, value=value) for key, value in records]
+        futures = [producer.send(topic, key=record[0], value=record[1], headers=record[2] if len(record) > 2 else None)
+                   for record in records]  # fmt: skip
         producer.flush()
         for future in futures:
             future.get(timeout=10)

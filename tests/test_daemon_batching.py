@@ -83,3 +83,108 @@ def test_collect_batch_waits_at_most_max_wait_after_the_first_item():
 
 def test_collect_batch_on_an_empty_queue_returns_nothing_quickly():
     assert collect_batch(queue.Queue(), 8, max_wait_s=10.0, first_timeout_s=0.05) == []
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_partition_is_stalled_when_its_committed_offset_stays_put_while_records_wait(caplog):
+    from daemon.serving.metrics import DaemonMetrics
+    from daemon.serving.stalls import StallWatch
+
+    clock, metrics = Clock(), DaemonMetrics()
+    watch = StallWatch(30.0, metrics, clock=clock)
+    stalled = lambda: metrics.stalled.labels("prompts", "0")._value.get()  # noqa: E731
+    assert not watch.observe(TP0, 10, waiting=0)
+    clock.now += 100
+    assert not watch.observe(TP0, 10, waiting=0)  # idle for long: not stalled
+    assert not watch.observe(TP0, 10, waiting=3)
+    clock.now += 29
+    assert not watch.observe(TP0, 10, waiting=3)
+    clock.now += 1
+    with caplog.at_level("WARNING"):
+        assert watch.observe(TP0, 10, waiting=3, context="kafka unavailable: KafkaTimeoutError")
+    assert "partition prompts/0 stalled: committed offset 10 has not moved for 30 s while 3 records wait" in caplog.text
+    assert "kafka unavailable" in caplog.text and stalled() == 1
+    clock.now += 60
+    assert watch.observe(TP0, 10, waiting=5)  # still stalled, counted once
+    assert metrics.stalls.labels("prompts", "0")._value.get() == 1 and watch.found == 1
+    with caplog.at_level("INFO"):
+        assert not watch.observe(TP0, 14, waiting=1)  # moving again
+    assert "moving again after 90 s (committed offset 10 -> 14)" in caplog.text and stalled() == 0
+    clock.now += 29
+    assert not watch.observe(TP0, 14, waiting=1)  # the clock restarted when it moved
+    assert not watch.observe(TP1, None, waiting=2)  # nothing committed yet counts from the first wait
+    clock.now += 31
+    assert watch.observe(TP1, None, waiting=2)
+    watch.forget([TP1])
+    assert metrics.stalled.labels("prompts", "1")._value.get() == 0
+
+
+def test_progress_reports_the_committed_offset_and_what_is_not_committable_yet():
+    tracker = OffsetTracker()
+    tracker.assign([TP0])
+    epochs = {offset: tracker.track(TP0, offset) for offset in (4, 5, 6)}
+    assert tracker.progress(TP0) == (None, 3, 4)
+    tracker.done(TP0, epochs[4], 4)
+    tracker.committed(tracker.committable())
+    assert tracker.progress(TP0) == (5, 2, 5)
+    assert tracker.progress(TP1) == (None, 0, None)
+
+
+def test_records_that_will_not_be_decoded_do_not_fill_a_batch():
+    inbox = queue.Queue()
+    for i in range(12):
+        inbox.put(("bad", i) if i % 3 else ("good", i))  # good at 0, 3, 6, 9
+    batch = collect_batch(inbox, 3, max_wait_s=5.0, counts=lambda item: item[0] == "good")
+    assert [i for _, i in batch] == list(range(7)) and inbox.qsize() == 5  # three good ones and the bad between
+
+
+def test_the_wait_starts_at_the_first_record_to_decode_and_a_batch_has_a_largest_size():
+    inbox = queue.Queue()
+    for i in range(5):
+        inbox.put(("bad", i))
+    threading.Timer(0.15, inbox.put, args=(("good", 5),)).start()  # the first to decode comes late
+    started = time.monotonic()
+    batch = collect_batch(inbox, 4, max_wait_s=0.3, counts=lambda item: item[0] == "good")
+    assert [i for _, i in batch] == list(range(6)) and time.monotonic() - started >= 0.15 + 0.29
+    for i in range(50):
+        inbox.put(("bad", i))
+    assert len(collect_batch(inbox, 4, max_wait_s=5.0, counts=lambda item: item[0] == "good", max_records=20)) == 20
+    assert collect_batch(inbox, 4, max_wait_s=0.05, counts=lambda item: False) == [("bad", i) for i in range(20, 50)]
+
+
+class RecordingConsumer:
+    """Records what the rebalance listener asks of the consumer; a blocking call would raise, as on the IO thread."""
+
+    def __init__(self):
+        self.async_commits = []
+
+    def commit_async(self, offsets):
+        self.async_commits.append({tp: meta.offset for tp, meta in offsets.items()})
+
+    def commit(self, *args, **kwargs):
+        raise RuntimeError("Cannot block on net.run() from the IO thread itself")
+
+
+def test_the_rebalance_listener_never_blocks_and_forgets_lost_partitions():
+    from daemon.serving.metrics import DaemonMetrics
+    from daemon.serving.poller import _Rebalance
+    from daemon.serving.stalls import StallWatch
+
+    tracker = OffsetTracker()
+    poller = type("PollerParts", (), {"tracker": tracker, "stalls": StallWatch(30.0, DaemonMetrics())})()
+    consumer = RecordingConsumer()
+    listener = _Rebalance(poller, consumer)
+    tracker.assign([TP0, TP1])
+    tracker.done(TP0, tracker.track(TP0, 3), 3)
+    listener.on_partitions_revoked({TP0})
+    assert consumer.async_commits == [{TP0: 4}] and not tracker.is_current(TP0, 1)
+    epoch = tracker.track(TP1, 9)
+    listener.on_partitions_lost({TP1})  # no commit at all: the group no longer knows us
+    assert consumer.async_commits == [{TP0: 4}] and not tracker.done(TP1, epoch, 9)

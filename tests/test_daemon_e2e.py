@@ -1,5 +1,6 @@
 """The daemon as a subprocess (`onlinespec serve`) against the real broker, real databases and tiny real models:
-end to end with an independent client, kill -9 and restart, SIGTERM drain, database outage, broker restart.
+end to end with an independent client, kill -9 and restart, database outage, broker restart (the SIGTERM drain
+mid-stream, and many more of each fault, are in tests/test_fault_injection.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from tests.daemon_fixtures import (
     REPO,
@@ -27,23 +27,15 @@ from tests.daemon_fixtures import (
     migrate,
     produce,
     prompt_records,
-    write_config,
+    start_daemon,
 )
 from tests.kafka_fixtures import TansuBroker, fresh_names
+from tests.worker_fixtures import completion_rows
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 OUTPUT_FIELDS = {"id", "text", "token_ids", "finish_reason", "draft_version", "usage", "acceptance", "timings",
                  "metadata"}  # fmt: skip
-
-
-def start_daemon(tmp_path, daemon_processes, names, database_url, tiny_models, *extra_args, env=None, **sections):
-    target_dir, draft_dir = tiny_models
-    config = write_config(tmp_path / "config.yaml", daemon_settings(names, database_url, target_dir, draft_dir,
-                                                                    **sections))  # fmt: skip
-    daemon = DaemonProcess(config, tmp_path / "daemon.log", extra_args, env=env)
-    daemon_processes.append(daemon)
-    return daemon.start()
 
 
 class NotifyListener:
@@ -71,20 +63,6 @@ class NotifyListener:
         self.thread.join(2)
         self.sock.close()
         return self.messages
-
-
-def completion_rows(database_url: str) -> dict[str, int]:
-    """request id -> number of completion rows."""
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(text(
-                "SELECT r.request_id, COUNT(c.request_id) FROM requests r "
-                "LEFT JOIN completions c ON c.request_id = r.request_id GROUP BY r.request_id"
-            )).all()  # fmt: skip
-    finally:
-        engine.dispose()
-    return {request_id: count for request_id, count in rows}
 
 
 @pytest.mark.postgres
@@ -188,38 +166,6 @@ def test_kill_9_mid_batch_then_restart_loses_and_duplicates_nothing(tmp_path, da
     assert int(summary.group(2)) == len(resent)
 
 
-def test_sigterm_during_a_busy_stream_drains_and_the_next_start_serves_nothing_twice(
-    tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models
-):
-    ids = [f"t{i:03d}" for i in range(60)]
-    daemon = start_daemon(tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models,
-                          daemon={"shutdown_grace_s": 15.0})  # fmt: skip
-    daemon.wait_ready()
-    produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(ids, max_new_tokens=48))
-    daemon.wait_for_log(r"batch of \d+: \d+ decoded", timeout=60, count=2)
-    sent_at = time.monotonic()
-    daemon.signal(signal.SIGTERM)
-    assert daemon.wait(20) == 0
-    assert time.monotonic() - sent_at < 15.0
-    summary = [line for line in daemon.log().splitlines() if "onlinespec stopped" in line]
-    assert len(summary) == 1 and "SIGTERM" in summary[0] and "drained" in summary[0]
-    served_first = completion_rows(sqlite_url)
-    assert 0 < len(served_first) < len(ids), "SIGTERM should arrive while the stream is busy"
-
-    restarted = DaemonProcess(daemon.config, tmp_path / "daemon.log")
-    daemon_processes.append(restarted.start())
-    reader = TopicReader(kafka_names.bootstrap, kafka_names.completions)
-    records = reader.read_until(lambda rs: set(ids_of(rs)) >= set(ids), timeout=120)
-    reader.read_for(1.0)
-    reader.close()
-    restarted.signal(signal.SIGTERM)
-    assert restarted.wait(30) == 0
-
-    assert sorted(ids_of(records)) == sorted(ids)  # every id exactly once on the topic: nothing re-served
-    assert not any(header(r, "resent") for r in records)
-    assert completion_rows(sqlite_url) == {i: 1 for i in ids}
-
-
 @pytest.mark.postgres
 def test_database_outage_pauses_consumption_and_resumes_with_nothing_lost(tmp_path, daemon_processes, kafka_names,
                                                                           tiny_models, private_postgres):  # fmt: skip
@@ -252,9 +198,9 @@ def test_database_outage_pauses_consumption_and_resumes_with_nothing_lost(tmp_pa
 
 def test_broker_restart_the_daemon_reconnects_recreates_its_producer_and_resumes(tmp_path, daemon_processes,
                                                                                  sqlite_url, tiny_models):  # fmt: skip
-    """Tansu keeps nothing across a restart, so the re-created topic hands out offsets 0, 1, 2 again. Those
-    positions are recorded for the requests served before the restart: records landing there are refused to
-    the DLQ (position_conflict), never confused with a redelivery; later positions are served normally."""
+    """Tansu keeps nothing across a restart, so the re-created topic hands out offsets 0, 1, 2 again, the positions
+    of the requests served before. The id identifies a request, not its position: the new records there are
+    served like any other."""
     broker = TansuBroker(tmp_path)
     broker.start()
     try:
@@ -276,23 +222,18 @@ def test_broker_restart_the_daemon_reconnects_recreates_its_producer_and_resumes
         after = ["b0", "b1", "b2", "b3", "b4", "b5"]
         produce(names.bootstrap, names.prompts, prompt_records(after))
         reader = TopicReader(names.bootstrap, names.completions)
-        records = reader.read_until(lambda rs: set(ids_of(rs)) >= set(after[3:]), timeout=60)
+        records = reader.read_until(lambda rs: set(ids_of(rs)) >= set(after), timeout=60)
+        reader.read_for(1.0)
         reader.close()
-        dlq = TopicReader(names.bootstrap, names.dlq)
-        dead = dlq.read_until(lambda rs: len(rs) >= 3, timeout=30)
-        dlq.close()
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
     finally:
         broker.stop()
-    assert sorted(ids_of(records)) == after[3:]
-    assert sorted(header(r, "request-id") for r in dead) == after[:3]
-    assert {header(r, "reason-code") for r in dead} == {"position_conflict"}
-    assert "already recorded for 'a0'" in header(next(r for r in dead if header(r, "request-id") == "b0"), "reason")
-    assert completion_rows(sqlite_url) == {i: 1 for i in before + after[3:]}
+    assert sorted(ids_of(records)) == after
+    assert completion_rows(sqlite_url) == {i: 1 for i in before + after}
     log = daemon.log()
     assert "replacing it" in log and "kafka available again" in log
-    assert "1 producer recreations" in log or "producer recreations" in log
+    assert re.search(r"[1-9]\d* producer recreations", log)
 
 
 def test_submit_waits_for_and_prints_completions(tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models):

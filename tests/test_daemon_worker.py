@@ -6,110 +6,26 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
-import urllib.request
 
 import pytest
 import torch
 
-from daemon.config import Settings
 from daemon.serving.metrics import DaemonMetrics
-from daemon.service import open_database
-from daemon.serving.ledger import BatchStore
-from daemon.serving.worker import Worker
-from pipelines.engine import EngineSettings, SpeculativeEngine
-from pipelines.models import load_model, load_tokenizer
-from tests.daemon_fixtures import TopicReader, daemon_settings, header, ids_of, produce, prompt_records
+from pipelines.models import load_model
+from tests.daemon_fixtures import TopicReader, header, ids_of, produce, prompt_records
 from tests.kafka_fixtures import free_port
+from tests.worker_fixtures import (
+    CountingEngine,
+    RunningWorker,
+    dead_letter_rows,
+    make_worker,
+    metric_value,
+    request_statuses,
+    wait_for_metric,
+)
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_models):
-    # One intra-op thread while the worker runs in this process: the broker, the poll thread and other
-    # processes share two cores, and spinning OpenMP threads then slow tiny decodes down many times.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    target_dir, draft_dir = tiny_models
-    tokenizer = load_tokenizer(str(target_dir))
-    yield SpeculativeEngine(load_model(str(target_dir)), load_model(str(draft_dir)), tokenizer,
-                            EngineSettings(proposer="draft", k=3, max_batch_size=4, max_seq_len=256, top_m=4))  # fmt: skip
-    torch.set_num_threads(threads)
-
-
-class CountingEngine:
-    """The real engine, counting decoded requests and optionally slowed down to imitate long decodes."""
-
-    def __init__(self, engine, delay_s: float = 0.0):
-        self.engine = engine
-        self.delay_s = delay_s
-        self.decoded_ids: list[str] = []
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def generate(self, requests):
-        self.decoded_ids += [r.id for r in requests]
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        return self.engine.generate(requests)
-
-
-class RunningWorker:
-    def __init__(self, worker: Worker):
-        self.worker = worker
-        self.exit_code = None
-        self.thread = threading.Thread(target=self._run, name="test-worker-main")
-
-    def _run(self):
-        self.exit_code = self.worker.run()
-
-    def __enter__(self):
-        self.thread.start()
-        assert self.worker.assigned.wait(30), "no partition assignment"
-        return self.worker
-
-    def __exit__(self, *exc):
-        self.worker.stop("test over")
-        self.thread.join(60)
-        assert not self.thread.is_alive()
-
-
-def make_worker(kafka_names, database_url, tiny_models, engine, metrics=None, engine_section=None,
-                **sections) -> Worker:  # fmt: skip
-    target_dir, draft_dir = tiny_models
-    if engine_section:
-        sections["engine"] = engine_section
-    settings = Settings.model_validate(daemon_settings(kafka_names, database_url, target_dir, draft_dir, **sections))
-    _, session_factory = open_database(settings)
-    store = BatchStore(session_factory, target_identity="tiny")
-    return Worker(settings, engine, engine.tokenizer, store, metrics=metrics or DaemonMetrics())
-
-
-def request_statuses(database_url: str) -> dict[str, tuple[str, str | None]]:
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(database_url)
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT request_id, status, error FROM requests")).all()
-    engine.dispose()
-    return {request_id: (status, error) for request_id, status, error in rows}
-
-
-def scrape(port: int) -> str:
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-
-
-def metric_value(text: str, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    raise AssertionError(f"{name}{labels} not in the metrics")
 
 
 def test_poison_input_goes_to_the_dlq_with_reasons_and_valid_requests_are_served(
@@ -126,13 +42,13 @@ def test_poison_input_goes_to_the_dlq_with_reasons_and_valid_requests_are_served
         (b"p4", json.dumps({"id": "p4", "prompt": "x", "model": "big"}).encode()),
         (b"p5", json.dumps({"id": "p5", "prompt": "x" * 5000}).encode()),
         (b"p6", json.dumps({"id": "p6", "prompt": long_prompt[:3900]}).encode()),
-        (b"ok-0", valid[0][1]),  # the same id again, at another offset
+        (b"ok-0", json.dumps({"id": "ok-0", "prompt": "another prompt"}).encode()),  # the id, another request
         (b"p8", json.dumps({"id": "p8", "prompt": "x", "temperature": "hot"}).encode()),
         (b"p9", None),
     ]
     expected_codes = {
         0: "not_json", 1: "wrong_type", 2: "missing_field", 3: "unknown_field", 4: "too_large",
-        5: "prompt_too_long", 6: "duplicate_id", 7: "wrong_type", 8: "empty",
+        5: "prompt_too_long", 6: "id_conflict", 7: "wrong_type", 8: "empty",
     }  # fmt: skip
     port = free_port()
     metrics = DaemonMetrics()
@@ -147,34 +63,39 @@ def test_poison_input_goes_to_the_dlq_with_reasons_and_valid_requests_are_served
         served = completions.read_until(lambda rs: len(rs) >= 7, timeout=60)
         dlq = TopicReader(kafka_names.bootstrap, kafka_names.dlq)
         dead = dlq.read_until(lambda rs: len(rs) >= len(poison), timeout=30)
-        time.sleep(0.5)
-        text = scrape(port)
+        text = wait_for_metric(port, "onlinespec_consumer_lag", 0, topic=kafka_names.prompts, partition="0")
         completions.read_for(0.5)
         dlq.read_for(0.5)
     assert sorted(ids_of(served)) == sorted([f"ok-{i}" for i in range(6)] + ["ok-chat"])
     assert len(dead) == len(poison)
-    by_value = {record.value: record for record in dead}
-    for index, (_key, value) in enumerate(poison):
-        record = by_value[value]
+    by_offset = {int(header(record, "original-offset")): record for record in dead}
+    for index, (key, value) in enumerate(poison):
+        offset = next(i for i, r in enumerate(records) if r is poison[index])
+        record = by_offset[offset]
         assert header(record, "reason-code") == expected_codes[index], header(record, "reason")
         assert header(record, "original-topic") == kafka_names.prompts
         assert header(record, "original-partition") == "0"
-        assert int(header(record, "original-offset")) == next(i for i, r in enumerate(records) if r is poison[index])
         assert header(record, "reason")
-    assert "already received at" in header(by_value[poison[6][1]], "reason")
-    assert "the limit is" in header(by_value[poison[5][1]], "reason")
+        assert record.key == key and record.value == (value or b"")  # small enough to travel whole
+    conflict = header(by_offset[records.index(poison[6])], "reason")
+    assert f"first received at {kafka_names.prompts}/0@0" in conflict and "new id" in conflict
+    assert "the limit is" in header(by_offset[records.index(poison[5])], "reason")
     statuses = request_statuses(sqlite_url)
-    # Records with a usable id are recorded as dead-lettered; oversized ones are never parsed, so only the DLQ has them.
+    # Records with a usable id are recorded as dead-lettered; oversized ones are never parsed (no id). Every dead
+    # letter has a dead_letters row, with or without an id.
     assert {i: statuses[i][0] for i in ("p4", "p6", "p8")} == dict.fromkeys(("p4", "p6", "p8"), "dead_lettered")
     assert "p5" not in statuses
     assert statuses["p6"][1].startswith("prompt_too_long: ")
-    assert statuses["ok-0"] == ("completed", None)  # the duplicate did not touch the original
+    assert statuses["ok-0"] == ("completed", None)  # the conflicting copy did not touch the original
+    assert dead_letter_rows(sqlite_url) == {
+        (records.index(poison[i]), (json.loads(v)["id"] if i in (3, 5, 6, 7) else None), expected_codes[i])
+        for i, (_, v) in enumerate(poison)
+    }
     chat_completion = next(r for r in served if header(r, "request-id") == "ok-chat")
     assert chat_completion.key == b"chat" and json.loads(chat_completion.value)["metadata"] == {"user": 1}
     assert metric_value(text, "onlinespec_requests_total", outcome="completed") == 7
     assert metric_value(text, "onlinespec_requests_total", outcome="dead_lettered") == len(poison)
-    assert metric_value(text, "onlinespec_dlq_records_total", reason="duplicate_id") == 1
-    assert metric_value(text, "onlinespec_consumer_lag", topic=kafka_names.prompts, partition="0") == 0
+    assert metric_value(text, "onlinespec_dlq_records_total", reason="id_conflict") == 1
     assert metric_value(text, "onlinespec_queue_depth") == 0
     assert metric_value(text, "onlinespec_mean_accepted_length", draft_version="base") >= 1.0
     assert metric_value(text, "onlinespec_generated_tokens_total", draft_version="base") > 0

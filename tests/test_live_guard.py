@@ -118,3 +118,38 @@ def test_without_a_served_predecessor_the_promoting_rounds_heldout_number_is_the
     serve(engine, session_factory, stream(engine.tokenizer, 6, seed=80))
     verdict = guard.check()
     assert verdict.action == "rolled_back" and "3.500 for base (held-out in the promoting round)" in verdict.reason
+
+
+def test_a_chain_base_v1_v2_rolls_a_worse_v2_back_to_v1_and_serves_v1s_weights(setup):
+    """The predecessor, not the base draft: and what is served afterwards is v1's weights, by value and sha256."""
+    from storage import checkpoints_repo
+    from storage.artifacts import CheckpointStore
+
+    engine, session_factory, weights, follower, guard, _ = setup
+    generator = torch.Generator().manual_seed(5)
+    v1_state = {n: t + 1e-4 * torch.randn(t.shape, generator=generator) for n, t in weights.base_state.items()}
+    v1_id = add_version(session_factory, weights, "v1", v1_state)
+    v2_id = add_version(session_factory, weights, "v2", scrambled(engine, seed=2), parent_id=v1_id)
+    with session_factory.begin() as session:
+        checkpoints_repo.set_active(session, v1_id, "scheduler", "round 1")
+    assert follow(follower, engine) == "v1"
+    v1_live = live_avg_len(serve(engine, session_factory, stream(engine.tokenizer, 6, seed=90)))
+    assert guard.check().action == "kept"  # v1 does as well as base: it stays, and has a live record now
+
+    with session_factory.begin() as session:
+        checkpoints_repo.set_active(session, v2_id, "scheduler", "round 2")
+    assert follow(follower, engine) == "v2"
+    v2_live = live_avg_len(serve(engine, session_factory, stream(engine.tokenizer, 6, seed=91)))
+    assert v2_live < v1_live * 0.95
+    verdict = guard.check()
+    assert verdict.action == "rolled_back" and f"{v1_live:.3f} for v1 (live over 6 requests)" in verdict.reason
+
+    with session_factory() as session:
+        event = checkpoints_repo.list_events(session)[0]
+        assert (event.kind, event.checkpoint_id, event.from_checkpoint_id) == ("rollback", v1_id, v2_id)
+        v1_row = checkpoints_repo.get_checkpoint(session, v1_id)
+    assert follow(follower, engine) == "v1"
+    served = {n: t.detach().clone() for n, t in engine.draft.state_dict().items()}
+    assert all(torch.equal(served[n], v1_state[n]) for n in v1_state)
+    assert not all(torch.equal(served[n], weights.base_state[n]) for n in served)  # not the base draft's
+    assert CheckpointStore(weights.checkpoint_dir.parent / "rehash").put(served).sha256 == v1_row.sha256

@@ -1,4 +1,5 @@
-"""The input contract: every kind of bad record gets a precise reason; valid ones become engine requests."""
+"""The input contract: every kind of bad record gets a precise reason; valid ones become engine requests; the
+request hash says when two records under one id are the same request."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import zlib
 import pytest
 
 from daemon.config import LimitSettings
-from daemon.serving.messages import InvalidMessage, completion_payload, parse_prompt, tokenize
+from daemon.serving.messages import InvalidMessage, completion_payload, parse_prompt, request_hash, tokenize
 from pipelines.types import GenerationResult, RequestCounters, RequestFeedback
 
 LIMITS = LimitSettings(max_message_bytes=2048, max_prompt_chars=500, max_metadata_bytes=64, max_new_tokens=100,
@@ -73,6 +74,13 @@ def test_all_optional_fields():
         (encode({"id": "a", "messages": [{"role": "robot", "content": "x"}]}), "out_of_range", "messages[0]`.role"),
         (encode({"id": "a", "messages": [{"role": "user", "content": 1}]}), "wrong_type", ".content must be a string"),
         (encode({"id": "a", "messages": [{"role": "user", "content": "x", "x": 1}]}), "unknown_field", "x"),
+        # What Python's json accepts but JSON, PostgreSQL or the engine do not:
+        (b'{"id": "a", "prompt": "p", "temperature": NaN}', "not_json", "NaN is not a JSON number"),
+        (b'{"id": "a", "prompt": "p", "top_p": Infinity}', "not_json", "Infinity is not a JSON number"),
+        (b'{"id": "a", "prompt": "p", "metadata": {"x": 1e400}}', "not_json", "too large for a double"),
+        (b'{"id": "a", "prompt": "\\ud800 alone"}', "not_utf8", "lone UTF-16 surrogate"),
+        (b'{"id": "a", "prompt": "p", "metadata": {"\\udfff": 1}}', "not_utf8", "lone UTF-16 surrogate"),
+        (encode({"id": "a\u0000b", "prompt": "p"}), "out_of_range", "`id` must not contain control characters"),
     ],
 )
 def test_rejections_have_a_code_and_a_precise_reason(value, code, fragment):
@@ -84,6 +92,50 @@ def test_rejections_have_a_code_and_a_precise_reason(value, code, fragment):
 def test_rejection_keeps_the_request_id_when_there_is_one():
     assert reject(encode({"id": "keep-me", "prompt": 3})).request_id == "keep-me"
     assert reject(encode({"id": 3, "prompt": "p"})).request_id is None
+    # An id that could not key a request (a row, a header, a log line) is not kept either.
+    for unusable in ("", "   ", "x" * 257, "tab\there", "nul\u0000"):
+        assert reject(encode({"id": unusable, "prompt": 3})).request_id is None
+
+
+def test_the_parsers_own_limits_are_rejections_too():
+    large = LimitSettings(max_message_bytes=1_000_000)
+    for value, fragment in ((b'{"id": "a", "prompt": "p", "seed": ' + b"9" * 5000 + b"}", "not usable JSON"),
+                            (b"[" * 100_000 + b"]" * 100_000, "nested too deeply")):  # fmt: skip
+        with pytest.raises(InvalidMessage, match=fragment) as caught:
+            parse_prompt(value, large)
+        assert caught.value.code == "not_json"
+
+
+def test_a_reason_stays_short_however_many_names_it_lists():
+    value = encode({"id": "a", "prompt": "p", **{"k" * 1000 + str(i): 1 for i in range(1000)}})
+    with pytest.raises(InvalidMessage) as caught:
+        parse_prompt(value, LimitSettings(max_message_bytes=2_000_000))
+    error = caught.value
+    assert error.code == "unknown_field" and len(error.reason) < 700 and "(+992 more)" in error.reason
+
+
+def test_a_surrogate_pair_escape_is_a_character_not_an_error():
+    assert parse_prompt(b'{"id": "a", "prompt": "smile \\ud83d\\ude00"}', LIMITS).prompt == "smile \U0001f600"
+
+
+def test_the_request_hash_is_the_request_as_parsed():
+    def hashed(**fields) -> str:
+        return request_hash(parse_prompt(encode({"id": "a", "prompt": "p", **fields}), LIMITS))
+
+    same = hashed(metadata={"x": 1, "y": [1, 2]})
+    assert hashed(metadata={"y": [1, 2], "x": 1}) == same  # key order
+    assert request_hash(parse_prompt(b'{ "prompt" : "p", "metadata": {"x":1,"y":[1,2]}, "id":"a" }', LIMITS)) == same
+    assert hashed(max_new_tokens=10, temperature=0, top_p=1, metadata={"x": 1, "y": [1, 2]}) == same  # defaults
+    assert request_hash(parse_prompt(encode({"id": "other", "prompt": "p", "metadata": {"x": 1, "y": [1, 2]},
+                                             "seed": zlib.crc32(b"a")}), LIMITS)) == same  # the id is not hashed
+    different = [hashed(), hashed(metadata={"x": 2, "y": [1, 2]}), hashed(metadata={"x": 1, "y": [1, 2]}, seed=1),
+                 hashed(metadata={"x": 1, "y": [1, 2]}, stop="\n"), hashed(metadata={"x": 1, "y": [1, 2]},
+                                                                           max_new_tokens=11),
+                 request_hash(parse_prompt(encode({"id": "a", "prompt": "q", "metadata": {"x": 1, "y": [1, 2]}}),
+                                           LIMITS)),
+                 request_hash(parse_prompt(encode({"id": "a", "messages": [{"role": "user", "content": "p"}],
+                                                   "metadata": {"x": 1, "y": [1, 2]}}), LIMITS))]  # fmt: skip
+    assert same not in different and len(set(different)) == len(different)
 
 
 class FakeTokenizer:

@@ -284,3 +284,22 @@ def test_a_window_of_short_answers_holds_out_more_rows_for_the_same_evidence(wea
     rows = round_.candidate_metrics["train_rows"]
     assert rows["heldout"] > 4 and rows["heldout"] + rows["window"] == 24, rows
     assert round_.active_metrics["requests"] == rows["heldout"] and round_.active_metrics["tokens"] >= 90
+
+
+def test_the_gate_needs_min_heldout_tokens_however_large_the_gain(weak_engine, database, tmp_path):
+    from daemon.learning.rounds import _Window
+
+    settings = learning_settings(tmp_path, min_heldout_tokens=500, promote_margin=0.02)
+    runner = runner_for(weak_engine, settings, database)
+    window = _Window(round_id=1, first_id=1, last_id=40, rows=40, active_id=None, active_version="base")
+
+    def decide(candidate_avg_len: float, tokens: int) -> tuple[bool, str]:
+        active = {"avg_len": 2.0, "tokens": tokens, "requests": 10}
+        return runner._decide({"avg_len": candidate_avg_len, "tokens": tokens}, active, window)
+
+    promote, reason = decide(3.0, 499)  # +50 % on one token too few
+    assert not promote and "fewer held-out tokens than min_heldout_tokens 500" in reason and "on 499 tokens" in reason
+    assert decide(3.0, 500)[0] and decide(2.04, 500)[0]  # enough evidence: the margin decides
+    promote, reason = decide(2.039, 500)
+    assert not promote and reason.endswith("below the margin")
+    assert not decide(3.0, 0)[0]

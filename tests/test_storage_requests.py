@@ -1,15 +1,17 @@
 """The worker's write path on SQLite and PostgreSQL: idempotent receipt, one completion per request, feedback
-stored with the batch, redeliveries answered from the stored message."""
+stored with the batch, redeliveries answered from the stored message, dead-lettered requests taken back when sent
+again corrected, and the dead_letters table."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 from sqlalchemy import func, select
 
-from storage.errors import KafkaPositionConflictError
-from storage.models import Completion, Feedback, Request, RequestStatus
+from storage.dead_letters_repo import DeadLetterRecord, dead_letters_at, record_dead_letters
+from storage.models import Completion, DeadLetter, Feedback, Request, RequestStatus
 from storage.packing import unpack_feedback, unpack_token_ids
 from storage.requests_repo import (
     CompletedRequest,
@@ -17,6 +19,7 @@ from storage.requests_repo import (
     find_completion,
     find_completions,
     mark_dead_lettered,
+    readmit_dead_lettered,
     record_request_received,
     record_requests_received,
     store_results,
@@ -55,27 +58,81 @@ def test_first_receipt_is_new_and_repeats_are_not(db_session_factory):
         assert count(session, Request) == 1
 
 
-def test_batch_receipt_reports_duplicates_and_position_conflicts(db_session_factory):
+def test_batch_receipt_keeps_the_first_row_of_an_id_and_positions_may_repeat(db_session_factory):
     with db_session_factory.begin() as session:
         receive(session, "old", offset=3)
     items = [
-        ReceivedRequest("a", "prompts", 0, 1, PARAMS, 5),
-        ReceivedRequest("a", "prompts", 0, 2, PARAMS, 5),  # same id twice in one poll
-        ReceivedRequest("b", "prompts", 0, 3, PARAMS, 5),  # position already belongs to "old"
+        ReceivedRequest("a", "prompts", 0, 1, PARAMS, 5, "hash-a"),
+        ReceivedRequest("a", "prompts", 0, 2, PARAMS, 5, "hash-a"),  # same id twice in one poll
+        ReceivedRequest("b", "prompts", 0, 3, PARAMS, 5, "hash-b"),  # a re-created topic reuses old's offset
         ReceivedRequest("old", "prompts", 0, 3, PARAMS, 5),  # redelivery
-        ReceivedRequest("cli", None, None, None, PARAMS, 5),  # not from Kafka: NULL positions never collide
+        ReceivedRequest("cli", None, None, None, PARAMS, 5),  # not from Kafka
         ReceivedRequest("cli2", None, None, None, PARAMS, 5),
     ]
     with db_session_factory.begin() as session:
         batch = record_requests_received(session, items)
         assert {rid: is_new for rid, (_, is_new) in batch.requests.items()} == {
-            "a": True, "old": False, "cli": True, "cli2": True,
+            "a": True, "b": True, "old": False, "cli": True, "cli2": True,
         }  # fmt: skip
-        assert batch.requests["a"][0].kafka_offset == 1
-        assert [(c.received.request_id, c.existing_request_id) for c in batch.conflicts] == [("b", "old")]
-        assert "prompts/0@3" in batch.conflicts[0].describe()
-        with pytest.raises(KafkaPositionConflictError, match="already recorded for 'old'"):
-            receive(session, "c", offset=3)
+        first, _ = batch.requests["a"]
+        assert (first.kafka_offset, first.request_hash) == (1, "hash-a")
+        assert items[0].same_position(first) and not items[1].same_position(first)
+        assert batch.requests["b"][0].kafka_offset == batch.requests["old"][0].kafka_offset == 3
+
+
+def test_a_dead_lettered_request_is_taken_back_by_its_corrected_resend_and_nothing_else(db_session_factory):
+    corrected = ReceivedRequest("bad", "prompts", 0, 9, {"max_new_tokens": 8}, 4, "hash-corrected")
+    with db_session_factory.begin() as session:
+        mark_dead_lettered(session, "bad", "prompt_too_long: 900 tokens", topic="prompts", partition=0, offset=2)
+        receive(session, "fine", offset=3)
+        assert readmit_dead_lettered(session, corrected)
+        assert not readmit_dead_lettered(session, ReceivedRequest("fine", "prompts", 0, 10, {}, 4, "h"))
+        assert not readmit_dead_lettered(session, corrected)  # received now: a second resend does not move it
+    with db_session_factory() as session:
+        bad = session.get(Request, "bad")
+        assert (bad.status, bad.error, bad.kafka_offset, bad.request_hash, bad.params, bad.prompt_tokens) == (
+            "received", None, 9, "hash-corrected", {"max_new_tokens": 8}, 4)
+        assert session.get(Request, "fine").kafka_offset == 3
+
+
+def test_dead_letters_get_one_row_per_record_even_without_an_id(db_session_factory):
+    letters = [
+        DeadLetterRecord(None, "prompts", 0, 5, "not_json", "value is not JSON", b"{broken"),
+        DeadLetterRecord("r7", "prompts", 0, 6, "prompt_too_long", "x" * 10_000, b'{"id": "r7"}'),
+        DeadLetterRecord(None, "prompts", 0, 7, "empty", "record has no value (tombstone)", None),
+    ]
+    with db_session_factory.begin() as session:
+        assert record_dead_letters(session, letters, keep_values=False) == 3
+    with db_session_factory.begin() as session:  # redelivered: no second row; a re-created topic's record: its own
+        again = letters + [DeadLetterRecord(None, "prompts", 0, 5, "not_json", "another record", b"{other")]
+        assert record_dead_letters(session, again, keep_values=True) == 1
+    with db_session_factory() as session:
+        rows = dead_letters_at(session, "prompts", 0)
+        assert [(r.kafka_offset, r.request_id, r.reason_code) for r in rows] == [
+            (5, None, "not_json"), (5, None, "not_json"), (6, "r7", "prompt_too_long"), (7, None, "empty")]
+        broken, other, long_reason, tombstone = rows
+        assert (broken.value_size, broken.value_sha256, broken.value) == (7, hashlib.sha256(b"{broken").hexdigest(),
+                                                                          None)  # fmt: skip
+        assert other.value == b"{other"  # keep_values: the whole value is kept
+        assert len(long_reason.reason) == 4096
+        assert (tombstone.value_size, tombstone.value_sha256) == (None, None)
+        assert count(session, DeadLetter) == 4
+
+
+def test_text_with_nul_is_stored_on_every_backend(db_session_factory):
+    """PostgreSQL's text type cannot hold NUL: the stored copies carry U+FFFD, the produced message is exact."""
+    item = completed("nul")
+    item.result.text = "before\x00after"
+    with db_session_factory.begin() as session:
+        receive(session, "nul", offset=0)
+        store_results(session, [item], target_identity=TARGET)
+        mark_dead_lettered(session, "other", "unknown field(s): a\x00b", topic="prompts", partition=0, offset=1)
+        record_dead_letters(session, [DeadLetterRecord(None, "prompts", 0, 2, "unknown_field", "a\x00b", b"{}")],
+                            keep_values=False)  # fmt: skip
+    with db_session_factory() as session:
+        assert find_completion(session, "nul").text == "before\ufffdafter"
+        assert session.get(Request, "other").error == "unknown field(s): a\ufffdb"
+        assert dead_letters_at(session, "prompts")[0].reason == "a\ufffdb"
 
 
 def test_request_id_length_is_checked(db_session_factory):
@@ -144,10 +201,11 @@ def test_dead_lettered(db_session_factory):
         store_results(session, [completed("done")], target_identity=TARGET)
         rejected = mark_dead_lettered(session, "bad", "validation: unknown field 'x'", topic="prompts", partition=0,
                                       offset=2)  # fmt: skip
-        duplicate = mark_dead_lettered(session, "r1", "duplicate id", topic="prompts", partition=0, offset=3)
+        duplicate = mark_dead_lettered(session, "r1", "id_conflict: another request", topic="prompts", partition=0,
+                                       offset=3)  # fmt: skip
         completed_row = mark_dead_lettered(session, "done", "must not apply", topic="prompts", partition=0, offset=1)
     with db_session_factory() as session:
-        assert session.get(Request, "r1").status == RequestStatus.RECEIVED  # the duplicate left the original alone
+        assert session.get(Request, "r1").status == RequestStatus.RECEIVED  # the conflicting copy left the original alone
         assert session.get(Request, "r1").error is None
         assert duplicate.request_id == "r1"
         bad = session.get(Request, "bad")

@@ -5,8 +5,9 @@ ID is a checkpoint id or a version label; `base` names the draft given in models
 `onlinespec db` (--database-url, --config, else $ONLINESPEC_DATABASE_URL). Live numbers (list, show) are the
 counters of every completion stamped with the version, the same ones the live guard and `status` read.
 Promote and rollback only move the deployment's active pointer (recorded with actor "operator:$USER" and the
---reason); every running daemon of the deployment swaps its draft at its next batch boundary, loading the
-version's file by its sha256, so a rollback serves exactly the weights that were recorded.
+--reason), after hashing the weights file of the version they move to (a damaged one is refused; --no-verify
+skips the check); every running daemon of the deployment swaps its draft at its next batch boundary, loading
+the version's file by its sha256, so a rollback serves exactly the weights that were recorded.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
     add_deployment_options(rollback)
     rollback.add_argument("--to", dest="to", help="checkpoint id, version label, or `base`")
     rollback.add_argument("--reason", default="rolled back by an operator", help="recorded with the event")
+    rollback.add_argument("--no-verify", action="store_true", help="skip hashing the weights file first")
     rollback.set_defaults(func=run_rollback)
 
 
@@ -287,6 +289,10 @@ def run_rollback(args) -> int:
         to_base = args.to == BASE_DRAFT_VERSION
         to_id = None if args.to is None or to_base else get_checkpoint(session, checkpoint_ref(args.to)).id
         event = rollback(session, to_id, to_base=to_base, actor=operator(), reason=args.reason, deployment=deployment)
+        if event.checkpoint_id is not None and not args.no_verify:
+            target = get_checkpoint(session, event.checkpoint_id)
+            if not _verify(target.path, target.sha256):  # raising here rolls the pointer move back
+                raise CommandError(f"not rolling back to {target.version}: its weights file is damaged")
         result = event_dict(event, _versions(session, [event.checkpoint_id, event.from_checkpoint_id]))
     _print_move(args, result)
     return 0

@@ -32,6 +32,7 @@ class Inbound:
     queued_at: float = field(default_factory=time.monotonic)
     message: PromptMessage | None = None
     request: GenerationRequest | None = None
+    request_hash: str | None = None  # daemon.serving.messages.request_hash of message
     error: InvalidMessage | None = None
 
     @property
@@ -110,24 +111,44 @@ class OffsetTracker:
                 if state is not None:
                     state.last_committed = offset
 
+    def progress(self, tp: TopicPartition) -> tuple[int | None, int, int | None]:
+        """(last committed offset, records tracked and not committable yet, the first of them) of a partition."""
+        with self._lock:
+            state = self._partitions.get(tp)
+            if state is None:
+                return None, 0, None
+            first = state.outstanding[0] if state.outstanding else None
+            return state.last_committed, len(state.outstanding), first
+
     def in_flight(self) -> int:
         with self._lock:
             return sum(len(state.outstanding) for state in self._partitions.values())
 
 
 def collect_batch(
-    inbox: queue.Queue, max_size: int, max_wait_s: float, first_timeout_s: float = 0.2
+    inbox: queue.Queue, max_size: int, max_wait_s: float, first_timeout_s: float = 0.2, counts=None,
+    max_records: int | None = None,
 ) -> list[Inbound]:
-    """Wait up to first_timeout_s for one item, then gather more until max_size or max_wait_s after the first."""
+    """Wait up to first_timeout_s for one item, then gather more until max_size or max_wait_s after the first.
+
+    With `counts` (item -> bool) only the items it counts fill max_size and start the max_wait_s clock: the
+    worker counts what it will decode, so records on their way to the DLQ ride along and neither shrink the
+    engine's batches nor cut them short; until a counted item arrives, gathering stops at a gap of max_wait_s.
+    At most max_records items either way."""
     try:
         batch = [inbox.get(timeout=first_timeout_s)]
     except queue.Empty:
         return []
-    deadline = time.monotonic() + max_wait_s
-    while len(batch) < max_size:
-        remaining = deadline - time.monotonic()
+    counted = 0
+    deadline = None
+    while True:
+        if counts is None or counts(batch[-1]):
+            counted += 1
+            deadline = deadline or time.monotonic() + max_wait_s
+        if counted >= max_size or (max_records is not None and len(batch) >= max_records):
+            return batch
+        remaining = max_wait_s if deadline is None else deadline - time.monotonic()
         try:
             batch.append(inbox.get(timeout=remaining) if remaining > 0 else inbox.get_nowait())
         except queue.Empty:
-            break
-    return batch
+            return batch

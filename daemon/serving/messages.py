@@ -3,12 +3,27 @@
 Input (JSON object, UTF-8): `id` (string, required, the idempotency key), exactly one of `prompt` (string) or
 `messages` (chat list rendered with the target tokenizer's chat template), optional `max_new_tokens`,
 `temperature`, `top_p`, `seed`, `stop`, `metadata` (object, echoed back). Anything else is rejected with a
-reason; rejected records go to the DLQ and never stop the daemon.
+reason; rejected records go to the DLQ and never stop the daemon. An `id` is usable when it is a non-blank
+string of at most `limits.max_id_chars` characters without control characters; NaN, Infinity, numbers too
+large for a double, lone UTF-16 surrogates and nesting deeper than the JSON parser allows are rejected too.
+
+Idempotency (the `id`). The request itself is identified by `request_hash`: the sha256 of the parsed request
+(prompt or messages, max_new_tokens, temperature, top_p, seed, stop, metadata; not the id, not the JSON layout,
+and a field left out hashes like its default written out).
+- The same id with the same request (a redelivery, or a client or producer sending it again at another offset)
+  is answered with the stored completion, byte for byte, with header `resent: 1`; it is never decoded twice.
+  If the first copy is still being decoded in this daemon, the answer follows as soon as that copy is stored.
+- The same id with a different request is a conflict: dead-lettered with reason code `id_conflict`, a reason
+  that names where the id was first received and both hashes; the first request is unaffected.
+- An id whose request was dead-lettered (invalid, prompt too long, too many tokens, ...) is free again: a
+  corrected request under the same id is served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +37,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_TEMPERATURE = 100.0
 MAX_SEED = 2**63 - 1
 MAX_STOP_CHARS = 256
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class InvalidMessage(ValueError):
@@ -59,14 +75,11 @@ def parse_prompt(value: bytes | None, limits: LimitSettings) -> PromptMessage:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidMessage("not_utf8", f"value is not UTF-8 (byte {exc.start})") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidMessage("not_json", f"value is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    obj = _load_json(text)
     if not isinstance(obj, dict):
         raise InvalidMessage("not_object", f"value must be a JSON object, got {_json_type(obj)}")
 
-    request_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+    request_id = _usable_id(obj.get("id"), limits)
     try:
         return _validate_object(obj, request_id, limits)
     except InvalidMessage as exc:
@@ -74,18 +87,60 @@ def parse_prompt(value: bytes | None, limits: LimitSettings) -> PromptMessage:
         raise
 
 
+def _load_json(text: str) -> Any:
+    """json.loads, refusing what Python accepts but JSON and our storage do not (NaN, Infinity, 1e400, lone
+    surrogates) and turning the parser's own limits (nesting depth, digits) into InvalidMessage."""
+    try:
+        obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except InvalidMessage:
+        raise
+    except json.JSONDecodeError as exc:
+        raise InvalidMessage("not_json", f"value is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise InvalidMessage("not_json", "value is nested too deeply to parse") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise InvalidMessage("not_json", f"value is not usable JSON: {exc}") from None
+    if "\\ud" in text or "\\uD" in text:  # only a \uD800-\uDFFF escape makes one
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidMessage("not_utf8", "value holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF)") from None
+    return obj
+
+
+def _refuse_constant(name: str):
+    raise InvalidMessage("not_json", f"{name} is not a JSON number")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if value in (float("inf"), float("-inf")):
+        raise InvalidMessage("not_json", f"number {literal[:40]} is too large for a double")
+    return value
+
+
+def _usable_id(value: Any, limits: LimitSettings) -> str | None:
+    """The id when it can key a request (and a DLQ header, a log line, a database row), else None."""
+    if not isinstance(value, str) or not value.strip() or len(value) > limits.max_id_chars:
+        return None
+    return None if CONTROL_CHARACTERS.search(value) else value
+
+
 def _validate_object(obj: dict[str, Any], request_id: str | None, limits: LimitSettings) -> PromptMessage:
     unknown = sorted(set(obj) - set(FIELDS))
     if unknown:
-        raise InvalidMessage("unknown_field", f"unknown field(s): {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
+        raise InvalidMessage("unknown_field", f"unknown field(s): {_some(unknown)}; allowed: {', '.join(FIELDS)}")
     if "id" not in obj:
         raise InvalidMessage("missing_field", "missing required field `id`")
-    if request_id is None:
-        raise InvalidMessage("wrong_type", f"`id` must be a string, got {_json_type(obj['id'])}")
-    if not request_id.strip():
+    raw_id = obj["id"]
+    if not isinstance(raw_id, str):
+        raise InvalidMessage("wrong_type", f"`id` must be a string, got {_json_type(raw_id)}")
+    if not raw_id.strip():
         raise InvalidMessage("out_of_range", "`id` must not be empty")
-    if len(request_id) > limits.max_id_chars:
-        raise InvalidMessage("out_of_range", f"`id` has {len(request_id)} characters, the limit is {limits.max_id_chars}")
+    if len(raw_id) > limits.max_id_chars:
+        raise InvalidMessage("out_of_range", f"`id` has {len(raw_id)} characters, the limit is {limits.max_id_chars}")
+    if request_id is None:
+        raise InvalidMessage("out_of_range", "`id` must not contain control characters")
 
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
@@ -134,7 +189,7 @@ def _validate_messages(messages: Any, limits: LimitSettings) -> tuple[dict[str, 
             raise InvalidMessage("wrong_type", f"{where} must be an object, got {_json_type(message)}")
         extra = sorted(set(message) - {"role", "content"})
         if extra:
-            raise InvalidMessage("unknown_field", f"{where} has unknown field(s): {', '.join(extra)}")
+            raise InvalidMessage("unknown_field", f"{where} has unknown field(s): {_some(extra)}")
         if message.get("role") not in CHAT_ROLES:
             raise InvalidMessage("out_of_range", f"{where}.role must be one of {', '.join(CHAT_ROLES)}")
         if not isinstance(message.get("content"), str):
@@ -194,6 +249,12 @@ def _validate_metadata(metadata: Any, limits: LimitSettings) -> dict[str, Any] |
     return metadata
 
 
+def _some(names: list[str], most: int = 8, chars: int = 40) -> str:
+    """A few of the names, each shortened: a reason names the problem and stays a log line long."""
+    shown = ", ".join(name if len(name) <= chars else name[:chars] + "..." for name in names[:most])
+    return shown + (f" (+{len(names) - most} more)" if len(names) > most else "")
+
+
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
@@ -206,6 +267,23 @@ def _json_type(value: Any) -> str:
     if isinstance(value, list):
         return "array"
     return "object"
+
+
+def request_hash(message: PromptMessage) -> str:
+    """sha256 of the request as parsed: what makes two records with one id the same request (see the module
+    docstring). Canonical JSON, so key order, whitespace and defaults written out do not change it."""
+    canonical = {
+        "prompt": message.prompt,
+        "messages": None if message.messages is None else list(message.messages),
+        "max_new_tokens": message.max_new_tokens,
+        "temperature": message.temperature,
+        "top_p": message.top_p,
+        "seed": message.seed,
+        "stop": list(message.stop),
+        "metadata": message.metadata,
+    }
+    encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(encoded).hexdigest()
 
 
 def tokenize(message: PromptMessage, tokenizer, max_prompt_tokens: int) -> GenerationRequest:

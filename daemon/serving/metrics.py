@@ -44,6 +44,15 @@ class DaemonMetrics:
         self.database_up = Gauge("onlinespec_database_up", "0 while the database is unreachable", registry=r)
         self.producer_recreated = Counter("onlinespec_producer_recreations", "Producers replaced after a fatal error",
                                           registry=r)  # fmt: skip
+        # Delivery alerts: records no retry could produce (record: completion | dead_letter, error: its type), and
+        # partitions whose committed offset stopped moving while records wait (daemon.stall_after_s).
+        self.undeliverable = Counter("onlinespec_undeliverable_records", "Records that failed to produce for good "
+                                     "(dead-lettered, or kept in the database only)", ["record", "error"],
+                                     registry=r)  # fmt: skip
+        self.stalled = Gauge("onlinespec_partition_stalled", "1 while the committed offset has not moved for "
+                             "daemon.stall_after_s with records waiting", ["topic", "partition"], registry=r)  # fmt: skip
+        self.stalls = Counter("onlinespec_partition_stalls", "Times a partition was found stalled",
+                              ["topic", "partition"], registry=r)  # fmt: skip
         self.batch_size = Histogram("onlinespec_batch_size", "Records per micro-batch", buckets=BATCH_BUCKETS,
                                     registry=r)  # fmt: skip
         self.decode_seconds = Histogram("onlinespec_decode_seconds", "Engine time per batch",

@@ -1,9 +1,10 @@
 """The poll thread: the only user of the KafkaConsumer (it is not thread-safe).
 
 Each loop: commit what the pipeline finished, pause or resume the assigned partitions, poll, validate and
-tokenize the records into the bounded inbox, and now and then publish consumer lag. It keeps polling while a
-batch decodes (paused partitions return nothing), so the group never sees a stalled member, however long a
-decode takes.
+tokenize the records into the bounded inbox, and now and then publish consumer lag and look for stalled
+partitions (daemon.serving.stalls). It keeps polling while a batch decodes (paused partitions return nothing),
+so the group never sees a stalled member, however long a decode takes. Validation never raises: a record that
+breaks it in an unforeseen way is rejected with reason code `invalid` like any other bad input.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from daemon.serving.batching import Inbound, OffsetTracker
 from daemon.config import Settings
-from daemon.serving.messages import InvalidMessage, parse_prompt, tokenize
+from daemon.serving.messages import InvalidMessage, parse_prompt, request_hash, tokenize
 from daemon.serving.metrics import DaemonMetrics
 from daemon.serving.stages import SinkHealth
+from daemon.serving.stalls import StallWatch
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class Poller:
         self.exit = threading.Event()  # final commit, close the consumer
         self.assigned = threading.Event()  # set on the first assignment
         self.rebalances = 0
+        self.stalls = StallWatch(settings.daemon.stall_after_s, metrics)
 
     def run(self) -> None:
         """Thread target; exceptions propagate to the caller's wrapper."""
@@ -108,9 +111,15 @@ class Poller:
         try:
             item.message = parse_prompt(item.value, self.settings.limits)
             item.request = tokenize(item.message, self.tokenizer, self.max_prompt_tokens)
+            item.request_hash = request_hash(item.message)
         except InvalidMessage as exc:
             item.error = exc
             log.info("rejecting %s (id %s): %s", item.where, exc.request_id, exc.reason)
+        except Exception as exc:  # a bug or a tokenizer limit must not take the poll thread (and the group) down
+            request_id = item.message.id if item.message is not None else None
+            item.error = InvalidMessage("invalid", f"could not be validated: {type(exc).__name__}: {exc}"[:1000],
+                                        request_id)  # fmt: skip
+            log.exception("rejecting %s (id %s): validation failed unexpectedly", item.where, request_id)
 
     def commit_done(self, consumer) -> None:
         offsets = self.tracker.committable()
@@ -127,29 +136,52 @@ class Poller:
             log.warning("offset commit failed (%s: %s); will retry", type(exc).__name__, exc)
 
     def _update_lag(self, consumer) -> None:
+        """Consumer lag per partition, and with it (plus what is queued or in flight) the stall check."""
         for tp in consumer.assignment():
+            unfetched = 0
             highwater = consumer.highwater(tp)  # not end_offsets(): wrong on some brokers, and a request each
-            if highwater is None:
-                continue
             try:
-                position = consumer.position(tp, timeout_ms=0)
+                position = consumer.position(tp, timeout_ms=0) if highwater is not None else None
             except KafkaError:
-                continue
+                position = None
             if position is not None:
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+                unfetched = max(0, highwater - position)
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(unfetched)
+            committed, tracked, first = self.tracker.progress(tp)
+            context = ", ".join(part for part in (
+                f"first unfinished offset {first}" if first is not None else "",
+                "" if self.health.healthy else self.health.describe())
+                if part)  # fmt: skip
+            self.stalls.observe(tp, committed, tracked + unfetched, context)
 
 
 class _Rebalance(ConsumerRebalanceListener):
+    """Called on the consumer's IO thread, where a blocking consumer call raises: nothing here waits."""
+
     def __init__(self, poller: Poller, consumer):
         self.poller = poller
         self.consumer = consumer
 
     def on_partitions_revoked(self, revoked):
-        # Commit what is finished while we still own it; queued records of revoked partitions become stale.
-        self.poller.commit_done(self.consumer)
-        self.poller.tracker.revoke(revoked)
-        if revoked:
-            log.info("partitions revoked: %s", _names(revoked))
+        # Send what is finished while we still own it, without waiting (if that commit is lost, the next owner
+        # answers those records from storage); queued records of revoked partitions become stale.
+        offsets = self.poller.tracker.committable()
+        if offsets:
+            try:
+                self.consumer.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            except Exception as exc:
+                log.warning("committing before the revocation failed (%s: %s)", type(exc).__name__, exc)
+        self._forget(revoked, "revoked")
+
+    def on_partitions_lost(self, lost):
+        # No longer a member (the broker restarted, the session expired): a commit would be refused.
+        self._forget(lost, "lost")
+
+    def _forget(self, tps, how: str) -> None:
+        self.poller.tracker.revoke(tps)
+        self.poller.stalls.forget(tps)
+        if tps:
+            log.info("partitions %s: %s", how, _names(tps))
 
     def on_partitions_assigned(self, assigned):
         self.poller.tracker.assign(assigned)

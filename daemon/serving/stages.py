@@ -5,8 +5,13 @@
     sink stage     store completions + feedback + dead letters (one transaction) → produce completions and DLQ
                    records and wait for the acks → mark the offsets done (the poll thread commits them)
 
-So the accelerator decodes batch n+1 while batch n is being stored and published. A failing database or
-producer is retried with backoff, and `SinkHealth` tells the poll thread to pause consumption meanwhile.
+So the accelerator decodes batch n+1 while batch n is being stored and published. An unavailable database is
+retried with backoff, and `SinkHealth` tells the poll thread to pause consumption meanwhile. Produce failures
+are sorted per record (daemon.serving.kafka_io.classify): transient ones are retried the same way, only the
+records not yet acknowledged; a permanent one is never retried: a completion that cannot be produced is
+dead-lettered (recorded first), a dead letter that cannot be produced stays recorded in the database, and both
+are counted (onlinespec_undeliverable_records_total) and logged with topic, partition, offset and request id.
+Either way the offset moves on: no record can hold its partition.
 """
 
 from __future__ import annotations
@@ -17,21 +22,32 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DisconnectionError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from daemon.serving.batching import Inbound, OffsetTracker, collect_batch
 from daemon.config import Settings
-from daemon.serving.kafka_io import OutboundRecord, ProduceError, Publisher, completion_record, dlq_record
+from daemon.serving.kafka_io import (
+    PERMANENT,
+    UNCLASSIFIED,
+    UNCLASSIFIED_ATTEMPTS,
+    OutboundRecord,
+    Publisher,
+    completion_record,
+    dlq_record,
+)
+from daemon.serving.ledger import Admission, BatchStore, Decoded, Saved
 from daemon.serving.messages import InvalidMessage, completion_payload, encode_json
 from daemon.serving.metrics import DaemonMetrics
-from daemon.serving.ledger import Admission, BatchStore, Decoded
 from daemon.serving.request_log import log_answered
 
 log = logging.getLogger(__name__)
 
 DATABASE_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError)
+# The database refused what a record holds: no retry helps, the record is dead-lettered (storage_error) alone.
+RECORD_REFUSED = (DataError, IntegrityError)
 HANDOFF_POLL_S = 0.2
+COMPLETION, DEAD_LETTER = "completion", "dead_letter"
 
 
 class Abandoned(Exception):
@@ -79,7 +95,23 @@ class Totals:
     decode_seconds: float = 0.0
     database_retries: int = 0
     produce_retries: int = 0
+    undeliverable: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Outgoing:
+    """One record to produce, with the prompt record it answers (for logs and for dead-lettering it)."""
+
+    record: OutboundRecord
+    item: Inbound
+    role: str  # COMPLETION | DEAD_LETTER
+    request_id: str | None
+    unclassified_failures: int = 0
+
+    @property
+    def context(self) -> str:
+        return f"{self.role} of {self.item.where} (id {self.request_id}) to {self.record.topic}"
 
 
 @dataclass
@@ -114,6 +146,8 @@ class Pipeline:
         self.follower = follower  # daemon.learning.draft_follower.DraftFollower: the deployment's active draft version
         self._swap_lock = threading.Lock()
         self._pending_swap = None
+        self._in_flight: set[str] = set()  # ids admitted for decoding whose batch is not stored yet
+        self._in_flight_lock = threading.Lock()
 
     def request_draft_swap(self, weights, version: str) -> None:
         with self._swap_lock:
@@ -126,7 +160,8 @@ class Pipeline:
         try:
             while not self.stopping.is_set():
                 self.beats["decode"] = time.monotonic()
-                batch = collect_batch(self.inbox, self.settings.engine.max_batch_size, batching.max_wait_ms / 1000)
+                batch = collect_batch(self.inbox, self.settings.engine.max_batch_size, batching.max_wait_ms / 1000,
+                                      counts=_to_decode, max_records=batching.queue_size)  # fmt: skip
                 batch = [item for item in batch if self.tracker.is_current(item.tp, item.epoch)]
                 self._follow_active_draft()
                 self._apply_pending_swap()  # between batches: the collected batch decodes with the new draft
@@ -154,13 +189,55 @@ class Pipeline:
             log.info("draft swapped to version %s", version)
 
     def _prepare(self, batch: list[Inbound]) -> Prepared:
+        """Admit the batch, topped up from the inbox while admission left room in the engine's batch (records
+        answered from storage or dead-lettered at admission need none), then decode."""
+        batching = self.settings.batching
+        admission = self._claim(self._admit_valid(batch))
+        size = self.settings.engine.max_batch_size
+        while len(admission.decode) < size and not self.stopping.is_set():
+            more = collect_batch(self.inbox, size - len(admission.decode), 0.0,
+                                 first_timeout_s=0.0, counts=_to_decode,
+                                 max_records=max(1, batching.queue_size - len(batch)))  # fmt: skip
+            more = [item for item in more if self.tracker.is_current(item.tp, item.epoch)]
+            if not more:
+                break
+            batch = batch + more
+            admission.extend(self._claim(self._admit_valid(more)))
         self.metrics.batch_size.observe(len(batch))
-        dead = [(item, item.error) for item in batch if item.error is not None]
-        valid = [item for item in batch if item.error is None]
-        admission = self._retry("decode", "record requests", "database", DATABASE_UNAVAILABLE,
-                                lambda: self.store.admit(valid))  # fmt: skip
         decoded, failed = self._decode(admission.decode)
+        dead = [(item, item.error) for item in batch if item.error is not None]
         return Prepared(batch, admission, decoded, dead + failed)
+
+    def _admit_valid(self, batch: list[Inbound]) -> Admission:
+        with self._in_flight_lock:
+            in_flight = set(self._in_flight)
+        return self._admit([item for item in batch if item.error is None], in_flight)
+
+    def _claim(self, admission: Admission) -> Admission:
+        """The ids admitted for decoding are in flight here until their batch is stored."""
+        with self._in_flight_lock:
+            self._in_flight.update(item.request.id for item in admission.decode)
+        return admission
+
+    def _admit(self, items: list[Inbound], in_flight: set[str]) -> Admission:
+        """Admit a batch; if the database refuses a record in it, admit one by one and dead-letter that one."""
+        try:
+            return self._with_database("decode", "record requests", lambda: self.store.admit(items, in_flight))
+        except RECORD_REFUSED as exc:
+            if len(items) == 1:
+                return Admission(rejected=[self._refused(items[0], "record the request", exc)])
+        admission = Admission()
+        for item in items:
+            decoding = {i.request.id for i in admission.decode}  # a copy later in the batch waits for the first
+            admission.extend(self._admit([item], in_flight | decoding))
+        return admission
+
+    @staticmethod
+    def _refused(item: Inbound, what: str, exc: BaseException) -> tuple[Inbound, InvalidMessage]:
+        """The dead letter of a record the database refused: without its id, which may be what was refused."""
+        request_id = item.request.id if item.request is not None else None
+        log.error("the database refused to %s for %s (id %r): %s", what, item.where, request_id, _short(exc))
+        return item, InvalidMessage("storage_error", f"the database refused to {what}: {_short(exc)}")
 
     def _decode(self, items: list[Inbound]) -> tuple[list[Decoded], list[tuple[Inbound, InvalidMessage]]]:
         """Decode a batch; if the engine fails on it, decode one by one and dead-letter the requests that fail."""
@@ -224,45 +301,131 @@ class Pipeline:
 
     def _finish(self, prepared: Prepared) -> None:
         admission, decoded = prepared.admission, prepared.decoded
-        store_started = time.monotonic()
-        messages = self._retry("sink", "store results", "database", DATABASE_UNAVAILABLE,
-                               lambda: self.store.save(decoded, prepared.dead))  # fmt: skip
-        self.metrics.store_seconds.observe(time.monotonic() - store_started)
-
         rejected = prepared.dead + admission.rejected
-        outbound = self._outbound(decoded, messages, admission.resend, rejected)
+        store_started = time.monotonic()
+        saved = self._save(decoded, rejected, admission.wait)
+        self.metrics.store_seconds.observe(time.monotonic() - store_started)
+        with self._in_flight_lock:  # stored: a copy admitted from now on finds the completion
+            self._in_flight.difference_update(item.request.id for item in admission.decode)
+
+        decoded = [d for d in decoded if (d.item.tp, d.item.offset) not in saved.refused]  # dead-lettered instead
+        rejected = rejected + saved.dead
+        resend = admission.resend + saved.answered
         produce_started = time.monotonic()
-        self._retry("sink", "produce", "kafka", (ProduceError,), lambda: self.publisher.send_all(outbound))
+        rejected += self._deliver(self._outgoing(decoded, saved, resend, rejected))  # + completions undeliverable
         self.metrics.produce_seconds.observe(time.monotonic() - produce_started)
 
+        # Only now, after the database commit and every ack (or a permanent failure, recorded): committable.
         for item in prepared.batch:
             self.tracker.done(item.tp, item.epoch, item.offset)
-        log_answered(decoded, admission.resend)
-        self._count(decoded, admission.resend, rejected)
+        log_answered(decoded, resend)
+        self._count(decoded, resend, rejected)
         tokens = sum(d.result.counters.emitted for d in decoded)
         elapsed = time.monotonic() - min(item.queued_at for item in prepared.batch)
         if tokens and elapsed > 0:
             self.metrics.e2e_tps.set(tokens / elapsed)
         log.debug("batch of %d: %d decoded, %d resent, %d rejected; store %.3f s, produce %.3f s",
-                  len(prepared.batch), len(decoded), len(admission.resend), len(rejected),
+                  len(prepared.batch), len(decoded), len(resend), len(rejected),
                   produce_started - store_started, time.monotonic() - produce_started)  # fmt: skip
 
-    def _outbound(self, decoded, messages, resend, rejected) -> list[OutboundRecord]:
+    def _save(self, decoded: list[Decoded], dead: list, waiting: list[Inbound]) -> Saved:
+        """Save a batch; if the database refuses a record in it, save one by one (see _save_one_by_one)."""
+        try:
+            return self._with_database("sink", "store results", lambda: self.store.save(decoded, dead, waiting))
+        except RECORD_REFUSED as exc:
+            log.warning("the database refused a batch of %d (%s); storing its records one by one",
+                        len(decoded) + len(dead) + len(waiting), _short(exc))  # fmt: skip
+            return self._save_one_by_one(decoded, dead, waiting)
+
+    def _save_one_by_one(self, decoded: list[Decoded], dead: list, waiting: list[Inbound]) -> Saved:
+        """A decoded or waiting record the database refuses is dead-lettered (storage_error; those dead letters
+        are saved last, and if even they are refused the database is broken for every record and the sink
+        fails). A refused dead letter still goes to the DLQ topic, with its own reason."""
+        saved, refused = Saved(), []
+        units = [(d.item, ([d], [], [])) for d in decoded] + [(w, ([], [], [w])) for w in waiting]
+        units += [(x[0], ([], [x], [])) for x in dead]
+        for item, unit in units:
+            try:
+                part = self._with_database("sink", "store results", lambda: self.store.save(*unit))
+            except RECORD_REFUSED as exc:
+                if unit[1]:
+                    log.error("the database refused the dead letter of %s: %s", item.where, _short(exc))
+                else:
+                    refused.append(self._refused(item, "store the result", exc))
+                continue
+            saved.messages.update(part.messages)
+            saved.answered += part.answered
+            saved.dead += part.dead
+        if refused:
+            self._with_database("sink", "record dead letters", lambda: self.store.record_dead_letters(refused))
+            saved.dead += refused
+            saved.refused = {(item.tp, item.offset) for item, _ in refused}
+        return saved
+
+    def _outgoing(self, decoded: list[Decoded], saved: Saved, resend, rejected) -> list[Outgoing]:
         """Completions as stored (another worker's message if it stored first), re-sends, dead letters."""
-        kafka = self.settings.kafka
-        records = [
-            completion_record(kafka.completions_topic, d.item.key, d.item.request.id,
-                              messages.get(d.item.request.id, d.message_json).encode(), False)  # fmt: skip
-            for d in decoded
-        ]
-        records += [completion_record(kafka.completions_topic, item.key, item.message.id, message.encode(), True)
-                    for item, message in resend]  # fmt: skip
-        records += [
-            dlq_record(kafka.dlq_topic, item.tp.topic, item.tp.partition, item.offset, item.key, item.value,
-                       error.code, error.reason, error.request_id)  # fmt: skip
-            for item, error in rejected
-        ]
+        topic = self.settings.kafka.completions_topic
+        records = []
+        for d in decoded:
+            request_id = d.item.request.id
+            message = saved.messages.get(request_id, d.message_json).encode()
+            records.append(Outgoing(completion_record(topic, d.item.key, request_id, message, False), d.item,
+                                    COMPLETION, request_id))  # fmt: skip
+        for item, message in resend:
+            records.append(Outgoing(completion_record(topic, item.key, item.request.id, message.encode(), True), item,
+                                    COMPLETION, item.request.id))  # fmt: skip
+        records += [self._dead_letter(item, error) for item, error in rejected]
         return records
+
+    def _dead_letter(self, item: Inbound, error: InvalidMessage) -> Outgoing:
+        kafka = self.settings.kafka
+        record = dlq_record(kafka.dlq_topic, item.tp.topic, item.tp.partition, item.offset, item.key, item.value,
+                            error.code, error.reason, error.request_id, kafka.max_request_size)  # fmt: skip
+        return Outgoing(record, item, DEAD_LETTER, error.request_id)
+
+    def _deliver(self, outgoing: list[Outgoing]) -> list[tuple[Inbound, InvalidMessage]]:
+        """Produce until every record is acknowledged or failed for good; only transient failures are retried.
+        Returns the dead letters of the completions that failed for good (produced here too)."""
+        backoff = _Backoff(self, "sink", "produce", "kafka")
+        pending, undeliverable = outgoing, []
+        while pending:
+            recreations = self.publisher.recreations
+            delivery = self.publisher.send_all([o.record for o in pending])
+            self.metrics.producer_recreated.inc(self.publisher.recreations - recreations)
+            retry, permanent = [], []
+            for failure in delivery.failures:
+                item = pending[failure.index]
+                if failure.kind == UNCLASSIFIED:
+                    item.unclassified_failures += 1
+                if failure.kind == PERMANENT or item.unclassified_failures >= UNCLASSIFIED_ATTEMPTS:
+                    permanent.append((item, failure.error))
+                else:
+                    retry.append((item, failure.error))
+            letters = self._undeliverable(permanent)
+            undeliverable += letters
+            if retry:
+                backoff.failed(retry[0][1])
+            pending = [item for item, _ in retry] + [self._dead_letter(item, error) for item, error in letters]
+        backoff.succeeded()
+        return undeliverable
+
+    def _undeliverable(self, failed: list[tuple[Outgoing, BaseException]]) -> list[tuple[Inbound, InvalidMessage]]:
+        """Records no retry can deliver: count and log each; dead-letter the requests whose completion it was
+        (recorded before their dead letter is produced); returns those dead letters."""
+        letters = []
+        for outgoing, error in failed:
+            self.totals.undeliverable += 1
+            self.metrics.undeliverable.labels(outgoing.role, type(error).__name__).inc()
+            if outgoing.role == DEAD_LETTER:
+                log.error("%s failed for good (%s); it stays recorded in the database only", outgoing.context,
+                          _short(error))  # fmt: skip
+                continue
+            log.error("%s failed for good (%s); dead-lettering the request", outgoing.context, _short(error))
+            reason = f"the completion could not be produced to {outgoing.record.topic}: {_short(error)}"
+            letters.append((outgoing.item, InvalidMessage("undeliverable", reason, outgoing.request_id)))
+        if letters:
+            self._with_database("sink", "record dead letters", lambda: self.store.record_dead_letters(letters))
+        return letters
 
     def _count(self, decoded, resend, rejected) -> None:
         t = self.totals
@@ -282,39 +445,62 @@ class Pipeline:
 
     # ------------------------------------------------------------------ retries
 
-    def _retry(self, stage: str, what: str, sink: str, transient: tuple, operation):
-        """Run operation until it succeeds; while it fails, consumption is paused and we back off."""
-        delay = self.settings.daemon.retry_initial_s
-        failures = 0
+    def _with_database(self, stage: str, what: str, operation):
+        """Run operation until it succeeds; while the database is unavailable, consumption is paused."""
+        backoff = _Backoff(self, stage, what, "database")
         while True:
             try:
                 result = operation()
-            except transient as exc:
-                self.beats[stage] = time.monotonic()
-                failures += 1
-                if sink == "database":
-                    self.totals.database_retries += 1
-                    self.metrics.database_up.set(0)
-                else:
-                    self.totals.produce_retries += 1
-                    self.metrics.producer_recreated.inc()
-                if self.health.failing(sink, _short(exc)):
-                    log.warning("%s unavailable during %s (%s); pausing consumption and retrying",
-                                sink, what, _short(exc))  # fmt: skip
-                    self.notifier.status(f"{sink} unavailable, retrying: {_short(exc)}")
-                else:
-                    log.info("%s still unavailable (%s), retry %d in %.1f s", sink, _short(exc), failures, delay)
-                if self.hard_stop.wait(delay):
-                    raise Abandoned() from exc
-                delay = min(delay * 2, self.settings.daemon.retry_max_s)
+            except DATABASE_UNAVAILABLE as exc:
+                backoff.failed(exc)
                 continue
-            if failures and self.health.recovered(sink):
-                log.info("%s available again after %d retries; resuming consumption", sink, failures)
-                if sink == "database":
-                    self.metrics.database_up.set(1)
+            backoff.succeeded()
             return result
+
+
+class _Backoff:
+    """The retry rhythm of one operation against one sink: pause consumption, back off doubling, log once per
+    outage (and each retry at INFO), resume when it works again. Raises Abandoned on a hard stop."""
+
+    def __init__(self, pipeline: Pipeline, stage: str, what: str, sink: str):
+        self.pipeline = pipeline
+        self.stage, self.what, self.sink = stage, what, sink
+        self.delay = pipeline.settings.daemon.retry_initial_s
+        self.failures = 0
+
+    def failed(self, exc: BaseException) -> None:
+        p = self.pipeline
+        p.beats[self.stage] = time.monotonic()
+        self.failures += 1
+        if self.sink == "database":
+            p.totals.database_retries += 1
+            p.metrics.database_up.set(0)
+        else:
+            p.totals.produce_retries += 1
+        if p.health.failing(self.sink, _short(exc)):
+            log.warning("%s unavailable during %s (%s); pausing consumption and retrying", self.sink, self.what,
+                        _short(exc))  # fmt: skip
+            p.notifier.status(f"{self.sink} unavailable, retrying: {_short(exc)}")
+        else:
+            log.info("%s still unavailable (%s), retry %d in %.1f s", self.sink, _short(exc), self.failures,
+                     self.delay)  # fmt: skip
+        if p.hard_stop.wait(self.delay):
+            raise Abandoned() from exc
+        self.delay = min(self.delay * 2, p.settings.daemon.retry_max_s)
+
+    def succeeded(self) -> None:
+        if self.failures and self.pipeline.health.recovered(self.sink):
+            log.info("%s available again after %d retries; resuming consumption", self.sink, self.failures)
+            if self.sink == "database":
+                self.pipeline.metrics.database_up.set(1)
+
+
+def _to_decode(item: Inbound) -> bool:
+    return item.error is None
 
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:200]}"
+    name = type(exc).__name__
+    text = text[len(name) + 1:].strip() if text.startswith(f"{name}:") else text  # kafka errors name themselves
+    return f"{name}: {text[:200]}"

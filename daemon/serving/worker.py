@@ -231,8 +231,9 @@ class Worker:
         log.info(
             "onlinespec stopped (%s, %s): %d decoded, %d resent, %d dead-lettered %s, %d tokens in %d batches, "
             "AvgLen %.2f, decode %.1f tok/s, %d left queued for redelivery, %d database retries, "
-            "%d produce retries, %d producer recreations, %d rebalances, uptime %.1f s",
+            "%d produce retries, %d producer recreations, %d undeliverable, %d stalls, %d rebalances, uptime %.1f s",
             self._stop_reason, outcome, t.decoded, t.resent, t.dead_lettered, dict(sorted(t.by_reason.items())),
             t.tokens, t.batches, avg_len, tps, self.inbox.qsize(), t.database_retries, t.produce_retries,
-            self.publisher.recreations, self.poller.rebalances, time.monotonic() - self._started_at,
+            self.publisher.recreations, t.undeliverable, self.poller.stalls.found, self.poller.rebalances,
+            time.monotonic() - self._started_at,
         )  # fmt: skip

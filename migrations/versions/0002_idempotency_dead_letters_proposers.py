@@ -7,8 +7,12 @@ Create Date: 2026-12-03
 - requests.request_hash: sha256 of the request as parsed (daemon.serving.messages.request_hash); the same id with
   another hash is a conflict, the same id with the same hash a client retry. NULL on rows written before.
 - requests.status loses 'failed' (never written: a request that cannot be decoded is dead-lettered).
+- requests (kafka_topic, kafka_partition, kafka_offset) is no longer unique: the id (with its hash) identifies a
+  request, and a re-created topic hands out offsets that earlier requests were received at. (A downgrade
+  re-creates the constraint and fails if such positions were recorded since.)
 - dead_letters: one row per dead-lettered record (also those without a usable id), its reason, coordinates and the
-  original value's size and sha256; the value itself only when limits.keep_dead_letter_values is on.
+  original value's size and sha256; the value itself only when limits.keep_dead_letter_values is on. Its
+  positions are indexed, not unique, for the same reason.
 - feedback.draft_sources: [n] uint8, who drafted each emitted position (pipelines.types.SOURCE_*); NULL on rows
   written before (their draft tokens all came from the draft model).
 - completions.by_proposer: raw counters per proposer ({"draft": {"rounds", "drafted", "accepted"}, ...}).
@@ -33,6 +37,7 @@ BIGINT_KEY = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 def upgrade() -> None:
     with op.batch_alter_table("requests") as batch:
         batch.add_column(sa.Column("request_hash", sa.String(length=64), nullable=True))
+        batch.drop_constraint(op.f("uq_requests_kafka_topic_kafka_partition_kafka_offset"), type_="unique")
         batch.drop_constraint(op.f("ck_requests_status"), type_="check")
         batch.create_check_constraint(
             op.f("ck_requests_status"), "status IN ('received', 'completed', 'dead_lettered')"
@@ -52,12 +57,9 @@ def upgrade() -> None:
         sa.Column("value", sa.LargeBinary(), nullable=True),
         sa.Column("created_at", UTC_DATETIME, nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_dead_letters")),
-        sa.UniqueConstraint(
-            "kafka_topic",
-            "kafka_partition",
-            "kafka_offset",
-            name=op.f("uq_dead_letters_kafka_topic_kafka_partition_kafka_offset"),
-        ),
+    )
+    op.create_index(
+        op.f("ix_dead_letters_kafka_topic"), "dead_letters", ["kafka_topic", "kafka_partition", "kafka_offset"]
     )
     op.create_index(op.f("ix_dead_letters_request_id"), "dead_letters", ["request_id"])
     op.create_index(op.f("ix_dead_letters_created_at"), "dead_letters", ["created_at"])
@@ -87,10 +89,15 @@ def downgrade() -> None:
         batch.drop_column("draft_sources")
     op.drop_index(op.f("ix_dead_letters_created_at"), table_name="dead_letters")
     op.drop_index(op.f("ix_dead_letters_request_id"), table_name="dead_letters")
+    op.drop_index(op.f("ix_dead_letters_kafka_topic"), table_name="dead_letters")
     op.drop_table("dead_letters")
     with op.batch_alter_table("requests") as batch:
         batch.drop_constraint(op.f("ck_requests_status"), type_="check")
         batch.create_check_constraint(
             op.f("ck_requests_status"), "status IN ('received', 'completed', 'failed', 'dead_lettered')"
+        )
+        batch.create_unique_constraint(
+            op.f("uq_requests_kafka_topic_kafka_partition_kafka_offset"),
+            ["kafka_topic", "kafka_partition", "kafka_offset"],
         )
         batch.drop_column("request_hash")
