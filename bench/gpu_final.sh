@@ -56,7 +56,7 @@ while [[ $# -gt 0 ]]; do
         python -m bench.daemon_load --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
           --dtype bfloat16 --prompts 192 --batch-size 8 --max-new-tokens 128 --max-seq-len 1024 --threads 4 \
           --prompt-file $files --chat --prompt-chars 3000 --proposers auto none --no-engine \
-          --out "$out/daemon-proposers/${stream// /+}.json" 2>&1 | grep "^run "
+          --out "$out/daemon-proposers/${stream// /_and_}.json" 2>&1 | grep "^run "
       done ;;
     suffix-cache)
       shift

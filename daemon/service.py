@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from daemon.config import Settings
-from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftFollower, DraftWeights
+from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftFollower, DraftWeights, cast_like
 from daemon.serving.metrics import DaemonMetrics
 from daemon.serving.ledger import BatchStore
 from daemon.serving.systemd import SystemdNotifier
@@ -89,7 +89,7 @@ def build_worker(settings: Settings, notifier: SystemdNotifier | None = None) ->
         follower = DraftFollower(session_factory, weights, target_identity=target_identity,
                                  deployment=settings.learning.deployment,
                                  interval_s=settings.learning.follow_interval_ms / 1000,
-                                 retry_s=settings.daemon.retry_max_s)  # fmt: skip
+                                 retry_s=settings.daemon.retry_max_s, prepare=cast_like(engine.draft))  # fmt: skip
         follower.sync(engine)
     log.info("target identity %s, draft version %s, max prompt tokens %d", target_identity, engine.draft_version,
              engine.max_prompt_tokens)  # fmt: skip

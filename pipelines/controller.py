@@ -1,7 +1,7 @@
 """The goodput controller behind `engine.proposer: auto`: per batch, the variant (proposer and k, target-only
 included) with the highest expected tokens per second.
 
-    goodput(v) = expected tokens per row and round of v / seconds per round of v at this batch bucket
+    goodput(v) = expected tokens per row and round of v * correction / seconds per round of v at this batch bucket
 
 Costs: on CUDA every (bucket, variant) is timed at warm-up (graph replays); then each follows the live seconds per
 round of the batches that ran it. A cost not measured yet (on CPU nothing is timed at warm-up: an eager round of a
@@ -16,6 +16,10 @@ target's parameters. One batch of the variant then replaces the estimate. Expect
     draft:k      1 + alpha + ... + alpha^k, with alpha the model's per-token acceptance (accepted / tested
                  positions of its rounds, per draft version, starting from a prior)
     hybrid:k     1 + E_m[max(suffix's mean accepted at m, the model's expected accepted)]
+
+correction: realized over expected tokens per row and round of the recent batches of v at this bucket (a batch
+runs until its slowest row finishes, so a variant whose gain varies from row to row gains less per batch than per
+row; measured on an H200, suffix drafts at batch 8 lost to target-only on two streams where they won at batch 1).
 
 A speculative variant must beat target-only by `margin`, so with no evidence, or with proposers that cost more
 than they return, the engine decodes target-only: speculation is never knowingly slower than no speculation.
@@ -66,6 +70,8 @@ class BatchObservation:
     model_accepted: int = 0
     model_full: int = 0  # of those, rounds in which all k drafted tokens were accepted
     suffix_hist: np.ndarray | None = None  # [J + 1, K + 1] rounds by (match length, accepted suffix tokens)
+    rows: int = 0  # requests in the batch
+    tokens: int = 0  # tokens they emitted after the prefill
 
 
 @dataclass
@@ -84,6 +90,7 @@ class GoodputController:
         self.draft_cost_ratio = draft_cost_ratio  # draft parameters / target parameters (the cost estimate)
         self._lock = threading.Lock()
         self._costs: dict[tuple[int, Variant], _Cost] = {}
+        self._corrections: dict[tuple[int, Variant], float] = {}  # realized / expected tokens per round
         self._suffix_hist: np.ndarray | None = None
         self._model: dict[str, _ModelEvidence] = {}
         self._batches: Counter[int] = Counter()
@@ -102,6 +109,7 @@ class GoodputController:
         with self._lock:
             self._suffix_hist = None
             self._model.clear()
+            self._corrections.clear()
             self._batches.clear()
             self._last_run.clear()
             self.choices.clear()
@@ -120,6 +128,7 @@ class GoodputController:
 
     def observe(self, obs: BatchObservation) -> None:
         with self._lock:
+            self._correct(obs)
             self._decay()
             if obs.rounds > 0 and obs.seconds:  # None: a batch that also ran shadow proposals (not a clean cost)
                 per_round = obs.seconds / obs.rounds
@@ -138,6 +147,21 @@ class GoodputController:
                 evidence.accepted += obs.model_accepted
                 # every round tests positions until the first rejection: accepted + 1, or k when all passed
                 evidence.tested += obs.model_accepted + (obs.model_rounds - obs.model_full)
+
+    def _correct(self, obs: BatchObservation) -> None:
+        """Tokens per row and round the batch really got against what was expected of its variant. A batch decodes
+        until its slowest row finishes, so rows that finish early idle: with suffix drafts, whose gain differs a lot
+        from row to row, a batch of 8 can take nearly as many rounds as target-only. The ratio (an average over
+        recent batches) scales the variant's expected tokens at this bucket."""
+        if not (obs.rows and obs.rounds and obs.tokens):
+            return
+        expected = self.expected_tokens(obs.variant, obs.draft_version)
+        ratio = min(2.0, max(0.1, obs.tokens / (obs.rows * obs.rounds) / expected))
+        key = (obs.bucket, obs.variant)
+        self._corrections[key] = self._corrections.get(key, 1.0) * 0.7 + 0.3 * ratio
+
+    def correction(self, bucket: int, variant: Variant) -> float:
+        return self._corrections.get((bucket, variant), 1.0)
 
     def _decay(self) -> None:
         factor = self.settings.decay
@@ -212,7 +236,8 @@ class GoodputController:
                 self.choices[TARGET_ONLY] += 1
                 self.last = _Choice(TARGET_ONLY)
                 return TARGET_ONLY
-            goodput = {v: self.expected_tokens(v, draft_version) / self.cost(bucket, v) for v in candidates}
+            goodput = {v: self.expected_tokens(v, draft_version) * self.correction(bucket, v) / self.cost(bucket, v)
+                       for v in candidates}  # fmt: skip
             baseline = goodput.get(TARGET_ONLY, 0.0)
             best = max(goodput, key=goodput.get)
             if best != TARGET_ONLY and goodput[best] < baseline * (1 + self.settings.margin):
@@ -236,7 +261,8 @@ class GoodputController:
                  and self._batches[bucket] - self._last_run.get((bucket, v), 0) >= every]  # fmt: skip
         if not stale:
             return None
-        hopeful = {v: self.expected_tokens(v, draft_version, optimistic=True) / self.cost(bucket, v) for v in stale}
+        hopeful = {v: self.expected_tokens(v, draft_version, optimistic=True) * self.correction(bucket, v)
+                   / self.cost(bucket, v) for v in stale}  # fmt: skip
         variant = max(hopeful, key=hopeful.get)
         return variant if hopeful[variant] >= best_goodput else None
 

@@ -253,6 +253,7 @@ class SpeculativeEngine:
             self.controller.observe(BatchObservation(
                 bucket, variant, rounds, decode_seconds, self.draft_version, model_rounds=int(counts[COUNT_ROUNDS]),
                 model_accepted=int(counts[COUNT_ACCEPTED]), model_full=int(counts[COUNT_FULL]), suffix_hist=hist,
+                rows=len(requests), tokens=sum(r.counters.emitted - 1 for r in results),
             ))  # fmt: skip
         if self.suffix is not None:
             self.suffix_cache.add([r.token_ids for r in results], [q.input_ids for q in requests])

@@ -113,3 +113,18 @@ def test_the_engine_decodes_target_only_when_speculation_is_made_expensive(engin
     engine.generate(requests)
     assert engine.last_variant.proposer in ("suffix", "draft", "hybrid")
     assert engine.controller.expected_tokens(Variant("suffix", 3)) > 2.0  # learned from shadow proposals
+
+
+def test_a_variant_whose_batches_gain_less_than_its_rows_is_corrected_by_what_batches_really_got():
+    """At batch 8 a batch runs until its slowest row finishes: suffix rounds that average 2 tokens per row can leave
+    the batch with barely more than target-only's tokens per row and round."""
+    ctl = controller()
+    ctl.observe(BatchObservation(8, SUFFIX, 10, 0.01, suffix_hist=suffix_hist(accepted_per_round=1)))  # 2 per round
+    price(ctl, 8, none=0.004, suffix=0.005, draft=1.0, hybrid=1.0)
+    assert ctl.choose(8) == SUFFIX  # 2 / 0.005 = 400 vs 250 tokens/s per row expected
+    for _ in range(8):  # batches of 8 rows, 120 rounds each (the slowest row), 1100 tokens: 1.15 per row and round
+        ctl.observe(BatchObservation(8, SUFFIX, 120, 0.6, rows=8, tokens=1100,
+                                     suffix_hist=suffix_hist(accepted_per_round=1, rounds=0)))  # fmt: skip
+    assert ctl.correction(8, SUFFIX) < 0.7
+    assert ctl.choose(8) == TARGET_ONLY
+    assert ctl.correction(1, SUFFIX) == 1.0  # batch size 1 is judged on its own

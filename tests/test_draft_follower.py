@@ -96,3 +96,43 @@ def test_a_database_outage_never_reaches_the_decode_thread(weights, caplog):
         clock.now += 10
         assert f.poll("v3") is None
     assert caplog.text.count("cannot follow the active draft") == 1  # logged once per outage
+
+
+class SlowWeights(DraftWeights):
+    """A checkpoint store that takes `delay_s` to read and verify a version (a large draft on a slow disk)."""
+
+    def __init__(self, *args, delay_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.delay_s = delay_s
+        self.loaded_on: list[str] = []
+
+    def load(self, checkpoint):
+        import threading
+        import time
+
+        self.loaded_on.append(threading.current_thread().name)
+        time.sleep(self.delay_s)
+        return super().load(checkpoint)
+
+
+def test_a_slow_load_happens_on_the_followers_thread_and_the_decode_thread_only_takes_the_result(database, tmp_path):
+    import time
+
+    weights = SlowWeights(tmp_path / "checkpoints", BASE, delay_s=1.0)
+    follower = DraftFollower(database, weights, target_identity=TARGET_IDENTITY, deployment="default",
+                             interval_s=0.05, prepare=lambda state: {k: v * 1 for k, v in state.items()})  # fmt: skip
+    follower.start(BASE_DRAFT_VERSION)
+    try:
+        add(database, weights, "v1", {"w": torch.ones(4)})
+        longest, swap, deadline = 0.0, None, time.monotonic() + 20
+        while swap is None and time.monotonic() < deadline:  # the decode thread's batch boundaries
+            started = time.monotonic()
+            swap = follower.take_ready()
+            longest = max(longest, time.monotonic() - started)
+            time.sleep(0.01)
+    finally:
+        follower.stop()
+    assert swap is not None and swap[1] == "v1" and torch.equal(swap[0]["w"], torch.ones(4))
+    assert weights.loaded_on == ["draft-follower"]  # read and verified off the decode thread
+    assert longest < 0.05, f"a batch boundary waited {longest:.3f} s for the 1 s load"
+    assert follower.take_ready() is None  # each move is handed over once

@@ -133,13 +133,13 @@ def test_a_chain_base_v1_v2_rolls_a_worse_v2_back_to_v1_and_serves_v1s_weights(s
     with session_factory.begin() as session:
         checkpoints_repo.set_active(session, v1_id, "scheduler", "round 1")
     assert follow(follower, engine) == "v1"
-    v1_live = live_avg_len(serve(engine, session_factory, stream(engine.tokenizer, 6, seed=90)))
+    v1_live = draft_round_avg_len(serve(engine, session_factory, stream(engine.tokenizer, 6, seed=90)))
     assert guard.check().action == "kept"  # v1 does as well as base: it stays, and has a live record now
 
     with session_factory.begin() as session:
         checkpoints_repo.set_active(session, v2_id, "scheduler", "round 2")
     assert follow(follower, engine) == "v2"
-    v2_live = live_avg_len(serve(engine, session_factory, stream(engine.tokenizer, 6, seed=91)))
+    v2_live = draft_round_avg_len(serve(engine, session_factory, stream(engine.tokenizer, 6, seed=91)))
     assert v2_live < v1_live * 0.95
     verdict = guard.check()
     assert verdict.action == "rolled_back" and f"{v1_live:.3f} for v1 (live over 6 requests)" in verdict.reason

@@ -75,7 +75,7 @@ def reference_acceptance(target_dir, draft_state: dict, request_id: str) -> dict
     (result,) = engine.generate([request])
     c = result.counters
     return {"drafted": c.drafted, "accepted": c.accepted, "target_forwards": c.target_forwards,
-            "mean_accepted_length": round(c.mean_accepted_length, 4)}  # fmt: skip
+            "mean_accepted_length": round(c.mean_accepted_length, 4), "by_proposer": c.by_proposer}  # fmt: skip
 
 
 def test_promote_and_rollback_reach_a_running_daemon_within_one_batch(tmp_path, daemon_processes, kafka_names,

@@ -10,10 +10,8 @@ import time
 
 import pytest
 
-import tests.test_daemon_worker as worker_tests
 from tests.daemon_fixtures import produce, prompt_records
-
-engine = worker_tests.engine  # the real engine on the tiny models, a module-scoped fixture shared with those tests
+from tests.worker_fixtures import RunningWorker, make_worker
 
 pytestmark = pytest.mark.kafka
 
@@ -47,9 +45,9 @@ def test_sigterm_is_logged_and_a_second_one_abandons_the_work_in_hand(
     kafka_names, sqlite_url, tiny_models, engine, caplog
 ):
     gated = GatedEngine(engine)
-    worker = worker_tests.make_worker(kafka_names, sqlite_url, tiny_models, gated, daemon={"shutdown_grace_s": 600.0})
+    worker = make_worker(kafka_names, sqlite_url, tiny_models, gated, daemon={"shutdown_grace_s": 600.0})
     with caplog.at_level(logging.INFO, logger="daemon.serving.worker"):
-        running = worker_tests.RunningWorker(worker)
+        running = RunningWorker(worker)
         try:
             with running:
                 produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(["g0", "g1"]))

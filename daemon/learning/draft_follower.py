@@ -16,6 +16,7 @@ row is stamped with the version that produced it (engine.draft_version).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -54,9 +55,39 @@ class DraftWeights:
         return self.store.get(checkpoint.sha256, expected_size=checkpoint.size_bytes)
 
 
+def cast_like(model):
+    """prepare() for DraftFollower: every tensor to the served draft's device and dtype, on a stream of its own on
+    CUDA so the copies do not queue between the decode thread's rounds."""
+
+    def prepare(state: dict) -> dict:
+        import torch
+
+        own = {name: tensor for name, tensor in model.state_dict().items()}
+        device = next(iter(own.values())).device
+        stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else _nothing():
+            prepared = {name: state[name].to(device=own[name].device, dtype=own[name].dtype) for name in own}
+        if stream is not None:
+            stream.synchronize()
+        return prepared
+
+    return prepare
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
 class DraftFollower:
+    """Reads the pointer and prepares the new version's weights; `start()` does that on a thread of its own, so
+    the decode thread only takes a ready swap (`take_ready`) and copies it into the served draft."""
+
     def __init__(self, session_factory, weights: DraftWeights, *, target_identity: str, deployment: str,
-                 interval_s: float, retry_s: float = 5.0, clock=time.monotonic):  # fmt: skip
+                 interval_s: float, retry_s: float = 5.0, clock=time.monotonic, prepare=None):  # fmt: skip
         self.session_factory = session_factory
         self.weights = weights
         self.target_identity = target_identity
@@ -67,6 +98,54 @@ class DraftFollower:
         self.generation: int | None = None  # None: not synchronised yet, the first poll always reads
         self._next_check = 0.0
         self._failing = False
+        # weights -> weights as the served draft holds them (its device and dtype): done before the decode thread
+        # sees them, so its swap is one in-place copy per tensor
+        self.prepare = prepare or (lambda state: state)
+        self._version = None  # what is served or staged: the background poll compares against it
+        self._ready: tuple[dict, str] | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, serving_version: str) -> None:
+        """Follow on a background thread from now on (after `sync` at start-up)."""
+        self._version = serving_version
+        self._thread = threading.Thread(target=self._follow, name="draft-follower", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def take_ready(self) -> tuple[dict, str] | None:
+        """The prepared (weights, version) to swap to, once; None when nothing changed. Never blocks."""
+        with self._lock:
+            ready, self._ready = self._ready, None
+        return ready
+
+    def _follow(self) -> None:
+        while not self._stop.wait(max(self.interval_s, 0.05)):
+            swap = self.poll(self._version)
+            if swap is None:
+                continue
+            weights, version = swap
+            started = time.monotonic()
+            try:
+                weights = self.prepare(weights)
+            except Exception as exc:
+                log.error("cannot prepare draft %s (still serving %s): %s: %s", version, self._version,
+                          type(exc).__name__, exc)  # fmt: skip
+                self.generation = None  # read the pointer again next time
+                continue
+            log.info("draft %s prepared in the background in %.2f s", version, time.monotonic() - started)
+            with self._lock:
+                self._ready = (weights, version)
+            self._version = version
 
     def poll(self, current_version: str) -> tuple[dict, str] | None:
         """(weights, version) to swap to when the active version changed since the last poll, else None.

@@ -57,6 +57,9 @@ class DaemonMetrics:
                                     registry=r)  # fmt: skip
         self.decode_seconds = Histogram("onlinespec_decode_seconds", "Engine time per batch",
                                         buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.draft_swap_seconds = Histogram("onlinespec_draft_swap_seconds", "Decode-thread time of a draft swap "
+                                            "(weights prepared in the background)", buckets=LATENCY_BUCKETS,
+                                            registry=r)  # fmt: skip
         self.store_seconds = Histogram("onlinespec_store_seconds", "Database transaction time per batch",
                                        buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.produce_seconds = Histogram("onlinespec_produce_seconds", "Produce-and-ack time per batch",

@@ -173,10 +173,12 @@ class Pipeline:
             self.decode_finished.set()
 
     def _follow_active_draft(self) -> None:
-        """A promotion or rollback anywhere in the deployment reaches this worker at its next batch boundary."""
+        """A promotion or rollback anywhere in the deployment reaches this worker at its next batch boundary. The
+        follower's thread reads, verifies and prepares the weights; here they are only taken (a running follower)
+        or, without one, polled for."""
         if self.follower is None:
             return
-        swap = self.follower.poll(self.engine.draft_version)
+        swap = self.follower.take_ready() if self.follower.running else self.follower.poll(self.engine.draft_version)
         if swap is not None:
             self.request_draft_swap(*swap)
 
@@ -185,8 +187,11 @@ class Pipeline:
             pending, self._pending_swap = self._pending_swap, None
         if pending is not None:
             weights, version = pending
+            started = time.monotonic()
             self.engine.swap_draft(weights, version)
-            log.info("draft swapped to version %s", version)
+            seconds = time.monotonic() - started
+            self.metrics.draft_swap_seconds.observe(seconds)
+            log.info("draft swapped to version %s (%.3f s on the decode thread)", version, seconds)
 
     def _prepare(self, batch: list[Inbound]) -> Prepared:
         """Admit the batch, topped up from the inbox while admission left room in the engine's batch (records

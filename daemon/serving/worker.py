@@ -95,6 +95,8 @@ class Worker:
             thread.start()
         if self.learning is not None:
             self.learning.start()
+        if self.pipeline.follower is not None:
+            self.pipeline.follower.start(self.engine.draft_version)  # weights prepared off the decode thread
         kafka = self.settings.kafka
         self.notifier.ready(f"consuming {kafka.prompts_topic}")
         log.info("serving %s -> %s (group %s, draft %s)", kafka.prompts_topic, kafka.completions_topic,
@@ -133,6 +135,8 @@ class Worker:
         if self._closed:
             return
         self._closed = True
+        if self.pipeline.follower is not None:
+            self.pipeline.follower.stop()
         self.poller.exit.set()
         for thread in self._threads:
             if thread.name == "poll":
