@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -57,11 +57,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=4, help="tiny target: layers (default 4)")
     parser.add_argument("--hidden", type=int, default=64, help="tiny target: hidden size (default 64)")
     parser.add_argument("--prompts", type=int, default=128, help="number of prompts (default 128)")
-    parser.add_argument("--prompt-file", nargs="+", default=[str(REPO / "bench/data/humaneval.jsonl")],
-                        help="one file: a homogeneous stream; several: their prompts interleaved")
+    parser.add_argument(
+        "--prompt-file",
+        nargs="+",
+        default=[str(REPO / "bench/data/humaneval.jsonl")],
+        help="one file: a homogeneous stream; several: their prompts interleaved",
+    )
     parser.add_argument("--chat", action="store_true", help="send prompts as chat `messages`")
-    parser.add_argument("--proposers", nargs="+", default=["auto"],
-                        help="engine.proposer of each daemon run, same stream (default: auto)")
+    parser.add_argument(
+        "--proposers",
+        nargs="+",
+        default=["auto"],
+        help="engine.proposer of each daemon run, same stream (default: auto)",
+    )
     parser.add_argument("--no-engine", action="store_true", help="skip the in-process engine baseline")
     parser.add_argument("--prompt-chars", type=int, default=300, help="truncate prompts to this many characters")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -72,16 +80,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
     parser.add_argument("--max-wait-ms", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads for engine and daemon alike (default 1: on a small shared machine "
-                             "spinning OpenMP threads of several processes slow each other down many times)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="alternate engine and daemon runs this many times; the ratio reported is the median")
-    parser.add_argument("--learning", action="store_true",
-                        help="run learning rounds in the daemon while it serves (needs --draft); report serving "
-                             "tokens/s during rounds against outside them")
-    parser.add_argument("--round-tokens", type=int, default=8000,
-                        help="--learning: a round starts once this many new feedback tokens arrived")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads for engine and daemon alike (default 1: on a small shared machine "
+        "spinning OpenMP threads of several processes slow each other down many times)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="alternate engine and daemon runs this many times; the ratio reported is the median",
+    )
+    parser.add_argument(
+        "--learning",
+        action="store_true",
+        help="run learning rounds in the daemon while it serves (needs --draft); report serving "
+        "tokens/s during rounds against outside them",
+    )
+    parser.add_argument(
+        "--round-tokens",
+        type=int,
+        default=8000,
+        help="--learning: a round starts once this many new feedback tokens arrived",
+    )
     parser.add_argument("--learner", default="online", help="--learning: learner name (default online)")
     parser.add_argument("--out", help="write the JSON result here too")
     args = parser.parse_args(argv)
@@ -97,8 +120,11 @@ def load_prompt_values(args) -> list[bytes]:
         lines = files[i % len(files)]
         prompt = lines[(i // len(files)) % len(lines)]["prompt"][: args.prompt_chars]
         text = {"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt}
-        values.append(json.dumps({"id": f"load-{i:05d}", **text, "max_new_tokens": args.max_new_tokens,
-                                  "temperature": 0}).encode())  # fmt: skip
+        values.append(
+            json.dumps(
+                {"id": f"load-{i:05d}", **text, "max_new_tokens": args.max_new_tokens, "temperature": 0}
+            ).encode()
+        )
     return values
 
 
@@ -110,8 +136,13 @@ def build_tiny_target(root: Path, layers: int, hidden: int) -> Path:
 
 def engine_section(args, proposer: str) -> dict:
     """The same engine settings for the engine run and the daemon's config."""
-    return {"proposer": proposer, "k": args.k, "max_seq_len": args.max_seq_len, "top_m": 16,
-            "max_batch_size": args.batch_size}
+    return {
+        "proposer": proposer,
+        "k": args.k,
+        "max_seq_len": args.max_seq_len,
+        "top_m": 16,
+        "max_batch_size": args.batch_size,
+    }
 
 
 def engine_rate(args, target: str, values: list[bytes], proposer: str) -> dict:
@@ -135,8 +166,12 @@ def engine_rate(args, target: str, values: list[bytes], proposer: str) -> dict:
     seconds = time.perf_counter() - started
     tokens = sum(r.counters.emitted for r in results)
     forwards = sum(r.counters.target_forwards for r in results)
-    return {"tokens": tokens, "seconds": round(seconds, 3), "tok_s": round(tokens / seconds, 1),
-            "avg_len": round(tokens / forwards, 3)}  # fmt: skip
+    return {
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tok_s": round(tokens / seconds, 1),
+        "avg_len": round(tokens / forwards, 3),
+    }
 
 
 def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer: str) -> dict:
@@ -155,25 +190,34 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer:
         metrics_port = free_port()
         upgrade_to_head(database_url)
         config = {
-            "kafka": {"bootstrap_servers": names.bootstrap, "prompts_topic": names.prompts,
-                      "completions_topic": names.completions, "dlq_topic": names.dlq, "group_id": names.group,
-                      "session_timeout_ms": 2000, "heartbeat_interval_ms": 500},
+            "kafka": {
+                "bootstrap_servers": names.bootstrap,
+                "prompts_topic": names.prompts,
+                "completions_topic": names.completions,
+                "dlq_topic": names.dlq,
+                "group_id": names.group,
+                "session_timeout_ms": 2000,
+                "heartbeat_interval_ms": 500,
+            },
             "database": {"url": database_url},
             "models": {"target": target, "draft": args.draft, "device": args.device, "dtype": args.dtype},
             "engine": engine_section(args, proposer),
-            "batching": {"max_wait_ms": args.max_wait_ms,
-                         "queue_size": max(64, 4 * args.batch_size)},
+            "batching": {"max_wait_ms": args.max_wait_ms, "queue_size": max(64, 4 * args.batch_size)},
             "limits": {"max_new_tokens": args.max_new_tokens, "default_max_new_tokens": args.max_new_tokens},
             "daemon": {"metrics_port": metrics_port, "metrics_host": "127.0.0.1", "log_level": "INFO"},
-        }  # fmt: skip
+        }
         if args.learning:
             config["learning"] = learning_config(args, workdir)
         config_path = workdir / "config.yaml"
         config_path.write_text(yaml.safe_dump(config))
         log_path = workdir / "daemon.log"
         with open(log_path, "wb") as log:
-            daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "serve", "--config", str(config_path)],
-                                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config_path)],
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         _wait_for(log_path, "partitions assigned", daemon, timeout=600)
 
         reader = KafkaConsumer(bootstrap_servers=names.bootstrap, enable_auto_commit=False)
@@ -207,9 +251,16 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer:
         daemon.terminate()
         daemon.wait(120)
         summary = [line for line in log_path.read_text().splitlines() if "onlinespec stopped" in line]
-        result = {"tokens": tokens, "completions": received, "dead_lettered": rejected, "seconds": round(seconds, 3),
-                  "tok_s": round(tokens / seconds, 1), "daemon_exit": daemon.returncode, "stages": stages,
-                  "summary": summary[-1].split(": ", 1)[-1] if summary else None}  # fmt: skip
+        result = {
+            "tokens": tokens,
+            "completions": received,
+            "dead_lettered": rejected,
+            "seconds": round(seconds, 3),
+            "tok_s": round(tokens / seconds, 1),
+            "daemon_exit": daemon.returncode,
+            "stages": stages,
+            "summary": summary[-1].split(": ", 1)[-1] if summary else None,
+        }
         if args.learning:
             result["learning"] = serving_during_rounds(config_path, arrivals, stream_started)
         return result
@@ -221,16 +272,40 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer:
 
 def learning_config(args, workdir: Path) -> dict:
     """Rounds as often as the stream allows: small windows, a short trigger check, no interval rounds."""
-    return {"enabled": True, "learner": {"name": args.learner}, "interval_s": 86_400, "check_interval_s": 1.0,
-            "min_new_tokens": args.round_tokens, "window_max_rows": 256, "heldout_rows": 16,
-            "min_heldout_tokens": 500, "checkpoint_dir": str(workdir / "checkpoints")}  # fmt: skip
+    return {
+        "enabled": True,
+        "learner": {"name": args.learner},
+        "interval_s": 86_400,
+        "check_interval_s": 1.0,
+        "min_new_tokens": args.round_tokens,
+        "window_max_rows": 256,
+        "heldout_rows": 16,
+        "min_heldout_tokens": 500,
+        "checkpoint_dir": str(workdir / "checkpoints"),
+    }
 
 
 def serving_during_rounds(config_path: Path, arrivals: list[tuple[float, int]], stream_started: float) -> dict:
     """Per finished round: completion tokens/s the consumer saw while it ran vs outside every round (wall clock,
     from the first prompt to the last completion), and the daemon's own decode tokens/s during and between."""
-    listing = subprocess.run([sys.executable, "-m", "daemon.cli", "rounds", "list", "--json", "--limit", "1000",
-                              "--config", str(config_path)], cwd=REPO, capture_output=True, text=True, check=True)
+    listing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "rounds",
+            "list",
+            "--json",
+            "--limit",
+            "1000",
+            "--config",
+            str(config_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rounds = sorted(json.loads(listing.stdout)["rounds"], key=lambda r: r["id"])
     stream_ended = arrivals[-1][0] if arrivals else stream_started
     spans, per_round = [], []
@@ -245,19 +320,30 @@ def serving_during_rounds(config_path: Path, arrivals: list[tuple[float, int]], 
         spans.append((start, end))
         inside = sum(n for t, n in arrivals if start <= t <= end)
         serving = entry["candidate_metrics"].get("serving") or entry["active_metrics"].get("serving") or {}
-        per_round.append({"id": entry["id"], "decision": entry["decision"], "seconds": round(end - start, 2),
-                          "completion_tok_s": round(inside / (end - start), 1),
-                          "candidate_avg_len": entry["candidate_avg_len"], "active_avg_len": entry["active_avg_len"],
-                          "decode_tps_during": serving.get("decode_tps_during"),
-                          "decode_tps_between": serving.get("decode_tps_between"),
-                          "error": entry["error"]})  # fmt: skip
+        per_round.append(
+            {
+                "id": entry["id"],
+                "decision": entry["decision"],
+                "seconds": round(end - start, 2),
+                "completion_tok_s": round(inside / (end - start), 1),
+                "candidate_avg_len": entry["candidate_avg_len"],
+                "active_avg_len": entry["active_avg_len"],
+                "decode_tps_during": serving.get("decode_tps_during"),
+                "decode_tps_between": serving.get("decode_tps_between"),
+                "error": entry["error"],
+            }
+        )
     in_rounds = sum(end - start for start, end in spans)
     outside = (stream_ended - stream_started) - in_rounds
     tokens_in = sum(n for t, n in arrivals if any(a <= t <= b for a, b in spans))
     tokens_out = sum(n for _, n in arrivals) - tokens_in
-    return {"rounds": per_round, "seconds_in_rounds": round(in_rounds, 2), "seconds_outside": round(outside, 2),
-            "completion_tok_s_in_rounds": round(tokens_in / in_rounds, 1) if in_rounds > 0 else None,
-            "completion_tok_s_outside": round(tokens_out / outside, 1) if outside > 0 else None}  # fmt: skip
+    return {
+        "rounds": per_round,
+        "seconds_in_rounds": round(in_rounds, 2),
+        "seconds_outside": round(outside, 2),
+        "completion_tok_s_in_rounds": round(tokens_in / in_rounds, 1) if in_rounds > 0 else None,
+        "completion_tok_s_outside": round(tokens_out / outside, 1) if outside > 0 else None,
+    }
 
 
 def scrape_stages(port: int) -> dict:
@@ -282,8 +368,12 @@ def scrape_variants(port: int) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {s.labels["variant"]: int(s.value) for f in text_string_to_metric_families(text) for s in f.samples
-            if s.name == "onlinespec_variant_batches_total"}  # fmt: skip
+    return {
+        s.labels["variant"]: int(s.value)
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "onlinespec_variant_batches_total"
+    }
 
 
 def _wait_for(path: Path, text: str, process, timeout: float) -> None:
@@ -307,8 +397,14 @@ def _sync(device: str) -> None:
 def machine() -> dict:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -336,26 +432,38 @@ def main(argv=None) -> int:
                 rundir.mkdir()
                 daemon = daemon_rate(args, target, values, rundir, proposer)
                 ratio = round(daemon["tok_s"] / engine["tok_s"], 3) if engine else None
-                print(f"run {rep + 1}/{args.repeat} {proposer}: engine {engine and engine['tok_s']} tok/s, daemon "
-                      f"{daemon['tok_s']} tok/s, ratio {ratio}, variants {daemon['stages']['variants']}",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"run {rep + 1}/{args.repeat} {proposer}: engine {engine and engine['tok_s']} tok/s, daemon "
+                    f"{daemon['tok_s']} tok/s, ratio {ratio}, variants {daemon['stages']['variants']}",
+                    file=sys.stderr,
+                )
                 runs.append({"proposer": proposer, "engine": engine, "daemon": daemon, "ratio": ratio})
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
-        "setup": {"target": args.target or f"tiny random Qwen2 ({args.layers} layers, hidden {args.hidden})",
-                  "draft": args.draft, "device": args.device, "prompts": args.prompts,
-                  "prompt_chars": args.prompt_chars, "max_new_tokens": args.max_new_tokens,
-                  "batch_size": args.batch_size, "k": args.k, "proposers": args.proposers,
-                  "prompt_files": [Path(f).name for f in args.prompt_file], "chat": args.chat, "threads": args.threads,
-                  "learning": args.learning and {"learner": args.learner, "round_tokens": args.round_tokens},
-                  "database": "sqlite" if not args.database_url else args.database_url.split(":")[0]},
+        "setup": {
+            "target": args.target or f"tiny random Qwen2 ({args.layers} layers, hidden {args.hidden})",
+            "draft": args.draft,
+            "device": args.device,
+            "prompts": args.prompts,
+            "prompt_chars": args.prompt_chars,
+            "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size,
+            "k": args.k,
+            "proposers": args.proposers,
+            "prompt_files": [Path(f).name for f in args.prompt_file],
+            "chat": args.chat,
+            "threads": args.threads,
+            "learning": args.learning and {"learner": args.learner, "round_tokens": args.round_tokens},
+            "database": "sqlite" if not args.database_url else args.database_url.split(":")[0],
+        },
         "runs": runs,
         "median_ratio": None if args.learning or args.no_engine else statistics.median(run["ratio"] for run in runs),
-        "daemon_tok_s_by_proposer": {p: [r["daemon"]["tok_s"] for r in runs if r["proposer"] == p]
-                                     for p in args.proposers},  # fmt: skip
+        "daemon_tok_s_by_proposer": {
+            p: [r["daemon"]["tok_s"] for r in runs if r["proposer"] == p] for p in args.proposers
+        },
         "command": "python -m bench.daemon_load " + " ".join(sys.argv[1:] if argv is None else argv),
-    }  # fmt: skip
+    }
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -105,9 +105,16 @@ def random_llama8b(device: str):
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
     config = LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-        eos_token_id=128001, bos_token_id=128000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        eos_token_id=128001,
+        bos_token_id=128000,
     )
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=ATTENTION_NAME)
@@ -133,7 +140,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    rows, report = [], {"args": vars(args), "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    rows, report = (
+        [],
+        {"args": vars(args), "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"},
+    )
     settings = lambda k, batch: EngineSettings(  # noqa: E731  (runs on the target's device; k 0 = target-only)
         proposer="draft" if k else "none", k=k, max_batch_size=batch, max_seq_len=args.max_seq_len, compile=args.compile
     )
@@ -145,8 +155,12 @@ def main() -> None:
         weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
         bandwidth = copy_bandwidth(args.device)
         floor_ms = weight_bytes / bandwidth * 1e3
-        report["llama8b"] = {"weight_bytes": weight_bytes, "copy_bandwidth_Bps": bandwidth, "floor_ms": floor_ms,
-                             "init_seconds": time.perf_counter() - started}
+        report["llama8b"] = {
+            "weight_bytes": weight_bytes,
+            "copy_bandwidth_Bps": bandwidth,
+            "floor_ms": floor_ms,
+            "init_seconds": time.perf_counter() - started,
+        }
         prompts = [torch.randint(0, 128000, (128,)).tolist() for _ in range(max(args.n, 1))]
         hf = time_hf(target, prompts[:1], args.max_new_tokens, args.device)
         rows.append(("HF generate (8B random)", 1, hf["tok_s"], None))
@@ -154,8 +168,13 @@ def main() -> None:
         ours = time_ours(engine, prompts[:2], args.max_new_tokens, 1, args.device)
         rows.append(("ours target-only (8B random)", 1, ours["tok_s"], ours["avg_len"]))
         rows.append((f"bandwidth floor ({floor_ms:.2f} ms/fwd)", 1, 1e3 / floor_ms, None))
-        report["llama8b"].update(hf_tok_s=hf["tok_s"], ours_tok_s=ours["tok_s"], floor_tok_s=1e3 / floor_ms,
-                                 fraction_of_floor=ours["tok_s"] * floor_ms / 1e3, peak_gib=peak_memory_gib(args.device))
+        report["llama8b"].update(
+            hf_tok_s=hf["tok_s"],
+            ours_tok_s=ours["tok_s"],
+            floor_tok_s=1e3 / floor_ms,
+            fraction_of_floor=ours["tok_s"] * floor_ms / 1e3,
+            peak_gib=peak_memory_gib(args.device),
+        )
         del engine, target
         torch.cuda.empty_cache()
     if args.target:

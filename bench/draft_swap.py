@@ -57,11 +57,18 @@ def main(argv=None) -> None:
                 torch.cuda.synchronize()
             decode.append(time.perf_counter() - started)
     report = {
-        "draft": args.draft, "dtype": str(next(model.parameters()).dtype), "device": args.device,
-        "parameters": sum(p.numel() for p in model.parameters()), "file_bytes": stored.size_bytes,
-        "load_model_s": load_s, "background_s": statistics.median(background), "decode_thread_s": statistics.median(decode),
-        "repeats": args.repeats, "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
-    }  # fmt: skip
+        "draft": args.draft,
+        "dtype": str(next(model.parameters()).dtype),
+        "device": args.device,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "file_bytes": stored.size_bytes,
+        "load_model_s": load_s,
+        "background_s": statistics.median(background),
+        "decode_thread_s": statistics.median(decode),
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))

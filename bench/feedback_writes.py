@@ -68,14 +68,31 @@ def synthetic_result(request_id: str, prompt_tokens: int, tokens: int, topk: int
     draft_tokens = np.where(kinds == KIND_BONUS, NO_DRAFT_TOKEN, token_ids).astype(np.int32)
     logprobs = np.sort(-rng.exponential(2.0, (tokens, topk)), axis=1)[:, ::-1].astype(np.float16)
     feedback = RequestFeedback(
-        prompt_ids=rng.integers(0, VOCAB, prompt_tokens, dtype=np.int32), token_ids=token_ids, kinds=kinds,
-        draft_tokens=draft_tokens, target_topk_ids=rng.integers(0, VOCAB, (tokens, topk), dtype=np.int32),
-        target_topk_logprobs=logprobs, draft_version="bench-v1",
-    )  # fmt: skip
-    counters = RequestCounters(draft_steps=forwards, drafted=drafted, accepted=accepted, target_forwards=forwards,
-                               emitted=tokens, accepted_at_position=[0] * K)  # fmt: skip
-    return GenerationResult(id=request_id, token_ids=token_ids.tolist(), text="x" * (4 * tokens),
-                            finish_reason="length", counters=counters, feedback=feedback, seconds=1.0)  # fmt: skip
+        prompt_ids=rng.integers(0, VOCAB, prompt_tokens, dtype=np.int32),
+        token_ids=token_ids,
+        kinds=kinds,
+        draft_tokens=draft_tokens,
+        target_topk_ids=rng.integers(0, VOCAB, (tokens, topk), dtype=np.int32),
+        target_topk_logprobs=logprobs,
+        draft_version="bench-v1",
+    )
+    counters = RequestCounters(
+        draft_steps=forwards,
+        drafted=drafted,
+        accepted=accepted,
+        target_forwards=forwards,
+        emitted=tokens,
+        accepted_at_position=[0] * K,
+    )
+    return GenerationResult(
+        id=request_id,
+        token_ids=token_ids.tolist(),
+        text="x" * (4 * tokens),
+        finish_reason="length",
+        counters=counters,
+        feedback=feedback,
+        seconds=1.0,
+    )
 
 
 def database_bytes(engine) -> dict[str, int]:
@@ -105,8 +122,9 @@ def make_items(run: str, offsets: range, prompt_tokens: int, tokens: int, topk: 
 
 def write_batches(session_factory, batches, topic) -> None:
     for batch in batches:
-        received = [ReceivedRequest(item.result.id, topic, 0, offset, {"max_new_tokens": 128}, 64)
-                    for offset, item in batch]  # fmt: skip
+        received = [
+            ReceivedRequest(item.result.id, topic, 0, offset, {"max_new_tokens": 128}, 64) for offset, item in batch
+        ]
         with session_factory.begin() as session:
             admitted = record_requests_received(session, received)
             find_completions(session, [rid for rid, (_, new) in admitted.requests.items() if not new])
@@ -159,8 +177,11 @@ def main() -> int:
     tokens = args.requests * args.tokens
     report = {
         "database": masked(url).split("://")[0],
-        "requests": args.requests, "tokens_per_request": args.tokens, "topk": args.topk,
-        "prompt_tokens": args.prompt_tokens, "batch_size": args.batch_size,
+        "requests": args.requests,
+        "tokens_per_request": args.tokens,
+        "topk": args.topk,
+        "prompt_tokens": args.prompt_tokens,
+        "batch_size": args.batch_size,
         "write_seconds": round(write_seconds, 2),
         "requests_per_s": round(args.requests / write_seconds, 1),
         "rows_per_s": round(3 * args.requests / write_seconds, 1),
@@ -172,7 +193,7 @@ def main() -> int:
         "read_rows": read_rows,
         "read_rows_per_s": round(read_rows / read_seconds, 1),
         "read_tokens_per_s": round(read_rows * args.tokens / read_seconds),
-    }  # fmt: skip
+    }
     for key, value in report.items():
         print(f"{key:32s} {value}")
     if args.out:

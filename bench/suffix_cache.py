@@ -38,11 +38,14 @@ def corpus_tokens(tokenizer, needed: int) -> np.ndarray:
     return np.concatenate(pieces)
 
 
-def time_proposals(proposer: SuffixProposer, text: np.ndarray, batch: int, context: int, k: int, device,
-                   repeats: int) -> float:  # fmt: skip
+def time_proposals(
+    proposer: SuffixProposer, text: np.ndarray, batch: int, context: int, k: int, device, repeats: int
+) -> float:
     """Median seconds of one propose() for `batch` rows holding `context` tokens of already-cached text."""
     capacity = 2048
-    cache = PositionalKVCache([torch.zeros(1, 1, capacity, 1, device=device)], [torch.zeros(1, 1, capacity, 1, device=device)])
+    cache = PositionalKVCache(
+        [torch.zeros(1, 1, capacity, 1, device=device)], [torch.zeros(1, 1, capacity, 1, device=device)]
+    )
     state = DecodeState.allocate(batch, cache.rows(1), 4, torch.device(device))
     rng = np.random.default_rng(0)
     for row in range(batch):
@@ -72,9 +75,13 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared small machine spinning OpenMP threads of "
-                             "several processes slow tiny ops down by orders of magnitude)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared small machine spinning OpenMP threads of "
+        "several processes slow tiny ops down by orders of magnitude)",
+    )
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -96,15 +103,23 @@ def main(argv=None) -> None:
     proposer = SuffixProposer(cache, args.k)
     cached_tokens = min(cache.total, settings.cache_tokens)
     report = {
-        "completions": count, "tokens_per_completion": piece, "ring_tokens_written": cache.total,
-        "cached_tokens": cached_tokens, "bytes": cache.nbytes, "bytes_per_cached_token": cache.nbytes / cached_tokens,
-        "insert_s": insert_s, "insert_us_per_completion": insert_s / count * 1e6, "device": args.device,
-        "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+        "completions": count,
+        "tokens_per_completion": piece,
+        "ring_tokens_written": cache.total,
+        "cached_tokens": cached_tokens,
+        "bytes": cache.nbytes,
+        "bytes_per_cached_token": cache.nbytes / cached_tokens,
+        "insert_s": insert_s,
+        "insert_us_per_completion": insert_s / count * 1e6,
+        "device": args.device,
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d"),
         "settings": settings.model_dump(),
-    }  # fmt: skip
+    }
     for batch in (1, 8):
-        seconds, drafted, match = time_proposals(proposer, text[: count * piece], batch, 512, args.k, args.device,
-                                                 args.repeats)  # fmt: skip
+        seconds, drafted, match = time_proposals(
+            proposer, text[: count * piece], batch, 512, args.k, args.device, args.repeats
+        )
         report[f"propose_ms_b{batch}"] = seconds * 1e3
         report[f"mean_drafted_b{batch}"] = drafted
         report[f"mean_match_b{batch}"] = match

@@ -10,8 +10,9 @@ the database password and the Kafka SASL/SSL passwords are read from the environ
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -59,7 +60,7 @@ class KafkaSettings(_Section):
     ssl_check_hostname: bool = True
 
     @model_validator(mode="after")
-    def _heartbeat_below_session(self) -> "KafkaSettings":
+    def _heartbeat_below_session(self) -> KafkaSettings:
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError(
                 f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be at most a third of "
@@ -135,7 +136,7 @@ class LimitSettings(_Section):
     keep_dead_letter_values: bool = False  # the whole value of every dead letter in dead_letters.value
 
     @model_validator(mode="after")
-    def _default_within_limit(self) -> "LimitSettings":
+    def _default_within_limit(self) -> LimitSettings:
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must be <= max_new_tokens")
         return self
@@ -152,7 +153,7 @@ class DaemonSettings(_Section):
     stall_after_s: float = Field(30.0, gt=0, le=3600)  # committed offset still while records wait: a stall
 
     @model_validator(mode="after")
-    def _backoff_order(self) -> "DaemonSettings":
+    def _backoff_order(self) -> DaemonSettings:
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_max_s must be >= retry_initial_s")
         return self
@@ -191,7 +192,7 @@ class LearningSettings(_Section):
         return None if value is None else check_device(value)
 
     @model_validator(mode="after")
-    def _heldout_fits_the_window(self) -> "LearningSettings":
+    def _heldout_fits_the_window(self) -> LearningSettings:
         if self.heldout_rows >= self.window_max_rows:
             raise ValueError(
                 f"heldout_rows ({self.heldout_rows}) must be below window_max_rows ({self.window_max_rows}): "
@@ -211,7 +212,7 @@ class Settings(_Section):
     learning: LearningSettings = LearningSettings()
 
     @model_validator(mode="after")
-    def _prompt_limit_fits(self) -> "Settings":
+    def _prompt_limit_fits(self) -> Settings:
         if self.limits.max_new_tokens >= self.engine.max_seq_len:
             raise ValueError("limits.max_new_tokens must be below engine.max_seq_len")
         return self
@@ -309,8 +310,8 @@ def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> None
         from sqlalchemy.engine import make_url
 
         url = database.get("url", DatabaseSettings().url.get_secret_value())
-        database["url"] = make_url(url).set(password=environ[ENV_DATABASE_PASSWORD]).render_as_string(
-            hide_password=False
+        database["url"] = (
+            make_url(url).set(password=environ[ENV_DATABASE_PASSWORD]).render_as_string(hide_password=False)
         )
     kafka = data.setdefault("kafka", {})
     if environ.get(ENV_KAFKA_SASL_PASSWORD):

@@ -8,8 +8,8 @@ import logging
 
 from daemon.config import Settings
 from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftFollower, DraftWeights, cast_like
-from daemon.serving.metrics import DaemonMetrics
 from daemon.serving.ledger import BatchStore
+from daemon.serving.metrics import DaemonMetrics
 from daemon.serving.systemd import SystemdNotifier
 from daemon.serving.worker import Worker
 
@@ -81,24 +81,36 @@ def build_worker(settings: Settings, notifier: SystemdNotifier | None = None) ->
         raise StartupError("learning.enabled needs a draft model (models.draft or --draft)", exit_code=2)
     notifier.status("loading models")
     engine, tokenizer, target_identity = build_engine(settings)
-    store = BatchStore(session_factory, target_identity=target_identity,
-                       keep_dead_letter_values=settings.limits.keep_dead_letter_values)  # fmt: skip
+    store = BatchStore(
+        session_factory,
+        target_identity=target_identity,
+        keep_dead_letter_values=settings.limits.keep_dead_letter_values,
+    )
     follower = weights = None
     if engine.draft is not None:
         weights = DraftWeights.of_draft(engine.draft, settings.learning.checkpoint_dir)
-        follower = DraftFollower(session_factory, weights, target_identity=target_identity,
-                                 deployment=settings.learning.deployment,
-                                 interval_s=settings.learning.follow_interval_ms / 1000,
-                                 retry_s=settings.daemon.retry_max_s, prepare=cast_like(engine.draft))  # fmt: skip
+        follower = DraftFollower(
+            session_factory,
+            weights,
+            target_identity=target_identity,
+            deployment=settings.learning.deployment,
+            interval_s=settings.learning.follow_interval_ms / 1000,
+            retry_s=settings.daemon.retry_max_s,
+            prepare=cast_like(engine.draft),
+        )
         follower.sync(engine)
-    log.info("target identity %s, draft version %s, max prompt tokens %d", target_identity, engine.draft_version,
-             engine.max_prompt_tokens)  # fmt: skip
+    log.info(
+        "target identity %s, draft version %s, max prompt tokens %d",
+        target_identity,
+        engine.draft_version,
+        engine.max_prompt_tokens,
+    )
     warm_start_suffix_cache(engine, session_factory, target_identity)
-    worker = Worker(settings, engine, tokenizer, store, metrics=DaemonMetrics(), notifier=notifier,
-                    follower=follower)  # fmt: skip
+    worker = Worker(settings, engine, tokenizer, store, metrics=DaemonMetrics(), notifier=notifier, follower=follower)
     if engine.draft is not None:
-        worker.learning = build_learning(settings, db_engine, session_factory, engine.draft, weights,
-                                         target_identity, worker.serving_counters)  # fmt: skip
+        worker.learning = build_learning(
+            settings, db_engine, session_factory, engine.draft, weights, target_identity, worker.serving_counters
+        )
     return worker
 
 
@@ -113,15 +125,21 @@ def warm_start_suffix_cache(engine, session_factory, target_identity: str) -> No
         return
     started = time.monotonic()
     with session_factory() as session:
-        streams = recent_streams(session, target_identity=target_identity,
-                                 max_tokens=engine.settings.suffix.cache_tokens // 2)  # fmt: skip
+        streams = recent_streams(
+            session, target_identity=target_identity, max_tokens=engine.settings.suffix.cache_tokens // 2
+        )
     written = engine.add_to_stream([emitted for _, emitted in streams], [prompt for prompt, _ in streams])
-    log.info("suffix proposer: %d stored completions (%d ring tokens) loaded in %.1f s", len(streams), written,
-             time.monotonic() - started)  # fmt: skip
+    log.info(
+        "suffix proposer: %d stored completions (%d ring tokens) loaded in %.1f s",
+        len(streams),
+        written,
+        time.monotonic() - started,
+    )
 
 
-def build_learning(settings: Settings, db_engine, session_factory, draft, weights: DraftWeights,
-                   target_identity: str, serving_counters):  # fmt: skip
+def build_learning(
+    settings: Settings, db_engine, session_factory, draft, weights: DraftWeights, target_identity: str, serving_counters
+):
     """The learning scheduler: rounds when learning.enabled, the live guard when live_guard.enabled; else None."""
     from daemon.learning.learner_lock import LearnerLock
     from daemon.learning.live_guard import LiveGuard
@@ -134,11 +152,13 @@ def build_learning(settings: Settings, db_engine, session_factory, draft, weight
         import pipelines.learners  # noqa: F401  imported now, not in the first round
 
         lock = LearnerLock(db_engine, learning.deployment)
-        runner = RoundRunner(settings, session_factory, weights, draft, target_identity=target_identity,
-                             serving=serving_counters)  # fmt: skip
+        runner = RoundRunner(
+            settings, session_factory, weights, draft, target_identity=target_identity, serving=serving_counters
+        )
     if learning.live_guard.enabled:
         guard = LiveGuard(learning.live_guard, session_factory, deployment=learning.deployment)
     if runner is None and guard is None:
         return None
-    return LearningScheduler(settings, session_factory, target_identity=target_identity, lock=lock, runner=runner,
-                             guard=guard)  # fmt: skip
+    return LearningScheduler(
+        settings, session_factory, target_identity=target_identity, lock=lock, runner=runner, guard=guard
+    )

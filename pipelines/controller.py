@@ -236,8 +236,10 @@ class GoodputController:
                 self.choices[TARGET_ONLY] += 1
                 self.last = _Choice(TARGET_ONLY)
                 return TARGET_ONLY
-            goodput = {v: self.expected_tokens(v, draft_version) * self.correction(bucket, v) / self.cost(bucket, v)
-                       for v in candidates}  # fmt: skip
+            goodput = {
+                v: self.expected_tokens(v, draft_version) * self.correction(bucket, v) / self.cost(bucket, v)
+                for v in candidates
+            }
             baseline = goodput.get(TARGET_ONLY, 0.0)
             best = max(goodput, key=goodput.get)
             if best != TARGET_ONLY and goodput[best] < baseline * (1 + self.settings.margin):
@@ -252,17 +254,25 @@ class GoodputController:
             self.last = _Choice(best, goodput, explored)
             return best
 
-    def _exploration(self, bucket: int, candidates: list[Variant], best_goodput: float,
-                     draft_version: str | None) -> Variant | None:  # fmt: skip
+    def _exploration(
+        self, bucket: int, candidates: list[Variant], best_goodput: float, draft_version: str | None
+    ) -> Variant | None:
         every = self.settings.explore_every
         if not every or self._batches[bucket] % every:
             return None
-        stale = [v for v in candidates if v.uses_draft_model
-                 and self._batches[bucket] - self._last_run.get((bucket, v), 0) >= every]  # fmt: skip
+        stale = [
+            v
+            for v in candidates
+            if v.uses_draft_model and self._batches[bucket] - self._last_run.get((bucket, v), 0) >= every
+        ]
         if not stale:
             return None
-        hopeful = {v: self.expected_tokens(v, draft_version, optimistic=True) * self.correction(bucket, v)
-                   / self.cost(bucket, v) for v in stale}  # fmt: skip
+        hopeful = {
+            v: self.expected_tokens(v, draft_version, optimistic=True)
+            * self.correction(bucket, v)
+            / self.cost(bucket, v)
+            for v in stale
+        }
         variant = max(hopeful, key=hopeful.get)
         return variant if hopeful[variant] >= best_goodput else None
 
@@ -272,12 +282,15 @@ class GoodputController:
             last = self.last
             return {
                 "choices": {str(v): n for v, n in sorted(self.choices.items())},
-                "last": None if last is None else {
-                    "variant": str(last.variant), "explored": last.explored,
+                "last": None
+                if last is None
+                else {
+                    "variant": str(last.variant),
+                    "explored": last.explored,
                     "goodput": {str(v): g for v, g in sorted(last.goodput.items())},
                 },
                 "costs_ms": {f"{b}/{v}": round(c.seconds * 1e3, 3) for (b, v), c in sorted(self._costs.items())},
-            }  # fmt: skip
+            }
 
 
 def _geometric_accepted(alpha: float, k: int) -> float:

@@ -92,8 +92,9 @@ class SpeculativeEngine:
         self.suffix = None
         if suffix_k:
             self.suffix_cache = suffix_cache or SuffixCache(settings.suffix, self.device)
-            self.suffix = SuffixProposer(self.suffix_cache, suffix_k,
-                                         compile=settings.suffix.compile and self.device.type == "cuda")
+            self.suffix = SuffixProposer(
+                self.suffix_cache, suffix_k, compile=settings.suffix.compile and self.device.type == "cuda"
+            )
         hybrid = None
         if any(v.proposer == "hybrid" for v in self.variants):
             hybrid = HybridProposer(self.suffix, self.draft_proposer)
@@ -102,10 +103,16 @@ class SpeculativeEngine:
             ratio = _parameters(draft) / _parameters(target) if draft is not None else 0.0
             self.controller = GoodputController(settings.auto, self.variants, draft_cost_ratio=ratio)
         self._models = RoundModels(
-            target_forward=decoder_forward(target, self._compile), lm_head=target.get_output_embeddings(),
-            eos_ids=self.eos_ids, top_m=settings.top_m, max_k=self.max_k, draft=self.draft_proposer,
-            suffix=self.suffix, hybrid=hybrid, shadow_k=suffix_k,
-        )  # fmt: skip
+            target_forward=decoder_forward(target, self._compile),
+            lm_head=target.get_output_embeddings(),
+            eos_ids=self.eos_ids,
+            top_m=settings.top_m,
+            max_k=self.max_k,
+            draft=self.draft_proposer,
+            suffix=self.suffix,
+            hybrid=hybrid,
+            shadow_k=suffix_k,
+        )
         # Prefill runs eagerly: its width is the batch's longest prompt, and a compiled forward would recompile
         # for every new prompt length.
         self._prefill_forward = decoder_forward(target)
@@ -149,8 +156,12 @@ class SpeculativeEngine:
         if self.controller is not None and self.device.type == "cuda":
             for size in self._states:
                 self._profile(size)
-            log.info("timed %d variants x %d batch buckets: %s", len(self.variants), len(self._states),
-                     self.controller.snapshot()["costs_ms"])  # fmt: skip
+            log.info(
+                "timed %d variants x %d batch buckets: %s",
+                len(self.variants),
+                len(self._states),
+                self.controller.snapshot()["costs_ms"],
+            )
 
     def swap_draft(self, weights: PreTrainedModel | dict[str, torch.Tensor], version: str) -> None:
         """Load new draft weights in place (captured graphs keep pointing at the same parameters)."""
@@ -207,8 +218,9 @@ class SpeculativeEngine:
             rounds = self._decode(state, variant, greedy_only, requests, shadow)
             decode_seconds = time.perf_counter() - decode_started
         eos = set(self.eos_ids.tolist())
-        results = collect(state, requests, self.tokenizer, eos, variant.k, self.draft_version,
-                          time.perf_counter() - started)  # fmt: skip
+        results = collect(
+            state, requests, self.tokenizer, eos, variant.k, self.draft_version, time.perf_counter() - started
+        )
         self._learn(state, requests, bucket, variant, rounds, None if shadow else decode_seconds, results)
         return results
 
@@ -228,9 +240,14 @@ class SpeculativeEngine:
         """One line whenever auto changes its choice for a batch size: what it now runs and why."""
         choice = self.controller.last
         ranked = sorted(choice.goodput.items(), key=lambda item: -item[1])[:4]
-        log.info("proposer auto, batch %d: %s -> %s%s; expected tokens/s per row: %s", bucket,
-                 self._last_choice.get(bucket, "start"), variant, " (exploring)" if choice.explored else "",
-                 ", ".join(f"{v} {g:.0f}" for v, g in ranked) or "none measured yet")  # fmt: skip
+        log.info(
+            "proposer auto, batch %d: %s -> %s%s; expected tokens/s per row: %s",
+            bucket,
+            self._last_choice.get(bucket, "start"),
+            variant,
+            " (exploring)" if choice.explored else "",
+            ", ".join(f"{v} {g:.0f}" for v, g in ranked) or "none measured yet",
+        )
 
     def _share_expectations(self) -> None:
         """What the hybrid's per-row choice compares, from the controller's evidence (written between batches)."""
@@ -250,11 +267,21 @@ class SpeculativeEngine:
             if self.suffix is not None:
                 hist = self.suffix.hist.cpu().numpy().copy()  # on CPU .cpu() is the tensor itself
                 self.suffix.hist.zero_()
-            self.controller.observe(BatchObservation(
-                bucket, variant, rounds, decode_seconds, self.draft_version, model_rounds=int(counts[COUNT_ROUNDS]),
-                model_accepted=int(counts[COUNT_ACCEPTED]), model_full=int(counts[COUNT_FULL]), suffix_hist=hist,
-                rows=len(requests), tokens=sum(r.counters.emitted - 1 for r in results),
-            ))  # fmt: skip
+            self.controller.observe(
+                BatchObservation(
+                    bucket,
+                    variant,
+                    rounds,
+                    decode_seconds,
+                    self.draft_version,
+                    model_rounds=int(counts[COUNT_ROUNDS]),
+                    model_accepted=int(counts[COUNT_ACCEPTED]),
+                    model_full=int(counts[COUNT_FULL]),
+                    suffix_hist=hist,
+                    rows=len(requests),
+                    tokens=sum(r.counters.emitted - 1 for r in results),
+                )
+            )
         if self.suffix is not None:
             self.suffix_cache.add([r.token_ids for r in results], [q.input_ids for q in requests])
 
@@ -346,9 +373,15 @@ class SpeculativeEngine:
         first = sampling.sample(probs, state.seed, prompt_lengths[:, None], sampling.STREAM_RESIDUAL)  # [B, 1]
         topk = torch.log_softmax(logits, dim=-1).topk(self.settings.top_m, dim=-1)
         state.lengths.copy_(prompt_lengths - 1)  # record() writes the token after `lengths`: position P
-        state.record(first, state.active[:, None], torch.full_like(first, KIND_BONUS),
-                     torch.full_like(first, NO_DRAFT_TOKEN), torch.full_like(first, SOURCE_NONE), topk.indices,
-                     topk.values)  # fmt: skip
+        state.record(
+            first,
+            state.active[:, None],
+            torch.full_like(first, KIND_BONUS),
+            torch.full_like(first, NO_DRAFT_TOKEN),
+            torch.full_like(first, SOURCE_NONE),
+            topk.indices,
+            topk.values,
+        )
         state.generated.copy_(state.active.long())
         state.lengths.copy_(prompt_lengths)
         state.current.copy_(first[:, 0])

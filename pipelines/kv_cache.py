@@ -25,7 +25,7 @@ class PositionalKVCache:
         self.positions: torch.Tensor | None = None  # [B, T] int64, set before each forward
 
     @classmethod
-    def allocate(cls, model: PreTrainedModel, batch_size: int, max_seq_len: int) -> "PositionalKVCache":
+    def allocate(cls, model: PreTrainedModel, batch_size: int, max_seq_len: int) -> PositionalKVCache:
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = config.num_key_value_heads
@@ -39,7 +39,7 @@ class PositionalKVCache:
     def max_seq_len(self) -> int:
         return self.keys[0].shape[2]
 
-    def rows(self, batch_size: int) -> "PositionalKVCache":
+    def rows(self, batch_size: int) -> PositionalKVCache:
         """A view of the first `batch_size` rows sharing this cache's memory."""
         return PositionalKVCache([k[:batch_size] for k in self.keys], [v[:batch_size] for v in self.values])
 
@@ -74,7 +74,7 @@ def decoder_forward(model: PreTrainedModel, compile: bool = False):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         run_decoder = torch.compile(run_decoder, fullgraph=True, dynamic=False)
 
-    def forward(tokens: torch.Tensor, positions: torch.Tensor, cache: "PositionalKVCache") -> torch.Tensor:
+    def forward(tokens: torch.Tensor, positions: torch.Tensor, cache: PositionalKVCache) -> torch.Tensor:
         cache.positions = positions
         return run_decoder(tokens, positions, attention_mask(positions, cache.max_seq_len), cache)
 

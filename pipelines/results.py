@@ -18,14 +18,30 @@ from pipelines.types import (
 )
 
 
-def collect(state: DecodeState, requests: list[GenerationRequest], tokenizer, eos_ids: set[int], k: int,
-            draft_version: str, elapsed: float) -> list[GenerationResult]:  # fmt: skip
+def collect(
+    state: DecodeState,
+    requests: list[GenerationRequest],
+    tokenizer,
+    eos_ids: set[int],
+    k: int,
+    draft_version: str,
+    elapsed: float,
+) -> list[GenerationResult]:
     rows = len(requests)
     generated = state.generated[:rows].cpu().numpy()
     width = max(int(generated.max()), 1)
-    host = {name: getattr(state, name)[:rows, :width].cpu().numpy() for name in
-            ("out_tokens", "out_kinds", "out_draft_tokens", "out_sources", "out_step_slot", "out_topk_ids",
-             "out_topk_logprobs")}  # fmt: skip
+    host = {
+        name: getattr(state, name)[:rows, :width].cpu().numpy()
+        for name in (
+            "out_tokens",
+            "out_kinds",
+            "out_draft_tokens",
+            "out_sources",
+            "out_step_slot",
+            "out_topk_ids",
+            "out_topk_logprobs",
+        )
+    }
     forwards = state.target_forwards[:rows].cpu().numpy()
     drafted = state.drafted[:rows].cpu().numpy()
     draft_steps = state.draft_steps[:rows].cpu().numpy()
@@ -43,8 +59,11 @@ def collect(state: DecodeState, requests: list[GenerationRequest], tokenizer, eo
             emitted=keep,
             accepted_at_position=[int(((kinds == KIND_ACCEPTED) & (slots == j)).sum()) for j in range(k)],
             by_proposer={
-                SOURCE_NAMES[source]: {"rounds": int(c[COUNT_ROUNDS]), "drafted": int(c[COUNT_DRAFTED]),
-                                       "accepted": int(c[COUNT_ACCEPTED])}  # fmt: skip
+                SOURCE_NAMES[source]: {
+                    "rounds": int(c[COUNT_ROUNDS]),
+                    "drafted": int(c[COUNT_DRAFTED]),
+                    "accepted": int(c[COUNT_ACCEPTED]),
+                }
                 for source, c in enumerate(by_source[row])
                 if c[COUNT_ROUNDS]
             },

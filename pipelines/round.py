@@ -23,7 +23,7 @@ from pipelines import sampling
 from pipelines.decode_state import COUNT_ACCEPTED, COUNT_DRAFTED, COUNT_FULL, COUNT_ROUNDS, NUM_SOURCES, DecodeState
 from pipelines.proposers import Variant, empty_proposal
 from pipelines.types import KIND_ACCEPTED, KIND_BONUS, KIND_RECOVERED, NO_DRAFT_TOKEN, SOURCE_NONE
-from pipelines.verify import drafted_slots, verify_greedy, verify_sampled
+from pipelines.verify import verify_greedy, verify_sampled
 
 
 @dataclass
@@ -41,8 +41,9 @@ class RoundModels:
     shadow_k: int = 0  # k of the suffix shadow proposals (rounds with shadow=True)
 
 
-def run_round(models: RoundModels, state: DecodeState, variant: Variant, greedy_only: bool,
-              shadow: bool = False) -> None:  # fmt: skip
+def run_round(
+    models: RoundModels, state: DecodeState, variant: Variant, greedy_only: bool, shadow: bool = False
+) -> None:
     k = variant.k
     lengths, active = state.lengths, state.active
     steps = torch.arange(k + 1, device=lengths.device)

@@ -32,13 +32,12 @@ class SuffixSettings(BaseModel):
     compile: bool = True  # torch.compile the matching on CUDA (a few fused kernels instead of ~60)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SuffixSettings":
+    def _consistent(self) -> SuffixSettings:
         if self.table_buckets & (self.table_buckets - 1):
             raise ValueError(f"table_buckets must be a power of two, got {self.table_buckets}")
         if self.min_match > self.max_match:
             raise ValueError(f"min_match ({self.min_match}) must not exceed max_match ({self.max_match})")
         return self
-
 
 
 class ControllerSettings(BaseModel):
@@ -64,7 +63,6 @@ class ControllerSettings(BaseModel):
         return tuple(sorted(set(value)))
 
 
-
 class EngineSettings(BaseModel):
     """The engine section of config.yaml (daemon.config embeds it as `engine`)."""
 
@@ -81,12 +79,11 @@ class EngineSettings(BaseModel):
     auto: ControllerSettings = ControllerSettings()
 
     @model_validator(mode="after")
-    def _room_for_a_round(self) -> "EngineSettings":
+    def _room_for_a_round(self) -> EngineSettings:
         most = max(self.k, *self.auto.k_choices) if self.proposer == "auto" else self.k
         if self.max_seq_len < most + 8:
             raise ValueError(f"max_seq_len {self.max_seq_len} is too small for k = {most}")
         return self
-
 
 
 class LearnerSettings(BaseModel):

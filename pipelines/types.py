@@ -90,7 +90,7 @@ class RequestCounters:
     def mean_accepted_length(self) -> float:
         return self.emitted / self.target_forwards if self.target_forwards else 0.0
 
-    def add(self, other: "RequestCounters") -> None:
+    def add(self, other: RequestCounters) -> None:
         self.draft_steps += other.draft_steps
         self.drafted += other.drafted
         self.accepted += other.accepted

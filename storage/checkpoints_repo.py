@@ -286,22 +286,53 @@ def live_counters_by_version(
     model = Completion.by_proposer["draft"]
     rounds = case((old_row, Completion.draft_steps), else_=func.coalesce(model["rounds"].as_integer(), 0))
     accepted = case((old_row, Completion.accepted), else_=func.coalesce(model["accepted"].as_integer(), 0))
-    columns = [Completion.drafted, Completion.accepted, Completion.target_forwards, Completion.emitted, rounds,
-               accepted]  # fmt: skip
+    columns = [
+        Completion.drafted,
+        Completion.accepted,
+        Completion.target_forwards,
+        Completion.emitted,
+        rounds,
+        accepted,
+    ]
     query = (
-        select(Completion.draft_version, func.count(), func.coalesce(func.sum(case((rounds > 0, 1), else_=0)), 0),
-               *(func.coalesce(func.sum(c), 0) for c in columns))  # fmt: skip
+        select(
+            Completion.draft_version,
+            func.count(),
+            func.coalesce(func.sum(case((rounds > 0, 1), else_=0)), 0),
+            *(func.coalesce(func.sum(c), 0) for c in columns),
+        )
         .where(Completion.draft_version.in_(set(versions)))
         .group_by(Completion.draft_version)
     )
     if since is not None:
         query = query.where(Completion.created_at >= since)
     counters = {version: LiveCounters(0, 0, 0, 0, 0) for version in versions}
-    for version, requests, model_requests, drafted, accepted_all, forwards, emitted, model_rounds, model_accepted in (
-        session.execute(query)
-    ):
-        counters[version] = LiveCounters(*(int(v) for v in (requests, drafted, accepted_all, forwards, emitted,
-                                                            model_requests, model_rounds, model_accepted)))  # fmt: skip
+    for (
+        version,
+        requests,
+        model_requests,
+        drafted,
+        accepted_all,
+        forwards,
+        emitted,
+        model_rounds,
+        model_accepted,
+    ) in session.execute(query):
+        counters[version] = LiveCounters(
+            *(
+                int(v)
+                for v in (
+                    requests,
+                    drafted,
+                    accepted_all,
+                    forwards,
+                    emitted,
+                    model_requests,
+                    model_rounds,
+                    model_accepted,
+                )
+            )
+        )
     return counters
 
 

@@ -49,22 +49,31 @@ def record_dead_letters(
     offsets = {letter.offset for letter in letters}
     topics = {letter.topic for letter in letters}
     key = (DeadLetter.kafka_topic, DeadLetter.kafka_partition, DeadLetter.kafka_offset, DeadLetter.value_sha256)
-    recorded = set(session.execute(
-        select(*key).where(DeadLetter.kafka_topic.in_(topics), DeadLetter.kafka_offset.in_(offsets))
-    ).tuples())  # fmt: skip
+    recorded = set(
+        session.execute(
+            select(*key).where(DeadLetter.kafka_topic.in_(topics), DeadLetter.kafka_offset.in_(offsets))
+        ).tuples()
+    )
     now = created_at or utcnow()
     new = []
     for letter in letters:
         if letter.key() in recorded:
             continue
         recorded.add(letter.key())
-        new.append(dict(
-            request_id=letter.request_id, kafka_topic=letter.topic, kafka_partition=letter.partition,
-            kafka_offset=letter.offset, reason_code=letter.reason_code,
-            reason=storable_text(letter.reason[:MAX_REASON_CHARS]),
-            value_size=None if letter.value is None else len(letter.value), value_sha256=letter.value_sha256,
-            value=letter.value if keep_values else None, created_at=now,
-        ))  # fmt: skip
+        new.append(
+            dict(
+                request_id=letter.request_id,
+                kafka_topic=letter.topic,
+                kafka_partition=letter.partition,
+                kafka_offset=letter.offset,
+                reason_code=letter.reason_code,
+                reason=storable_text(letter.reason[:MAX_REASON_CHARS]),
+                value_size=None if letter.value is None else len(letter.value),
+                value_sha256=letter.value_sha256,
+                value=letter.value if keep_values else None,
+                created_at=now,
+            )
+        )
     if new:
         session.execute(DeadLetter.__table__.insert(), new)  # Core: one multi-row INSERT, no ORM bookkeeping
     return len(new)

@@ -125,14 +125,18 @@ def prune_feedback(
 
 def _record(row: Feedback) -> FeedbackRecord:
     counters = RequestCounters(
-        draft_steps=row.draft_steps, drafted=row.drafted, accepted=row.accepted,
-        target_forwards=row.target_forwards, emitted=row.emitted,
-    )  # fmt: skip
+        draft_steps=row.draft_steps,
+        drafted=row.drafted,
+        accepted=row.accepted,
+        target_forwards=row.target_forwards,
+        emitted=row.emitted,
+    )
     return FeedbackRecord(row.id, row.request_id, row.created_at, row.target_identity, unpack_feedback(row), counters)
 
 
-def recent_streams(session: Session, *, target_identity: str, max_tokens: int,
-                   batch_rows: int = 1_000) -> list[tuple[list[int], list[int]]]:  # fmt: skip
+def recent_streams(
+    session: Session, *, target_identity: str, max_tokens: int, batch_rows: int = 1_000
+) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, emitted ids) of the newest feedback rows of this target, oldest first, as many as hold
     `max_tokens` emitted tokens: what the suffix proposer's stream cache is rebuilt from at start. Reads only the
     two token columns, newest first, `batch_rows` at a time."""

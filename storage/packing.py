@@ -90,8 +90,9 @@ def pack_feedback(feedback: RequestFeedback) -> PackedFeedback:
         if np.shape(feedback.draft_sources) != (n,):
             raise ValueError(f"feedback.draft_sources: shape {np.shape(feedback.draft_sources)}, expected ({n},)")
         sources = pack_array(feedback.draft_sources, SOURCES_DTYPE, "feedback.draft_sources")
-    return PackedFeedback(prompt_len=prompt_len, n_tokens=n, top_m=m, draft_version=feedback.draft_version,
-                          draft_sources=sources, **blobs)  # fmt: skip
+    return PackedFeedback(
+        prompt_len=prompt_len, n_tokens=n, top_m=m, draft_version=feedback.draft_version, draft_sources=sources, **blobs
+    )
 
 
 def unpack_feedback(row) -> RequestFeedback:

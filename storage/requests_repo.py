@@ -102,12 +102,18 @@ def record_requests_received(
     now = received_at or utcnow()
     rows = [
         dict(
-            request_id=r.request_id, kafka_topic=r.topic, kafka_partition=r.partition, kafka_offset=r.offset,
-            status=RequestStatus.RECEIVED.value, received_at=now, prompt_tokens=r.prompt_tokens, params=r.params,
+            request_id=r.request_id,
+            kafka_topic=r.topic,
+            kafka_partition=r.partition,
+            kafka_offset=r.offset,
+            status=RequestStatus.RECEIVED.value,
+            received_at=now,
+            prompt_tokens=r.prompt_tokens,
+            params=r.params,
             request_hash=r.request_hash,
         )
         for r in sorted(received, key=_request_id)
-    ]  # fmt: skip
+    ]
     insert = dialect_insert(session, Request).on_conflict_do_nothing().returning(Request.request_id)
     inserted = set(session.scalars(insert, rows))
     ids = {r.request_id for r in received}
@@ -131,13 +137,18 @@ def readmit_dead_lettered(session: Session, received: ReceivedRequest, *, receiv
         update(Request)
         .where(Request.request_id == received.request_id, Request.status == RequestStatus.DEAD_LETTERED.value)
         .values(
-            status=RequestStatus.RECEIVED.value, error=None, kafka_topic=received.topic,
-            kafka_partition=received.partition, kafka_offset=received.offset, params=received.params,
-            prompt_tokens=received.prompt_tokens, request_hash=received.request_hash,
+            status=RequestStatus.RECEIVED.value,
+            error=None,
+            kafka_topic=received.topic,
+            kafka_partition=received.partition,
+            kafka_offset=received.offset,
+            params=received.params,
+            prompt_tokens=received.prompt_tokens,
+            request_hash=received.request_hash,
             received_at=received_at or utcnow(),
         )
         .execution_options(synchronize_session="fetch")
-    )  # fmt: skip
+    )
     return result.rowcount == 1
 
 
@@ -194,24 +205,38 @@ def store_results(
 def _completion_row(item: CompletedRequest, now: datetime) -> dict[str, Any]:
     result, counters = item.result, item.result.counters
     return dict(
-        request_id=result.id, text=storable_text(result.text), token_ids=pack_token_ids(result.token_ids),
-        finish_reason=result.finish_reason, draft_version=result.feedback.draft_version,
-        draft_steps=counters.draft_steps, drafted=counters.drafted, accepted=counters.accepted,
-        target_forwards=counters.target_forwards, emitted=counters.emitted,
-        accepted_at_position=list(counters.accepted_at_position), decode_seconds=float(result.seconds),
-        timings=dict(item.timings), message_json=item.message_json, by_proposer=counters.by_proposer or None,
+        request_id=result.id,
+        text=storable_text(result.text),
+        token_ids=pack_token_ids(result.token_ids),
+        finish_reason=result.finish_reason,
+        draft_version=result.feedback.draft_version,
+        draft_steps=counters.draft_steps,
+        drafted=counters.drafted,
+        accepted=counters.accepted,
+        target_forwards=counters.target_forwards,
+        emitted=counters.emitted,
+        accepted_at_position=list(counters.accepted_at_position),
+        decode_seconds=float(result.seconds),
+        timings=dict(item.timings),
+        message_json=item.message_json,
+        by_proposer=counters.by_proposer or None,
         created_at=now,
-    )  # fmt: skip
+    )
 
 
 def _feedback_row(result: GenerationResult, target_identity: str, now: datetime) -> dict[str, Any]:
     counters = result.counters
     return dict(
-        request_id=result.id, target_identity=target_identity, created_at=now,
-        draft_steps=counters.draft_steps, drafted=counters.drafted, accepted=counters.accepted,
-        target_forwards=counters.target_forwards, emitted=counters.emitted,
+        request_id=result.id,
+        target_identity=target_identity,
+        created_at=now,
+        draft_steps=counters.draft_steps,
+        drafted=counters.drafted,
+        accepted=counters.accepted,
+        target_forwards=counters.target_forwards,
+        emitted=counters.emitted,
         **pack_feedback(result.feedback).columns(),
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -253,23 +278,37 @@ def mark_requests_dead_lettered(session: Session, letters: Sequence[DeadLettered
     for letter in letters:
         first_of_id.setdefault(letter.request_id, letter)
     rows = [
-        dict(request_id=l.request_id, kafka_topic=l.topic, kafka_partition=l.partition, kafka_offset=l.offset,
-             status=RequestStatus.DEAD_LETTERED.value, received_at=now, prompt_tokens=None, params={},
-             error=storable_text(l.reason))
-        for l in sorted(first_of_id.values(), key=lambda l: l.request_id)
-    ]  # fmt: skip
+        dict(
+            request_id=letter.request_id,
+            kafka_topic=letter.topic,
+            kafka_partition=letter.partition,
+            kafka_offset=letter.offset,
+            status=RequestStatus.DEAD_LETTERED.value,
+            received_at=now,
+            prompt_tokens=None,
+            params={},
+            error=storable_text(letter.reason),
+        )
+        for letter in sorted(first_of_id.values(), key=lambda letter: letter.request_id)
+    ]
     insert = dialect_insert(session, Request).on_conflict_do_nothing().returning(Request.request_id)
     inserted = set(session.scalars(insert, rows))
-    known = [l for l in letters if l.request_id not in inserted]
+    known = [letter for letter in letters if letter.request_id not in inserted]
     if not known:
         return
-    stored = {row.request_id: row for row in session.scalars(
-        select(Request).where(Request.request_id.in_({l.request_id for l in known}))
-    )}  # fmt: skip
+    stored = {
+        row.request_id: row
+        for row in session.scalars(
+            select(Request).where(Request.request_id.in_({letter.request_id for letter in known}))
+        )
+    }
     for letter in known:
         row = stored[letter.request_id]
         same_record = (row.kafka_topic, row.kafka_partition, row.kafka_offset) == (
-            letter.topic, letter.partition, letter.offset)  # fmt: skip
+            letter.topic,
+            letter.partition,
+            letter.offset,
+        )
         if same_record and row.status != RequestStatus.COMPLETED:
             row.status = RequestStatus.DEAD_LETTERED.value
             row.error = storable_text(letter.reason)

@@ -34,9 +34,13 @@ def start_round(
     The row is inserted before the window is measured so that, once committed, a concurrent prune either
     finished first (the window covers what is left) or sees the reservation."""
     round_ = LearningRound(
-        deployment=deployment, learner=learner, settings=settings, target_identity=target_identity,
-        window_rows=0, started_at=started_at or utcnow(),
-    )  # fmt: skip
+        deployment=deployment,
+        learner=learner,
+        settings=settings,
+        target_identity=target_identity,
+        window_rows=0,
+        started_at=started_at or utcnow(),
+    )
     session.add(round_)
     session.flush()
     ids = select(Feedback.id).where(Feedback.target_identity == target_identity).order_by(Feedback.id)

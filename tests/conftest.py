@@ -2,7 +2,13 @@
 
 from pathlib import Path
 
-pytest_plugins = ["tests.kafka_fixtures", "tests.daemon_fixtures", "tests.rounds_fixtures", "tests.engine_fixtures",
-                  "tests.worker_fixtures", "tests.fault_fixtures"]
+pytest_plugins = [
+    "tests.kafka_fixtures",
+    "tests.daemon_fixtures",
+    "tests.rounds_fixtures",
+    "tests.engine_fixtures",
+    "tests.worker_fixtures",
+    "tests.fault_fixtures",
+]
 if (Path(__file__).parent / "storage_fixtures.py").exists():
     pytest_plugins.append("tests.storage_fixtures")

@@ -89,8 +89,17 @@ class PrivatePostgres:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options, "-l",
-                          str(self.root / "server.log"), "-w", "start")  # fmt: skip
+        self._as_postgres(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.root / "server.log"),
+            "-w",
+            "start",
+        )
 
     def stop(self) -> None:
         self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
@@ -135,12 +144,23 @@ def daemon_settings(names: KafkaNames, database_url: str, target: Path, draft: P
         },
         "database": {"url": database_url},
         "models": {"target": str(target), "draft": str(draft) if draft else None, "device": "cpu"},
-        "engine": {"proposer": "draft" if draft else "none", "k": 3, "max_seq_len": 256, "top_m": 4,
-                   "max_batch_size": 4},
+        "engine": {
+            "proposer": "draft" if draft else "none",
+            "k": 3,
+            "max_seq_len": 256,
+            "top_m": 4,
+            "max_batch_size": 4,
+        },
         "batching": {"max_wait_ms": 20, "queue_size": 16},
         "limits": {"max_message_bytes": 4096, "default_max_new_tokens": 16, "max_new_tokens": 64},
-        "daemon": {"shutdown_grace_s": 20.0, "metrics_port": 0, "status_interval_s": 1.0, "log_level": "DEBUG",
-                   "retry_initial_s": 0.2, "retry_max_s": 1.0},
+        "daemon": {
+            "shutdown_grace_s": 20.0,
+            "metrics_port": 0,
+            "status_interval_s": 1.0,
+            "log_level": "DEBUG",
+            "retry_initial_s": 0.2,
+            "retry_max_s": 1.0,
+        },
     }
     for section, values in sections.items():
         settings.setdefault(section, {}).update(values)
@@ -169,13 +189,17 @@ class DaemonProcess:
         self.process: subprocess.Popen | None = None
         self._log_offset = 0
 
-    def start(self) -> "DaemonProcess":
+    def start(self) -> DaemonProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "daemon.cli", "serve", "--config", str(self.config), *self.extra_args],
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-            )  # fmt: skip
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+            )
         return self
 
     def log(self) -> str:
@@ -191,7 +215,9 @@ class DaemonProcess:
             if len(re.findall(pattern, text)) >= count:
                 return text
             if self.process.poll() is not None:
-                raise AssertionError(f"daemon exited with {self.process.returncode} before /{pattern}/:\n{text[-4000:]}")
+                raise AssertionError(
+                    f"daemon exited with {self.process.returncode} before /{pattern}/:\n{text[-4000:]}"
+                )
             time.sleep(0.05)
         raise AssertionError(f"no /{pattern}/ x{count} in the daemon log after {timeout} s:\n{self.log()[-4000:]}")
 
@@ -218,12 +244,14 @@ class DaemonProcess:
                 self.process.wait()
 
 
-def start_daemon(tmp_path, daemon_processes, names, database_url, tiny_models, *extra_args, env=None,
-                 **sections) -> DaemonProcess:  # fmt: skip
+def start_daemon(
+    tmp_path, daemon_processes, names, database_url, tiny_models, *extra_args, env=None, **sections
+) -> DaemonProcess:
     """Write tmp_path/config.yaml for a test daemon and start `onlinespec serve` on it (log: tmp_path/daemon.log)."""
     target_dir, draft_dir = tiny_models
-    config = write_config(tmp_path / "config.yaml", daemon_settings(names, database_url, target_dir, draft_dir,
-                                                                    **sections))  # fmt: skip
+    config = write_config(
+        tmp_path / "config.yaml", daemon_settings(names, database_url, target_dir, draft_dir, **sections)
+    )
     daemon = DaemonProcess(config, tmp_path / "daemon.log", extra_args, env=env)
     daemon_processes.append(daemon)
     return daemon.start()
@@ -247,8 +275,10 @@ def produce(bootstrap: str, topic: str, records: list[tuple], max_request_size: 
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=max_request_size)
     try:
-        futures = [producer.send(topic, key=record[0], value=record[1], headers=record[2] if len(record) > 2 else None)
-                   for record in records]  # fmt: skip
+        futures = [
+            producer.send(topic, key=record[0], value=record[1], headers=record[2] if len(record) > 2 else None)
+            for record in records
+        ]
         producer.flush()
         for future in futures:
             future.get(timeout=10)
@@ -259,8 +289,12 @@ def produce(bootstrap: str, topic: str, records: list[tuple], max_request_size: 
 def prompt_records(ids: list[str], max_new_tokens: int = 12, **fields) -> list[tuple[bytes, bytes]]:
     prompts = ["def add(a, b):", "The quick brown", "SELECT name FROM", "To be, or not", "for i in range("]
     return [
-        (rid.encode(), json.dumps({"id": rid, "prompt": prompts[i % len(prompts)],
-                                   "max_new_tokens": max_new_tokens, **fields}).encode())  # fmt: skip
+        (
+            rid.encode(),
+            json.dumps(
+                {"id": rid, "prompt": prompts[i % len(prompts)], "max_new_tokens": max_new_tokens, **fields}
+            ).encode(),
+        )
         for i, rid in enumerate(ids)
     ]
 

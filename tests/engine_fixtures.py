@@ -26,8 +26,7 @@ class EngineModels:
 
     def reference_greedy(self, input_ids: list[int], max_new_tokens: int) -> list[int]:
         with torch.no_grad():
-            output = self.reference.generate(torch.tensor([input_ids]), max_new_tokens=max_new_tokens,
-                                             do_sample=False)  # fmt: skip
+            output = self.reference.generate(torch.tensor([input_ids]), max_new_tokens=max_new_tokens, do_sample=False)
         return output[0, len(input_ids) :].tolist()
 
 

@@ -14,7 +14,7 @@ import platform
 import re
 import time
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -47,8 +47,9 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         return
     FIGURES_PATH.parent.mkdir(parents=True, exist_ok=True)
     document = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()}: {os.cpu_count()} cores, {platform.machine()}, "
+        f"Python {platform.python_version()}",
         "suite_seconds": round(time.monotonic() - _FIGURES.started, 1),
         "scenarios": _FIGURES.scenarios,
     }
@@ -117,8 +118,9 @@ def delivery_figures(database_url: str, ids: list[str], records) -> dict:
         "lost": sum(1 for i in ids if counts.get(i, 0) == 0 or not copies.get(i)),
         "copies_on_topic": sum(len(copies[i]) for i in ids),
         "resent_copies": sum(1 for r in records if header(r, "request-id") in wanted and header(r, "resent")),
-        "copies_not_as_stored": sum(1 for i in ids for value in copies.get(i, [])
-                                    if value != stored.get(i, "").encode()),
+        "copies_not_as_stored": sum(
+            1 for i in ids for value in copies.get(i, []) if value != stored.get(i, "").encode()
+        ),
         "unexpected_ids_on_topic": len(set(copies) - wanted),
     }
 

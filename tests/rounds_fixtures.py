@@ -29,8 +29,9 @@ def make_engine(target_dir: Path, draft_dir: Path):
     from pipelines.models import load_model, load_tokenizer
 
     settings = EngineSettings(proposer="draft", k=K, max_batch_size=8, max_seq_len=256, top_m=8)
-    return SpeculativeEngine(load_model(str(target_dir)), load_model(str(draft_dir)),
-                             load_tokenizer(str(target_dir)), settings)  # fmt: skip
+    return SpeculativeEngine(
+        load_model(str(target_dir)), load_model(str(draft_dir)), load_tokenizer(str(target_dir)), settings
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +78,27 @@ def database(sqlite_url):
 
 def learning_settings(tmp_path: Path, database_url: str = "sqlite:///unused.db", *, guard=None, **learning) -> Settings:
     values = {
-        "enabled": True, "learner": FAST_LEARNER, "window_max_rows": 64, "heldout_rows": 8,
-        "min_heldout_tokens": 50, "min_new_tokens": 200, "promote_margin": 0.02,
-        "checkpoint_dir": str(tmp_path / "checkpoints"), "follow_interval_ms": 0,
+        "enabled": True,
+        "learner": FAST_LEARNER,
+        "window_max_rows": 64,
+        "heldout_rows": 8,
+        "min_heldout_tokens": 50,
+        "min_new_tokens": 200,
+        "promote_margin": 0.02,
+        "checkpoint_dir": str(tmp_path / "checkpoints"),
+        "follow_interval_ms": 0,
         "store_rejected": True,  # the tests look at rejected candidates' weights too
-        "live_guard": {"min_requests": 6, "margin": 0.05, **(guard or {})}, **learning,
-    }  # fmt: skip
-    return Settings.model_validate({
-        "database": {"url": database_url},
-        "engine": {"k": K, "max_seq_len": 256, "top_m": 8},
-        "limits": {"max_new_tokens": 64, "default_max_new_tokens": 32},
-        "learning": values,
-    })  # fmt: skip
+        "live_guard": {"min_requests": 6, "margin": 0.05, **(guard or {})},
+        **learning,
+    }
+    return Settings.model_validate(
+        {
+            "database": {"url": database_url},
+            "engine": {"k": K, "max_seq_len": 256, "top_m": 8},
+            "limits": {"max_new_tokens": 64, "default_max_new_tokens": 32},
+            "learning": values,
+        }
+    )
 
 
 def stream(tokenizer, count: int, seed: int, max_new_tokens: int = 32, variety: int = 10):
@@ -98,8 +108,11 @@ def stream(tokenizer, count: int, seed: int, max_new_tokens: int = 32, variety: 
 
     rng = random.Random(seed)
     return [
-        GenerationRequest(id=f"s{seed}-{i}", input_ids=tokenizer.encode(TEMPLATE.format(n=rng.randrange(variety))),
-                          max_new_tokens=max_new_tokens)  # fmt: skip
+        GenerationRequest(
+            id=f"s{seed}-{i}",
+            input_ids=tokenizer.encode(TEMPLATE.format(n=rng.randrange(variety))),
+            max_new_tokens=max_new_tokens,
+        )
         for i in range(count)
     ]
 
@@ -110,10 +123,12 @@ def serve(engine, session_factory, requests, target_identity: str = TARGET_IDENT
 
     results = engine.generate(requests)
     with session_factory.begin() as session:
-        record_requests_received(session, [ReceivedRequest(r.id, None, None, None, {}, len(r.input_ids))
-                                           for r in requests])  # fmt: skip
-        completed = [CompletedRequest(r, json.dumps({"id": r.id, "draft_version": r.feedback.draft_version}))
-                     for r in results]  # fmt: skip
+        record_requests_received(
+            session, [ReceivedRequest(r.id, None, None, None, {}, len(r.input_ids)) for r in requests]
+        )
+        completed = [
+            CompletedRequest(r, json.dumps({"id": r.id, "draft_version": r.feedback.draft_version})) for r in results
+        ]
         store_results(session, completed, target_identity=target_identity)
     return results
 
@@ -130,8 +145,13 @@ def draft_round_avg_len(results) -> float:
 
 def follower_for(engine, settings: Settings, session_factory, weights: DraftWeights | None = None) -> DraftFollower:
     weights = weights or DraftWeights.of_draft(engine.draft, settings.learning.checkpoint_dir)
-    return DraftFollower(session_factory, weights, target_identity=TARGET_IDENTITY,
-                         deployment=settings.learning.deployment, interval_s=0.0)  # fmt: skip
+    return DraftFollower(
+        session_factory,
+        weights,
+        target_identity=TARGET_IDENTITY,
+        deployment=settings.learning.deployment,
+        interval_s=0.0,
+    )
 
 
 def follow(follower: DraftFollower, engine) -> str:

@@ -32,9 +32,7 @@ from pipelines.types import (
     RequestFeedback,
 )
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "ONLINESPEC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+POSTGRES_ADMIN_URL = os.environ.get("ONLINESPEC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REQUIRE_POSTGRES = os.environ.get("ONLINESPEC_REQUIRE_POSTGRES") == "1"
 BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
@@ -160,10 +158,19 @@ def make_result(request_id: str, n: int = 12, m: int = 4, seed: int = 0, version
     accepted = int((feedback.kinds == KIND_ACCEPTED).sum())
     forwards = n - accepted
     counters = RequestCounters(
-        draft_steps=forwards - 1, drafted=accepted + forwards - 1, accepted=accepted,
-        target_forwards=forwards, emitted=n, accepted_at_position=[accepted, 0, 0],
-    )  # fmt: skip
+        draft_steps=forwards - 1,
+        drafted=accepted + forwards - 1,
+        accepted=accepted,
+        target_forwards=forwards,
+        emitted=n,
+        accepted_at_position=[accepted, 0, 0],
+    )
     return GenerationResult(
-        id=request_id, token_ids=feedback.token_ids.tolist(), text=f"text of {request_id}", finish_reason="length",
-        counters=counters, feedback=feedback, seconds=0.25,
-    )  # fmt: skip
+        id=request_id,
+        token_ids=feedback.token_ids.tolist(),
+        text=f"text of {request_id}",
+        finish_reason="length",
+        counters=counters,
+        feedback=feedback,
+        seconds=0.25,
+    )

@@ -38,10 +38,21 @@ def add_version(session_factory, store: CheckpointStore, version: str, state: di
 
     stored = store.put(state)
     with session_factory.begin() as session:
-        return add_checkpoint(session, version=version, sha256=stored.sha256, size_bytes=stored.size_bytes,
-                              path=str(stored.path), learner="online", learner_settings={"lr": 0.01},
-                              target_identity=TARGET_IDENTITY, parent_id=parent_id, window_first_id=1,
-                              window_last_id=40, window_rows=40, **fields).id  # fmt: skip
+        return add_checkpoint(
+            session,
+            version=version,
+            sha256=stored.sha256,
+            size_bytes=stored.size_bytes,
+            path=str(stored.path),
+            learner="online",
+            learner_settings={"lr": 0.01},
+            target_identity=TARGET_IDENTITY,
+            parent_id=parent_id,
+            window_first_id=1,
+            window_last_id=40,
+            window_rows=40,
+            **fields,
+        ).id
 
 
 def perturbed(state: dict, seed: int) -> dict:
@@ -49,8 +60,9 @@ def perturbed(state: dict, seed: int) -> dict:
     return {n: t + 0.01 * torch.randn(t.shape, generator=generator) for n, t in state.items()}
 
 
-def test_a_rollback_restores_exactly_the_recorded_weights(strong_engine, sqlite_url, database, tmp_path, fresh_draft,
-                                                           capsys):
+def test_a_rollback_restores_exactly_the_recorded_weights(
+    strong_engine, sqlite_url, database, tmp_path, fresh_draft, capsys
+):
     url, session_factory = sqlite_url, database
     engine = fresh_draft(strong_engine)
     settings = learning_settings(tmp_path, url)
@@ -65,7 +77,11 @@ def test_a_rollback_restores_exactly_the_recorded_weights(strong_engine, sqlite_
     assert follow(follower, engine) == "B"
     event = run_json(capsys, url, "checkpoints", "rollback", "--reason", "B regressed")
     assert (event["kind"], event["from_version"], event["version"], event["reason"]) == (
-        "rollback", "B", "A", "B regressed")
+        "rollback",
+        "B",
+        "A",
+        "B regressed",
+    )
     assert follow(follower, engine) == "A"
 
     # The weights now in the engine hash to A's recorded sha256: the same bytes, not merely close ones.
@@ -92,21 +108,29 @@ def test_list_show_and_rounds_list_as_json_and_tables(sqlite_url, database, tmp_
     store = CheckpointStore(tmp_path / "store")
     state = {"w": torch.ones(3)}
     v1 = add_version(session_factory, store, "r1-aaaa", state, heldout_metrics={"avg_len": 2.5, "tokens": 300})
-    v2 = add_version(session_factory, store, "r2-bbbb", {"w": torch.zeros(3)}, parent_id=v1,
-                     heldout_metrics={"avg_len": 2.1})  # fmt: skip
+    v2 = add_version(
+        session_factory, store, "r2-bbbb", {"w": torch.zeros(3)}, parent_id=v1, heldout_metrics={"avg_len": 2.1}
+    )
     with session_factory.begin() as session:
         checkpoints_repo.set_active(session, v1, "scheduler", "round 1: held-out AvgLen 2.500 vs 2.000")
         checkpoints_repo.reject(session, v2, actor="scheduler", reason="round 2: below the margin")
         for decision, candidate in (("promoted", v1), ("rejected", v2)):
             round_ = rounds_repo.start_round(session, learner="online", settings={}, target_identity=TARGET_IDENTITY)
-            rounds_repo.finish_round(session, round_.id, decision=decision, candidate_checkpoint_id=candidate,
-                                     candidate_metrics={"avg_len": 2.5}, active_metrics={"avg_len": 2.0,
-                                                                                          "tokens": 300})  # fmt: skip
+            rounds_repo.finish_round(
+                session,
+                round_.id,
+                decision=decision,
+                candidate_checkpoint_id=candidate,
+                candidate_metrics={"avg_len": 2.5},
+                active_metrics={"avg_len": 2.0, "tokens": 300},
+            )
 
     listed = run_json(capsys, url, "checkpoints", "list")
     assert listed["active_version"] == "r1-aaaa" and listed["deployment"] == "default"
     assert [(c["version"], c["status"], c["active"]) for c in listed["checkpoints"]] == [
-        ("r2-bbbb", "rejected", False), ("r1-aaaa", "active", True)]
+        ("r2-bbbb", "rejected", False),
+        ("r1-aaaa", "active", True),
+    ]
     assert run_json(capsys, url, "checkpoints", "list", "--status", "rejected")["checkpoints"][0]["id"] == v2
 
     shown = run_json(capsys, url, "checkpoints", "show", str(v2))
@@ -116,7 +140,9 @@ def test_list_show_and_rounds_list_as_json_and_tables(sqlite_url, database, tmp_
 
     rounds = run_json(capsys, url, "rounds", "list")["rounds"]
     assert [(r["decision"], r["candidate_version"], r["candidate_avg_len"], r["heldout_tokens"]) for r in rounds] == [
-        ("rejected", "r2-bbbb", 2.5, 300), ("promoted", "r1-aaaa", 2.5, 300)]
+        ("rejected", "r2-bbbb", 2.5, 300),
+        ("promoted", "r1-aaaa", 2.5, 300),
+    ]
 
     code, out, _ = run(capsys, "checkpoints", "list", "--database-url", url)
     assert code == 0 and "active r1-aaaa" in out and "* " in out

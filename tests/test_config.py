@@ -184,11 +184,32 @@ def test_serve_flags_override_file_and_environment(tmp_path, monkeypatch):
 
     path = write(tmp_path, "kafka:\n  group_id: file-group\n  prompts_topic: file-prompts\n")
     monkeypatch.setenv(ENV_DATABASE_URL, "sqlite:///env.db")
-    args = build_parser().parse_args([
-        "serve", "--config", str(path), "--bootstrap-servers", "b1:9092,b2:9092", "--group-id", "flag-group",
-        "--completions-topic", "out", "--dlq-topic", "dead", "--target", "/m/t", "--draft", "/m/d",
-        "--device", "cuda:1", "--database-url", "sqlite:///flag.db", "--auto-migrate", "--metrics-port", "0",
-    ])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--config",
+            str(path),
+            "--bootstrap-servers",
+            "b1:9092,b2:9092",
+            "--group-id",
+            "flag-group",
+            "--completions-topic",
+            "out",
+            "--dlq-topic",
+            "dead",
+            "--target",
+            "/m/t",
+            "--draft",
+            "/m/d",
+            "--device",
+            "cuda:1",
+            "--database-url",
+            "sqlite:///flag.db",
+            "--auto-migrate",
+            "--metrics-port",
+            "0",
+        ]
+    )
     settings = settings_from_args(args)
     assert settings.kafka.bootstrap_servers == "b1:9092,b2:9092"
     assert settings.kafka.client_options()["bootstrap_servers"] == ["b1:9092", "b2:9092"]

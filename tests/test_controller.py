@@ -32,7 +32,9 @@ def price(ctl: GoodputController, bucket: int, **seconds: float) -> None:
 
 def test_target_only_when_every_proposer_is_made_expensive():
     ctl = controller()
-    ctl.observe(BatchObservation(1, SUFFIX, 10, 0.01, suffix_hist=suffix_hist(accepted_per_round=3)))  # 4 tokens per round
+    ctl.observe(
+        BatchObservation(1, SUFFIX, 10, 0.01, suffix_hist=suffix_hist(accepted_per_round=3))
+    )  # 4 tokens per round
     ctl.observe(BatchObservation(1, DRAFT, 10, 0.01, "v1", model_rounds=100, model_accepted=300, model_full=50))
     price(ctl, 1, none=0.004, suffix=0.05, draft=0.05, hybrid=0.06)  # 12x target-only: 4 tokens do not pay
     assert ctl.choose(1, draft_version="v1") == TARGET_ONLY
@@ -58,7 +60,9 @@ def test_no_evidence_and_equal_cost_keeps_target_only():
 
 def test_the_margin_keeps_target_only_for_a_marginal_gain():
     ctl = controller(margin=0.1)
-    ctl.observe(BatchObservation(1, SUFFIX, 10, 0.01, suffix_hist=suffix_hist(accepted_per_round=1)))  # 2 tokens per round
+    ctl.observe(
+        BatchObservation(1, SUFFIX, 10, 0.01, suffix_hist=suffix_hist(accepted_per_round=1))
+    )  # 2 tokens per round
     price(ctl, 1, none=0.004, suffix=0.0075, draft=1.0, hybrid=1.0)  # 2 / 0.0075 = 267 vs 250 tokens/s: +7%
     assert ctl.choose(1) == TARGET_ONLY
 
@@ -83,7 +87,9 @@ def test_model_acceptance_is_per_draft_version_and_starts_from_the_prior():
 
 
 def test_exploration_tries_a_stale_draft_version_that_could_win():
-    ctl = GoodputController(ControllerSettings(explore_every=4, prior_alpha=0.2, prior_positions=2), [TARGET_ONLY, DRAFT])
+    ctl = GoodputController(
+        ControllerSettings(explore_every=4, prior_alpha=0.2, prior_positions=2), [TARGET_ONLY, DRAFT]
+    )
     price_none, price_draft = 0.004, 0.006
     ctl.set_cost(1, TARGET_ONLY, price_none)
     ctl.set_cost(1, DRAFT, price_draft)
@@ -95,14 +101,24 @@ def test_exploration_tries_a_stale_draft_version_that_could_win():
 
 
 def test_the_engine_decodes_target_only_when_speculation_is_made_expensive(engine_models):
-    engine = SpeculativeEngine(engine_models.target, engine_models.strong_draft, engine_models.tokenizer,
-                               EngineSettings(proposer="auto", max_batch_size=4, max_seq_len=96,
-                                              auto={"k_choices": [3], "explore_every": 0, "shadow_every": 1}))  # fmt: skip
+    engine = SpeculativeEngine(
+        engine_models.target,
+        engine_models.strong_draft,
+        engine_models.tokenizer,
+        EngineSettings(
+            proposer="auto",
+            max_batch_size=4,
+            max_seq_len=96,
+            auto={"k_choices": [3], "explore_every": 0, "shadow_every": 1},
+        ),
+    )
     for variant in engine.variants:
         engine.controller.set_cost(4, variant, 1.0 if variant != TARGET_ONLY else 0.001)
     tokenizer = engine_models.tokenizer
-    requests = [GenerationRequest(id=str(i), input_ids=tokenizer("The quick brown").input_ids, max_new_tokens=12)
-                for i in range(4)]  # fmt: skip
+    requests = [
+        GenerationRequest(id=str(i), input_ids=tokenizer("The quick brown").input_ids, max_new_tokens=12)
+        for i in range(4)
+    ]
     for _ in range(3):
         results = engine.generate(requests)
         assert engine.last_variant == TARGET_ONLY
@@ -123,8 +139,11 @@ def test_a_variant_whose_batches_gain_less_than_its_rows_is_corrected_by_what_ba
     price(ctl, 8, none=0.004, suffix=0.005, draft=1.0, hybrid=1.0)
     assert ctl.choose(8) == SUFFIX  # 2 / 0.005 = 400 vs 250 tokens/s per row expected
     for _ in range(8):  # batches of 8 rows, 120 rounds each (the slowest row), 1100 tokens: 1.15 per row and round
-        ctl.observe(BatchObservation(8, SUFFIX, 120, 0.6, rows=8, tokens=1100,
-                                     suffix_hist=suffix_hist(accepted_per_round=1, rounds=0)))  # fmt: skip
+        ctl.observe(
+            BatchObservation(
+                8, SUFFIX, 120, 0.6, rows=8, tokens=1100, suffix_hist=suffix_hist(accepted_per_round=1, rounds=0)
+            )
+        )
     assert ctl.correction(8, SUFFIX) < 0.7
     assert ctl.choose(8) == TARGET_ONLY
     assert ctl.correction(1, SUFFIX) == 1.0  # batch size 1 is judged on its own

@@ -50,8 +50,9 @@ def read(bootstrap: str, topic: str, predicate, timeout: float = 90.0) -> list:
         reader.close()
 
 
-def test_held_out_scenario_librdkafka_producer_and_a_valid_json_prompt_of_1_2_mb(kafka_names, sqlite_url,
-                                                                                tiny_models, engine):  # fmt: skip
+def test_held_out_scenario_librdkafka_producer_and_a_valid_json_prompt_of_1_2_mb(
+    kafka_names, sqlite_url, tiny_models, engine
+):
     from confluent_kafka import Producer
 
     ids = [f"v-{i:02d}" for i in range(40)]
@@ -61,10 +62,18 @@ def test_held_out_scenario_librdkafka_producer_and_a_valid_json_prompt_of_1_2_mb
     stream = valid[:10] + poison[:2] + [valid[3]] + valid[10:30] + poison[2:] + valid[30:]  # v-03 twice, in flight
     counting = CountingEngine(engine)
     port = free_port()
-    worker = make_worker(kafka_names, sqlite_url, tiny_models, counting, daemon={"metrics_port": port},
-                         limits={"max_message_bytes": 1_000_000}, kafka={"max_request_size": 1_048_576})  # fmt: skip
-    producer = Producer({"bootstrap.servers": kafka_names.bootstrap, "enable.idempotence": True,
-                         "message.max.bytes": 2_000_000})  # fmt: skip
+    worker = make_worker(
+        kafka_names,
+        sqlite_url,
+        tiny_models,
+        counting,
+        daemon={"metrics_port": port},
+        limits={"max_message_bytes": 1_000_000},
+        kafka={"max_request_size": 1_048_576},
+    )
+    producer = Producer(
+        {"bootstrap.servers": kafka_names.bootstrap, "enable.idempotence": True, "message.max.bytes": 2_000_000}
+    )
     with RunningWorker(worker):
         for key, value in stream:
             producer.produce(kafka_names.prompts, key=key, value=value)
@@ -98,8 +107,9 @@ def test_held_out_scenario_librdkafka_producer_and_a_valid_json_prompt_of_1_2_mb
     assert completion_rows(sqlite_url) == {i: 1 for i in ids}
 
 
-def test_a_conflicting_id_is_dead_lettered_and_a_corrected_resend_is_served(kafka_names, sqlite_url, tiny_models,
-                                                                             engine, caplog):  # fmt: skip
+def test_a_conflicting_id_is_dead_lettered_and_a_corrected_resend_is_served(
+    kafka_names, sqlite_url, tiny_models, engine, caplog
+):
     long_prompt = "The quick brown fox " * 190  # fits the 4096-byte limit, not the 256-slot KV cache
     first = [
         (b"c1", json.dumps({"id": "c1", "prompt": "def add(a, b):", "max_new_tokens": 6}).encode()),
@@ -125,7 +135,10 @@ def test_a_conflicting_id_is_dead_lettered_and_a_corrected_resend_is_served(kafk
     answers = {header(r, "request-id"): json.loads(r.value) for r in served}
     assert answers["t1"]["usage"]["completion_tokens"] <= 6 and answers["m1"]["usage"]["completion_tokens"] <= 6
     assert [(header(r, "request-id"), header(r, "reason-code")) for r in dead] == [
-        ("t1", "prompt_too_long"), ("m1", "out_of_range"), ("c1", "id_conflict")]
+        ("t1", "prompt_too_long"),
+        ("m1", "out_of_range"),
+        ("c1", "id_conflict"),
+    ]
     conflict = header(dead[2], "reason")
     assert f"first received at {kafka_names.prompts}/0@0" in conflict and int(header(dead[2], "original-offset")) == 3
     assert "conflicts with the request first received at" in caplog.text  # logged with both hashes
@@ -135,14 +148,22 @@ def test_a_conflicting_id_is_dead_lettered_and_a_corrected_resend_is_served(kafk
     assert completion_rows(sqlite_url) == {"c1": 1, "t1": 1, "m1": 1}
 
 
-def test_a_completion_too_large_to_produce_is_dead_lettered_and_the_partition_moves_on(kafka_names, sqlite_url,
-                                                                                        tiny_models, engine):  # fmt: skip
-    big = json.dumps({"id": "big", "prompt": "def add(a, b):", "max_new_tokens": 4,
-                      "metadata": {"blob": "x" * 17_000}}).encode()  # echoed back: over max_request_size
+def test_a_completion_too_large_to_produce_is_dead_lettered_and_the_partition_moves_on(
+    kafka_names, sqlite_url, tiny_models, engine
+):
+    big = json.dumps(
+        {"id": "big", "prompt": "def add(a, b):", "max_new_tokens": 4, "metadata": {"blob": "x" * 17_000}}
+    ).encode()  # echoed back: over max_request_size
     port = free_port()
-    worker = make_worker(kafka_names, sqlite_url, tiny_models, engine, daemon={"metrics_port": port},
-                         kafka={"max_request_size": 16_384},
-                         limits={"max_message_bytes": 40_000, "max_metadata_bytes": 20_000})  # fmt: skip
+    worker = make_worker(
+        kafka_names,
+        sqlite_url,
+        tiny_models,
+        engine,
+        daemon={"metrics_port": port},
+        kafka={"max_request_size": 16_384},
+        limits={"max_message_bytes": 40_000, "max_metadata_bytes": 20_000},
+    )
     with RunningWorker(worker):
         produce(kafka_names.bootstrap, kafka_names.prompts, [(b"big", big)] + prompt_records(["after-0", "after-1"]))
         served = read(kafka_names.bootstrap, kafka_names.completions, lambda rs: len(rs) >= 2)
@@ -150,12 +171,19 @@ def test_a_completion_too_large_to_produce_is_dead_lettered_and_the_partition_mo
         text = wait_for_metric(port, "onlinespec_consumer_lag", 0, topic=kafka_names.prompts, partition="0")
     assert sorted(ids_of(served)) == ["after-0", "after-1"]
     assert (header(dead, "reason-code"), header(dead, "request-id"), header(dead, "original-offset")) == (
-        "undeliverable", "big", "0")
+        "undeliverable",
+        "big",
+        "0",
+    )
     assert "MessageSizeTooLargeError" in header(dead, "reason")
     assert header(dead, "truncated") == "1" and header(dead, "original-size") == str(len(big))
     assert big.startswith(dead.value)
-    assert metric_value(text, "onlinespec_undeliverable_records_total", record="completion",
-                        error="MessageSizeTooLargeError") == 1  # fmt: skip
+    assert (
+        metric_value(
+            text, "onlinespec_undeliverable_records_total", record="completion", error="MessageSizeTooLargeError"
+        )
+        == 1
+    )
     assert metric_value(text, "onlinespec_dlq_records_total", reason="undeliverable") == 1
     assert request_statuses(sqlite_url)["big"] == ("completed", None)  # decoded and stored; only undeliverable
     assert (0, "big", "undeliverable") in dead_letter_rows(sqlite_url)
@@ -177,20 +205,25 @@ class FlakyProducer:
         return getattr(self.producer, name)
 
 
-def test_transient_produce_failures_are_retried_and_the_stalled_partition_is_reported(kafka_names, sqlite_url,
-                                                                                       tiny_models, engine, caplog):  # fmt: skip
+def test_transient_produce_failures_are_retried_and_the_stalled_partition_is_reported(
+    kafka_names, sqlite_url, tiny_models, engine, caplog
+):
     caplog.set_level(logging.INFO, logger="daemon")
     down, attempts = threading.Event(), []
     down.set()
     port = free_port()
-    worker = make_worker(kafka_names, sqlite_url, tiny_models, engine, daemon={"metrics_port": port,
-                         "stall_after_s": 2.0, "retry_initial_s": 0.2, "retry_max_s": 0.5},
-                         producer_factory=lambda s: FlakyProducer(make_producer(s), down, attempts))  # fmt: skip
+    worker = make_worker(
+        kafka_names,
+        sqlite_url,
+        tiny_models,
+        engine,
+        daemon={"metrics_port": port, "stall_after_s": 2.0, "retry_initial_s": 0.2, "retry_max_s": 0.5},
+        producer_factory=lambda s: FlakyProducer(make_producer(s), down, attempts),
+    )
     ids = ["f0", "f1", "f2"]
     with RunningWorker(worker):
         produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(ids))
-        wait_for_metric(port, "onlinespec_partition_stalled", 1, timeout=30, topic=kafka_names.prompts,
-                        partition="0")  # fmt: skip
+        wait_for_metric(port, "onlinespec_partition_stalled", 1, timeout=30, topic=kafka_names.prompts, partition="0")
         assert "stalled: committed offset" in caplog.text and "kafka unavailable" in caplog.text
         assert len(attempts) >= 3 and worker.tracker.committable() == {}
         down.clear()
@@ -232,8 +265,9 @@ class Gated:
         return held
 
 
-def test_offsets_become_committable_only_after_the_database_commit_and_every_ack(kafka_names, sqlite_url,
-                                                                                 tiny_models, engine):  # fmt: skip
+def test_offsets_become_committable_only_after_the_database_commit_and_every_ack(
+    kafka_names, sqlite_url, tiny_models, engine
+):
     worker = make_worker(kafka_names, sqlite_url, tiny_models, engine)
     tp = TopicPartition(kafka_names.prompts, 0)
     worker.tracker.assign([tp])
@@ -271,16 +305,20 @@ def test_offsets_become_committable_only_after_the_database_commit_and_every_ack
 def test_no_offset_is_committable_while_the_produce_keeps_failing(kafka_names, sqlite_url, tiny_models, engine):
     down, attempts = threading.Event(), []
     down.set()
-    worker = make_worker(kafka_names, sqlite_url, tiny_models, engine,
-                         daemon={"retry_initial_s": 0.05, "retry_max_s": 0.1},
-                         producer_factory=lambda s: FlakyProducer(make_producer(s), down, attempts))  # fmt: skip
+    worker = make_worker(
+        kafka_names,
+        sqlite_url,
+        tiny_models,
+        engine,
+        daemon={"retry_initial_s": 0.05, "retry_max_s": 0.1},
+        producer_factory=lambda s: FlakyProducer(make_producer(s), down, attempts),
+    )
     tp = TopicPartition(kafka_names.prompts, 0)
     worker.tracker.assign([tp])
-    (key, value), = prompt_records(["p-0"])
+    ((key, value),) = prompt_records(["p-0"])
     item = Inbound(tp, 0, key, value, [], worker.tracker.track(tp, 0))
     worker.poller._validate(item)
-    finishing = threading.Thread(target=worker.pipeline._finish, args=(worker.pipeline._prepare([item]),),
-                                 daemon=True)  # fmt: skip
+    finishing = threading.Thread(target=worker.pipeline._finish, args=(worker.pipeline._prepare([item]),), daemon=True)
     finishing.start()
     try:
         deadline = time.monotonic() + 30
@@ -315,8 +353,9 @@ def test_a_record_the_database_refuses_is_dead_lettered_alone(kafka_names, postg
         worker.poller._validate(item)
         if item.error is not None:  # the id check caught it; bypass it
             item.error, item.request_hash = None, "0" * 64
-            item.message = dataclasses.replace(parse_prompt(prompt_records(["x"])[0][1], LimitSettings()),
-                                               id="nul\x00id")  # fmt: skip
+            item.message = dataclasses.replace(
+                parse_prompt(prompt_records(["x"])[0][1], LimitSettings()), id="nul\x00id"
+            )
             item.request = GenerationRequest("nul\x00id", input_ids=[1, 2, 3], max_new_tokens=4)
         batch.append(item)
     pipeline = worker.pipeline

@@ -44,7 +44,12 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     for name in ("onlinespec.service", "onlinespec@.service"):
         text = (DEPLOY / name).read_text().replace("/opt/onlinespec/.venv/bin/onlinespec", "/bin/true")
         (tmp_path / name).write_text(text)
-    result = subprocess.run(["systemd-analyze", "verify", "./onlinespec.service", "./onlinespec@0.service"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "./onlinespec.service", "./onlinespec@0.service"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     problems = [line for line in result.stderr.splitlines() if "onlinespec" in line]
     assert result.returncode == 0 and not problems, result.stderr

@@ -21,7 +21,6 @@ from tests.daemon_fixtures import (
     REPO,
     DaemonProcess,
     TopicReader,
-    daemon_settings,
     header,
     ids_of,
     migrate,
@@ -34,8 +33,17 @@ from tests.worker_fixtures import completion_rows
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
-OUTPUT_FIELDS = {"id", "text", "token_ids", "finish_reason", "draft_version", "usage", "acceptance", "timings",
-                 "metadata"}  # fmt: skip
+OUTPUT_FIELDS = {
+    "id",
+    "text",
+    "token_ids",
+    "finish_reason",
+    "draft_version",
+    "usage",
+    "acceptance",
+    "timings",
+    "metadata",
+}
 
 
 class NotifyListener:
@@ -66,8 +74,9 @@ class NotifyListener:
 
 
 @pytest.mark.postgres
-def test_end_to_end_with_confluent_kafka_as_the_client(tmp_path, daemon_processes, kafka_names, postgres_url,
-                                                       tiny_models):  # fmt: skip
+def test_end_to_end_with_confluent_kafka_as_the_client(
+    tmp_path, daemon_processes, kafka_names, postgres_url, tiny_models
+):
     from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
     notify = NotifyListener(str(tmp_path / "notify.sock"))
@@ -78,12 +87,17 @@ def test_end_to_end_with_confluent_kafka_as_the_client(tmp_path, daemon_processe
 
     ids = [f"e2e-{i}" for i in range(12)]
     producer = Producer({"bootstrap.servers": kafka_names.bootstrap, "enable.idempotence": True})
-    for i, (key, value) in enumerate(prompt_records(ids, max_new_tokens=10, metadata={"n": 1})):
+    for key, value in prompt_records(ids, max_new_tokens=10, metadata={"n": 1}):
         producer.produce(kafka_names.prompts, key=key, value=value)
     assert producer.flush(30) == 0
 
-    consumer = Consumer({"bootstrap.servers": kafka_names.bootstrap, "group.id": f"{kafka_names.group}-reader",
-                         "enable.auto.commit": False})  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka_names.bootstrap,
+            "group.id": f"{kafka_names.group}-reader",
+            "enable.auto.commit": False,
+        }
+    )
     consumer.assign([TopicPartition(kafka_names.completions, 0, OFFSET_BEGINNING)])
     received = {}
     deadline = time.monotonic() + 90
@@ -101,7 +115,9 @@ def test_end_to_end_with_confluent_kafka_as_the_client(tmp_path, daemon_processe
         assert set(payload) == OUTPUT_FIELDS
         assert payload["id"] == request_id and payload["metadata"] == {"n": 1}
         assert payload["finish_reason"] in ("length", "eos", "stop")
-        assert 1 <= len(payload["token_ids"]) <= 10 and payload["usage"]["completion_tokens"] == len(payload["token_ids"])
+        assert 1 <= len(payload["token_ids"]) <= 10 and payload["usage"]["completion_tokens"] == len(
+            payload["token_ids"]
+        )
         assert payload["draft_version"] == "base"
         assert payload["acceptance"]["target_forwards"] >= 1
     assert completion_rows(postgres_url) == {i: 1 for i in ids}
@@ -131,8 +147,9 @@ def test_refuses_a_schema_that_is_not_at_head(tmp_path, daemon_processes, kafka_
     assert migrated.wait(30) == 0
 
 
-def test_kill_9_mid_batch_then_restart_loses_and_duplicates_nothing(tmp_path, daemon_processes, kafka_names,
-                                                                    sqlite_url, tiny_models):  # fmt: skip
+def test_kill_9_mid_batch_then_restart_loses_and_duplicates_nothing(
+    tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models
+):
     ids = [f"k{i:02d}" for i in range(24)]
     # Long decodes so the kill lands inside a batch: 4 requests x 64 tokens per batch.
     sections = {"batching": {"queue_size": 8}, "engine": {"max_batch_size": 4}}
@@ -167,8 +184,9 @@ def test_kill_9_mid_batch_then_restart_loses_and_duplicates_nothing(tmp_path, da
 
 
 @pytest.mark.postgres
-def test_database_outage_pauses_consumption_and_resumes_with_nothing_lost(tmp_path, daemon_processes, kafka_names,
-                                                                          tiny_models, private_postgres):  # fmt: skip
+def test_database_outage_pauses_consumption_and_resumes_with_nothing_lost(
+    tmp_path, daemon_processes, kafka_names, tiny_models, private_postgres
+):
     url = migrate(private_postgres.url)
     daemon = start_daemon(tmp_path, daemon_processes, kafka_names, url, tiny_models)
     daemon.wait_ready()
@@ -196,8 +214,9 @@ def test_database_outage_pauses_consumption_and_resumes_with_nothing_lost(tmp_pa
     assert "paused" in daemon.log() or "pausing consumption" in daemon.log()
 
 
-def test_broker_restart_the_daemon_reconnects_recreates_its_producer_and_resumes(tmp_path, daemon_processes,
-                                                                                 sqlite_url, tiny_models):  # fmt: skip
+def test_broker_restart_the_daemon_reconnects_recreates_its_producer_and_resumes(
+    tmp_path, daemon_processes, sqlite_url, tiny_models
+):
     """Tansu keeps nothing across a restart, so the re-created topic hands out offsets 0, 1, 2 again, the positions
     of the requests served before. The id identifies a request, not its position: the new records there are
     served like any other."""
@@ -243,17 +262,36 @@ def test_submit_waits_for_and_prints_completions(tmp_path, daemon_processes, kaf
     lines.append("{broken")
     lines.append(json.dumps({"id": "s-bad", "prompt": "x", "top_p": 7}))
     result = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "submit", "--bootstrap-servers", kafka_names.bootstrap,
-         "--prompts-topic", kafka_names.prompts, "--completions-topic", kafka_names.completions,
-         "--dlq-topic", kafka_names.dlq, "--wait", "--timeout", "90"],
-        input="\n".join(lines) + "\n", capture_output=True, text=True, cwd=REPO, timeout=150,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "submit",
+            "--bootstrap-servers",
+            kafka_names.bootstrap,
+            "--prompts-topic",
+            kafka_names.prompts,
+            "--completions-topic",
+            kafka_names.completions,
+            "--dlq-topic",
+            kafka_names.dlq,
+            "--wait",
+            "--timeout",
+            "90",
+        ],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=150,
+    )
     assert result.returncode == 0, result.stderr
     printed = [json.loads(line) for line in result.stdout.splitlines()]
     assert sorted(p["id"] for p in printed) == [f"s{i}" for i in range(5)]
     assert "rejected s-bad: `top_p` must be in (0, 1]" in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "submit: 7/7 lines sent, 5 completed, 1 rejected, 0 unanswered, 1 without an id (not tracked)")
+        "submit: 7/7 lines sent, 5 completed, 1 rejected, 0 unanswered, 1 without an id (not tracked)"
+    )
 
 
 def test_the_demo_runs_again_and_again_in_one_folder(tmp_path, tiny_models):
@@ -261,10 +299,30 @@ def test_the_demo_runs_again_and_again_in_one_folder(tmp_path, tiny_models):
     workdir = tmp_path / "demo"
     for run in (1, 2):  # the second run must not be served from the first run's database or read its log
         result = subprocess.run(
-            [sys.executable, "-m", "daemon.cli", "demo", "--target", str(target_dir), "--draft", str(draft_dir),
-             "--prompts", "3", "--max-new-tokens", "8", "--workdir", str(workdir), "--timeout", "120"],
-            capture_output=True, text=True, cwd=REPO, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "daemon.cli",
+                "demo",
+                "--target",
+                str(target_dir),
+                "--draft",
+                str(draft_dir),
+                "--prompts",
+                "3",
+                "--max-new-tokens",
+                "8",
+                "--workdir",
+                str(workdir),
+                "--timeout",
+                "120",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=240,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         assert result.returncode == 0, (run, result.stderr[-3000:])
         assert result.stdout.count("── demo-") == 3
         assert "3/3 completions" in result.stderr and "mean accepted length" in result.stderr

@@ -38,16 +38,20 @@ def rejected(offset: int, request_id: str | None, code: str = "prompt_too_long")
 
 
 def complete(store: BatchStore, *items: Inbound) -> dict[str, str]:
-    decoded = [Decoded(item, make_result(item.request.id), json.dumps({"id": item.request.id, "at": item.offset}))
-               for item in items]  # fmt: skip
+    decoded = [
+        Decoded(item, make_result(item.request.id), json.dumps({"id": item.request.id, "at": item.offset}))
+        for item in items
+    ]
     return store.save(decoded, []).messages
 
 
 def sorted_ids(admission) -> dict[str, list]:
     return {
-        "decode": [i.offset for i in admission.decode], "resend": [i.offset for i, _ in admission.resend],
-        "wait": [i.offset for i in admission.wait], "rejected": [(i.offset, e.code) for i, e in admission.rejected],
-    }  # fmt: skip
+        "decode": [i.offset for i in admission.decode],
+        "resend": [i.offset for i, _ in admission.resend],
+        "wait": [i.offset for i in admission.wait],
+        "rejected": [(i.offset, e.code) for i, e in admission.rejected],
+    }
 
 
 @pytest.fixture
@@ -78,12 +82,16 @@ def test_a_copy_of_a_request_in_flight_in_this_daemon_waits_and_elsewhere_decode
     assert sorted_ids(store.admit([record(0, "a")]))["decode"] == [0]  # the redelivery after a crash
 
 
-def test_the_same_id_with_another_request_is_a_conflict_that_names_the_first_position(store, db_session_factory,
-                                                                                        caplog):  # fmt: skip
+def test_the_same_id_with_another_request_is_a_conflict_that_names_the_first_position(
+    store, db_session_factory, caplog
+):
     complete(store, *store.admit([record(3, "a")]).decode)
-    for changed in (record(9, "a", prompt="another"), record(10, "a", max_new_tokens=5),
-                    record(11, "a", metadata={"user": 1})):  # fmt: skip
-        (item, error), = store.admit([changed]).rejected
+    for changed in (
+        record(9, "a", prompt="another"),
+        record(10, "a", max_new_tokens=5),
+        record(11, "a", metadata={"user": 1}),
+    ):
+        ((item, error),) = store.admit([changed]).rejected
         assert error.code == "id_conflict" and "first received at prompts/0@3" in error.reason
         assert error.request_id == "a" and "new id" in error.reason
     first_hash = record(3, "a").request_hash
@@ -112,7 +120,7 @@ def test_a_redelivered_dead_letter_is_sent_again_with_its_reason_not_decoded(sto
     item = record(2, "e")
     store.admit([item])
     store.save([], [(item, InvalidMessage("engine_error", "engine error: RuntimeError: boom", "e"))])
-    (again, error), = store.admit([record(2, "e")]).rejected
+    ((again, error),) = store.admit([record(2, "e")]).rejected
     assert (error.code, error.reason) == ("engine_error", "engine error: RuntimeError: boom")
 
 
@@ -131,5 +139,8 @@ def test_every_dead_letter_has_a_row_with_or_without_an_id_and_its_value_when_ke
     with db_session_factory() as session:
         rows = dead_letters_at(session, "prompts")
         assert [(r.kafka_offset, r.request_id, r.reason_code, r.value_size) for r in rows] == [
-            (20, None, "not_utf8", 2), (21, None, "empty", None), (22, "x", "prompt_too_long", rows[2].value_size)]
+            (20, None, "not_utf8", 2),
+            (21, None, "empty", None),
+            (22, "x", "prompt_too_long", rows[2].value_size),
+        ]
         assert rows[0].value == b"\xff\xfe"  # keep_dead_letter_values

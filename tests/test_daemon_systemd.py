@@ -22,7 +22,9 @@ def test_notifications_reach_the_socket(tmp_path):
     path = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
         server.bind(path)
-        notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())})
+        notifier = SystemdNotifier(
+            {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())}
+        )
         assert notifier.enabled and notifier.watchdog_interval_s == 2.0
         assert notifier.ready("consuming prompts")
         assert notifier.watchdog()
@@ -30,8 +32,11 @@ def test_notifications_reach_the_socket(tmp_path):
         assert notifier.status("served 3")
         assert notifier.stopping("draining")
         assert receive_all(server) == [
-            "READY=1\nSTATUS=consuming prompts", "WATCHDOG=1", "STATUS=served 3", "STOPPING=1\nSTATUS=draining",
-        ]  # fmt: skip
+            "READY=1\nSTATUS=consuming prompts",
+            "WATCHDOG=1",
+            "STATUS=served 3",
+            "STOPPING=1\nSTATUS=draining",
+        ]
 
 
 def test_abstract_socket_address():

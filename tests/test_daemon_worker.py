@@ -32,8 +32,12 @@ def test_poison_input_goes_to_the_dlq_with_reasons_and_valid_requests_are_served
     kafka_names, sqlite_url, tiny_models, engine
 ):
     valid = prompt_records([f"ok-{i}" for i in range(6)])
-    chat = (b"chat", json.dumps({"id": "ok-chat", "messages": [{"role": "user", "content": "hi"}],
-                                 "metadata": {"user": 1}}).encode())  # fmt: skip
+    chat = (
+        b"chat",
+        json.dumps(
+            {"id": "ok-chat", "messages": [{"role": "user", "content": "hi"}], "metadata": {"user": 1}}
+        ).encode(),
+    )
     long_prompt = "The quick brown fox " * 200  # under the byte limit of 4096, over the 256-slot KV cache
     poison = [
         (b"p1", b"{not json"),
@@ -47,16 +51,38 @@ def test_poison_input_goes_to_the_dlq_with_reasons_and_valid_requests_are_served
         (b"p9", None),
     ]
     expected_codes = {
-        0: "not_json", 1: "wrong_type", 2: "missing_field", 3: "unknown_field", 4: "too_large",
-        5: "prompt_too_long", 6: "id_conflict", 7: "wrong_type", 8: "empty",
-    }  # fmt: skip
+        0: "not_json",
+        1: "wrong_type",
+        2: "missing_field",
+        3: "unknown_field",
+        4: "too_large",
+        5: "prompt_too_long",
+        6: "id_conflict",
+        7: "wrong_type",
+        8: "empty",
+    }
     port = free_port()
     metrics = DaemonMetrics()
-    worker = make_worker(kafka_names, sqlite_url, tiny_models, engine, metrics=metrics,
-                         daemon={"metrics_port": port})  # fmt: skip
+    worker = make_worker(kafka_names, sqlite_url, tiny_models, engine, metrics=metrics, daemon={"metrics_port": port})
     # Interleave so poison shares batches with valid requests.
-    records = [valid[0], poison[0], valid[1], poison[1], poison[2], valid[2], poison[3], poison[4], chat,
-               poison[5], valid[3], poison[6], poison[7], valid[4], poison[8], valid[5]]  # fmt: skip
+    records = [
+        valid[0],
+        poison[0],
+        valid[1],
+        poison[1],
+        poison[2],
+        valid[2],
+        poison[3],
+        poison[4],
+        chat,
+        poison[5],
+        valid[3],
+        poison[6],
+        poison[7],
+        valid[4],
+        poison[8],
+        valid[5],
+    ]
     with RunningWorker(worker):
         produce(kafka_names.bootstrap, kafka_names.prompts, records)
         completions = TopicReader(kafka_names.bootstrap, kafka_names.completions)
@@ -132,9 +158,16 @@ def test_backpressure_pauses_partitions_and_long_decodes_cause_no_rebalance(
 ):
     slow = CountingEngine(engine, delay_s=2.5)  # longer than the 2 s session timeout and the 2 s poll interval
     metrics = DaemonMetrics()
-    worker = make_worker(kafka_names, sqlite_url, tiny_models, slow, metrics=metrics,
-                         kafka={"max_poll_interval_ms": 2000}, batching={"queue_size": 2},
-                         engine_section={"max_batch_size": 2})  # fmt: skip
+    worker = make_worker(
+        kafka_names,
+        sqlite_url,
+        tiny_models,
+        slow,
+        metrics=metrics,
+        kafka={"max_poll_interval_ms": 2000},
+        batching={"queue_size": 2},
+        engine_section={"max_batch_size": 2},
+    )
     ids = [f"b{i}" for i in range(8)]
     paused_seen = []
     with RunningWorker(worker):
@@ -172,8 +205,9 @@ def test_draft_swap_happens_at_a_batch_boundary(kafka_names, sqlite_url, tiny_mo
     assert versions == {"before": "base", "after": "v2"}
 
 
-def test_a_signal_drains_within_the_grace_period_and_a_second_one_abandons(kafka_names, sqlite_url, tiny_models,
-                                                                           engine):  # fmt: skip
+def test_a_signal_drains_within_the_grace_period_and_a_second_one_abandons(
+    kafka_names, sqlite_url, tiny_models, engine
+):
     slow = CountingEngine(engine, delay_s=4.0)
     worker = make_worker(kafka_names, sqlite_url, tiny_models, slow, daemon={"shutdown_grace_s": 30.0})
     running = RunningWorker(worker)

@@ -34,17 +34,31 @@ def add(session_factory, weights, version, state, target=TARGET_IDENTITY, promot
 
     stored = weights.store.put(state)
     with session_factory.begin() as session:
-        checkpoint = add_checkpoint(session, version=version, sha256=stored.sha256, size_bytes=stored.size_bytes,
-                                    path=str(stored.path), learner="manual", learner_settings={},
-                                    target_identity=target)  # fmt: skip
+        checkpoint = add_checkpoint(
+            session,
+            version=version,
+            sha256=stored.sha256,
+            size_bytes=stored.size_bytes,
+            path=str(stored.path),
+            learner="manual",
+            learner_settings={},
+            target_identity=target,
+        )
         if promote:
             set_active(session, checkpoint.id, "operator:test", "test")
         return checkpoint.id
 
 
 def follower(database, weights, clock, interval_s=0.5) -> DraftFollower:
-    return DraftFollower(database, weights, target_identity=TARGET_IDENTITY, deployment="default",
-                         interval_s=interval_s, retry_s=5.0, clock=clock)  # fmt: skip
+    return DraftFollower(
+        database,
+        weights,
+        target_identity=TARGET_IDENTITY,
+        deployment="default",
+        interval_s=interval_s,
+        retry_s=5.0,
+        clock=clock,
+    )
 
 
 def test_reads_the_pointer_at_most_every_interval_and_swaps_once_per_move(database, weights):
@@ -119,8 +133,14 @@ def test_a_slow_load_happens_on_the_followers_thread_and_the_decode_thread_only_
     import time
 
     weights = SlowWeights(tmp_path / "checkpoints", BASE, delay_s=1.0)
-    follower = DraftFollower(database, weights, target_identity=TARGET_IDENTITY, deployment="default",
-                             interval_s=0.05, prepare=lambda state: {k: v * 1 for k, v in state.items()})  # fmt: skip
+    follower = DraftFollower(
+        database,
+        weights,
+        target_identity=TARGET_IDENTITY,
+        deployment="default",
+        interval_s=0.05,
+        prepare=lambda state: {k: v * 1 for k, v in state.items()},
+    )
     follower.start(BASE_DRAFT_VERSION)
     try:
         add(database, weights, "v1", {"w": torch.ones(4)})

@@ -17,13 +17,21 @@ import numpy as np
 import pytest
 import torch
 
+from devtools.tiny_models import make_tiny_pair
 from pipelines.engine import EngineSettings, SpeculativeEngine
 from pipelines.models import load_model, load_tokenizer
 from pipelines.types import KIND_ACCEPTED, KIND_BONUS, KIND_RECOVERED, NO_DRAFT_TOKEN, GenerationRequest
-from devtools.tiny_models import make_tiny_pair
 
-PROMPTS = ["def add(a, b):", "The quick brown", "SELECT name FROM users WHERE", "To be, or not", "for i in range(",
-           "All the world's a stage.", "return a +", "T"]  # fmt: skip
+PROMPTS = [
+    "def add(a, b):",
+    "The quick brown",
+    "SELECT name FROM users WHERE",
+    "To be, or not",
+    "for i in range(",
+    "All the world's a stage.",
+    "return a +",
+    "T",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +51,15 @@ def derived_steps(kinds: np.ndarray) -> int:
 
 def requests(tokenizer, temperature: float, stop: tuple[str, ...] = ()) -> list[GenerationRequest]:
     return [
-        GenerationRequest(f"r{i}", tokenizer(prompt).input_ids, max_new_tokens=7 + 5 * i, temperature=temperature,
-                          top_p=0.9 if temperature else 1.0, seed=i, stop=stop)  # fmt: skip
+        GenerationRequest(
+            f"r{i}",
+            tokenizer(prompt).input_ids,
+            max_new_tokens=7 + 5 * i,
+            temperature=temperature,
+            top_p=0.9 if temperature else 1.0,
+            seed=i,
+            stop=stop,
+        )
         for i, prompt in enumerate(PROMPTS)
     ]
 
@@ -54,8 +69,12 @@ def requests(tokenizer, temperature: float, stop: tuple[str, ...] = ()) -> list[
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_counters_match_what_the_feedback_shows(models, k, drafter, temperature):
     target, draft, tokenizer = models
-    engine = SpeculativeEngine(target, target if drafter == "target" else draft, tokenizer,
-                               EngineSettings(proposer="draft", k=k, max_batch_size=8, max_seq_len=256, top_m=4))  # fmt: skip
+    engine = SpeculativeEngine(
+        target,
+        target if drafter == "target" else draft,
+        tokenizer,
+        EngineSettings(proposer="draft", k=k, max_batch_size=8, max_seq_len=256, top_m=4),
+    )
     results = engine.generate(requests(tokenizer, temperature))
     assert sum(r.counters.accepted for r in results) > 0 or drafter == "draft"
     for result in results:
@@ -74,7 +93,9 @@ def test_counters_match_what_the_feedback_shows(models, k, drafter, temperature)
 
 def test_counters_of_rows_cut_short_by_a_stop_string(models):
     target, _, tokenizer = models
-    engine = SpeculativeEngine(target, target, tokenizer, EngineSettings(proposer="draft", k=4, max_batch_size=8, max_seq_len=256))
+    engine = SpeculativeEngine(
+        target, target, tokenizer, EngineSettings(proposer="draft", k=4, max_batch_size=8, max_seq_len=256)
+    )
     results = engine.generate(requests(tokenizer, 0.0, stop=("e",)))
     assert any(r.finish_reason == "stop" for r in results)
     for result in results:
@@ -84,8 +105,9 @@ def test_counters_of_rows_cut_short_by_a_stop_string(models):
 
 def test_without_a_draft_nothing_is_drafted(models):
     target, _, tokenizer = models
-    engine = SpeculativeEngine(target, None, tokenizer,
-                               EngineSettings(proposer="none", max_batch_size=8, max_seq_len=256))
+    engine = SpeculativeEngine(
+        target, None, tokenizer, EngineSettings(proposer="none", max_batch_size=8, max_seq_len=256)
+    )
     for result in engine.generate(requests(tokenizer, 0.0)):
         c = result.counters
         assert (c.drafted, c.accepted, c.draft_steps) == (0, 0, 0)

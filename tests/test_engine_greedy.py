@@ -36,8 +36,10 @@ _reference: dict[tuple[int, ...], list[int]] = {}
 
 
 def requests_for(tokenizer, indices, max_new_tokens: int = NEW_TOKENS, tag: str = "r") -> list[GenerationRequest]:
-    return [GenerationRequest(id=f"{tag}{i}", input_ids=tokenizer(PROMPTS[i]).input_ids, max_new_tokens=max_new_tokens)
-            for i in indices]  # fmt: skip
+    return [
+        GenerationRequest(id=f"{tag}{i}", input_ids=tokenizer(PROMPTS[i]).input_ids, max_new_tokens=max_new_tokens)
+        for i in indices
+    ]
 
 
 def reference(models, request: GenerationRequest) -> list[int]:
@@ -50,8 +52,9 @@ def reference(models, request: GenerationRequest) -> list[int]:
 def engine_for(models, proposer: str, k: int, draft="strong", **settings) -> SpeculativeEngine:
     draft_model = {"strong": models.strong_draft, "weak": models.weak_draft, None: None}[draft]
     defaults = dict(max_batch_size=8, max_seq_len=160)
-    return SpeculativeEngine(models.target, draft_model, models.tokenizer,
-                             EngineSettings(proposer=proposer, k=k, **{**defaults, **settings}))  # fmt: skip
+    return SpeculativeEngine(
+        models.target, draft_model, models.tokenizer, EngineSettings(proposer=proposer, k=k, **{**defaults, **settings})
+    )
 
 
 def assert_lossless(models, engine, requests) -> list:
@@ -76,7 +79,9 @@ def test_greedy_matches_transformers_generate(engine_models, proposer, batch_siz
     engine.add_to_stream([reference(engine_models, r) for r in requests_for(engine_models.tokenizer, others)])
     results = []
     for attempt in range(2):  # the second pass also finds the first pass's answers in the stream
-        results += assert_lossless(engine_models, engine, requests_for(engine_models.tokenizer, batch, tag=f"p{attempt}"))
+        results += assert_lossless(
+            engine_models, engine, requests_for(engine_models.tokenizer, batch, tag=f"p{attempt}")
+        )
     accepted = sum(r.counters.accepted for r in results)
     drafted = sum(r.counters.drafted for r in results)
     if proposer in ("draft", "hybrid"):
@@ -113,8 +118,12 @@ def test_batches_larger_than_max_batch_size_are_split_and_kept_in_order(engine_m
 
 
 def test_draft_equal_to_target_accepts_every_draft_token(engine_models):
-    engine = SpeculativeEngine(engine_models.target, engine_models.target, engine_models.tokenizer,
-                               EngineSettings(proposer="draft", k=4, max_batch_size=8, max_seq_len=96))  # fmt: skip
+    engine = SpeculativeEngine(
+        engine_models.target,
+        engine_models.target,
+        engine_models.tokenizer,
+        EngineSettings(proposer="draft", k=4, max_batch_size=8, max_seq_len=96),
+    )
     results = engine.generate(requests_for(engine_models.tokenizer, range(8), max_new_tokens=21))
     for result in results:
         assert KIND_RECOVERED not in result.feedback.kinds.tolist()
@@ -157,9 +166,13 @@ def test_suffix_proposer_learns_a_repeated_stream(engine_models):
 
 def test_feedback_is_complete_and_consistent_with_counters(engine_models):
     tokenizer, target = engine_models.tokenizer, engine_models.target
-    engine = SpeculativeEngine(target, engine_models.strong_draft, tokenizer,
-                               EngineSettings(proposer="draft", k=3, max_batch_size=4, max_seq_len=96, top_m=5),
-                               draft_version="v7")  # fmt: skip
+    engine = SpeculativeEngine(
+        target,
+        engine_models.strong_draft,
+        tokenizer,
+        EngineSettings(proposer="draft", k=3, max_batch_size=4, max_seq_len=96, top_m=5),
+        draft_version="v7",
+    )
     requests = requests_for(tokenizer, range(4), max_new_tokens=16)
     for request, result in zip(requests, engine.generate(requests)):
         fb, counters = result.feedback, result.counters
@@ -211,8 +224,9 @@ def test_swap_draft_changes_version_and_keeps_output_lossless(engine_models):
     [before] = engine.generate([request])
     draft = engine_models.strong_draft
     original = {name: t.clone() for name, t in draft.state_dict().items()}
-    perturbed = {name: t + 0.3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(0))
-                 for name, t in original.items()}  # fmt: skip
+    perturbed = {
+        name: t + 0.3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(0)) for name, t in original.items()
+    }
     try:
         engine.swap_draft(perturbed, "v-perturbed")
         [after] = engine.generate([request])

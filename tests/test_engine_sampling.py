@@ -68,8 +68,9 @@ def test_rejection_sampling_emits_target_distribution_at_every_slot(k):
     batch, vocab = 40_000, 6
     p, q, seeds, first_position, draft_tokens = synthetic_step(batch, k, vocab, seed=k)
     counts = torch.full((batch,), k)
-    outcome = verify_sampled(draft_tokens, counts, q.expand(batch, k, vocab), p.expand(batch, k + 1, vocab), seeds,
-                             first_position)  # fmt: skip
+    outcome = verify_sampled(
+        draft_tokens, counts, q.expand(batch, k, vocab), p.expand(batch, k + 1, vocab), seeds, first_position
+    )
     assert_every_slot_follows_p(p, draft_tokens, outcome, k)
     # Acceptance rate of the first draft token is sum_x min(p, q) (the paper's alpha).
     alpha = torch.minimum(p[0], q[0]).sum().item()
@@ -133,21 +134,33 @@ def conditional_distribution(models, prefix: list[int]) -> np.ndarray:
     return sampling.warp(logits, torch.tensor([TEMPERATURE]), torch.tensor([TOP_P]))[0, 0].double().numpy()
 
 
-@pytest.mark.parametrize("proposer, draft, min_accepted", [
-    ("none", None, 0), ("draft", "strong", 100), ("draft", "weak", 20), ("suffix", None, 100),
-    ("hybrid", "strong", 100),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "proposer, draft, min_accepted",
+    [
+        ("none", None, 0),
+        ("draft", "strong", 100),
+        ("draft", "weak", 20),
+        ("suffix", None, 100),
+        ("hybrid", "strong", 100),
+    ],
+)
 def test_engine_sampling_follows_the_target_distribution_at_every_slot(engine_models, proposer, draft, min_accepted):
     """Samples share their first tokens often enough to test the distribution of token s given the most common
     prefix of s tokens, for s = 1..4: slots whose tokens are accepted drafts, recovered or bonus tokens."""
     draft_model = {"strong": engine_models.strong_draft, "weak": engine_models.weak_draft, None: None}[draft]
-    engine = SpeculativeEngine(engine_models.target, draft_model, engine_models.tokenizer,
-                               EngineSettings(proposer=proposer, k=3, max_batch_size=64, max_seq_len=32))  # fmt: skip
+    engine = SpeculativeEngine(
+        engine_models.target,
+        draft_model,
+        engine_models.tokenizer,
+        EngineSettings(proposer=proposer, k=3, max_batch_size=64, max_seq_len=32),
+    )
     prompt = engine_models.tokenizer(PROMPT).input_ids
     greedy = engine_models.reference_greedy(prompt, 8)
     engine.add_to_stream([greedy], [prompt])  # suffix drafts propose the greedy path, often but not always right
-    requests = [GenerationRequest(id=str(s), input_ids=prompt, max_new_tokens=5, temperature=TEMPERATURE,
-                                  top_p=TOP_P, seed=s) for s in range(6000)]  # fmt: skip
+    requests = [
+        GenerationRequest(id=str(s), input_ids=prompt, max_new_tokens=5, temperature=TEMPERATURE, top_p=TOP_P, seed=s)
+        for s in range(6000)
+    ]
     results = [r for r in engine.generate(requests) if len(r.token_ids) == 5]
     tokens = np.array([r.token_ids for r in results])
     kinds = np.array([r.feedback.kinds for r in results])
@@ -168,8 +181,12 @@ def test_sampling_is_reproducible_whatever_the_batch(engine_models):
     """For a given proposer and draft version: another proposer drafts other tokens, so its accept/reject draws differ
     (the distribution is the target's either way)."""
     tokenizer = engine_models.tokenizer
-    engine = SpeculativeEngine(engine_models.target, engine_models.strong_draft, tokenizer,
-                               EngineSettings(proposer="draft", k=3, max_batch_size=8, max_seq_len=64))  # fmt: skip
+    engine = SpeculativeEngine(
+        engine_models.target,
+        engine_models.strong_draft,
+        tokenizer,
+        EngineSettings(proposer="draft", k=3, max_batch_size=8, max_seq_len=64),
+    )
     make = lambda i, text: GenerationRequest(  # noqa: E731
         id=str(i), input_ids=tokenizer(text).input_ids, max_new_tokens=20, temperature=0.9, seed=42 + i
     )

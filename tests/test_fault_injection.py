@@ -43,8 +43,11 @@ pytestmark = [pytest.mark.fault, pytest.mark.kafka, pytest.mark.slow]
 
 # Short answers and full batches: the tiny models decode a batch in a fraction of a second, so a stream of hundreds
 # of requests passes many batch boundaries, each a place for a fault to land.
-FAST = {"batching": {"queue_size": 32}, "engine": {"proposer": "draft", "k": 3, "max_seq_len": 256, "top_m": 4,
-                                                  "max_batch_size": 8}, "limits": {"default_max_new_tokens": 6}}
+FAST = {
+    "batching": {"queue_size": 32},
+    "engine": {"proposer": "draft", "k": 3, "max_seq_len": 256, "top_m": 4, "max_batch_size": 8},
+    "limits": {"default_max_new_tokens": 6},
+}
 
 
 def stream_records(ids: list[str]) -> list[tuple[bytes, bytes]]:
@@ -75,8 +78,7 @@ def serve_the_rest(daemon: DaemonProcess, reader: TopicReader, ids: list[str]) -
 
 
 @pytest.mark.postgres
-def test_a_kill_9_at_random_moments(tmp_path, daemon_processes, kafka_names, postgres_url, tiny_models,
-                                    fault_figures):  # fmt: skip
+def test_a_kill_9_at_random_moments(tmp_path, daemon_processes, kafka_names, postgres_url, tiny_models, fault_figures):
     started = time.monotonic()
     rng = random.Random(20261203)
     ids = [f"k{i:03d}" for i in range(320)]
@@ -84,14 +86,14 @@ def test_a_kill_9_at_random_moments(tmp_path, daemon_processes, kafka_names, pos
     daemon = start_daemon(tmp_path, daemon_processes, kafka_names, postgres_url, tiny_models, **FAST)
     produce(kafka_names.bootstrap, kafka_names.prompts, stream_records(ids))
     reader = TopicReader(kafka_names.bootstrap, kafka_names.completions)
-    for cycle in range(cycles):
+    for _ in range(cycles):
         if rng.random() < 0.15:  # while it starts: loading models, joining the group
             time.sleep(rng.uniform(0.5, 4.0))
             before_ready += 1
         else:
             daemon.wait_ready()
             target = min(len(ids), len(answered(reader.records)) + rng.randint(1, 24))
-            reader.read_until(lambda rs: len(answered(rs)) >= target, timeout=90)
+            reader.read_until(lambda rs, target=target: len(answered(rs)) >= target, timeout=90)
             time.sleep(rng.uniform(0.0, 0.2))  # anywhere in the next batch: decoding, storing or producing
         daemon.kill()
         counts = completion_rows(postgres_url)
@@ -102,8 +104,13 @@ def test_a_kill_9_at_random_moments(tmp_path, daemon_processes, kafka_names, pos
 
     figures = delivery_figures(postgres_url, ids, records)
     log = daemon.log_path.read_text(errors="replace")
-    figures.update(cycles=cycles, kills_mid_batch=mid_batch, kills_before_ready=before_ready,
-                   stalls=stall_lines(log), seconds=round(time.monotonic() - started, 1))  # fmt: skip
+    figures.update(
+        cycles=cycles,
+        kills_mid_batch=mid_batch,
+        kills_before_ready=before_ready,
+        stalls=stall_lines(log),
+        seconds=round(time.monotonic() - started, 1),
+    )
     fault_figures.record("a_kill_9", **figures)
     assert_exactly_once(figures)
     assert figures["stalls"] == 0 and mid_batch >= 3, figures
@@ -146,19 +153,24 @@ def test_b_broker_restart_mid_stream(tmp_path, daemon_processes, sqlite_url, tin
 
     figures = delivery_figures(sqlite_url, ids, before + after)
     log = supervised.log()
-    figures.update(answered_before_restart=len(seen_before), resent_by_the_test=len(unanswered),
-                   decoded_after_restart=len(unanswered) - figures["resent_copies"],
-                   daemon_restarts=supervised.restarts, producer_recreations=int(re.findall(
-                       r"(\d+) producer recreations", log)[-1]), stalls=stall_lines(log),
-                   seconds=round(time.monotonic() - started, 1))  # fmt: skip
+    figures.update(
+        answered_before_restart=len(seen_before),
+        resent_by_the_test=len(unanswered),
+        decoded_after_restart=len(unanswered) - figures["resent_copies"],
+        daemon_restarts=supervised.restarts,
+        producer_recreations=int(re.findall(r"(\d+) producer recreations", log)[-1]),
+        stalls=stall_lines(log),
+        seconds=round(time.monotonic() - started, 1),
+    )
     fault_figures.record("b_broker_restart", **figures)
     assert_exactly_once(figures)
     assert answered(before + after) == set(ids) and figures["stalls"] == 0, figures
 
 
 @pytest.mark.postgres
-def test_c_postgresql_stopped_mid_stream(tmp_path, daemon_processes, kafka_names, tiny_models, private_postgres,
-                                         fault_figures):  # fmt: skip
+def test_c_postgresql_stopped_mid_stream(
+    tmp_path, daemon_processes, kafka_names, tiny_models, private_postgres, fault_figures
+):
     started = time.monotonic()
     url = migrate(private_postgres.url)
     supervised = Supervised(start_daemon(tmp_path, daemon_processes, kafka_names, url, tiny_models, **FAST))
@@ -184,8 +196,13 @@ def test_c_postgresql_stopped_mid_stream(tmp_path, daemon_processes, kafka_names
     figures = delivery_figures(url, ids, records)
     log = supervised.log()
     retries = int(re.findall(r"(\d+) database retries", log)[-1])
-    figures.update(outage_seconds=round(outage, 1), database_retries=retries, daemon_restarts=supervised.restarts,
-                   stalls=stall_lines(log), seconds=round(time.monotonic() - started, 1))  # fmt: skip
+    figures.update(
+        outage_seconds=round(outage, 1),
+        database_retries=retries,
+        daemon_restarts=supervised.restarts,
+        stalls=stall_lines(log),
+        seconds=round(time.monotonic() - started, 1),
+    )
     fault_figures.record("c_postgres_outage", **figures)
     assert_exactly_once(figures)
     assert "database unavailable during" in log and "database available again" in log
@@ -229,19 +246,26 @@ def bad_value(rng: random.Random, index: int, good_ids: list[str]) -> tuple[byte
     rid = f"bad-{index}"
     ok = {"id": rid, "prompt": "p"}
     wrong_types = {  # every field, each with values of the wrong JSON type (or out of range)
-        "id": [7, 1.5, True, None, [], {}], "prompt": [3, False, None, ["p"], {"p": 1}, ""],
+        "id": [7, 1.5, True, None, [], {}],
+        "prompt": [3, False, None, ["p"], {"p": 1}, ""],
         "messages": ["hi", 1, {}, [], [1], [{"role": 1, "content": "x"}], [{"role": "user"}]],
-        "max_new_tokens": ["5", 5.5, True, [], {}, 0, -3, 1000], "temperature": ["hot", True, [], {}, -1, 101],
-        "top_p": ["x", False, [], 0, 2, -0.5], "seed": ["s", 1.5, -1, 2**64, True],
-        "stop": [5, [1], [""], {}, ["x" * 300], ["s"] * 100], "metadata": ["m", 5, [1], True, {"b": "x" * 20_000}],
+        "max_new_tokens": ["5", 5.5, True, [], {}, 0, -3, 1000],
+        "temperature": ["hot", True, [], {}, -1, 101],
+        "top_p": ["x", False, [], 0, 2, -0.5],
+        "seed": ["s", 1.5, -1, 2**64, True],
+        "stop": [5, [1], [""], {}, ["x" * 300], ["s"] * 100],
+        "metadata": ["m", 5, [1], True, {"b": "x" * 20_000}],
     }
     kind = index % 16
     if kind == 0:
         return rng.choice([b"{not json", b"", b"   ", b'{"id": "x", ', b"}{", b"\x00\x01"]), {"not_json"}, None
     if kind == 1:
         body = json.dumps({**ok, "prompt": "p"}).encode()  # \xff never occurs in UTF-8
-        return body[:rng.randint(0, len(body))] + b"\xff" + bytes(rng.randrange(256) for _ in range(8)), \
-            {"not_utf8"}, None
+        return (
+            body[: rng.randint(0, len(body))] + b"\xff" + bytes(rng.randrange(256) for _ in range(8)),
+            {"not_utf8"},
+            None,
+        )
     if kind in (2, 3, 4):
         field = rng.choice(sorted(wrong_types))
         value = rng.choice(wrong_types[field])
@@ -252,18 +276,35 @@ def bad_value(rng: random.Random, index: int, good_ids: list[str]) -> tuple[byte
     if kind == 6:
         return None, {"empty"}, b"tombstone-key"
     if kind == 7:
-        return json.dumps({**ok, "id": rng.choice(["", "   ", "x" * 10_000, "a\u0000b", "tab\there"])}).encode(), \
-            {"out_of_range"}, None
+        return (
+            json.dumps({**ok, "id": rng.choice(["", "   ", "x" * 10_000, "a\u0000b", "tab\there"])}).encode(),
+            {"out_of_range"},
+            None,
+        )
     if kind == 8:
-        return json.dumps({**ok, **{f"extra{i}": i for i in range(rng.randint(1, 30))}}).encode(), {"unknown_field"}, None
+        return (
+            json.dumps({**ok, **{f"extra{i}": i for i in range(rng.randint(1, 30))}}).encode(),
+            {"unknown_field"},
+            None,
+        )
     if kind == 9:
-        return (b'{"id": "' + rid.encode() + b'", "prompt": "p", "metadata": {"a": ' + nested(5000).encode() + b"}}",
-                {"not_json"}, None)
+        return (
+            b'{"id": "' + rid.encode() + b'", "prompt": "p", "metadata": {"a": ' + nested(5000).encode() + b"}}",
+            {"not_json"},
+            None,
+        )
     if kind == 10:
-        return rng.choice([b'{"id": "%s", "prompt": "p", "temperature": NaN}' % rid.encode(),
-                           b'{"id": "%s", "prompt": "\\ud800"}' % rid.encode(),
-                           b'{"id": "%s", "prompt": "p", "metadata": {"n": 1e999}}' % rid.encode()]), \
-            {"not_json", "not_utf8"}, None  # fmt: skip
+        return (
+            rng.choice(
+                [
+                    b'{"id": "%s", "prompt": "p", "temperature": NaN}' % rid.encode(),
+                    b'{"id": "%s", "prompt": "\\ud800"}' % rid.encode(),
+                    b'{"id": "%s", "prompt": "p", "metadata": {"n": 1e999}}' % rid.encode(),
+                ]
+            ),
+            {"not_json", "not_utf8"},
+            None,
+        )
     if kind == 11:
         return json.dumps({"id": rid, "prompt": "The quick brown fox " * 160}).encode(), {"prompt_too_long"}, None
     if kind == 12:
@@ -278,24 +319,29 @@ def bad_value(rng: random.Random, index: int, good_ids: list[str]) -> tuple[byte
 
 
 @pytest.mark.postgres
-def test_d_fuzzed_bad_records_among_good_ones(tmp_path, daemon_processes, kafka_names, postgres_url, tiny_models,
-                                              fault_figures):  # fmt: skip
+def test_d_fuzzed_bad_records_among_good_ones(
+    tmp_path, daemon_processes, kafka_names, postgres_url, tiny_models, fault_figures
+):
     started = time.monotonic()
     rng = random.Random(1503)
     target_dir, draft_dir = tiny_models
-    settings = daemon_settings(kafka_names, postgres_url, target_dir, draft_dir,
-                               batching={"queue_size": 128}, engine={"proposer": "draft", "k": 3, "max_seq_len": 256,
-                                                                     "top_m": 4, "max_batch_size": 8},
-                               limits={"max_message_bytes": 1_000_000, "default_max_new_tokens": 6},
-                               daemon={"log_level": "INFO"})  # fmt: skip
+    settings = daemon_settings(
+        kafka_names,
+        postgres_url,
+        target_dir,
+        draft_dir,
+        batching={"queue_size": 128},
+        engine={"proposer": "draft", "k": 3, "max_seq_len": 256, "top_m": 4, "max_batch_size": 8},
+        limits={"max_message_bytes": 1_000_000, "default_max_new_tokens": 6},
+        daemon={"log_level": "INFO"},
+    )
     daemon = DaemonProcess(write_config(tmp_path / "config.yaml", settings), tmp_path / "daemon.log")
     daemon_processes.append(daemon)
     clean_ids = [f"clean-{i:03d}" for i in range(200)]
     produce(kafka_names.bootstrap, kafka_names.prompts, [good_record(rng, i) for i in clean_ids])
     # Each stream is in Kafka before the daemon starts: the time from ready to done is the daemon's alone.
     completions = TopicReader(kafka_names.bootstrap, kafka_names.completions)
-    clean_seconds = run_until(daemon.start(), lambda: answered(completions.records) >= set(clean_ids),
-                              [completions])  # fmt: skip
+    clean_seconds = run_until(daemon.start(), lambda: answered(completions.records) >= set(clean_ids), [completions])
 
     good_ids = [f"good-{i:03d}" for i in range(200)]
     stream, expected = [], {}  # expected: offset -> reason codes it may get
@@ -309,15 +355,21 @@ def test_d_fuzzed_bad_records_among_good_ones(tmp_path, daemon_processes, kafka_
     produce(kafka_names.bootstrap, kafka_names.prompts, stream, max_request_size=8_000_000)
     completions = TopicReader(kafka_names.bootstrap, kafka_names.completions)  # both streams' answers
     dlq = TopicReader(kafka_names.bootstrap, kafka_names.dlq)
-    fuzz_seconds = run_until(daemon.start(), lambda: answered(completions.records) >= set(good_ids)
-                             and len(dlq.records) >= len(expected), [completions, dlq])  # fmt: skip
+    fuzz_seconds = run_until(
+        daemon.start(),
+        lambda: answered(completions.records) >= set(good_ids) and len(dlq.records) >= len(expected),
+        [completions, dlq],
+    )
 
     by_offset: dict[int, list] = {}
     for record in dlq.records:
         by_offset.setdefault(int(header(record, "original-offset")), []).append(record)
     assert sorted(by_offset) == sorted(expected)  # every bad record on the DLQ, nothing else
-    wrong = {o: (header(rs[0], "reason-code"), header(rs[0], "reason")) for o, rs in by_offset.items()
-             if header(rs[0], "reason-code") not in expected[o] or not header(rs[0], "reason")}  # fmt: skip
+    wrong = {
+        o: (header(rs[0], "reason-code"), header(rs[0], "reason"))
+        for o, rs in by_offset.items()
+        if header(rs[0], "reason-code") not in expected[o] or not header(rs[0], "reason")
+    }
     assert not wrong, wrong
     codes: dict[str, int] = {}
     for records in by_offset.values():
@@ -326,12 +378,19 @@ def test_d_fuzzed_bad_records_among_good_ones(tmp_path, daemon_processes, kafka_
     figures = delivery_figures(postgres_url, clean_ids + good_ids, completions.records)
     clean_rate, fuzz_rate = len(clean_ids) / clean_seconds, len(good_ids) / fuzz_seconds
     log = daemon.log_path.read_text(errors="replace")
-    figures.update(bad_records=len(expected), dlq_records=len(dlq.records),
-                   dlq_duplicates=len(dlq.records) - len(by_offset), dead_letter_rows=sum(n for _, n in dead_rows),
-                   dlq_by_reason=dict(sorted(codes.items())), stalls=stall_lines(log),
-                   clean_seconds=round(clean_seconds, 2), fuzzed_seconds=round(fuzz_seconds, 2),
-                   clean_good_per_s=round(clean_rate, 1), fuzzed_good_per_s=round(fuzz_rate, 1),
-                   seconds=round(time.monotonic() - started, 1))  # fmt: skip
+    figures.update(
+        bad_records=len(expected),
+        dlq_records=len(dlq.records),
+        dlq_duplicates=len(dlq.records) - len(by_offset),
+        dead_letter_rows=sum(n for _, n in dead_rows),
+        dlq_by_reason=dict(sorted(codes.items())),
+        stalls=stall_lines(log),
+        clean_seconds=round(clean_seconds, 2),
+        fuzzed_seconds=round(fuzz_seconds, 2),
+        clean_good_per_s=round(clean_rate, 1),
+        fuzzed_good_per_s=round(fuzz_rate, 1),
+        seconds=round(time.monotonic() - started, 1),
+    )
     fault_figures.record("d_fuzz", **figures)
     assert_exactly_once(figures)
     assert figures["copies_on_topic"] == len(clean_ids + good_ids) and figures["resent_copies"] == 0, figures
@@ -363,16 +422,22 @@ def test_e_sigterm_mid_stream(tmp_path, daemon_processes, kafka_names, sqlite_ur
     records = serve_the_rest(restarted, reader, ids)
 
     figures = delivery_figures(sqlite_url, ids, records)
-    figures.update(exit_code=0, exit_seconds=round(exit_seconds, 2), grace_seconds=grace,
-                   served_before_sigterm_exit=served_first, stalls=stall_lines(restarted.log_path.read_text()),
-                   seconds=round(time.monotonic() - started, 1))  # fmt: skip
+    figures.update(
+        exit_code=0,
+        exit_seconds=round(exit_seconds, 2),
+        grace_seconds=grace,
+        served_before_sigterm_exit=served_first,
+        stalls=stall_lines(restarted.log_path.read_text()),
+        seconds=round(time.monotonic() - started, 1),
+    )
     fault_figures.record("e_sigterm", **figures)
     assert_exactly_once(figures)
     assert exit_seconds < grace and figures["copies_on_topic"] == len(ids) and figures["resent_copies"] == 0, figures
 
 
-def test_f_a_checkpoint_with_one_flipped_byte_is_refused_everywhere(tmp_path, daemon_processes, kafka_names,
-                                                                    sqlite_url, tiny_models, fault_figures):  # fmt: skip
+def test_f_a_checkpoint_with_one_flipped_byte_is_refused_everywhere(
+    tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models, fault_figures
+):
     from pipelines.models import load_model, model_identity
     from storage.artifacts import CheckpointStore
     from storage.checkpoints_repo import add_checkpoint, get_active_checkpoint, set_active
@@ -391,9 +456,15 @@ def test_f_a_checkpoint_with_one_flipped_byte_is_refused_everywhere(tmp_path, da
         for version, shift in (("A", 0.01), ("B", 0.02)):
             stored[version] = store.put({n: t + shift for n, t in base.items()})
             ids_of_version[version] = add_checkpoint(
-                session, version=version, sha256=stored[version].sha256, size_bytes=stored[version].size_bytes,
-                path=str(stored[version].path), learner="manual", learner_settings={}, target_identity=identity,
-            ).id  # fmt: skip
+                session,
+                version=version,
+                sha256=stored[version].sha256,
+                size_bytes=stored[version].size_bytes,
+                path=str(stored[version].path),
+                learner="manual",
+                learner_settings={},
+                target_identity=identity,
+            ).id
         set_active(session, ids_of_version["A"], "operator:test", "A first")
         set_active(session, ids_of_version["B"], "operator:test", "then B")
     damaged = stored["A"].path
@@ -417,8 +488,15 @@ def test_f_a_checkpoint_with_one_flipped_byte_is_refused_everywhere(tmp_path, da
         set_active(session, ids_of_version["A"], "operator:test", "A again")  # as if damaged after promotion
     engine.dispose()
 
-    daemon = start_daemon(tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models, **FAST,
-                          learning={"checkpoint_dir": str(tmp_path / "checkpoints"), "follow_interval_ms": 0})  # fmt: skip
+    daemon = start_daemon(
+        tmp_path,
+        daemon_processes,
+        kafka_names,
+        sqlite_url,
+        tiny_models,
+        **FAST,
+        learning={"checkpoint_dir": str(tmp_path / "checkpoints"), "follow_interval_ms": 0},
+    )
     daemon.wait_ready()
     ids = [f"f{i}" for i in range(8)]
     produce(kafka_names.bootstrap, kafka_names.prompts, stream_records(ids))
@@ -434,8 +512,13 @@ def test_f_a_checkpoint_with_one_flipped_byte_is_refused_everywhere(tmp_path, da
     assert "-> A" not in log
     refusals["daemon_start"] = refusal
 
-    fault_figures.record("f_flipped_byte", refusals=len(refusals), served_by_the_damaged_version=0,
-                         completions=len(records), seconds=round(time.monotonic() - started, 1))  # fmt: skip
+    fault_figures.record(
+        "f_flipped_byte",
+        refusals=len(refusals),
+        served_by_the_damaged_version=0,
+        completions=len(records),
+        seconds=round(time.monotonic() - started, 1),
+    )
 
 
 def onlinespec_checkpoints(database_url: str, *argv: str):
@@ -444,5 +527,10 @@ def onlinespec_checkpoints(database_url: str, *argv: str):
 
     from tests.daemon_fixtures import REPO
 
-    return subprocess.run([sys.executable, "-m", "daemon.cli", "checkpoints", *argv, "--database-url", database_url],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "checkpoints", *argv, "--database-url", database_url],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )

@@ -28,20 +28,39 @@ pytestmark = pytest.mark.kafka
 
 def kafka_settings(names, **extra) -> KafkaSettings:
     return KafkaSettings(
-        bootstrap_servers=names.bootstrap, prompts_topic=names.prompts, completions_topic=names.completions,
-        dlq_topic=names.dlq, group_id=names.group, session_timeout_ms=2000, heartbeat_interval_ms=500,
-        request_timeout_ms=3000, produce_timeout_s=3.0, **extra,
-    )  # fmt: skip
+        bootstrap_servers=names.bootstrap,
+        prompts_topic=names.prompts,
+        completions_topic=names.completions,
+        dlq_topic=names.dlq,
+        group_id=names.group,
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=500,
+        request_timeout_ms=3000,
+        produce_timeout_s=3.0,
+        **extra,
+    )
 
 
 def test_dlq_and_completion_records_carry_their_headers(kafka_names):
     publisher = Publisher(kafka_settings(kafka_names))
     try:
-        publisher.send_all([
-            dlq_record(kafka_names.dlq, kafka_names.prompts, 0, 41, b"k", b"{bad", "not_json", "value is not JSON",
-                       None, 1_048_576),
-            completion_record(kafka_names.completions, b"k2", "r2", b'{"id": "r2"}', resent=True),
-        ])  # fmt: skip
+        publisher.send_all(
+            [
+                dlq_record(
+                    kafka_names.dlq,
+                    kafka_names.prompts,
+                    0,
+                    41,
+                    b"k",
+                    b"{bad",
+                    "not_json",
+                    "value is not JSON",
+                    None,
+                    1_048_576,
+                ),
+                completion_record(kafka_names.completions, b"k2", "r2", b'{"id": "r2"}', resent=True),
+            ]
+        )
     finally:
         publisher.close()
     reader = TopicReader(kafka_names.bootstrap, kafka_names.dlq)
@@ -51,8 +70,11 @@ def test_dlq_and_completion_records_carry_their_headers(kafka_names):
     assert header(record, "reason") == "value is not JSON" and header(record, "reason-code") == "not_json"
     assert header(record, "original-size") == "4" and header(record, "truncated") is None
     assert header(record, "original-sha256") == hashlib.sha256(b"{bad").hexdigest()
-    assert (header(record, "original-topic"), header(record, "original-partition"),
-            header(record, "original-offset")) == (kafka_names.prompts, "0", "41")  # fmt: skip
+    assert (
+        header(record, "original-topic"),
+        header(record, "original-partition"),
+        header(record, "original-offset"),
+    ) == (kafka_names.prompts, "0", "41")
     reader = TopicReader(kafka_names.bootstrap, kafka_names.completions)
     (record,) = reader.read_until(lambda records: len(records) == 1, timeout=20)
     reader.close()
@@ -124,14 +146,17 @@ def test_a_tombstone_is_dead_lettered_with_an_empty_value():
 
 def test_one_record_too_large_fails_alone_and_permanently(kafka_names):
     publisher = Publisher(kafka_settings(kafka_names, max_request_size=16_384))
-    records = [completion_record(kafka_names.completions, None, f"r{i}", b"x" * size, False)
-               for i, size in enumerate([10, 20_000, 30])]  # fmt: skip
+    records = [
+        completion_record(kafka_names.completions, None, f"r{i}", b"x" * size, False)
+        for i, size in enumerate([10, 20_000, 30])
+    ]
     try:
         delivery = publisher.send_all(records)
     finally:
         publisher.close()
     assert [(f.index, f.kind, type(f.error).__name__) for f in delivery.failures] == [
-        (1, PERMANENT, "MessageSizeTooLargeError")]
+        (1, PERMANENT, "MessageSizeTooLargeError")
+    ]
     assert publisher.recreations == 0  # refused before it was sent: the producer is fine
     reader = TopicReader(kafka_names.bootstrap, kafka_names.completions)
     records = reader.read_until(lambda rs: len(rs) == 2, timeout=20)
@@ -139,21 +164,24 @@ def test_one_record_too_large_fails_alone_and_permanently(kafka_names):
     assert [header(r, "request-id") for r in records] == ["r0", "r2"]
 
 
-@pytest.mark.parametrize(("error", "kind"), [
-    (kafka_errors.MessageSizeTooLargeError("too big"), PERMANENT),
-    (kafka_errors.TopicAuthorizationFailedError("no"), PERMANENT),
-    (kafka_errors.InvalidTopicError("bad name"), PERMANENT),
-    (kafka_errors.InvalidRecordError("bad record"), PERMANENT),
-    (TypeError("not bytes"), PERMANENT),
-    (kafka_errors.KafkaTimeoutError("no metadata"), TRANSIENT),
-    (kafka_errors.KafkaConnectionError("refused"), TRANSIENT),
-    (kafka_errors.NotEnoughReplicasError("1 of 3"), TRANSIENT),
-    (kafka_errors.NotLeaderForPartitionError("moved"), TRANSIENT),
-    (kafka_errors.UnknownTopicOrPartitionError("being created"), TRANSIENT),
-    (kafka_errors.UnknownProducerIdError("broker restarted"), TRANSIENT),
-    (ConnectionResetError("reset"), TRANSIENT),
-    (kafka_errors.UnknownError("?"), UNCLASSIFIED),
-    (RuntimeError("?"), UNCLASSIFIED),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (kafka_errors.MessageSizeTooLargeError("too big"), PERMANENT),
+        (kafka_errors.TopicAuthorizationFailedError("no"), PERMANENT),
+        (kafka_errors.InvalidTopicError("bad name"), PERMANENT),
+        (kafka_errors.InvalidRecordError("bad record"), PERMANENT),
+        (TypeError("not bytes"), PERMANENT),
+        (kafka_errors.KafkaTimeoutError("no metadata"), TRANSIENT),
+        (kafka_errors.KafkaConnectionError("refused"), TRANSIENT),
+        (kafka_errors.NotEnoughReplicasError("1 of 3"), TRANSIENT),
+        (kafka_errors.NotLeaderForPartitionError("moved"), TRANSIENT),
+        (kafka_errors.UnknownTopicOrPartitionError("being created"), TRANSIENT),
+        (kafka_errors.UnknownProducerIdError("broker restarted"), TRANSIENT),
+        (ConnectionResetError("reset"), TRANSIENT),
+        (kafka_errors.UnknownError("?"), UNCLASSIFIED),
+        (RuntimeError("?"), UNCLASSIFIED),
+    ],
+)
 def test_produce_errors_are_sorted_by_what_a_retry_can_fix(error, kind):
     assert classify(error) == kind

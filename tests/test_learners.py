@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from devtools.tiny_models import build_tokenizer, make_model_dir, tiny_config
 from pipelines.engine import EngineSettings, SpeculativeEngine
 from pipelines.learners import (
     LEARNER_NAMES,
@@ -32,7 +33,6 @@ from pipelines.learners.optimistic import OptimisticGD
 from pipelines.models import load_model
 from pipelines.replay import replay
 from pipelines.types import GenerationRequest
-from devtools.tiny_models import build_tokenizer, make_model_dir, tiny_config
 
 K = 3
 ROUNDS = 3
@@ -257,9 +257,15 @@ def test_optimistic_learner_carries_the_previous_gradient_across_rounds(domain, 
     _, draft, _ = domain
     lr = 0.05
     settings = LearnerSettings(
-        name="optimistic", optimizer="sgd", lr=lr, epochs=1, batch_size=PER_ROUND, max_grad_norm=None,
-        trainable="last_layers", num_last_layers=1,
-    )  # fmt: skip
+        name="optimistic",
+        optimizer="sgd",
+        lr=lr,
+        epochs=1,
+        batch_size=PER_ROUND,
+        max_grad_norm=None,
+        trainable="last_layers",
+        num_last_layers=1,
+    )
     learner = make_learner(settings)
     assert isinstance(learner, OptimisticLearner)
     training = copy.deepcopy(draft)
@@ -365,7 +371,9 @@ def test_osd_trains_on_rejected_positions_and_falls_back_for_target_only_feedbac
     rejected = sum(int((f.kinds == 1).sum()) for f in static_rounds[0])
     assert report.tokens == rejected and report.loss_after < report.loss_before
 
-    engine = SpeculativeEngine(target, None, tokenizer, EngineSettings(proposer="none", max_batch_size=8, max_seq_len=160))
+    engine = SpeculativeEngine(
+        target, None, tokenizer, EngineSettings(proposer="none", max_batch_size=8, max_seq_len=160)
+    )
     target_only = [r.feedback for r in engine.generate(domain_requests(tokenizer, 5, 8))]
     fallback = make_learner(LearnerSettings(name="osd", lr=TINY_LR, trainable="all"))
     report = fallback.fit(copy.deepcopy(draft), target_only, base_version="v0")
@@ -415,21 +423,41 @@ def test_osd_trains_on_the_draft_models_rejections_and_not_on_positions_suffix_d
     import numpy as np
 
     from pipelines.learners.distill import model_verified
-    from pipelines.types import KIND_ACCEPTED, KIND_BONUS, KIND_RECOVERED, SOURCE_DRAFT, SOURCE_NONE, SOURCE_SUFFIX
-    from pipelines.types import RequestFeedback
+    from pipelines.types import (
+        KIND_ACCEPTED,
+        KIND_BONUS,
+        KIND_RECOVERED,
+        SOURCE_DRAFT,
+        SOURCE_NONE,
+        SOURCE_SUFFIX,
+        RequestFeedback,
+    )
 
     def feedback(kinds, sources, drafts):
         n = len(kinds)
-        return RequestFeedback(np.array([1, 2], np.int32), np.arange(n, dtype=np.int32), np.array(kinds, np.uint8),
-                               np.array(drafts, np.int32), np.zeros((n, 2), np.int32), np.zeros((n, 2), np.float16),
-                               "v0", None if sources is None else np.array(sources, np.uint8))  # fmt: skip
+        return RequestFeedback(
+            np.array([1, 2], np.int32),
+            np.arange(n, dtype=np.int32),
+            np.array(kinds, np.uint8),
+            np.array(drafts, np.int32),
+            np.zeros((n, 2), np.int32),
+            np.zeros((n, 2), np.float16),
+            "v0",
+            None if sources is None else np.array(sources, np.uint8),
+        )
 
     kinds = [KIND_BONUS, KIND_ACCEPTED, KIND_RECOVERED, KIND_ACCEPTED, KIND_RECOVERED, KIND_BONUS]
-    mixed = feedback(kinds, [SOURCE_NONE, SOURCE_DRAFT, SOURCE_DRAFT, SOURCE_SUFFIX, SOURCE_SUFFIX, SOURCE_NONE],
-                     [-1, 1, 9, 3, 9, -1])  # fmt: skip
+    mixed = feedback(
+        kinds,
+        [SOURCE_NONE, SOURCE_DRAFT, SOURCE_DRAFT, SOURCE_SUFFIX, SOURCE_SUFFIX, SOURCE_NONE],
+        [-1, 1, 9, 3, 9, -1],
+    )
     assert model_verified(mixed).tolist() == [True, True, True, False, False, True]
     legacy = feedback(kinds, None, [-1, 1, 9, 3, 9, -1])
     assert model_verified(legacy).all()
-    suffix_only = feedback(kinds, [SOURCE_NONE, SOURCE_SUFFIX, SOURCE_SUFFIX, SOURCE_SUFFIX, SOURCE_SUFFIX, SOURCE_NONE],
-                           [-1, 1, 9, 3, 9, -1])  # fmt: skip
+    suffix_only = feedback(
+        kinds,
+        [SOURCE_NONE, SOURCE_SUFFIX, SOURCE_SUFFIX, SOURCE_SUFFIX, SOURCE_SUFFIX, SOURCE_NONE],
+        [-1, 1, 9, 3, 9, -1],
+    )
     assert not model_verified(suffix_only).any()

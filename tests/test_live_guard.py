@@ -15,10 +15,10 @@ from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftWeights
 from daemon.learning.live_guard import LiveGuard
 from tests.rounds_fixtures import (
     TARGET_IDENTITY,
+    draft_round_avg_len,
     follow,
     follower_for,
     learning_settings,
-    draft_round_avg_len,
     serve,
     session_factory_for,
     stream,
@@ -42,9 +42,17 @@ def add_version(session_factory, weights: DraftWeights, version: str, state: dic
 
     stored = weights.store.put(state)
     with session_factory.begin() as session:
-        return add_checkpoint(session, version=version, sha256=stored.sha256, size_bytes=stored.size_bytes,
-                              path=str(stored.path), learner="manual", learner_settings={},
-                              target_identity=TARGET_IDENTITY, **fields).id  # fmt: skip
+        return add_checkpoint(
+            session,
+            version=version,
+            sha256=stored.sha256,
+            size_bytes=stored.size_bytes,
+            path=str(stored.path),
+            learner="manual",
+            learner_settings={},
+            target_identity=TARGET_IDENTITY,
+            **fields,
+        ).id
 
 
 def scrambled(engine, seed: int = 0) -> dict:
@@ -76,7 +84,11 @@ def test_a_version_that_degrades_live_acceptance_is_rolled_back_automatically(se
     with session_factory() as session:
         event = checkpoints_repo.list_events(session)[0]
         assert (event.kind, event.actor, event.checkpoint_id, event.from_checkpoint_id) == (
-            "rollback", "live-guard", None, bad_id)
+            "rollback",
+            "live-guard",
+            None,
+            bad_id,
+        )
         assert f"{bad_live:.3f}" in event.reason and f"{base_live:.3f}" in event.reason
         assert event.metrics["live"]["requests"] == 6 and event.metrics["reference_version"] == BASE_DRAFT_VERSION
         bad = checkpoints_repo.get_checkpoint(session, bad_id)
@@ -112,8 +124,9 @@ def test_without_a_served_predecessor_the_promoting_rounds_heldout_number_is_the
     engine, session_factory, weights, follower, guard, _ = setup
     bad_id = add_version(session_factory, weights, "bad-2", scrambled(engine, seed=1))
     with session_factory.begin() as session:  # as a round promotes: with both held-out numbers as evidence
-        checkpoints_repo.set_active(session, bad_id, "scheduler", "round 3",
-                                    metrics={"candidate": {"avg_len": 3.9}, "active": {"avg_len": 3.5}})  # fmt: skip
+        checkpoints_repo.set_active(
+            session, bad_id, "scheduler", "round 3", metrics={"candidate": {"avg_len": 3.9}, "active": {"avg_len": 3.5}}
+        )
     follow(follower, engine)
     serve(engine, session_factory, stream(engine.tokenizer, 6, seed=80))
     verdict = guard.check()

@@ -12,8 +12,9 @@ from daemon.config import LimitSettings
 from daemon.serving.messages import InvalidMessage, completion_payload, parse_prompt, request_hash, tokenize
 from pipelines.types import GenerationResult, RequestCounters, RequestFeedback
 
-LIMITS = LimitSettings(max_message_bytes=2048, max_prompt_chars=500, max_metadata_bytes=64, max_new_tokens=100,
-                       default_max_new_tokens=10)  # fmt: skip
+LIMITS = LimitSettings(
+    max_message_bytes=2048, max_prompt_chars=500, max_metadata_bytes=64, max_new_tokens=100, default_max_new_tokens=10
+)
 
 
 def encode(obj) -> bytes:
@@ -34,10 +35,21 @@ def test_minimal_prompt_gets_defaults_and_a_seed_derived_from_the_id():
 
 
 def test_all_optional_fields():
-    message = parse_prompt(encode({
-        "id": "x", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 5, "temperature": 0.7,
-        "top_p": 0.9, "seed": 3, "stop": "\n", "metadata": {"user": 7},
-    }), LIMITS)  # fmt: skip
+    message = parse_prompt(
+        encode(
+            {
+                "id": "x",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_new_tokens": 5,
+                "temperature": 0.7,
+                "top_p": 0.9,
+                "seed": 3,
+                "stop": "\n",
+                "metadata": {"user": 7},
+            }
+        ),
+        LIMITS,
+    )
     assert message.messages == ({"role": "user", "content": "hi"},)
     assert (message.max_new_tokens, message.temperature, message.top_p, message.seed) == (5, 0.7, 0.9, 3)
     assert message.stop == ("\n",) and message.metadata == {"user": 7}
@@ -57,7 +69,11 @@ def test_all_optional_fields():
         (encode({"id": "a", "prompt": "p", "messages": []}), "conflicting_fields", "(got both)"),
         (encode({"id": "a", "prompt": ["p"]}), "wrong_type", "`prompt` must be a string, got array"),
         (encode({"id": "a", "prompt": "p", "model": "gpt"}), "unknown_field", "unknown field(s): model"),
-        (encode({"id": "a", "prompt": "p", "max_new_tokens": "5"}), "wrong_type", "`max_new_tokens` must be an integer"),
+        (
+            encode({"id": "a", "prompt": "p", "max_new_tokens": "5"}),
+            "wrong_type",
+            "`max_new_tokens` must be an integer",
+        ),
         (encode({"id": "a", "prompt": "p", "max_new_tokens": True}), "wrong_type", "got boolean"),
         (encode({"id": "a", "prompt": "p", "max_new_tokens": 0}), "out_of_range", "between 1 and 100, got 0"),
         (encode({"id": "a", "prompt": "p", "max_new_tokens": 101}), "out_of_range", "between 1 and 100"),
@@ -99,8 +115,10 @@ def test_rejection_keeps_the_request_id_when_there_is_one():
 
 def test_the_parsers_own_limits_are_rejections_too():
     large = LimitSettings(max_message_bytes=1_000_000)
-    for value, fragment in ((b'{"id": "a", "prompt": "p", "seed": ' + b"9" * 5000 + b"}", "not usable JSON"),
-                            (b"[" * 100_000 + b"]" * 100_000, "nested too deeply")):  # fmt: skip
+    for value, fragment in (
+        (b'{"id": "a", "prompt": "p", "seed": ' + b"9" * 5000 + b"}", "not usable JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ):
         with pytest.raises(InvalidMessage, match=fragment) as caught:
             parse_prompt(value, large)
         assert caught.value.code == "not_json"
@@ -126,15 +144,29 @@ def test_the_request_hash_is_the_request_as_parsed():
     assert hashed(metadata={"y": [1, 2], "x": 1}) == same  # key order
     assert request_hash(parse_prompt(b'{ "prompt" : "p", "metadata": {"x":1,"y":[1,2]}, "id":"a" }', LIMITS)) == same
     assert hashed(max_new_tokens=10, temperature=0, top_p=1, metadata={"x": 1, "y": [1, 2]}) == same  # defaults
-    assert request_hash(parse_prompt(encode({"id": "other", "prompt": "p", "metadata": {"x": 1, "y": [1, 2]},
-                                             "seed": zlib.crc32(b"a")}), LIMITS)) == same  # the id is not hashed
-    different = [hashed(), hashed(metadata={"x": 2, "y": [1, 2]}), hashed(metadata={"x": 1, "y": [1, 2]}, seed=1),
-                 hashed(metadata={"x": 1, "y": [1, 2]}, stop="\n"), hashed(metadata={"x": 1, "y": [1, 2]},
-                                                                           max_new_tokens=11),
-                 request_hash(parse_prompt(encode({"id": "a", "prompt": "q", "metadata": {"x": 1, "y": [1, 2]}}),
-                                           LIMITS)),
-                 request_hash(parse_prompt(encode({"id": "a", "messages": [{"role": "user", "content": "p"}],
-                                                   "metadata": {"x": 1, "y": [1, 2]}}), LIMITS))]  # fmt: skip
+    assert (
+        request_hash(
+            parse_prompt(
+                encode({"id": "other", "prompt": "p", "metadata": {"x": 1, "y": [1, 2]}, "seed": zlib.crc32(b"a")}),
+                LIMITS,
+            )
+        )
+        == same
+    )  # the id is not hashed
+    different = [
+        hashed(),
+        hashed(metadata={"x": 2, "y": [1, 2]}),
+        hashed(metadata={"x": 1, "y": [1, 2]}, seed=1),
+        hashed(metadata={"x": 1, "y": [1, 2]}, stop="\n"),
+        hashed(metadata={"x": 1, "y": [1, 2]}, max_new_tokens=11),
+        request_hash(parse_prompt(encode({"id": "a", "prompt": "q", "metadata": {"x": 1, "y": [1, 2]}}), LIMITS)),
+        request_hash(
+            parse_prompt(
+                encode({"id": "a", "messages": [{"role": "user", "content": "p"}], "metadata": {"x": 1, "y": [1, 2]}}),
+                LIMITS,
+            )
+        ),
+    ]
     assert same not in different and len(set(different)) == len(different)
 
 
@@ -168,16 +200,32 @@ def test_completion_payload_follows_the_output_contract():
     import numpy as np
 
     by_proposer = {"suffix": {"rounds": 2, "drafted": 6, "accepted": 4}}
-    counters = RequestCounters(draft_steps=2, drafted=6, accepted=4, target_forwards=3, emitted=7,
-                               by_proposer=by_proposer)  # fmt: skip
+    counters = RequestCounters(
+        draft_steps=2, drafted=6, accepted=4, target_forwards=3, emitted=7, by_proposer=by_proposer
+    )
     empty = np.zeros(0, dtype=np.int32)
-    feedback = RequestFeedback(empty, empty, empty.astype(np.uint8), empty, empty.reshape(0, 1), empty.reshape(0, 1),
-                               draft_version="v3")  # fmt: skip
+    feedback = RequestFeedback(
+        empty, empty, empty.astype(np.uint8), empty, empty.reshape(0, 1), empty.reshape(0, 1), draft_version="v3"
+    )
     result = GenerationResult("r1", [1, 2, 3, 4, 5, 6, 7], "text", "length", counters, feedback, 0.5)
     payload = completion_payload(result, 4, {"k": 1}, 0.25)
-    assert set(payload) == {"id", "text", "token_ids", "finish_reason", "draft_version", "usage", "acceptance",
-                            "timings", "metadata"}  # fmt: skip
-    assert payload["acceptance"] == {"drafted": 6, "accepted": 4, "target_forwards": 3, "mean_accepted_length": 2.3333,
-                                     "by_proposer": by_proposer}  # fmt: skip
+    assert set(payload) == {
+        "id",
+        "text",
+        "token_ids",
+        "finish_reason",
+        "draft_version",
+        "usage",
+        "acceptance",
+        "timings",
+        "metadata",
+    }
+    assert payload["acceptance"] == {
+        "drafted": 6,
+        "accepted": 4,
+        "target_forwards": 3,
+        "mean_accepted_length": 2.3333,
+        "by_proposer": by_proposer,
+    }
     assert payload["draft_version"] == "v3" and payload["metadata"] == {"k": 1}
     assert payload["usage"] == {"prompt_tokens": 4, "completion_tokens": 7}

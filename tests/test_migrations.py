@@ -158,8 +158,12 @@ def test_feedback_prune_command(db_url, db_session_factory, capsys):
         for i, age in enumerate([timedelta(days=9), timedelta(days=8), timedelta(hours=2)]):
             result = make_result(f"r{i}", seed=i)
             record_request_received(session, result.id, "prompts", 0, i, {}, 5)
-            store_results(session, [CompletedRequest(result, json.dumps({"id": result.id}))],
-                          target_identity="t", completed_at=utcnow() - age)  # fmt: skip
+            store_results(
+                session,
+                [CompletedRequest(result, json.dumps({"id": result.id}))],
+                target_identity="t",
+                completed_at=utcnow() - age,
+            )
     assert cli("feedback", "prune", "--older-than", "7d", "--database-url", db_url) == 0
     assert "deleted 2 feedback rows older than 7 days" in capsys.readouterr().out
     with pytest.raises(SystemExit):

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from devtools.tiny_models import make_tiny_pair
 from pipelines.engine import EngineSettings, SpeculativeEngine
 from pipelines.models import load_model, load_tokenizer
 from pipelines.replay import greedy_chain, is_greedy, replay, served_by
 from pipelines.types import KIND_BONUS, NO_DRAFT_TOKEN, GenerationRequest, RequestFeedback
-from devtools.tiny_models import make_tiny_pair
 
 PROMPTS = [
     "def add(a, b):",
@@ -51,15 +51,17 @@ def perturbed(model, scale: float, seed: int = 0):
 
 def requests(tokenizer, temperature: float = 0.0) -> list[GenerationRequest]:
     return [
-        GenerationRequest(id=f"r{i}", input_ids=tokenizer(p).input_ids, max_new_tokens=n, temperature=temperature,
-                          seed=i)
+        GenerationRequest(
+            id=f"r{i}", input_ids=tokenizer(p).input_ids, max_new_tokens=n, temperature=temperature, seed=i
+        )
         for i, (p, n) in enumerate(zip(PROMPTS, MAX_NEW))
     ]
 
 
 def decode(target, draft, tokenizer, k: int, reqs, top_m: int = 16):
-    settings = EngineSettings(proposer="draft" if draft is not None else "none", k=k, max_batch_size=4,
-                              max_seq_len=128, top_m=top_m)
+    settings = EngineSettings(
+        proposer="draft" if draft is not None else "none", k=k, max_batch_size=4, max_seq_len=128, top_m=top_m
+    )
     return SpeculativeEngine(target, draft, tokenizer, settings).generate(reqs)
 
 
@@ -198,11 +200,14 @@ def test_greedy_chain_by_hand():
 def feedback_with(token_ids, topk_ids, topk_logprobs) -> RequestFeedback:
     n = len(token_ids)
     return RequestFeedback(
-        prompt_ids=np.array([1, 2], dtype=np.int32), token_ids=np.array(token_ids, dtype=np.int32),
-        kinds=np.full(n, KIND_BONUS, dtype=np.uint8), draft_tokens=np.full(n, NO_DRAFT_TOKEN, dtype=np.int32),
+        prompt_ids=np.array([1, 2], dtype=np.int32),
+        token_ids=np.array(token_ids, dtype=np.int32),
+        kinds=np.full(n, KIND_BONUS, dtype=np.uint8),
+        draft_tokens=np.full(n, NO_DRAFT_TOKEN, dtype=np.int32),
         target_topk_ids=np.array(topk_ids, dtype=np.int32),
-        target_topk_logprobs=np.array(topk_logprobs, dtype=np.float16), draft_version="v0",
-    )  # fmt: skip
+        target_topk_logprobs=np.array(topk_logprobs, dtype=np.float16),
+        draft_version="v0",
+    )
 
 
 def test_a_tied_top_1_stored_second_still_counts_as_greedy():

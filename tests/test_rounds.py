@@ -13,8 +13,8 @@ from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftWeights
 from daemon.learning.rounds import RoundRunner
 from pipelines.replay import replay
 from tests.rounds_fixtures import (
-    K,
     TARGET_IDENTITY,
+    K,
     follow,
     follower_for,
     learning_settings,
@@ -29,8 +29,7 @@ def runner_for(engine, settings, session_factory, weights=None):
     return RoundRunner(settings, session_factory, weights, engine.draft, target_identity=TARGET_IDENTITY)
 
 
-def test_rounds_on_a_homogeneous_stream_lift_heldout_avglen_by_a_quarter(weak_engine, database, tmp_path,
-                                                                         fresh_draft):  # fmt: skip
+def test_rounds_on_a_homogeneous_stream_lift_heldout_avglen_by_a_quarter(weak_engine, database, tmp_path, fresh_draft):
     from storage import checkpoints_repo, rounds_repo
     from storage.feedback_repo import feedback_since
 
@@ -93,8 +92,15 @@ def test_a_sabotaged_learner_is_never_promoted(strong_engine, database, tmp_path
     from storage import checkpoints_repo, rounds_repo
 
     engine = fresh_draft(strong_engine)
-    sabotage = {"name": "online", "lr": 1e6, "optimizer": "sgd", "trainable": "all", "max_grad_norm": None,
-                "epochs": 2, "batch_size": 4}  # fmt: skip
+    sabotage = {
+        "name": "online",
+        "lr": 1e6,
+        "optimizer": "sgd",
+        "trainable": "all",
+        "max_grad_norm": None,
+        "epochs": 2,
+        "batch_size": 4,
+    }
     settings = learning_settings(tmp_path, learner=sabotage)
     runner = runner_for(engine, settings, database)
     follower = follower_for(engine, settings, database)
@@ -157,8 +163,9 @@ def test_too_small_a_window_is_skipped_and_offered_again(weak_engine, database, 
         assert rounds_repo.last_window_end(session) is None
 
 
-def test_a_round_stopped_by_shutdown_is_failed_and_an_orphan_is_closed_by_recover(weak_engine, database, tmp_path,
-                                                                                  fresh_draft):  # fmt: skip
+def test_a_round_stopped_by_shutdown_is_failed_and_an_orphan_is_closed_by_recover(
+    weak_engine, database, tmp_path, fresh_draft
+):
     import threading
 
     from storage import rounds_repo
@@ -175,8 +182,9 @@ def test_a_round_stopped_by_shutdown_is_failed_and_an_orphan_is_closed_by_recove
 
     # A process that died mid-round leaves it open; the next learner closes it and removes partial files.
     with database.begin() as session:
-        rounds_repo.start_round(session, learner="online", settings={}, target_identity=TARGET_IDENTITY,
-                                started_at=utcnow())  # fmt: skip
+        rounds_repo.start_round(
+            session, learner="online", settings={}, target_identity=TARGET_IDENTITY, started_at=utcnow()
+        )
     partial = runner.weights.store.root / ".partial-dead.safetensors.tmp"
     partial.write_bytes(b"half")
     runner.recover()
@@ -186,8 +194,9 @@ def test_a_round_stopped_by_shutdown_is_failed_and_an_orphan_is_closed_by_recove
         assert "interrupted" in rounds_repo.list_rounds(session)[0].error
 
 
-def test_a_promotion_is_void_when_the_pointer_moved_during_the_round(weak_engine, database, tmp_path, fresh_draft,
-                                                                     monkeypatch):  # fmt: skip
+def test_a_promotion_is_void_when_the_pointer_moved_during_the_round(
+    weak_engine, database, tmp_path, fresh_draft, monkeypatch
+):
     from storage import checkpoints_repo
 
     engine = fresh_draft(weak_engine)
@@ -198,8 +207,15 @@ def test_a_promotion_is_void_when_the_pointer_moved_during_the_round(weak_engine
     with database.begin() as session:
         stored = runner.weights.store.put({n: t + 0 for n, t in engine.draft.state_dict().items()})
         other = checkpoints_repo.add_checkpoint(
-            session, version="operator-pick", sha256=stored.sha256, size_bytes=stored.size_bytes,
-            path=str(stored.path), learner="manual", learner_settings={}, target_identity=TARGET_IDENTITY)  # fmt: skip
+            session,
+            version="operator-pick",
+            sha256=stored.sha256,
+            size_bytes=stored.size_bytes,
+            path=str(stored.path),
+            learner="manual",
+            learner_settings={},
+            target_identity=TARGET_IDENTITY,
+        )
         other_id = other.id
 
     def decide_then_operator_moves(candidate, active, window):
@@ -229,8 +245,9 @@ def test_rejected_weights_are_not_kept_when_store_rejected_is_off(weak_engine, d
     assert not list((tmp_path / "checkpoints").glob("*.safetensors"))
 
 
-def test_train_history_rows_add_the_newest_rows_before_the_window_and_never_the_heldout(weak_engine, database,
-                                                                                       tmp_path, fresh_draft):  # fmt: skip
+def test_train_history_rows_add_the_newest_rows_before_the_window_and_never_the_heldout(
+    weak_engine, database, tmp_path, fresh_draft
+):
     from storage import rounds_repo
     from storage.feedback_repo import feedback_since
 
@@ -270,8 +287,9 @@ def test_heldout_split_grows_until_min_heldout_tokens_but_keeps_half_the_window_
     assert heldout_split(window, 25, 10) == 0  # more held out than rows: nothing left to train on
 
 
-def test_a_window_of_short_answers_holds_out_more_rows_for_the_same_evidence(weak_engine, database, tmp_path,
-                                                                             fresh_draft):  # fmt: skip
+def test_a_window_of_short_answers_holds_out_more_rows_for_the_same_evidence(
+    weak_engine, database, tmp_path, fresh_draft
+):
     from storage import rounds_repo
 
     engine = fresh_draft(weak_engine)

@@ -30,18 +30,24 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
 def onlinespec(*argv: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", "daemon.cli", *argv, "--json"], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *argv, "--json"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
-def start(tmp_path, daemon_processes, kafka_names, database_url, tiny_models, draft_dir=None,
-          **learning) -> DaemonProcess:  # fmt: skip
+def start(
+    tmp_path, daemon_processes, kafka_names, database_url, tiny_models, draft_dir=None, **learning
+) -> DaemonProcess:
     target_dir, tiny_draft_dir = tiny_models
-    settings = daemon_settings(kafka_names, database_url, target_dir, draft_dir or tiny_draft_dir,
-                               learning={"checkpoint_dir": str(tmp_path / "checkpoints"), "follow_interval_ms": 0,
-                                         **learning})  # fmt: skip
+    settings = daemon_settings(
+        kafka_names,
+        database_url,
+        target_dir,
+        draft_dir or tiny_draft_dir,
+        learning={"checkpoint_dir": str(tmp_path / "checkpoints"), "follow_interval_ms": 0, **learning},
+    )
     daemon = DaemonProcess(write_config(tmp_path / "config.yaml", settings), tmp_path / "daemon.log")
     daemon_processes.append(daemon)
     daemon.start().wait_ready()
@@ -50,8 +56,9 @@ def start(tmp_path, daemon_processes, kafka_names, database_url, tiny_models, dr
 
 def versions_of(reader: TopicReader, ids: list[str]) -> dict[str, str]:
     records = reader.read_until(lambda rs: set(ids) <= {header(r, "request-id") for r in rs}, timeout=60)
-    return {header(r, "request-id"): json.loads(r.value)["draft_version"] for r in records
-            if header(r, "request-id") in ids}  # fmt: skip
+    return {
+        header(r, "request-id"): json.loads(r.value)["draft_version"] for r in records if header(r, "request-id") in ids
+    }
 
 
 def served_acceptance(reader: TopicReader, request_id: str) -> dict:
@@ -66,20 +73,30 @@ def reference_acceptance(target_dir, draft_state: dict, request_id: str) -> dict
     from pipelines.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(target_dir))
-    engine = SpeculativeEngine(load_model(str(target_dir)), load_model(str(target_dir)), tokenizer,
-                               EngineSettings(proposer="draft", k=3, max_batch_size=4, max_seq_len=256, top_m=4))  # fmt: skip
+    engine = SpeculativeEngine(
+        load_model(str(target_dir)),
+        load_model(str(target_dir)),
+        tokenizer,
+        EngineSettings(proposer="draft", k=3, max_batch_size=4, max_seq_len=256, top_m=4),
+    )
     engine.swap_draft(draft_state, "reference")
-    (_, value), = prompt_records([request_id])
+    ((_, value),) = prompt_records([request_id])
     message = json.loads(value)
     request = GenerationRequest(request_id, tokenizer(message["prompt"]).input_ids, message["max_new_tokens"])
     (result,) = engine.generate([request])
     c = result.counters
-    return {"drafted": c.drafted, "accepted": c.accepted, "target_forwards": c.target_forwards,
-            "mean_accepted_length": round(c.mean_accepted_length, 4), "by_proposer": c.by_proposer}  # fmt: skip
+    return {
+        "drafted": c.drafted,
+        "accepted": c.accepted,
+        "target_forwards": c.target_forwards,
+        "mean_accepted_length": round(c.mean_accepted_length, 4),
+        "by_proposer": c.by_proposer,
+    }
 
 
-def test_promote_and_rollback_reach_a_running_daemon_within_one_batch(tmp_path, daemon_processes, kafka_names,
-                                                                      sqlite_url, tiny_models):  # fmt: skip
+def test_promote_and_rollback_reach_a_running_daemon_within_one_batch(
+    tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models
+):
     from pipelines.models import load_model, model_identity
     from storage.artifacts import CheckpointStore
     from storage.checkpoints_repo import add_checkpoint
@@ -94,9 +111,16 @@ def test_promote_and_rollback_reach_a_running_daemon_within_one_batch(tmp_path, 
     stored = CheckpointStore(tmp_path / "checkpoints").put(state)
     engine = make_engine(sqlite_url)
     with make_session_factory(engine).begin() as session:
-        add_checkpoint(session, version="X", sha256=stored.sha256, size_bytes=stored.size_bytes,
-                       path=str(stored.path), learner="manual", learner_settings={},
-                       target_identity=model_identity(load_model(str(target_dir))))  # fmt: skip
+        add_checkpoint(
+            session,
+            version="X",
+            sha256=stored.sha256,
+            size_bytes=stored.size_bytes,
+            path=str(stored.path),
+            learner="manual",
+            learner_settings={},
+            target_identity=model_identity(load_model(str(target_dir))),
+        )
     engine.dispose()
 
     daemon = start(tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models, draft_dir=target_dir)
@@ -136,11 +160,24 @@ def test_promote_and_rollback_reach_a_running_daemon_within_one_batch(tmp_path, 
     assert shown["status"] == "retired" and shown["live_counters"]["requests"] == 4
 
 
-def test_a_learning_daemon_runs_rounds_on_its_feedback_and_stops_cleanly(tmp_path, daemon_processes, kafka_names,
-                                                                         sqlite_url, tiny_models):  # fmt: skip
-    daemon = start(tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models, enabled=True,
-                   learner=FAST_LEARNER, heldout_rows=4, window_max_rows=64, min_new_tokens=150,
-                   min_heldout_tokens=20, check_interval_s=0.5, live_guard={"check_interval_s": 1.0})  # fmt: skip
+def test_a_learning_daemon_runs_rounds_on_its_feedback_and_stops_cleanly(
+    tmp_path, daemon_processes, kafka_names, sqlite_url, tiny_models
+):
+    daemon = start(
+        tmp_path,
+        daemon_processes,
+        kafka_names,
+        sqlite_url,
+        tiny_models,
+        enabled=True,
+        learner=FAST_LEARNER,
+        heldout_rows=4,
+        window_max_rows=64,
+        min_new_tokens=150,
+        min_heldout_tokens=20,
+        check_interval_s=0.5,
+        live_guard={"check_interval_s": 1.0},
+    )
     ids = [f"l-{i:02d}" for i in range(16)]
     produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(ids, max_new_tokens=16))
     reader = TopicReader(kafka_names.bootstrap, kafka_names.completions)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -54,8 +54,9 @@ def add_feedback(session_factory, count: int, start: int, tokens: int = 8) -> No
     with session_factory.begin() as session:
         for result in results:
             record_request_received(session, result.id, None, None, None, {}, 5)
-        store_results(session, [CompletedRequest(r, json.dumps({"id": r.id})) for r in results],
-                      target_identity=TARGET_IDENTITY)  # fmt: skip
+        store_results(
+            session, [CompletedRequest(r, json.dumps({"id": r.id})) for r in results], target_identity=TARGET_IDENTITY
+        )
 
 
 def scheduler_for(tmp_path, database, runner, **learning) -> LearningScheduler:
@@ -63,19 +64,26 @@ def scheduler_for(tmp_path, database, runner, **learning) -> LearningScheduler:
     values = {"heldout_rows": 2, "min_new_tokens": 40, "interval_s": 3600.0, "check_interval_s": 3600.0, **learning}
     settings = learning_settings(tmp_path, str(engine.url), **values)
     lock = LearnerLock(engine, settings.learning.deployment)
-    return LearningScheduler(settings, session_factory, target_identity=TARGET_IDENTITY, lock=lock, runner=runner,
-                             guard=None)  # fmt: skip
+    return LearningScheduler(
+        settings, session_factory, target_identity=TARGET_IDENTITY, lock=lock, runner=runner, guard=None
+    )
 
 
 def test_every_job_is_single_instance_and_coalesced(tmp_path, database):
     from daemon.learning.live_guard import LiveGuard
 
     engine, session_factory = database
-    settings = learning_settings(tmp_path, str(engine.url), interval_s=600.0, check_interval_s=5.0,
-                                 guard={"check_interval_s": 7.0})  # fmt: skip
-    scheduler = LearningScheduler(settings, session_factory, target_identity=TARGET_IDENTITY,
-                                  lock=LearnerLock(engine, "default"), runner=StubRunner(),
-                                  guard=LiveGuard(settings.learning.live_guard, session_factory, deployment="default"))
+    settings = learning_settings(
+        tmp_path, str(engine.url), interval_s=600.0, check_interval_s=5.0, guard={"check_interval_s": 7.0}
+    )
+    scheduler = LearningScheduler(
+        settings,
+        session_factory,
+        target_identity=TARGET_IDENTITY,
+        lock=LearnerLock(engine, "default"),
+        runner=StubRunner(),
+        guard=LiveGuard(settings.learning.live_guard, session_factory, deployment="default"),
+    )
     jobs = {job.id: job for job in scheduler.scheduler.get_jobs()}
     assert set(jobs) == {ROUND_JOB, TRIGGER_JOB, GUARD_JOB}
     for job in jobs.values():
@@ -84,9 +92,14 @@ def test_every_job_is_single_instance_and_coalesced(tmp_path, database):
     assert jobs[TRIGGER_JOB].trigger.interval.total_seconds() == 5
     assert jobs[GUARD_JOB].trigger.interval.total_seconds() == 7
 
-    guard_only = LearningScheduler(settings, session_factory, target_identity=TARGET_IDENTITY, lock=None,
-                                   runner=None, guard=LiveGuard(settings.learning.live_guard, session_factory,
-                                                                deployment="default"))  # fmt: skip
+    guard_only = LearningScheduler(
+        settings,
+        session_factory,
+        target_identity=TARGET_IDENTITY,
+        lock=None,
+        runner=None,
+        guard=LiveGuard(settings.learning.live_guard, session_factory, deployment="default"),
+    )
     assert [job.id for job in guard_only.scheduler.get_jobs()] == [GUARD_JOB]
 
 
@@ -99,7 +112,7 @@ def test_the_new_tokens_trigger_wakes_the_round_job(tmp_path, database):
         add_feedback(database[1], 3, start=0)  # 24 tokens
         assert scheduler.trigger_job() is False
         add_feedback(database[1], 3, start=3)  # 48 tokens in 6 rows
-        woken_at = datetime.now(timezone.utc)
+        woken_at = datetime.now(UTC)
         assert scheduler.trigger_job() is True
         assert runner.running.wait(10), "the round job did not run"
         job = scheduler.scheduler.get_job(ROUND_JOB)

@@ -19,9 +19,15 @@ def tiny_qwen2(path, tie_word_embeddings=False, seed=0):
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie_word_embeddings,
-    )  # fmt: skip
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie_word_embeddings,
+    )
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 

@@ -23,11 +23,22 @@ TARGET = "target-0123456789abcdef"
 
 def add(session, version, parent_id=None, deployment="default", target=TARGET):
     return checkpoints.add_checkpoint(
-        session, version=version, sha256=f"{len(version):064x}", size_bytes=1234, path=f"/store/{version}",
-        learner="osd", learner_settings={"lr": 1e-4, "steps": 10}, target_identity=target, parent_id=parent_id,
-        window_first_id=1, window_last_id=99, window_rows=99, heldout_metrics={"avg_len": 2.5},
-        deployment=deployment, reason="round 1",
-    )  # fmt: skip
+        session,
+        version=version,
+        sha256=f"{len(version):064x}",
+        size_bytes=1234,
+        path=f"/store/{version}",
+        learner="osd",
+        learner_settings={"lr": 1e-4, "steps": 10},
+        target_identity=target,
+        parent_id=parent_id,
+        window_first_id=1,
+        window_last_id=99,
+        window_rows=99,
+        heldout_metrics={"avg_len": 2.5},
+        deployment=deployment,
+        reason="round 1",
+    )
 
 
 def active_version(session, deployment="default"):
@@ -50,8 +61,9 @@ def test_promote_moves_pointer_retires_previous_and_logs(db_session_factory):
     with db_session_factory.begin() as session:
         v1, v2 = add(session, "v1"), add(session, "v2")
         checkpoints.set_active(session, v1.id, actor="scheduler", reason="avg_len 2.5 > 2.1")
-        event = checkpoints.set_active(session, v2.id, actor="scheduler", reason="avg_len 2.9 > 2.5",
-                                       metrics={"candidate": 2.9, "active": 2.5})  # fmt: skip
+        event = checkpoints.set_active(
+            session, v2.id, actor="scheduler", reason="avg_len 2.9 > 2.5", metrics={"candidate": 2.9, "active": 2.5}
+        )
         assert (event.kind, event.checkpoint_id, event.from_checkpoint_id) == ("promote", v2.id, v1.id)
     with db_session_factory() as session:
         assert active_version(session) == "v2"
@@ -90,8 +102,9 @@ def test_reject_and_refusals(db_session_factory):
     with db_session_factory.begin() as session:
         v1, v2, _ = add(session, "v1"), add(session, "v2"), add(session, "v3")
         checkpoints.set_active(session, v1.id, actor="scheduler", reason="first")
-        event = checkpoints.reject(session, v2.id, actor="scheduler", reason="avg_len 1.9 < 2.5",
-                                   metrics={"candidate": 1.9})  # fmt: skip
+        event = checkpoints.reject(
+            session, v2.id, actor="scheduler", reason="avg_len 1.9 < 2.5", metrics={"candidate": 1.9}
+        )
         assert event.kind == EventKind.REJECT and checkpoints.get_checkpoint(session, "v2").status == "rejected"
         with pytest.raises(StorageError, match="is active"):
             checkpoints.reject(session, v1.id, actor="operator:bob", reason="no")
@@ -169,8 +182,10 @@ def test_current_activation_is_the_event_that_set_the_pointer(db_session_factory
 def test_live_counters_judge_the_draft_models_own_rounds_when_several_proposers_drafted(db_session_factory):
     """Rows with by_proposer count only the draft model's rounds; rows without (written before) count wholly."""
     mixed = make_result("mixed", seed=1, version="v3")
-    mixed.counters.by_proposer = {"draft": {"rounds": 4, "drafted": 16, "accepted": 10},
-                                  "suffix": {"rounds": 3, "drafted": 12, "accepted": 12}}  # fmt: skip
+    mixed.counters.by_proposer = {
+        "draft": {"rounds": 4, "drafted": 16, "accepted": 10},
+        "suffix": {"rounds": 3, "drafted": 12, "accepted": 12},
+    }
     suffix_only = make_result("suffix-only", seed=2, version="v3")
     suffix_only.counters.by_proposer = {"suffix": {"rounds": 5, "drafted": 20, "accepted": 7}}
     legacy = make_result("legacy", seed=3, version="v3")  # by_proposer stays empty: stored as NULL

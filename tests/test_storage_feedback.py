@@ -55,16 +55,24 @@ def test_round_reserves_window_and_records_outcome(db_session_factory):
     store(db_session_factory, 6)
     store(db_session_factory, 2, start=6, target="target-b")
     with db_session_factory.begin() as session:
-        round_ = rounds_repo.start_round(session, learner="osd", settings={"lr": 1e-4}, target_identity=TARGET,
-                                         max_rows=4)  # fmt: skip
+        round_ = rounds_repo.start_round(
+            session, learner="osd", settings={"lr": 1e-4}, target_identity=TARGET, max_rows=4
+        )
         assert (round_.window_first_id, round_.window_last_id, round_.window_rows) == (1, 4, 4)
         assert round_.finished_at is None
     with db_session_factory.begin() as session:
-        rounds_repo.finish_round(session, round_.id, decision=RoundDecision.REJECTED, active_checkpoint_id=None,
-                                 candidate_metrics={"avg_len": 1.9}, active_metrics={"avg_len": 2.0})  # fmt: skip
+        rounds_repo.finish_round(
+            session,
+            round_.id,
+            decision=RoundDecision.REJECTED,
+            active_checkpoint_id=None,
+            candidate_metrics={"avg_len": 1.9},
+            active_metrics={"avg_len": 2.0},
+        )
         assert rounds_repo.last_window_end(session) == 4
-        following = rounds_repo.start_round(session, learner="osd", settings={}, target_identity=TARGET,
-                                            after_id=rounds_repo.last_window_end(session))  # fmt: skip
+        following = rounds_repo.start_round(
+            session, learner="osd", settings={}, target_identity=TARGET, after_id=rounds_repo.last_window_end(session)
+        )
         assert (following.window_first_id, following.window_last_id, following.window_rows) == (5, 6, 2)
         rounds_repo.finish_round(session, following.id, decision="skipped")
         assert rounds_repo.last_window_end(session) == 4  # skipped rounds do not consume their window
@@ -86,8 +94,9 @@ def test_prune_deletes_old_rows_except_open_round_windows(db_session_factory):
     store(db_session_factory, 2, start=6, age=timedelta(hours=1))  # ids 7..8
     with db_session_factory.begin() as session:
         rounds_repo.start_round(session, learner="osd", settings={}, target_identity=TARGET, after_id=2, max_rows=2)
-        finished = rounds_repo.start_round(session, learner="osd", settings={}, target_identity=TARGET, after_id=4,
-                                           max_rows=1)  # fmt: skip
+        finished = rounds_repo.start_round(
+            session, learner="osd", settings={}, target_identity=TARGET, after_id=4, max_rows=1
+        )
         rounds_repo.finish_round(session, finished.id, decision="promoted")
     with db_session_factory.begin() as session:
         assert feedback_repo.prune_feedback(session, timedelta(days=7), limit=1) == 1  # oldest first

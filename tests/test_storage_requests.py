@@ -72,8 +72,12 @@ def test_batch_receipt_keeps_the_first_row_of_an_id_and_positions_may_repeat(db_
     with db_session_factory.begin() as session:
         batch = record_requests_received(session, items)
         assert {rid: is_new for rid, (_, is_new) in batch.requests.items()} == {
-            "a": True, "b": True, "old": False, "cli": True, "cli2": True,
-        }  # fmt: skip
+            "a": True,
+            "b": True,
+            "old": False,
+            "cli": True,
+            "cli2": True,
+        }
         first, _ = batch.requests["a"]
         assert (first.kafka_offset, first.request_hash) == (1, "hash-a")
         assert items[0].same_position(first) and not items[1].same_position(first)
@@ -91,7 +95,13 @@ def test_a_dead_lettered_request_is_taken_back_by_its_corrected_resend_and_nothi
     with db_session_factory() as session:
         bad = session.get(Request, "bad")
         assert (bad.status, bad.error, bad.kafka_offset, bad.request_hash, bad.params, bad.prompt_tokens) == (
-            "received", None, 9, "hash-corrected", {"max_new_tokens": 8}, 4)
+            "received",
+            None,
+            9,
+            "hash-corrected",
+            {"max_new_tokens": 8},
+            4,
+        )
         assert session.get(Request, "fine").kafka_offset == 3
 
 
@@ -109,10 +119,17 @@ def test_dead_letters_get_one_row_per_record_even_without_an_id(db_session_facto
     with db_session_factory() as session:
         rows = dead_letters_at(session, "prompts", 0)
         assert [(r.kafka_offset, r.request_id, r.reason_code) for r in rows] == [
-            (5, None, "not_json"), (5, None, "not_json"), (6, "r7", "prompt_too_long"), (7, None, "empty")]
+            (5, None, "not_json"),
+            (5, None, "not_json"),
+            (6, "r7", "prompt_too_long"),
+            (7, None, "empty"),
+        ]
         broken, other, long_reason, tombstone = rows
-        assert (broken.value_size, broken.value_sha256, broken.value) == (7, hashlib.sha256(b"{broken").hexdigest(),
-                                                                          None)  # fmt: skip
+        assert (broken.value_size, broken.value_sha256, broken.value) == (
+            7,
+            hashlib.sha256(b"{broken").hexdigest(),
+            None,
+        )
         assert other.value == b"{other"  # keep_values: the whole value is kept
         assert len(long_reason.reason) == 4096
         assert (tombstone.value_size, tombstone.value_sha256) == (None, None)
@@ -127,8 +144,9 @@ def test_text_with_nul_is_stored_on_every_backend(db_session_factory):
         receive(session, "nul", offset=0)
         store_results(session, [item], target_identity=TARGET)
         mark_dead_lettered(session, "other", "unknown field(s): a\x00b", topic="prompts", partition=0, offset=1)
-        record_dead_letters(session, [DeadLetterRecord(None, "prompts", 0, 2, "unknown_field", "a\x00b", b"{}")],
-                            keep_values=False)  # fmt: skip
+        record_dead_letters(
+            session, [DeadLetterRecord(None, "prompts", 0, 2, "unknown_field", "a\x00b", b"{}")], keep_values=False
+        )
     with db_session_factory() as session:
         assert find_completion(session, "nul").text == "before\ufffdafter"
         assert session.get(Request, "other").error == "unknown field(s): a\ufffdb"
@@ -157,8 +175,10 @@ def test_store_results_writes_completion_feedback_and_status(db_session_factory)
         assert completion.message_json == items[0].message_json
         assert unpack_token_ids(completion.token_ids) == result.token_ids
         assert (completion.drafted, completion.accepted, completion.emitted) == (
-            result.counters.drafted, result.counters.accepted, result.counters.emitted,
-        )  # fmt: skip
+            result.counters.drafted,
+            result.counters.accepted,
+            result.counters.emitted,
+        )
         assert completion.timings == {"queue_ms": 1.5, "decode_ms": 250.0}
         feedback = session.scalar(select(Feedback).where(Feedback.request_id == "r1"))
         assert feedback.target_identity == TARGET and feedback.draft_version == "base"
@@ -199,13 +219,17 @@ def test_dead_lettered(db_session_factory):
         receive(session, "r1", 0)
         receive(session, "done", 1)
         store_results(session, [completed("done")], target_identity=TARGET)
-        rejected = mark_dead_lettered(session, "bad", "validation: unknown field 'x'", topic="prompts", partition=0,
-                                      offset=2)  # fmt: skip
-        duplicate = mark_dead_lettered(session, "r1", "id_conflict: another request", topic="prompts", partition=0,
-                                       offset=3)  # fmt: skip
+        rejected = mark_dead_lettered(
+            session, "bad", "validation: unknown field 'x'", topic="prompts", partition=0, offset=2
+        )
+        duplicate = mark_dead_lettered(
+            session, "r1", "id_conflict: another request", topic="prompts", partition=0, offset=3
+        )
         completed_row = mark_dead_lettered(session, "done", "must not apply", topic="prompts", partition=0, offset=1)
     with db_session_factory() as session:
-        assert session.get(Request, "r1").status == RequestStatus.RECEIVED  # the conflicting copy left the original alone
+        assert (
+            session.get(Request, "r1").status == RequestStatus.RECEIVED
+        )  # the conflicting copy left the original alone
         assert session.get(Request, "r1").error is None
         assert duplicate.request_id == "r1"
         bad = session.get(Request, "bad")

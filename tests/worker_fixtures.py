@@ -30,8 +30,12 @@ def engine(tiny_models):
 
     target_dir, draft_dir = tiny_models
     tokenizer = load_tokenizer(str(target_dir))
-    yield SpeculativeEngine(load_model(str(target_dir)), load_model(str(draft_dir)), tokenizer,
-                            EngineSettings(proposer="draft", k=3, max_batch_size=4, max_seq_len=256, top_m=4))  # fmt: skip
+    yield SpeculativeEngine(
+        load_model(str(target_dir)),
+        load_model(str(draft_dir)),
+        tokenizer,
+        EngineSettings(proposer="draft", k=3, max_batch_size=4, max_seq_len=256, top_m=4),
+    )
     torch.set_num_threads(threads)
 
 
@@ -73,20 +77,28 @@ class RunningWorker:
         assert not self.thread.is_alive()
 
 
-def make_worker(kafka_names, database_url, tiny_models, engine, metrics=None, producer_factory=None,
-                engine_section=None, **sections) -> Worker:  # fmt: skip
-    from daemon.serving.kafka_io import make_producer
+def make_worker(
+    kafka_names, database_url, tiny_models, engine, metrics=None, producer_factory=None, engine_section=None, **sections
+) -> Worker:
     from daemon.service import open_database
+    from daemon.serving.kafka_io import make_producer
 
     target_dir, draft_dir = tiny_models
     if engine_section:
         sections["engine"] = engine_section
     settings = Settings.model_validate(daemon_settings(kafka_names, database_url, target_dir, draft_dir, **sections))
     _, session_factory = open_database(settings)
-    store = BatchStore(session_factory, target_identity="tiny",
-                       keep_dead_letter_values=settings.limits.keep_dead_letter_values)  # fmt: skip
-    return Worker(settings, engine, engine.tokenizer, store, metrics=metrics or DaemonMetrics(),
-                  producer_factory=producer_factory or make_producer)  # fmt: skip
+    store = BatchStore(
+        session_factory, target_identity="tiny", keep_dead_letter_values=settings.limits.keep_dead_letter_values
+    )
+    return Worker(
+        settings,
+        engine,
+        engine.tokenizer,
+        store,
+        metrics=metrics or DaemonMetrics(),
+        producer_factory=producer_factory or make_producer,
+    )
 
 
 def rows(database_url: str, sql: str) -> list[tuple]:
@@ -100,13 +112,20 @@ def rows(database_url: str, sql: str) -> list[tuple]:
 
 def completion_rows(database_url: str) -> dict[str, int]:
     """request id -> number of completion rows."""
-    return dict(rows(database_url, "SELECT r.request_id, COUNT(c.request_id) FROM requests r "
-                                   "LEFT JOIN completions c ON c.request_id = r.request_id GROUP BY r.request_id"))
+    return dict(
+        rows(
+            database_url,
+            "SELECT r.request_id, COUNT(c.request_id) FROM requests r "
+            "LEFT JOIN completions c ON c.request_id = r.request_id GROUP BY r.request_id",
+        )
+    )
 
 
 def request_statuses(database_url: str) -> dict[str, tuple[str, str | None]]:
-    return {request_id: (status, error) for request_id, status, error in
-            rows(database_url, "SELECT request_id, status, error FROM requests")}  # fmt: skip
+    return {
+        request_id: (status, error)
+        for request_id, status, error in rows(database_url, "SELECT request_id, status, error FROM requests")
+    }
 
 
 def dead_letter_rows(database_url: str) -> set[tuple[int, str | None, str]]:

@@ -34,7 +34,7 @@ class DraftWeights:
         self._store = None
 
     @classmethod
-    def of_draft(cls, draft, checkpoint_dir: str | Path) -> "DraftWeights":
+    def of_draft(cls, draft, checkpoint_dir: str | Path) -> DraftWeights:
         base_state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in draft.state_dict().items()}
         return cls(checkpoint_dir, base_state)
 
@@ -86,8 +86,18 @@ class DraftFollower:
     """Reads the pointer and prepares the new version's weights; `start()` does that on a thread of its own, so
     the decode thread only takes a ready swap (`take_ready`) and copies it into the served draft."""
 
-    def __init__(self, session_factory, weights: DraftWeights, *, target_identity: str, deployment: str,
-                 interval_s: float, retry_s: float = 5.0, clock=time.monotonic, prepare=None):  # fmt: skip
+    def __init__(
+        self,
+        session_factory,
+        weights: DraftWeights,
+        *,
+        target_identity: str,
+        deployment: str,
+        interval_s: float,
+        retry_s: float = 5.0,
+        clock=time.monotonic,
+        prepare=None,
+    ):
         self.session_factory = session_factory
         self.weights = weights
         self.target_identity = target_identity
@@ -138,8 +148,13 @@ class DraftFollower:
             try:
                 weights = self.prepare(weights)
             except Exception as exc:
-                log.error("cannot prepare draft %s (still serving %s): %s: %s", version, self._version,
-                          type(exc).__name__, exc)  # fmt: skip
+                log.error(
+                    "cannot prepare draft %s (still serving %s): %s: %s",
+                    version,
+                    self._version,
+                    type(exc).__name__,
+                    exc,
+                )
                 self.generation = None  # read the pointer again next time
                 continue
             log.info("draft %s prepared in the background in %.2f s", version, time.monotonic() - started)
@@ -160,8 +175,13 @@ class DraftFollower:
         except Exception as exc:
             self._next_check = now + max(self.interval_s, self.retry_s)
             if not self._failing:
-                log.error("cannot follow the active draft of deployment %r (still serving %s): %s: %s",
-                          self.deployment, current_version, type(exc).__name__, exc)  # fmt: skip
+                log.error(
+                    "cannot follow the active draft of deployment %r (still serving %s): %s: %s",
+                    self.deployment,
+                    current_version,
+                    type(exc).__name__,
+                    exc,
+                )
             self._failing = True
             return None
         if self._failing:
@@ -198,6 +218,12 @@ class DraftFollower:
         weights = self.weights.load(active)  # verified against its sha256 before anything is swapped
         self.generation = generation
         where = "the base draft" if active is None else f"sha256 {active.sha256}"
-        log.info("active draft changed (generation %d): %s -> %s (%s, loaded in %.2f s)", generation,
-                 current_version, version, where, time.monotonic() - started)  # fmt: skip
+        log.info(
+            "active draft changed (generation %d): %s -> %s (%s, loaded in %.2f s)",
+            generation,
+            current_version,
+            version,
+            where,
+            time.monotonic() - started,
+        )
         return weights, version

@@ -73,21 +73,32 @@ class LiveGuard:
 
         live = live_counters(session, new.version, since=activation.at)
         snapshot = {
-            "requests": live.requests, "drafted": live.drafted, "accepted": live.accepted,
-            "target_forwards": live.target_forwards, "emitted": live.emitted,
-            "avg_len": live.draft_avg_len, "acceptance_rate": live.acceptance_rate,
-            "model_requests": live.model_requests, "model_rounds": live.model_rounds,
-            "model_accepted": live.model_accepted, "mean_accepted_length": live.mean_accepted_length,
-            "since": activation.at.isoformat(), "measured_at": utcnow().isoformat(),
-        }  # fmt: skip
-        guard = {"activation_event_id": activation.id, "min_requests": self.settings.min_requests,
-                 "margin": self.settings.margin}  # fmt: skip
+            "requests": live.requests,
+            "drafted": live.drafted,
+            "accepted": live.accepted,
+            "target_forwards": live.target_forwards,
+            "emitted": live.emitted,
+            "avg_len": live.draft_avg_len,
+            "acceptance_rate": live.acceptance_rate,
+            "model_requests": live.model_requests,
+            "model_rounds": live.model_rounds,
+            "model_accepted": live.model_accepted,
+            "mean_accepted_length": live.mean_accepted_length,
+            "since": activation.at.isoformat(),
+            "measured_at": utcnow().isoformat(),
+        }
+        guard = {
+            "activation_event_id": activation.id,
+            "min_requests": self.settings.min_requests,
+            "margin": self.settings.margin,
+        }
         if live.model_requests < self.settings.min_requests:
             update_live_metrics(session, new.id, {**snapshot, "guard": {**guard, "verdict": "watching"}})
             return GuardVerdict("watching", new.version, f"{live.model_requests}/{self.settings.min_requests} requests")
 
-        predecessor = None if activation.from_checkpoint_id is None else get_checkpoint(
-            session, activation.from_checkpoint_id)  # fmt: skip
+        predecessor = (
+            None if activation.from_checkpoint_id is None else get_checkpoint(session, activation.from_checkpoint_id)
+        )
         previous_version = BASE_DRAFT_VERSION if predecessor is None else predecessor.version
         reference, source = self._reference(session, activation, predecessor, previous_version, live_counters)
         guard.update(reference_version=previous_version, reference_avg_len=reference, reference_source=source)
@@ -96,17 +107,26 @@ class LiveGuard:
             return GuardVerdict("kept", new.version, f"no reference for {previous_version}")
 
         floor = reference * (1 - self.settings.margin)
-        numbers = (f"live AvgLen {live.draft_avg_len:.3f} over {live.model_requests} requests vs "
-                   f"{reference:.3f} for {previous_version} ({source}); floor {floor:.3f} at margin "
-                   f"{self.settings.margin:.0%}")  # fmt: skip
+        numbers = (
+            f"live AvgLen {live.draft_avg_len:.3f} over {live.model_requests} requests vs "
+            f"{reference:.3f} for {previous_version} ({source}); floor {floor:.3f} at margin "
+            f"{self.settings.margin:.0%}"
+        )
         if live.draft_avg_len >= floor:
             update_live_metrics(session, new.id, {**snapshot, "guard": {**guard, "verdict": "kept"}})
             log.info("live guard keeps %s: %s", new.version, numbers)
             return GuardVerdict("kept", new.version, numbers)
 
         reason = f"{new.version} does worse in service than {previous_version}: {numbers}"
-        event = rollback(session, activation.from_checkpoint_id, to_base=predecessor is None, actor=ACTOR,
-                         reason=reason, deployment=self.deployment, metrics={"live": snapshot, **guard})  # fmt: skip
+        event = rollback(
+            session,
+            activation.from_checkpoint_id,
+            to_base=predecessor is None,
+            actor=ACTOR,
+            reason=reason,
+            deployment=self.deployment,
+            metrics={"live": snapshot, **guard},
+        )
         if event.from_checkpoint_id != new.id:
             raise _PointerMoved(f"the pointer left {new.version} before the guard could roll it back")
         update_live_metrics(session, new.id, {**snapshot, "guard": {**guard, "verdict": "rolled_back"}})

@@ -3,7 +3,8 @@
     learning-round    every `learning.interval_s`: a round, if enough new feedback arrived to hold some out
     learning-trigger  every `learning.check_interval_s`: wakes learning-round at once when at least
                       `learning.min_new_tokens` feedback tokens arrived since the last round's window
-    live-guard        every `learning.live_guard.check_interval_s`: judges the newest promotion (daemon.learning.live_guard)
+    live-guard        every `learning.live_guard.check_interval_s`: judges the newest promotion
+                      (daemon.learning.live_guard)
 
 Every job has max_instances=1 and coalesce=True: a round never overlaps another, and runs missed while one was
 busy collapse into one. Only learning-round trains, so its max_instances is what keeps rounds apart inside a
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from daemon.config import Settings
 from daemon.learning.learner_lock import LearnerLock
@@ -36,8 +37,16 @@ JOB_OPTIONS = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
 
 
 class LearningScheduler:
-    def __init__(self, settings: Settings, session_factory, *, target_identity: str, lock: LearnerLock | None,
-                 runner: RoundRunner | None, guard: LiveGuard | None):  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory,
+        *,
+        target_identity: str,
+        lock: LearnerLock | None,
+        runner: RoundRunner | None,
+        guard: LiveGuard | None,
+    ):
         from apscheduler.executors.pool import ThreadPoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -54,8 +63,9 @@ class LearningScheduler:
         self._quiet_until = 0.0
         self._failing_jobs: set[str] = set()
         self.last_result: RoundResult | None = None
-        self.scheduler = BackgroundScheduler(timezone=timezone.utc, job_defaults=JOB_OPTIONS,
-                                             executors={"default": ThreadPoolExecutor(max_workers=2)})  # fmt: skip
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC, job_defaults=JOB_OPTIONS, executors={"default": ThreadPoolExecutor(max_workers=2)}
+        )
         if runner is not None:
             assert lock is not None, "rounds need the learner lock"
             self._add(ROUND_JOB, "learning round", self.round_job, self.learning.interval_s)
@@ -66,7 +76,7 @@ class LearningScheduler:
     def _add(self, job_id: str, name: str, function, every_s: float) -> None:
         from apscheduler.triggers.interval import IntervalTrigger
 
-        trigger = IntervalTrigger(seconds=every_s, timezone=timezone.utc)  # UTC: no local time-zone lookup
+        trigger = IntervalTrigger(seconds=every_s, timezone=UTC)  # UTC: no local time-zone lookup
         self.scheduler.add_job(function, trigger, id=job_id, name=name, **JOB_OPTIONS)
 
     # ------------------------------------------------------------------ lifecycle
@@ -133,9 +143,13 @@ class LearningScheduler:
         self._job_ok(TRIGGER_JOB)
         if rows <= self.learning.heldout_rows or tokens < self.learning.min_new_tokens:
             return False
-        log.info("%d new feedback tokens in %d rows (trigger at %d): starting a round", tokens, rows,
-                 self.learning.min_new_tokens)  # fmt: skip
-        self.scheduler.modify_job(ROUND_JOB, next_run_time=datetime.now(timezone.utc))
+        log.info(
+            "%d new feedback tokens in %d rows (trigger at %d): starting a round",
+            tokens,
+            rows,
+            self.learning.min_new_tokens,
+        )
+        self.scheduler.modify_job(ROUND_JOB, next_run_time=datetime.now(UTC))
         return True
 
     def guard_job(self):

@@ -126,7 +126,11 @@ class OffsetTracker:
 
 
 def collect_batch(
-    inbox: queue.Queue, max_size: int, max_wait_s: float, first_timeout_s: float = 0.2, counts=None,
+    inbox: queue.Queue,
+    max_size: int,
+    max_wait_s: float,
+    first_timeout_s: float = 0.2,
+    counts=None,
     max_records: int | None = None,
 ) -> list[Inbound]:
     """Wait up to first_timeout_s for one item, then gather more until max_size or max_wait_s after the first.

@@ -176,8 +176,7 @@ class Publisher:
         for index, record in enumerate(records):
             try:
                 self._check_size(record)
-                futures[index] = producer.send(record.topic, value=record.value, key=record.key,
-                                               headers=record.headers)  # fmt: skip
+                futures[index] = producer.send(record.topic, value=record.value, key=record.key, headers=record.headers)
             except Exception as exc:  # checked before sending: too large, not serializable, no metadata
                 kind = classify(exc)
                 delivery.failures.append(Failure(index, exc, kind))
@@ -197,7 +196,8 @@ class Publisher:
         size = record_size(record.key, record.value, record.headers)
         if size > self.settings.max_request_size:
             raise kafka_errors.MessageSizeTooLargeError(
-                f"the record is {size} bytes, more than max_request_size {self.settings.max_request_size}")
+                f"the record is {size} bytes, more than max_request_size {self.settings.max_request_size}"
+            )
 
     @staticmethod
     def _wait_for_acks(producer, futures: dict, timeout_s: float, deadline: float) -> list[Failure]:
@@ -229,8 +229,18 @@ class Publisher:
             self._producer = None
 
 
-def dlq_record(dlq_topic: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-               code: str, reason: str, request_id: str | None, max_record_bytes: int) -> OutboundRecord:  # fmt: skip
+def dlq_record(
+    dlq_topic: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    code: str,
+    reason: str,
+    request_id: str | None,
+    max_record_bytes: int,
+) -> OutboundRecord:
     """A dead letter that always fits in max_record_bytes: why and where from in headers, the original key and
     value cut to what fits, the original value's size and sha256 in headers whenever it had one."""
     headers = [
@@ -248,8 +258,10 @@ def dlq_record(dlq_topic: str, topic: str, partition: int, offset: int, key: byt
     if value is None:
         headers.append((HEADER_TOMBSTONE, b"1"))
         return OutboundRecord(dlq_topic, key, b"", headers)  # an empty value: a null one would be a tombstone
-    headers += [(HEADER_ORIGINAL_SIZE, str(len(value)).encode()),
-                (HEADER_ORIGINAL_SHA256, hashlib.sha256(value).hexdigest().encode())]  # fmt: skip
+    headers += [
+        (HEADER_ORIGINAL_SIZE, str(len(value)).encode()),
+        (HEADER_ORIGINAL_SHA256, hashlib.sha256(value).hexdigest().encode()),
+    ]
     room = max_record_bytes - record_size(key, b"", headers + [(HEADER_TRUNCATED, b"1")]) - SIZE_MARGIN_BYTES
     if len(value) > room:
         headers.append((HEADER_TRUNCATED, b"1"))

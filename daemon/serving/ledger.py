@@ -40,7 +40,7 @@ class Admission:
     wait: list[Inbound] = field(default_factory=list)  # the first copy is in flight in this daemon
     rejected: list[tuple[Inbound, InvalidMessage]] = field(default_factory=list)  # DLQ
 
-    def extend(self, other: "Admission") -> None:
+    def extend(self, other: Admission) -> None:
         self.decode += other.decode
         self.resend += other.resend
         self.wait += other.wait
@@ -75,12 +75,31 @@ class BatchStore:
             decoding: set[str] = set()
             for item, record in zip(items, received):
                 row, is_new = rows[item.request.id]
-                self._sort(session, admission, item, record, row, is_new and record.same_position(row),
-                           completions, in_flight, decoding)  # fmt: skip
+                self._sort(
+                    session,
+                    admission,
+                    item,
+                    record,
+                    row,
+                    is_new and record.same_position(row),
+                    completions,
+                    in_flight,
+                    decoding,
+                )
         return admission
 
-    def _sort(self, session, admission: Admission, item: Inbound, record, row, first_sight: bool, completions,
-              in_flight: Container[str], decoding: set[str]) -> None:  # fmt: skip
+    def _sort(
+        self,
+        session,
+        admission: Admission,
+        item: Inbound,
+        record,
+        row,
+        first_sight: bool,
+        completions,
+        in_flight: Container[str],
+        decoding: set[str],
+    ) -> None:
         from storage.models import RequestStatus
         from storage.requests_repo import readmit_dead_lettered
 
@@ -96,8 +115,12 @@ class BatchStore:
                 code, _, reason = (row.error or "dead_lettered: no reason recorded").partition(": ")
                 admission.rejected.append((item, InvalidMessage(code, reason, request_id)))
             elif readmit_dead_lettered(session, record):  # sent again, corrected: serve it
-                log.info("request %s at %s was dead-lettered before (%s); serving the corrected request",
-                         request_id, item.where, row.error)  # fmt: skip
+                log.info(
+                    "request %s at %s was dead-lettered before (%s); serving the corrected request",
+                    request_id,
+                    item.where,
+                    row.error,
+                )
                 admission.decode.append(item)
                 decoding.add(request_id)
             else:
@@ -112,8 +135,9 @@ class BatchStore:
             admission.decode.append(item)
             decoding.add(request_id)
 
-    def save(self, decoded: list[Decoded], dead: list[tuple[Inbound, InvalidMessage]],
-             waiting: list[Inbound] = ()) -> Saved:  # fmt: skip
+    def save(
+        self, decoded: list[Decoded], dead: list[tuple[Inbound, InvalidMessage]], waiting: list[Inbound] = ()
+    ) -> Saved:
         """One transaction: completions + feedback, answers for `waiting`, dead letters."""
         from storage.requests_repo import CompletedRequest, find_completions, store_results
 
@@ -128,9 +152,16 @@ class BatchStore:
                 if item.request.id in stored:
                     saved.answered.append((item, stored[item.request.id].message_json))
                 else:  # its first copy failed (an engine error) and was dead-lettered meanwhile
-                    saved.dead.append((item, InvalidMessage(
-                        "not_completed", f"the first copy of request {item.request.id!r} was not completed",
-                        item.request.id)))  # fmt: skip
+                    saved.dead.append(
+                        (
+                            item,
+                            InvalidMessage(
+                                "not_completed",
+                                f"the first copy of request {item.request.id!r} was not completed",
+                                item.request.id,
+                            ),
+                        )
+                    )
             self._record_dead_letters(session, list(dead) + saved.dead)
         return saved
 
@@ -144,23 +175,36 @@ class BatchStore:
         from storage.requests_repo import DeadLetteredRequest, mark_requests_dead_lettered
 
         letters = [
-            DeadLetterRecord(error.request_id, item.tp.topic, item.tp.partition, item.offset, error.code, error.reason,
-                             item.value)  # fmt: skip
+            DeadLetterRecord(
+                error.request_id, item.tp.topic, item.tp.partition, item.offset, error.code, error.reason, item.value
+            )
             for item, error in dead
         ]
         record_dead_letters(session, letters, keep_values=self.keep_dead_letter_values)
-        mark_requests_dead_lettered(session, [
-            DeadLetteredRequest(error.request_id, item.tp.topic, item.tp.partition, item.offset,
-                                f"{error.code}: {error.reason}")
-            for item, error in dead if error.request_id
-        ])  # fmt: skip
+        mark_requests_dead_lettered(
+            session,
+            [
+                DeadLetteredRequest(
+                    error.request_id, item.tp.topic, item.tp.partition, item.offset, f"{error.code}: {error.reason}"
+                )
+                for item, error in dead
+                if error.request_id
+            ],
+        )
 
 
 def _received(item: Inbound):
     from storage.requests_repo import ReceivedRequest
 
-    return ReceivedRequest(item.request.id, item.tp.topic, item.tp.partition, item.offset, _params(item),
-                           len(item.request.input_ids), item.request_hash)  # fmt: skip
+    return ReceivedRequest(
+        item.request.id,
+        item.tp.topic,
+        item.tp.partition,
+        item.offset,
+        _params(item),
+        len(item.request.input_ids),
+        item.request_hash,
+    )
 
 
 def _params(item: Inbound) -> dict:
@@ -178,8 +222,14 @@ def _params(item: Inbound) -> dict:
 
 def _conflict(item: Inbound, row, request_hash: str | None) -> InvalidMessage:
     first = f"{row.kafka_topic}/{row.kafka_partition}@{row.kafka_offset}"
-    log.warning("request id %r at %s conflicts with the request first received at %s: request hash %s, first %s",
-                item.request.id, item.where, first, request_hash, row.request_hash)  # fmt: skip
+    log.warning(
+        "request id %r at %s conflicts with the request first received at %s: request hash %s, first %s",
+        item.request.id,
+        item.where,
+        first,
+        request_hash,
+        row.request_hash,
+    )
     stored = f"request hash {row.request_hash[:12]}" if row.request_hash else "no request hash (stored before 0002)"
     return InvalidMessage(
         "id_conflict",

@@ -95,7 +95,9 @@ def _load_json(text: str) -> Any:
     except InvalidMessage:
         raise
     except json.JSONDecodeError as exc:
-        raise InvalidMessage("not_json", f"value is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise InvalidMessage(
+            "not_json", f"value is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
     except RecursionError:
         raise InvalidMessage("not_json", "value is nested too deeply to parse") from None
     except ValueError as exc:  # e.g. an integer of more than 4300 digits
@@ -145,8 +147,10 @@ def _validate_object(obj: dict[str, Any], request_id: str | None, limits: LimitS
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
         which = "both" if has_prompt else "neither"
-        raise InvalidMessage("missing_field" if which == "neither" else "conflicting_fields",
-                             f"give exactly one of `prompt` or `messages` (got {which})")  # fmt: skip
+        raise InvalidMessage(
+            "missing_field" if which == "neither" else "conflicting_fields",
+            f"give exactly one of `prompt` or `messages` (got {which})",
+        )
     prompt = messages = None
     if has_prompt:
         prompt = obj["prompt"]

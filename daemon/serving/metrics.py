@@ -23,57 +23,94 @@ class DaemonMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("onlinespec_requests", "Prompt records handled, by outcome "
-                                "(completed, resent, dead_lettered)", ["outcome"], registry=r)  # fmt: skip
+        self.requests = Counter(
+            "onlinespec_requests",
+            "Prompt records handled, by outcome (completed, resent, dead_lettered)",
+            ["outcome"],
+            registry=r,
+        )
         self.dlq = Counter("onlinespec_dlq_records", "Records sent to the DLQ, by reason code", ["reason"], registry=r)
         self.tokens = Counter("onlinespec_generated_tokens", "Tokens generated", ["draft_version"], registry=r)
-        self.target_forwards = Counter("onlinespec_target_forwards", "Target forward passes (prefill included)",
-                                       ["draft_version"], registry=r)  # fmt: skip
+        self.target_forwards = Counter(
+            "onlinespec_target_forwards", "Target forward passes (prefill included)", ["draft_version"], registry=r
+        )
         self.drafted = Counter("onlinespec_drafted_tokens", "Draft tokens proposed", ["draft_version"], registry=r)
         self.accepted = Counter("onlinespec_accepted_tokens", "Draft tokens accepted", ["draft_version"], registry=r)
-        self.avg_len = Gauge("onlinespec_mean_accepted_length", "Tokens per target forward since start (AvgLen)",
-                             ["draft_version"], registry=r)  # fmt: skip
-        self.decode_tps = Gauge("onlinespec_decode_tokens_per_second", "Tokens/s of the last batch's decode",
-                                registry=r)  # fmt: skip
+        self.avg_len = Gauge(
+            "onlinespec_mean_accepted_length",
+            "Tokens per target forward since start (AvgLen)",
+            ["draft_version"],
+            registry=r,
+        )
+        self.decode_tps = Gauge(
+            "onlinespec_decode_tokens_per_second", "Tokens/s of the last batch's decode", registry=r
+        )
         self.e2e_tps = Gauge("onlinespec_tokens_per_second", "Tokens/s of the last batch, poll to commit", registry=r)
-        self.lag = Gauge("onlinespec_consumer_lag", "Records behind the high watermark", ["topic", "partition"],
-                         registry=r)  # fmt: skip
-        self.queue_depth = Gauge("onlinespec_queue_depth", "Records waiting between poll thread and worker",
-                                 registry=r)  # fmt: skip
+        self.lag = Gauge(
+            "onlinespec_consumer_lag", "Records behind the high watermark", ["topic", "partition"], registry=r
+        )
+        self.queue_depth = Gauge("onlinespec_queue_depth", "Records waiting between poll thread and worker", registry=r)
         self.paused = Gauge("onlinespec_consumption_paused", "1 while partitions are paused", registry=r)
         self.database_up = Gauge("onlinespec_database_up", "0 while the database is unreachable", registry=r)
-        self.producer_recreated = Counter("onlinespec_producer_recreations", "Producers replaced after a fatal error",
-                                          registry=r)  # fmt: skip
+        self.producer_recreated = Counter(
+            "onlinespec_producer_recreations", "Producers replaced after a fatal error", registry=r
+        )
         # Delivery alerts: records no retry could produce (record: completion | dead_letter, error: its type), and
         # partitions whose committed offset stopped moving while records wait (daemon.stall_after_s).
-        self.undeliverable = Counter("onlinespec_undeliverable_records", "Records that failed to produce for good "
-                                     "(dead-lettered, or kept in the database only)", ["record", "error"],
-                                     registry=r)  # fmt: skip
-        self.stalled = Gauge("onlinespec_partition_stalled", "1 while the committed offset has not moved for "
-                             "daemon.stall_after_s with records waiting", ["topic", "partition"], registry=r)  # fmt: skip
-        self.stalls = Counter("onlinespec_partition_stalls", "Times a partition was found stalled",
-                              ["topic", "partition"], registry=r)  # fmt: skip
-        self.batch_size = Histogram("onlinespec_batch_size", "Records per micro-batch", buckets=BATCH_BUCKETS,
-                                    registry=r)  # fmt: skip
-        self.decode_seconds = Histogram("onlinespec_decode_seconds", "Engine time per batch",
-                                        buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.draft_swap_seconds = Histogram("onlinespec_draft_swap_seconds", "Decode-thread time of a draft swap "
-                                            "(weights prepared in the background)", buckets=LATENCY_BUCKETS,
-                                            registry=r)  # fmt: skip
-        self.store_seconds = Histogram("onlinespec_store_seconds", "Database transaction time per batch",
-                                       buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.produce_seconds = Histogram("onlinespec_produce_seconds", "Produce-and-ack time per batch",
-                                         buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.proposer_drafted = Counter("onlinespec_proposer_drafted_tokens", "Draft tokens proposed, by proposer",
-                                        ["proposer"], registry=r)  # fmt: skip
-        self.proposer_accepted = Counter("onlinespec_proposer_accepted_tokens", "Draft tokens accepted, by proposer",
-                                         ["proposer"], registry=r)  # fmt: skip
-        self.proposer_rounds = Counter("onlinespec_proposer_rounds", "Row-rounds in which a proposer drafted",
-                                       ["proposer"], registry=r)  # fmt: skip
-        self.variant_batches = Counter("onlinespec_variant_batches", "Batches decoded with each variant "
-                                       "(proposer:k; none:0 is target-only)", ["variant"], registry=r)  # fmt: skip
-        self.expected_goodput = Gauge("onlinespec_expected_goodput", "The goodput controller's expected tokens/s "
-                                      "per row of each variant at its last decision", ["variant"], registry=r)  # fmt: skip
+        self.undeliverable = Counter(
+            "onlinespec_undeliverable_records",
+            "Records that failed to produce for good (dead-lettered, or kept in the database only)",
+            ["record", "error"],
+            registry=r,
+        )
+        self.stalled = Gauge(
+            "onlinespec_partition_stalled",
+            "1 while the committed offset has not moved for daemon.stall_after_s with records waiting",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.stalls = Counter(
+            "onlinespec_partition_stalls", "Times a partition was found stalled", ["topic", "partition"], registry=r
+        )
+        self.batch_size = Histogram(
+            "onlinespec_batch_size", "Records per micro-batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.decode_seconds = Histogram(
+            "onlinespec_decode_seconds", "Engine time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.draft_swap_seconds = Histogram(
+            "onlinespec_draft_swap_seconds",
+            "Decode-thread time of a draft swap (weights prepared in the background)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_seconds = Histogram(
+            "onlinespec_store_seconds", "Database transaction time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.produce_seconds = Histogram(
+            "onlinespec_produce_seconds", "Produce-and-ack time per batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.proposer_drafted = Counter(
+            "onlinespec_proposer_drafted_tokens", "Draft tokens proposed, by proposer", ["proposer"], registry=r
+        )
+        self.proposer_accepted = Counter(
+            "onlinespec_proposer_accepted_tokens", "Draft tokens accepted, by proposer", ["proposer"], registry=r
+        )
+        self.proposer_rounds = Counter(
+            "onlinespec_proposer_rounds", "Row-rounds in which a proposer drafted", ["proposer"], registry=r
+        )
+        self.variant_batches = Counter(
+            "onlinespec_variant_batches",
+            "Batches decoded with each variant (proposer:k; none:0 is target-only)",
+            ["variant"],
+            registry=r,
+        )
+        self.expected_goodput = Gauge(
+            "onlinespec_expected_goodput",
+            "The goodput controller's expected tokens/s per row of each variant at its last decision",
+            ["variant"],
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._per_version: dict[str, list[int]] = {}  # version -> [emitted, forwards]
         self.database_up.set(1)

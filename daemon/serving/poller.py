@@ -18,8 +18,8 @@ from kafka import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from daemon.serving.batching import Inbound, OffsetTracker
 from daemon.config import Settings
+from daemon.serving.batching import Inbound, OffsetTracker
 from daemon.serving.messages import InvalidMessage, parse_prompt, request_hash, tokenize
 from daemon.serving.metrics import DaemonMetrics
 from daemon.serving.stages import SinkHealth
@@ -33,8 +33,17 @@ LAG_INTERVAL_S = 1.0
 
 
 class Poller:
-    def __init__(self, settings: Settings, consumer_factory, tracker: OffsetTracker, inbox: queue.Queue,
-                 health: SinkHealth, metrics: DaemonMetrics, tokenizer, max_prompt_tokens: int):  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        consumer_factory,
+        tracker: OffsetTracker,
+        inbox: queue.Queue,
+        health: SinkHealth,
+        metrics: DaemonMetrics,
+        tokenizer,
+        max_prompt_tokens: int,
+    ):
         self.settings = settings
         self.consumer_factory = consumer_factory
         self.tracker = tracker
@@ -89,8 +98,13 @@ class Poller:
             assignment = consumer.assignment()
             if assignment - consumer.paused():
                 consumer.pause(*assignment)
-                log.debug("paused %s (queue %d/%d%s)", _names(assignment), depth, capacity,
-                          "" if self.health.healthy else f", {self.health.describe()}")  # fmt: skip
+                log.debug(
+                    "paused %s (queue %d/%d%s)",
+                    _names(assignment),
+                    depth,
+                    capacity,
+                    "" if self.health.healthy else f", {self.health.describe()}",
+                )
         elif currently_paused:
             consumer.resume(*consumer.paused())
             log.debug("resumed (queue %d/%d)", depth, capacity)
@@ -117,8 +131,9 @@ class Poller:
             log.info("rejecting %s (id %s): %s", item.where, exc.request_id, exc.reason)
         except Exception as exc:  # a bug or a tokenizer limit must not take the poll thread (and the group) down
             request_id = item.message.id if item.message is not None else None
-            item.error = InvalidMessage("invalid", f"could not be validated: {type(exc).__name__}: {exc}"[:1000],
-                                        request_id)  # fmt: skip
+            item.error = InvalidMessage(
+                "invalid", f"could not be validated: {type(exc).__name__}: {exc}"[:1000], request_id
+            )
             log.exception("rejecting %s (id %s): validation failed unexpectedly", item.where, request_id)
 
     def commit_done(self, consumer) -> None:
@@ -126,8 +141,9 @@ class Poller:
         if not offsets:
             return
         try:
-            consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()},
-                            timeout_ms=COMMIT_TIMEOUT_MS)  # fmt: skip
+            consumer.commit(
+                {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}, timeout_ms=COMMIT_TIMEOUT_MS
+            )
             self.tracker.committed(offsets)
             log.debug("committed %s", {f"{tp.topic}/{tp.partition}": o for tp, o in offsets.items()})
         except KafkaError as exc:
@@ -148,10 +164,14 @@ class Poller:
                 unfetched = max(0, highwater - position)
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(unfetched)
             committed, tracked, first = self.tracker.progress(tp)
-            context = ", ".join(part for part in (
-                f"first unfinished offset {first}" if first is not None else "",
-                "" if self.health.healthy else self.health.describe())
-                if part)  # fmt: skip
+            context = ", ".join(
+                part
+                for part in (
+                    f"first unfinished offset {first}" if first is not None else "",
+                    "" if self.health.healthy else self.health.describe(),
+                )
+                if part
+            )
             self.stalls.observe(tp, committed, tracked + unfetched, context)
 
 

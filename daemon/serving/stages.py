@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from sqlalchemy.exc import DataError, DisconnectionError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from daemon.serving.batching import Inbound, OffsetTracker, collect_batch
 from daemon.config import Settings
+from daemon.serving.batching import Inbound, OffsetTracker, collect_batch
 from daemon.serving.kafka_io import (
     PERMANENT,
     UNCLASSIFIED,
@@ -125,8 +125,19 @@ class Prepared:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, engine, store: BatchStore, publisher: Publisher, tracker: OffsetTracker,
-                 inbox: queue.Queue, health: SinkHealth, metrics: DaemonMetrics, notifier, follower=None):  # fmt: skip
+    def __init__(
+        self,
+        settings: Settings,
+        engine,
+        store: BatchStore,
+        publisher: Publisher,
+        tracker: OffsetTracker,
+        inbox: queue.Queue,
+        health: SinkHealth,
+        metrics: DaemonMetrics,
+        notifier,
+        follower=None,
+    ):
         self.settings = settings
         self.engine = engine
         self.store = store
@@ -160,8 +171,13 @@ class Pipeline:
         try:
             while not self.stopping.is_set():
                 self.beats["decode"] = time.monotonic()
-                batch = collect_batch(self.inbox, self.settings.engine.max_batch_size, batching.max_wait_ms / 1000,
-                                      counts=_to_decode, max_records=batching.queue_size)  # fmt: skip
+                batch = collect_batch(
+                    self.inbox,
+                    self.settings.engine.max_batch_size,
+                    batching.max_wait_ms / 1000,
+                    counts=_to_decode,
+                    max_records=batching.queue_size,
+                )
                 batch = [item for item in batch if self.tracker.is_current(item.tp, item.epoch)]
                 self._follow_active_draft()
                 self._apply_pending_swap()  # between batches: the collected batch decodes with the new draft
@@ -200,9 +216,14 @@ class Pipeline:
         admission = self._claim(self._admit_valid(batch))
         size = self.settings.engine.max_batch_size
         while len(admission.decode) < size and not self.stopping.is_set():
-            more = collect_batch(self.inbox, size - len(admission.decode), 0.0,
-                                 first_timeout_s=0.0, counts=_to_decode,
-                                 max_records=max(1, batching.queue_size - len(batch)))  # fmt: skip
+            more = collect_batch(
+                self.inbox,
+                size - len(admission.decode),
+                0.0,
+                first_timeout_s=0.0,
+                counts=_to_decode,
+                max_records=max(1, batching.queue_size - len(batch)),
+            )
             more = [item for item in more if self.tracker.is_current(item.tp, item.epoch)]
             if not more:
                 break
@@ -271,8 +292,9 @@ class Pipeline:
         self.totals.decode_seconds += seconds
         decoded = []
         for item, result in zip(items, results):
-            payload = completion_payload(result, len(item.request.input_ids), item.message.metadata,
-                                         started - item.queued_at)  # fmt: skip
+            payload = completion_payload(
+                result, len(item.request.input_ids), item.message.metadata, started - item.queued_at
+            )
             decoded.append(Decoded(item, result, encode_json(payload), payload["timings"]))
         return decoded, []
 
@@ -329,17 +351,26 @@ class Pipeline:
         elapsed = time.monotonic() - min(item.queued_at for item in prepared.batch)
         if tokens and elapsed > 0:
             self.metrics.e2e_tps.set(tokens / elapsed)
-        log.debug("batch of %d: %d decoded, %d resent, %d rejected; store %.3f s, produce %.3f s",
-                  len(prepared.batch), len(decoded), len(resend), len(rejected),
-                  produce_started - store_started, time.monotonic() - produce_started)  # fmt: skip
+        log.debug(
+            "batch of %d: %d decoded, %d resent, %d rejected; store %.3f s, produce %.3f s",
+            len(prepared.batch),
+            len(decoded),
+            len(resend),
+            len(rejected),
+            produce_started - store_started,
+            time.monotonic() - produce_started,
+        )
 
     def _save(self, decoded: list[Decoded], dead: list, waiting: list[Inbound]) -> Saved:
         """Save a batch; if the database refuses a record in it, save one by one (see _save_one_by_one)."""
         try:
             return self._with_database("sink", "store results", lambda: self.store.save(decoded, dead, waiting))
         except RECORD_REFUSED as exc:
-            log.warning("the database refused a batch of %d (%s); storing its records one by one",
-                        len(decoded) + len(dead) + len(waiting), _short(exc))  # fmt: skip
+            log.warning(
+                "the database refused a batch of %d (%s); storing its records one by one",
+                len(decoded) + len(dead) + len(waiting),
+                _short(exc),
+            )
             return self._save_one_by_one(decoded, dead, waiting)
 
     def _save_one_by_one(self, decoded: list[Decoded], dead: list, waiting: list[Inbound]) -> Saved:
@@ -351,7 +382,7 @@ class Pipeline:
         units += [(x[0], ([], [x], [])) for x in dead]
         for item, unit in units:
             try:
-                part = self._with_database("sink", "store results", lambda: self.store.save(*unit))
+                part = self._with_database("sink", "store results", lambda unit=unit: self.store.save(*unit))
             except RECORD_REFUSED as exc:
                 if unit[1]:
                     log.error("the database refused the dead letter of %s: %s", item.where, _short(exc))
@@ -374,18 +405,37 @@ class Pipeline:
         for d in decoded:
             request_id = d.item.request.id
             message = saved.messages.get(request_id, d.message_json).encode()
-            records.append(Outgoing(completion_record(topic, d.item.key, request_id, message, False), d.item,
-                                    COMPLETION, request_id))  # fmt: skip
+            records.append(
+                Outgoing(
+                    completion_record(topic, d.item.key, request_id, message, False), d.item, COMPLETION, request_id
+                )
+            )
         for item, message in resend:
-            records.append(Outgoing(completion_record(topic, item.key, item.request.id, message.encode(), True), item,
-                                    COMPLETION, item.request.id))  # fmt: skip
+            records.append(
+                Outgoing(
+                    completion_record(topic, item.key, item.request.id, message.encode(), True),
+                    item,
+                    COMPLETION,
+                    item.request.id,
+                )
+            )
         records += [self._dead_letter(item, error) for item, error in rejected]
         return records
 
     def _dead_letter(self, item: Inbound, error: InvalidMessage) -> Outgoing:
         kafka = self.settings.kafka
-        record = dlq_record(kafka.dlq_topic, item.tp.topic, item.tp.partition, item.offset, item.key, item.value,
-                            error.code, error.reason, error.request_id, kafka.max_request_size)  # fmt: skip
+        record = dlq_record(
+            kafka.dlq_topic,
+            item.tp.topic,
+            item.tp.partition,
+            item.offset,
+            item.key,
+            item.value,
+            error.code,
+            error.reason,
+            error.request_id,
+            kafka.max_request_size,
+        )
         return Outgoing(record, item, DEAD_LETTER, error.request_id)
 
     def _deliver(self, outgoing: list[Outgoing]) -> list[tuple[Inbound, InvalidMessage]]:
@@ -422,8 +472,9 @@ class Pipeline:
             self.totals.undeliverable += 1
             self.metrics.undeliverable.labels(outgoing.role, type(error).__name__).inc()
             if outgoing.role == DEAD_LETTER:
-                log.error("%s failed for good (%s); it stays recorded in the database only", outgoing.context,
-                          _short(error))  # fmt: skip
+                log.error(
+                    "%s failed for good (%s); it stays recorded in the database only", outgoing.context, _short(error)
+                )
                 continue
             log.error("%s failed for good (%s); dead-lettering the request", outgoing.context, _short(error))
             reason = f"the completion could not be produced to {outgoing.record.topic}: {_short(error)}"
@@ -483,12 +534,12 @@ class _Backoff:
         else:
             p.totals.produce_retries += 1
         if p.health.failing(self.sink, _short(exc)):
-            log.warning("%s unavailable during %s (%s); pausing consumption and retrying", self.sink, self.what,
-                        _short(exc))  # fmt: skip
+            log.warning(
+                "%s unavailable during %s (%s); pausing consumption and retrying", self.sink, self.what, _short(exc)
+            )
             p.notifier.status(f"{self.sink} unavailable, retrying: {_short(exc)}")
         else:
-            log.info("%s still unavailable (%s), retry %d in %.1f s", self.sink, _short(exc), self.failures,
-                     self.delay)  # fmt: skip
+            log.info("%s still unavailable (%s), retry %d in %.1f s", self.sink, _short(exc), self.failures, self.delay)
         if p.hard_stop.wait(self.delay):
             raise Abandoned() from exc
         self.delay = min(self.delay * 2, p.settings.daemon.retry_max_s)
@@ -507,5 +558,5 @@ def _to_decode(item: Inbound) -> bool:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
-    text = text[len(name) + 1:].strip() if text.startswith(f"{name}:") else text  # kafka errors name themselves
+    text = text[len(name) + 1 :].strip() if text.startswith(f"{name}:") else text  # kafka errors name themselves
     return f"{name}: {text[:200]}"

@@ -42,8 +42,14 @@ class StallWatch:
         state = self._partitions.get(tp)
         if state is None or state.committed != committed or waiting == 0:
             if state is not None and state.stalled:
-                log.info("partition %s/%d moving again after %.0f s (committed offset %s -> %s)", tp.topic,
-                         tp.partition, now - state.since, state.committed, committed)  # fmt: skip
+                log.info(
+                    "partition %s/%d moving again after %.0f s (committed offset %s -> %s)",
+                    tp.topic,
+                    tp.partition,
+                    now - state.since,
+                    state.committed,
+                    committed,
+                )
                 self.metrics.stalled.labels(tp.topic, str(tp.partition)).set(0)
             self._partitions[tp] = _Progress(committed, now)
             return False
@@ -52,9 +58,15 @@ class StallWatch:
             self.found += 1
             self.metrics.stalled.labels(tp.topic, str(tp.partition)).set(1)
             self.metrics.stalls.labels(tp.topic, str(tp.partition)).inc()
-            log.warning("partition %s/%d stalled: committed offset %s has not moved for %.0f s while %d records "
-                        "wait%s", tp.topic, tp.partition, committed, now - state.since, waiting,
-                        f" ({context})" if context else "")  # fmt: skip
+            log.warning(
+                "partition %s/%d stalled: committed offset %s has not moved for %.0f s while %d records wait%s",
+                tp.topic,
+                tp.partition,
+                committed,
+                now - state.since,
+                waiting,
+                f" ({context})" if context else "",
+            )
         return state.stalled
 
     def forget(self, tps) -> None:

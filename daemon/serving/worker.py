@@ -4,7 +4,8 @@
     decode thread   daemon.serving.stages   micro-batch → admit → decode
     sink thread     daemon.serving.stages   store (one transaction) → produce + acks → offsets done
     main thread     here              systemd READY / WATCHDOG / STATUS / STOPPING, signals, grace, summary
-    scheduler       daemon.learning.scheduler  learning rounds and the live guard (APScheduler's threads), when configured
+    scheduler       daemon.learning.scheduler  learning rounds and the live guard (APScheduler's threads), when
+                    configured
 
 At every batch boundary the decode thread follows the deployment's active draft (daemon.learning.draft_follower).
 
@@ -23,13 +24,13 @@ import signal
 import threading
 import time
 
-from daemon.serving.batching import Inbound, OffsetTracker
 from daemon.config import Settings
+from daemon.serving.batching import Inbound, OffsetTracker
 from daemon.serving.kafka_io import Publisher, make_consumer, make_producer
-from daemon.serving.metrics import DaemonMetrics
-from daemon.serving.stages import Pipeline, SinkHealth
-from daemon.serving.poller import Poller
 from daemon.serving.ledger import BatchStore
+from daemon.serving.metrics import DaemonMetrics
+from daemon.serving.poller import Poller
+from daemon.serving.stages import Pipeline, SinkHealth
 from daemon.serving.systemd import SystemdNotifier
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,28 @@ class Worker:
         self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=settings.batching.queue_size)
         self.tracker = OffsetTracker()
         self.health = SinkHealth()
-        self.poller = Poller(settings, consumer_factory, self.tracker, self.inbox, self.health, self.metrics,
-                             tokenizer, engine.max_prompt_tokens)  # fmt: skip
-        self.pipeline = Pipeline(settings, engine, store, self.publisher, self.tracker, self.inbox, self.health,
-                                 self.metrics, self.notifier, follower)  # fmt: skip
+        self.poller = Poller(
+            settings,
+            consumer_factory,
+            self.tracker,
+            self.inbox,
+            self.health,
+            self.metrics,
+            tokenizer,
+            engine.max_prompt_tokens,
+        )
+        self.pipeline = Pipeline(
+            settings,
+            engine,
+            store,
+            self.publisher,
+            self.tracker,
+            self.inbox,
+            self.health,
+            self.metrics,
+            self.notifier,
+            follower,
+        )
         self.learning = learning  # daemon.learning.scheduler.LearningScheduler or None
         self.assigned = self.poller.assigned  # set once partitions were assigned
         self._stopping = threading.Event()
@@ -99,8 +118,13 @@ class Worker:
             self.pipeline.follower.start(self.engine.draft_version)  # weights prepared off the decode thread
         kafka = self.settings.kafka
         self.notifier.ready(f"consuming {kafka.prompts_topic}")
-        log.info("serving %s -> %s (group %s, draft %s)", kafka.prompts_topic, kafka.completions_topic,
-                 kafka.group_id, self.engine.draft_version)  # fmt: skip
+        log.info(
+            "serving %s -> %s (group %s, draft %s)",
+            kafka.prompts_topic,
+            kafka.completions_topic,
+            kafka.group_id,
+            self.engine.draft_version,
+        )
         self._supervise_until_stop()
         self._drain()
         self.close()
@@ -168,8 +192,12 @@ class Worker:
         next_status = time.monotonic()
         while not self._stopping.wait(0.2):
             if self._stop_requested:
-                log.info("%s received: taking no more records, finishing those in hand (grace %g s; a second "
-                         "signal abandons them)", self._stop_reason, self.settings.daemon.shutdown_grace_s)  # fmt: skip
+                log.info(
+                    "%s received: taking no more records, finishing those in hand (grace %g s; a second "
+                    "signal abandons them)",
+                    self._stop_reason,
+                    self.settings.daemon.shutdown_grace_s,
+                )
                 self.stop(self._stop_reason)
                 break
             if not all(thread.is_alive() for thread in self._threads):
@@ -219,8 +247,10 @@ class Worker:
     def status_line(self) -> str:
         t = self.totals
         paused = "" if self.health.healthy else f", paused: {self.health.describe()}"
-        return (f"served {t.decoded + t.resent}, dlq {t.dead_lettered}, queue {self.inbox.qsize()}, "
-                f"tokens {t.tokens}{paused}")  # fmt: skip
+        return (
+            f"served {t.decoded + t.resent}, dlq {t.dead_lettered}, queue {self.inbox.qsize()}, "
+            f"tokens {t.tokens}{paused}"
+        )
 
     def _log_summary(self) -> None:
         t = self.totals
@@ -236,8 +266,22 @@ class Worker:
             "onlinespec stopped (%s, %s): %d decoded, %d resent, %d dead-lettered %s, %d tokens in %d batches, "
             "AvgLen %.2f, decode %.1f tok/s, %d left queued for redelivery, %d database retries, "
             "%d produce retries, %d producer recreations, %d undeliverable, %d stalls, %d rebalances, uptime %.1f s",
-            self._stop_reason, outcome, t.decoded, t.resent, t.dead_lettered, dict(sorted(t.by_reason.items())),
-            t.tokens, t.batches, avg_len, tps, self.inbox.qsize(), t.database_retries, t.produce_retries,
-            self.publisher.recreations, t.undeliverable, self.poller.stalls.found, self.poller.rebalances,
+            self._stop_reason,
+            outcome,
+            t.decoded,
+            t.resent,
+            t.dead_lettered,
+            dict(sorted(t.by_reason.items())),
+            t.tokens,
+            t.batches,
+            avg_len,
+            tps,
+            self.inbox.qsize(),
+            t.database_retries,
+            t.produce_retries,
+            self.publisher.recreations,
+            t.undeliverable,
+            self.poller.stalls.found,
+            self.poller.rebalances,
             time.monotonic() - self._started_at,
-        )  # fmt: skip
+        )

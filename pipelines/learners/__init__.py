@@ -14,7 +14,6 @@ from pipelines.learners.ensemble import EnsembleLearner
 from pipelines.learners.online import OnlineLearner
 from pipelines.learners.optimistic import OptimisticLearner
 from pipelines.learners.osd import OSDLearner
-
 from pipelines.settings import LEARNER_NAMES
 
 LEARNERS: dict[str, type[Learner]] = {

@@ -48,7 +48,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -77,10 +77,14 @@ class FitReport:
         """JSON-ready; a loss over no positions (nan) becomes None."""
         finite = lambda x: x if x is None or math.isfinite(x) else None  # noqa: E731
         return {
-            "learner": self.learner, "steps": self.steps, "tokens": self.tokens,
-            "loss_before": finite(self.loss_before), "loss_after": finite(self.loss_after),
-            "seconds": self.seconds, "details": self.details,
-        }  # fmt: skip
+            "learner": self.learner,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "loss_before": finite(self.loss_before),
+            "loss_after": finite(self.loss_after),
+            "seconds": self.seconds,
+            "details": self.details,
+        }
 
 
 @dataclass
@@ -262,7 +266,10 @@ class Learner:
 
     def _evaluate(self, draft, examples) -> tuple[float, int]:
         return distill.mean_kl(
-            draft, examples, positions=self.positions, micro_batch_tokens=self.settings.micro_batch_tokens,
+            draft,
+            examples,
+            positions=self.positions,
+            micro_batch_tokens=self.settings.micro_batch_tokens,
             temperature=self.settings.target_temperature,
         )
 

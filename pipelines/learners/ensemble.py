@@ -62,7 +62,7 @@ class EnsembleLearner(Learner):
             if not math.isfinite(loss):
                 raise NonFiniteError(f"ensemble: member with lr {member.lr} has loss {loss}")
             round_losses.append(loss)
-        self.cumulative_losses = [c + l for c, l in zip(self.cumulative_losses, round_losses)]
+        self.cumulative_losses = [total + loss for total, loss in zip(self.cumulative_losses, round_losses)]
         weights = self.weights()
 
         steps, member_details = 0, []

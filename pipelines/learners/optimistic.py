@@ -29,12 +29,20 @@ from pipelines.learners.online import OnlineLearner
 class OptimisticGD(torch.optim.Optimizer):
     """theta <- theta (1 - lr wd) - lr (2 d_t - d_{t-1}); d = the gradient ("sgd") or Adam's step ("adam")."""
 
-    def __init__(self, params, lr: float, precondition: str = "sgd", betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        precondition: str = "sgd",
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         if precondition not in ("sgd", "adam"):
             raise ValueError(f"Unknown precondition {precondition!r}; use 'sgd' or 'adam'")
-        super().__init__(params, dict(lr=lr, precondition=precondition, betas=betas, eps=eps,
-                                      weight_decay=weight_decay))
+        super().__init__(
+            params, dict(lr=lr, precondition=precondition, betas=betas, eps=eps, weight_decay=weight_decay)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):

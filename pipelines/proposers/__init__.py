@@ -50,7 +50,7 @@ class Variant:
         return self.proposer in ("suffix", "hybrid")
 
     @classmethod
-    def parse(cls, text: str) -> "Variant":
+    def parse(cls, text: str) -> Variant:
         proposer, _, k = text.partition(":")
         return cls(proposer, int(k))
 

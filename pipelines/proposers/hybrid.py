@@ -39,6 +39,10 @@ class HybridProposer:
         if by_model.probs is not None:
             one_hot = torch.nn.functional.one_hot(by_suffix.tokens, by_model.probs.shape[-1]).to(by_model.probs.dtype)
             probs = pick(one_hot, by_model.probs)
-        proposal = Proposal(pick(by_suffix.tokens, by_model.tokens), pick(by_suffix.counts, by_model.counts), probs,
-                            pick(by_suffix.sources, by_model.sources))  # fmt: skip
+        proposal = Proposal(
+            pick(by_suffix.tokens, by_model.tokens),
+            pick(by_suffix.counts, by_model.counts),
+            probs,
+            pick(by_suffix.sources, by_model.sources),
+        )
         return proposal, match, use_suffix

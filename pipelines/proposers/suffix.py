@@ -16,7 +16,8 @@ work on static buffers, so it runs inside the captured round with no host synchr
 so verification uses a one-hot q.
 
 The stream ring is written between batches (`SuffixCache.add`, from the host), with every finished request's
-completion after the end of its prompt; at daemon start it is rebuilt from stored completions, so a restart keeps what the stream taught it.
+completion after the end of its prompt; at daemon start it is rebuilt from stored completions, so a restart keeps
+what the stream taught it.
 Memory is bounded: 4 bytes per ring token plus 4 * ways bytes per bucket on the device (and 4 bytes per bucket on
 the host); the oldest tokens are overwritten, and an index entry always points at whatever its slot now holds,
 which the token-by-token match verifies.
@@ -155,10 +156,15 @@ class ShadowState:
     live: torch.Tensor  # [B] bool: a proposal is pending
 
     @classmethod
-    def allocate(cls, batch_size: int, k: int, device) -> "ShadowState":
+    def allocate(cls, batch_size: int, k: int, device) -> ShadowState:
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=device)  # noqa: E731
-        return cls(zeros(batch_size, k), zeros(batch_size), zeros(batch_size), zeros(batch_size),
-                   torch.zeros(batch_size, dtype=torch.bool, device=device))  # fmt: skip
+        return cls(
+            zeros(batch_size, k),
+            zeros(batch_size),
+            zeros(batch_size),
+            zeros(batch_size),
+            torch.zeros(batch_size, dtype=torch.bool, device=device),
+        )
 
     def reset(self) -> None:
         self.live.zero_()
