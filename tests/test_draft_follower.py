@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftFollower, DraftWeights
-from tests.rounds_fixtures import TARGET_IDENTITY
+from tests.rounds_fixtures import TARGET_IDENTITY, record_checkpoint
 
 BASE = {"w": torch.zeros(4)}
 
@@ -30,20 +30,10 @@ def weights(tmp_path):
 
 
 def add(session_factory, weights, version, state, target=TARGET_IDENTITY, promote=True) -> int:
-    from storage.checkpoints_repo import add_checkpoint, set_active
+    from storage.checkpoints_repo import set_active
 
-    stored = weights.store.put(state)
     with session_factory.begin() as session:
-        checkpoint = add_checkpoint(
-            session,
-            version=version,
-            sha256=stored.sha256,
-            size_bytes=stored.size_bytes,
-            path=str(stored.path),
-            learner="manual",
-            learner_settings={},
-            target_identity=target,
-        )
+        checkpoint = record_checkpoint(session, weights.store, version, state, target_identity=target)
         if promote:
             set_active(session, checkpoint.id, "operator:test", "test")
         return checkpoint.id

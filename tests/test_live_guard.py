@@ -14,11 +14,11 @@ from daemon.cli import main as cli
 from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftWeights
 from daemon.learning.live_guard import LiveGuard
 from tests.rounds_fixtures import (
-    TARGET_IDENTITY,
     draft_round_avg_len,
     follow,
     follower_for,
     learning_settings,
+    record_checkpoint,
     serve,
     session_factory_for,
     stream,
@@ -38,21 +38,8 @@ def setup(strong_engine, sqlite_url, tmp_path, fresh_draft):
 
 
 def add_version(session_factory, weights: DraftWeights, version: str, state: dict, **fields) -> int:
-    from storage.checkpoints_repo import add_checkpoint
-
-    stored = weights.store.put(state)
     with session_factory.begin() as session:
-        return add_checkpoint(
-            session,
-            version=version,
-            sha256=stored.sha256,
-            size_bytes=stored.size_bytes,
-            path=str(stored.path),
-            learner="manual",
-            learner_settings={},
-            target_identity=TARGET_IDENTITY,
-            **fields,
-        ).id
+        return record_checkpoint(session, weights.store, version, state, **fields).id
 
 
 def scrambled(engine, seed: int = 0) -> dict:

@@ -19,6 +19,7 @@ from tests.rounds_fixtures import (
     follower_for,
     learning_settings,
     live_avg_len,
+    record_checkpoint,
     serve,
     stream,
 )
@@ -205,17 +206,8 @@ def test_a_promotion_is_void_when_the_pointer_moved_during_the_round(
     serve(engine, database, stream(engine.tokenizer, 24, seed=50))
     # An operator promotes another version while the candidate trains.
     with database.begin() as session:
-        stored = runner.weights.store.put({n: t + 0 for n, t in engine.draft.state_dict().items()})
-        other = checkpoints_repo.add_checkpoint(
-            session,
-            version="operator-pick",
-            sha256=stored.sha256,
-            size_bytes=stored.size_bytes,
-            path=str(stored.path),
-            learner="manual",
-            learner_settings={},
-            target_identity=TARGET_IDENTITY,
-        )
+        state = {n: t + 0 for n, t in engine.draft.state_dict().items()}
+        other = record_checkpoint(session, runner.weights.store, "operator-pick", state)
         other_id = other.id
 
     def decide_then_operator_moves(candidate, active, window):
