@@ -23,9 +23,10 @@ row; measured on an H200, suffix drafts at batch 8 lost to target-only on two st
 
 A speculative variant must beat target-only by `margin`, so with no evidence, or with proposers that cost more
 than they return, the engine decodes target-only: speculation is never knowingly slower than no speculation.
-Evidence decays by `decay` per batch (the stream drifts). Every `explore_every` batches of a bucket, a variant
-that could win on an optimistic estimate but has no recent evidence (a newly promoted draft version, say) runs
-once to measure it.
+Evidence decays by `decay` per batch (the stream drifts). A draft-model variant that could win on an optimistic
+estimate runs once to measure it: from the second batch of a bucket if it never ran there (its cost may only be
+estimated: on CPU nothing is timed at warm-up), and every `explore_every` batches when its evidence is old (a
+newly promoted draft version, say).
 """
 
 from __future__ import annotations
@@ -258,13 +259,14 @@ class GoodputController:
         self, bucket: int, candidates: list[Variant], best_goodput: float, draft_version: str | None
     ) -> Variant | None:
         every = self.settings.explore_every
-        if not every or self._batches[bucket] % every:
+        if not every:
             return None
-        stale = [
-            v
-            for v in candidates
-            if v.uses_draft_model and self._batches[bucket] - self._last_run.get((bucket, v), 0) >= every
-        ]
+        batches = self._batches[bucket]
+        model_variants = [v for v in candidates if v.uses_draft_model]
+        if batches % every == 0:
+            stale = [v for v in model_variants if batches - self._last_run.get((bucket, v), 0) >= every]
+        else:  # a draft-model variant never run at this bucket is tried as soon as it could win
+            stale = [v for v in model_variants if (bucket, v) not in self._last_run and batches >= 2]
         if not stale:
             return None
         hopeful = {

@@ -147,3 +147,15 @@ def test_a_variant_whose_batches_gain_less_than_its_rows_is_corrected_by_what_ba
     assert ctl.correction(8, SUFFIX) < 0.7
     assert ctl.choose(8) == TARGET_ONLY
     assert ctl.correction(1, SUFFIX) == 1.0  # batch size 1 is judged on its own
+
+
+def test_a_draft_variant_with_only_an_estimated_cost_is_tried_once_and_kept_when_it_pays():
+    """On CPU nothing is timed at warm-up: costs are estimates until a variant ran. A draft that could win on an
+    optimistic estimate is tried from the second batch, and chosen from then on if what it measured pays."""
+    ctl = GoodputController(ControllerSettings(explore_every=64), [TARGET_ONLY, DRAFT], draft_cost_ratio=0.1)
+    assert ctl.choose(1, draft_version="v1") == TARGET_ONLY
+    ctl.observe(BatchObservation(1, TARGET_ONLY, 100, 1.0))  # 10 ms per round
+    assert ctl.choose(1, draft_version="v1") == DRAFT  # explored: estimated 18 ms, optimistic acceptance
+    ctl.observe(BatchObservation(1, DRAFT, 30, 0.54, "v1", model_rounds=30, model_accepted=100, model_full=20))
+    assert ctl.cost(1, DRAFT) == pytest.approx(0.018)
+    assert [ctl.choose(1, draft_version="v1") for _ in range(3)] == [DRAFT] * 3  # ~4.3 tokens per 18 ms round
