@@ -1,0 +1,207 @@
+"""An EAGLE-style draft head: a few decoder layers of the target's own architecture over the target's features.
+
+Terms. The target's *feature* f_p at position p is its last hidden state there, after the final norm (what its LM
+head reads to predict token t_{p+1}). The head reads, at position p, the feature f_p and the embedding of the token
+at p + 1, and predicts the feature at p + 1 (whose logits, through the target's LM head, give token t_{p+2}):
+
+    x_p  = fc([embed(t_{p+1}); f_p])              [.., 2H] -> [.., H]
+    g_p  = layers(x_p) at position p               causal over the head's own positions (its KV cache)
+    logits of t_{p+2} = lm_head(g_p)               the target's LM head, frozen
+
+Drafting k tokens after a verified prefix whose last token `current` sits at position L: step 1 reads the true
+f_{L-1} and embed(current) at position L - 1 and gives d_1; step j >= 2 reads the head's own previous output g in
+place of a target feature, and embed(d_{j-1}), at position L + j - 2, and gives d_j (EAGLE's feature-level
+autoregression). Only the head's own layers and `fc` are trained and stored: the embeddings and the LM head are the
+target's, so a head checkpoint is small (one layer of a 1.5B target: ~52M parameters) and can only serve the target
+it was trained against (checkpoints record the target identity).
+
+The layers are the target's decoder-layer class built from a copy of the target's config, so attention, rotary
+embeddings and norms are exactly the target's, and the engine's positional KV cache (pipelines.kv_cache) works
+for the head as it does for any decoder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+from pipelines.kv_cache import ATTENTION_NAME, PositionalKVCache, attention_mask
+
+HEAD_CONFIG_FILE = "head_config.json"
+HEAD_WEIGHTS_FILE = "head.safetensors"
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """What a head is, stored beside its weights. `target_config` is the target's config (a dict), from which the
+    layers are built; `init` says how the layers started (recorded, not used after construction)."""
+
+    num_layers: int
+    target_config: dict
+    init: str = "last_layer"  # "last_layer": a copy of the target's last decoder layer; "random"
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.target_config["hidden_size"])
+
+    def layer_config(self) -> PretrainedConfig:
+        config = type_of_config(self.target_config).from_dict(copy.deepcopy(self.target_config))
+        config.num_hidden_layers = self.num_layers
+        config.layer_types = ["full_attention"] * self.num_layers
+        config._attn_implementation = ATTENTION_NAME
+        return config
+
+
+def type_of_config(config_dict: dict) -> type[PretrainedConfig]:
+    from transformers import AutoConfig
+
+    return type(AutoConfig.for_model(config_dict["model_type"]))
+
+
+class DraftHead(torch.nn.Module):
+    """fc + decoder layers + rotary embedding of the target's architecture; see the module docstring."""
+
+    def __init__(self, config: HeadConfig, layer_class: type[torch.nn.Module], rotary_class: type[torch.nn.Module]):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        layer_config = config.layer_config()
+        self.fc = torch.nn.Linear(2 * hidden, hidden, bias=True)
+        self.layers = torch.nn.ModuleList(layer_class(layer_config, i) for i in range(config.num_layers))
+        self.rotary_emb = rotary_class(config=layer_config)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def forward(
+        self,
+        embeds: torch.Tensor,  # [B, T, H] the target's embeddings of t_{p+1}
+        features: torch.Tensor,  # [B, T, H] f_p (the target's) or the head's own previous output g
+        positions: torch.Tensor,  # [B, T] int64, p
+        cache: PositionalKVCache | None = None,
+    ) -> torch.Tensor:
+        """[B, T, H] g_p. With `cache` the keys and values go to the cache at `positions` and a query sees the
+        cache's slots <= its position (the engine's drafting); without, plain causal attention over T (training,
+        teacher forcing over right-padded rows)."""
+        hidden = self.fc(torch.cat([embeds, features.to(embeds.dtype)], dim=-1))
+        mask = None
+        if cache is not None:
+            cache.positions = positions
+            mask = attention_mask(positions, cache.max_seq_len)
+        position_embeddings = self.rotary_emb(hidden, positions)
+        for layer in self.layers:
+            hidden = layer(
+                hidden,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                position_embeddings=position_embeddings,
+            )
+        return hidden
+
+    def allocate_cache(self, batch_size: int, max_seq_len: int) -> PositionalKVCache:
+        """A positional KV cache of the head's layers (the target's head_dim and KV heads)."""
+        param = next(self.parameters())
+        shell = _ConfigShell(self.config.layer_config(), param)
+        return PositionalKVCache.allocate(shell, batch_size, max_seq_len)
+
+    # ------------------------------------------------------------------ building, saving, loading
+
+    @classmethod
+    def for_target(cls, target: PreTrainedModel, num_layers: int = 1, init: str = "last_layer", seed: int = 0):
+        """A fresh head for `target`, on the target's device and in its dtype. init "last_layer" copies the target's
+        last decoder layer into every head layer (a warm start: it already maps late features to late features);
+        "random" keeps the layer class's own initialisation. fc starts as [0 | I]: the feature passes through."""
+        if init not in ("last_layer", "random"):
+            raise ValueError(f"Unknown head init {init!r}; use 'last_layer' or 'random'")
+        decoder = target.get_decoder()
+        config = HeadConfig(num_layers=num_layers, target_config=target.config.to_dict(), init=init)
+        torch.manual_seed(seed)
+        head = cls(config, type(decoder.layers[0]), type(decoder.rotary_emb))
+        hidden = config.hidden_size
+        with torch.no_grad():
+            head.fc.weight.zero_()
+            head.fc.weight[:, hidden:].copy_(torch.eye(hidden))
+            head.fc.bias.zero_()
+            if init == "last_layer":
+                source = decoder.layers[-1].state_dict()
+                for layer in head.layers:
+                    layer.load_state_dict(source)
+        param = next(target.parameters())
+        return head.to(device=param.device, dtype=param.dtype).eval().requires_grad_(False)
+
+    @classmethod
+    def from_state(cls, target: PreTrainedModel, config: HeadConfig, state: dict[str, torch.Tensor]) -> DraftHead:
+        """A head of `config` for `target` with the given weights (strict: every tensor, right shapes)."""
+        decoder = target.get_decoder()
+        head = cls(config, type(decoder.layers[0]), type(decoder.rotary_emb))
+        param = next(target.parameters())
+        head = head.to(device=param.device, dtype=param.dtype)
+        head.load_state_dict(state, strict=True)
+        return head.eval().requires_grad_(False)
+
+    def save(self, folder: str | Path, metadata: dict | None = None) -> Path:
+        """A head folder: head_config.json (+ metadata) and head.safetensors."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        document = {"kind": "head", **asdict(self.config), "metadata": metadata or {}}
+        (folder / HEAD_CONFIG_FILE).write_text(json.dumps(document, indent=1, default=str))
+        state = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        save_file(state, folder / HEAD_WEIGHTS_FILE)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, target: PreTrainedModel) -> DraftHead:
+        from safetensors.torch import load_file
+
+        config, _ = read_head_config(folder)
+        state = load_file(Path(folder) / HEAD_WEIGHTS_FILE)
+        return cls.from_state(target, config, state)
+
+
+def is_head_folder(ref: str | Path | None) -> bool:
+    return ref is not None and (Path(ref).expanduser() / HEAD_CONFIG_FILE).is_file()
+
+
+def read_head_config(folder: str | Path) -> tuple[HeadConfig, dict]:
+    """(HeadConfig, metadata) of a head folder."""
+    document = json.loads((Path(folder).expanduser() / HEAD_CONFIG_FILE).read_text())
+    if document.get("kind") != "head":
+        raise ValueError(f"{folder}: {HEAD_CONFIG_FILE} does not describe a head")
+    config = HeadConfig(
+        num_layers=int(document["num_layers"]), target_config=document["target_config"], init=document["init"]
+    )
+    return config, document.get("metadata", {})
+
+
+def check_head_fits(config: HeadConfig, target: PreTrainedModel) -> None:
+    """Refuse a head built for another architecture or width (its weights would not even load)."""
+    mine, theirs = config.target_config, target.config.to_dict()
+    for key in ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        if mine.get(key) != theirs.get(key):
+            raise ValueError(f"head does not fit the target: {key} is {mine.get(key)!r}, the target's {theirs.get(key)!r}")
+
+
+class _ConfigShell:
+    """What PositionalKVCache.allocate reads from a model: its config and one parameter (dtype, device)."""
+
+    def __init__(self, config: PretrainedConfig, param: torch.Tensor):
+        self.config = config
+        self._param = param
+
+    def parameters(self):
+        yield self._param
+
+
+def target_features(target: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] the target's features (last hidden state after the final norm) by teacher forcing, no cache."""
+    return target.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
