@@ -188,7 +188,9 @@ def check_head_fits(config: HeadConfig, target: PreTrainedModel) -> None:
     mine, theirs = config.target_config, target.config.to_dict()
     for key in ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
         if mine.get(key) != theirs.get(key):
-            raise ValueError(f"head does not fit the target: {key} is {mine.get(key)!r}, the target's {theirs.get(key)!r}")
+            raise ValueError(
+                f"head does not fit the target: {key} is {mine.get(key)!r}, the target's {theirs.get(key)!r}"
+            )
 
 
 class _ConfigShell:
@@ -205,3 +207,40 @@ class _ConfigShell:
 def target_features(target: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
     """[B, T, H] the target's features (last hidden state after the final norm) by teacher forcing, no cache."""
     return target.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+class HeadDraft(torch.nn.Module):
+    """A head bound to the target it reads: what the engine drafts with, the learners train and checkpoints hold.
+
+    Its parameters and state_dict are the head's alone (keys "head.*"); the target is referenced, not owned (it is
+    not a submodule), so training, copying and storing a HeadDraft never touches the target's weights."""
+
+    kind = "head"
+
+    def __init__(self, head: DraftHead, target: PreTrainedModel):
+        super().__init__()
+        self.head = head
+        self._target = (target,)  # a tuple: nn.Module would otherwise register the target as a submodule
+
+    @property
+    def target(self) -> PreTrainedModel:
+        return self._target[0]
+
+    @property
+    def config(self) -> HeadConfig:
+        return self.head.config
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.target.get_input_embeddings()(tokens)
+
+    def logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) of the token after the one each head output g predicts the feature of."""
+        return self.target.get_output_embeddings()(outputs).float()
+
+    def forward(self, tokens, features, positions, cache=None) -> torch.Tensor:
+        """g for inputs (embed(tokens), features) at positions: see DraftHead.forward."""
+        return self.head(self.embed(tokens), features, positions, cache)
+
+    def copy_for_training(self) -> HeadDraft:
+        """An independent copy of the head (same target), e.g. the learning round's training copy."""
+        return HeadDraft(copy.deepcopy(self.head), self.target)
