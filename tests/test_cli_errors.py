@@ -190,3 +190,47 @@ def test_log_level_reaches_serve_and_overrides_the_config(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["daemon"]["log_level"] == "DEBUG"
     assert cli(["serve", "--config", str(config), "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["daemon"]["log_level"] == "WARNING"
+
+
+@pytest.mark.parametrize(("answered", "code"), [(0, 1), (1, 1), (2, 0)])
+def test_the_demo_exits_non_zero_unless_every_prompt_was_answered(capsys, tmp_path, monkeypatch, answered, code):
+    """The demo once exited 0 with `0/4 completions`. Broker, daemon and stream are stood in for here (the real run
+    is tests/test_daemon_e2e.py::test_the_demo_runs_again_and_again_in_one_folder); the database is real."""
+    import devtools.local_broker
+    from daemon.cli import demo
+
+    class Broker:
+        bootstrap = "127.0.0.1:1"
+
+        def __init__(self, workdir):
+            pass
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+        def create_topics(self, *topics):
+            pass
+
+    class Daemon:  # a daemon that drained and exited 0
+        def send_signal(self, sig):
+            pass
+
+        def wait(self, timeout=None):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(devtools.local_broker, "TansuBroker", Broker)
+    monkeypatch.setattr(demo, "_start_daemon", lambda config, log: Daemon())
+    monkeypatch.setattr(demo, "_wait_until_serving", lambda log, daemon, deadline: None)
+    monkeypatch.setattr(demo, "_feed_and_show", lambda *a: (answered, f"{answered}/2 completions"))
+    (tmp_path / "target").mkdir()
+    argv = ["demo", "--target", str(tmp_path / "target"), "--no-draft", "--prompts", "2"]
+    assert cli([*argv, "--workdir", str(tmp_path / "demo")]) == code
+    err = capsys.readouterr().err
+    assert f"daemon exited with 0; {answered}/2 completions" in err
+    assert (f"only {answered} of 2 prompts were answered" in err) == (answered < 2)
