@@ -234,3 +234,22 @@ def test_the_demo_exits_non_zero_unless_every_prompt_was_answered(capsys, tmp_pa
     err = capsys.readouterr().err
     assert f"daemon exited with 0; {answered}/2 completions" in err
     assert (f"only {answered} of 2 prompts were answered" in err) == (answered < 2)
+
+
+def test_serve_names_a_missing_target_or_draft_before_loading_anything(tmp_path, sqlite_url):
+    """As `generate` does: a mistyped model path is one error line naming it and a non-zero exit, never the hub's
+    "Repo id must be ..." nor a traceback; a missing draft is found before the target (an empty folder here,
+    which would fail differently if it were loaded) is touched."""
+    (tmp_path / "target").mkdir()
+    cases = [
+        (tmp_path / "nowhere-target", tmp_path / "target"),
+        (tmp_path / "target", tmp_path / "nowhere-draft"),
+    ]
+    for target, draft in cases:
+        argv = ("serve", "--database-url", sqlite_url, "--target", str(target), "--draft", str(draft))
+        result = run_subprocess(*argv, cwd=tmp_path)
+        missing = target if "nowhere" in target.name else draft
+        errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+        assert result.returncode == 2, result.stderr
+        assert len(errors) == 1 and errors[0].endswith(f"no such model folder or file: {missing}"), result.stderr
+        assert "Traceback" not in result.stderr and "Repo id" not in result.stderr
