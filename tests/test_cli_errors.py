@@ -253,3 +253,16 @@ def test_serve_names_a_missing_target_or_draft_before_loading_anything(tmp_path,
         assert result.returncode == 2, result.stderr
         assert len(errors) == 1 and errors[0].endswith(f"no such model folder or file: {missing}"), result.stderr
         assert "Traceback" not in result.stderr and "Repo id" not in result.stderr
+
+
+def test_serve_logs_at_the_level_given_by_log_level(tmp_path, sqlite_url):
+    """Not only the resolved config (above): the level reaches the daemon's logging. Serve logs its settings at
+    INFO before loading the models; a missing model stops it right after, so no broker is needed."""
+    (tmp_path / "config.yaml").write_text("daemon:\n  log_level: DEBUG\n")
+    argv = ("serve", "--config", str(tmp_path / "config.yaml"), "--database-url", sqlite_url)
+    argv += ("--target", str(tmp_path / "nowhere"))
+    quiet = run_subprocess("--log-level", "warning", *argv, cwd=tmp_path)
+    assert quiet.returncode == 2 and len(quiet.stderr.splitlines()) == 1, quiet.stderr
+    assert " ERROR daemon.cli.serve: no such model folder or file" in quiet.stderr
+    chatty = run_subprocess(*argv, cwd=tmp_path)  # daemon.log_level from the file
+    assert chatty.returncode == 2 and " INFO daemon.cli.serve: settings: " in chatty.stderr
