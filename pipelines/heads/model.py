@@ -188,7 +188,9 @@ def check_head_fits(config: HeadConfig, target: PreTrainedModel) -> None:
     mine, theirs = config.target_config, target.config.to_dict()
     for key in ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
         if mine.get(key) != theirs.get(key):
-            raise ValueError(f"head does not fit the target: {key} is {mine.get(key)!r}, the target's {theirs.get(key)!r}")
+            raise ValueError(
+                f"head does not fit the target: {key} is {mine.get(key)!r}, the target's {theirs.get(key)!r}"
+            )
 
 
 class _ConfigShell:
