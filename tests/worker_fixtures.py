@@ -40,7 +40,8 @@ def engine(tiny_models):
 
 
 class CountingEngine:
-    """The real engine, counting decoded requests and optionally slowed down to imitate long decodes."""
+    """The real engine, counting the requests submitted for decoding and optionally slowed down to imitate long
+    decodes (every engine step that finishes requests takes delay_s longer)."""
 
     def __init__(self, engine, delay_s: float = 0.0):
         self.engine = engine
@@ -49,6 +50,16 @@ class CountingEngine:
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
+
+    def submit(self, request, tag=None):
+        self.decoded_ids.append(request.id)
+        return self.engine.submit(request, tag)
+
+    def step(self):
+        finished = self.engine.step()
+        if finished and self.delay_s:
+            time.sleep(self.delay_s)
+        return finished
 
     def generate(self, requests):
         self.decoded_ids += [r.id for r in requests]
