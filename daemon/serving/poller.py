@@ -192,7 +192,9 @@ class _Rebalance(ConsumerRebalanceListener):
                 self.consumer.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
             except Exception as exc:
                 log.warning("committing before the revocation failed (%s: %s)", type(exc).__name__, exc)
-        self._unfinished = {tp: first for tp in revoked if (first := self.poller.tracker.progress(tp)[2]) is not None}
+        for tp in revoked:  # kept until the next assignment (or a loss), which may keep some of them
+            if (first := self.poller.tracker.progress(tp)[2]) is not None:
+                self._unfinished[tp] = first
         self._forget(revoked, "revoked")
 
     def on_partitions_lost(self, lost):
