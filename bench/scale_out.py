@@ -22,7 +22,8 @@ With --failover the daemon holding the learner lock is SIGKILLed mid-round (the 
 --failover-after seconds of load) and the takeover is timed: lock released, its partitions owned by the survivors,
 a survivor's next round finished.
 
-    python -m bench.scale_out --tiny --device cpu --daemons 2 --rate 8 --duration 40 --failover --out /tmp/s.json
+    python -m bench.scale_out --tiny --device cpu --daemons 2 --rate 6 --duration 40 --max-new-tokens 32 \
+        --prompt-file bench/data/text_to_sql.jsonl --round-tokens 1000 --failover --out /tmp/scale-cpu.json
     python -m bench.scale_out --target T --draft D --daemons 2 --rate 16 --duration 300 --failover \\
         --round-tokens 8000 --out scale-2.json     # 2 GPUs
     python -m bench.scale_out --target T --draft D --daemons 1 --rate 8 --duration 300 --round-tokens 8000 \\
@@ -146,7 +147,7 @@ class Failover:
     def step(self, elapsed: float) -> None:
         """From the main loop: the kill, as soon as a round is in progress after after_s."""
         if self.victim is None and elapsed >= self.after_s:
-            found = learner_mid_round(self.fleet.database_url, self.fleet.logs(), self.watch.holder())
+            found = learner_mid_round(self.fleet, self.watch)
             if found:
                 self.victim, self.round = found
                 self.killed_at, self.at_s = time.time(), elapsed
@@ -221,7 +222,7 @@ def run(args, workdir: Path, database: Database) -> dict:
         failover = Failover(fleet, watch, args.partitions, args.failover_after or args.duration / 2)
         completions, dead = [], []
         producer = PacedProducer(names.bootstrap, names.prompts, records, args.rate).start()
-        load_started = time.monotonic()
+        load_started, load_started_at = time.monotonic(), time.time()
         last_arrival = load_started
         deadline = load_started + args.duration + 600
         all_answered = None  # when every prompt sent was answered: the failover gets FAILOVER_WAIT_S more at most
@@ -248,7 +249,8 @@ def run(args, workdir: Path, database: Database) -> dict:
         reader.close()
         exit_codes = fleet.stop()
         watch.stop()
-        return report(args, fleet, watch, database.url, sent, completions, dead, span, ready_s, stages, exit_codes) | {
+        timing = {"ready_s": ready_s, "span": span, "load_started_at": load_started_at}
+        return report(args, fleet, watch, database.url, sent, completions, dead, timing, stages, exit_codes) | {
             "failover": failover.figures() if args.failover else None
         }
     finally:
@@ -261,7 +263,10 @@ def run(args, workdir: Path, database: Database) -> dict:
         broker.stop()
 
 
-def report(args, fleet, watch, database_url, sent, completions, dead, span, ready_s, stages, exit_codes) -> dict:
+def report(args, fleet, watch, database_url, sent, completions, dead, timing, stages, exit_codes) -> dict:
+    """tok_s of a daemon is over the whole run (first prompt produced to last completion read), like the total;
+    served_s says until when it served (a killed daemon stops early)."""
+    span = timing["span"]
     logs = fleet.logs()
     learner = learner_figures(database_url, logs, watch.samples)
     ids = set(sent)
@@ -270,6 +275,7 @@ def report(args, fleet, watch, database_url, sent, completions, dead, span, read
         label: {
             "tokens": tokens[label],
             "tok_s": round(tokens[label] / span, 1),
+            "served_s": round(log.served[-1].at - timing["load_started_at"], 1) if log.served else None,
             "requests": len(log.served),
             "rounds": learner["rounds_by_daemon"].get(label, 0),
             "lock_samples_held": learner["lock_samples_held"].get(label, 0),
@@ -281,7 +287,7 @@ def report(args, fleet, watch, database_url, sent, completions, dead, span, read
     }
     topic_tokens = sum(json.loads(r.value)["usage"]["completion_tokens"] for r in completions)
     return {
-        "ready_s": round(ready_s, 1),
+        "ready_s": round(timing["ready_s"], 1),
         "offered_prompts_s": args.rate,
         "sent": len(sent),
         "dead_lettered": len(dead),
@@ -296,10 +302,13 @@ def report(args, fleet, watch, database_url, sent, completions, dead, span, read
 
 
 def table(result: dict) -> str:
-    lines = [f"{'daemon':<10} {'tokens':>8} {'tok/s':>8} {'requests':>9} {'rounds':>7} {'rebalances':>11}"]
+    lines = [
+        f"{'daemon':<10} {'tokens':>8} {'tok/s':>8} {'requests':>9} {'served_s':>9} {'rounds':>7} {'rebalances':>11}"
+    ]
     for label, d in result["daemons"].items():
         lines.append(
-            f"{label:<10} {d['tokens']:>8} {d['tok_s']:>8} {d['requests']:>9} {d['rounds']:>7} {d['rebalances']:>11}"
+            f"{label:<10} {d['tokens']:>8} {d['tok_s']:>8} {d['requests']:>9} {d['served_s']!s:>9} {d['rounds']:>7} "
+            f"{d['rebalances']:>11}"
         )
     total = sum(d["tokens"] for d in result["daemons"].values())
     lines.append(

@@ -479,14 +479,15 @@ def _since(moment: float | None, at: float) -> float | None:
     return None if moment is None else round(max(0.0, moment - at), 3)
 
 
-def learner_mid_round(database_url: str, logs: dict[str, DaemonLog], holder: str | None) -> tuple[str, int] | None:
-    """(daemon, round id) when `holder` holds the learner lock and its log shows it started a round that is not
-    finished yet: the moment to kill the learner mid-round. None otherwise."""
-    if holder is None or holder not in logs:
+def learner_mid_round(fleet: Fleet, watch: LockWatch) -> tuple[str, int] | None:
+    """(daemon, round id) when a daemon holds the learner lock and its log shows it started a round that is not
+    finished yet: the moment to kill the learner mid-round. None otherwise (cheap then: one query)."""
+    holder = watch.holder()
+    if holder not in fleet.daemons:
         return None
-    open_rounds = [r["id"] for r in round_rows(database_url) if r["finished_at"] is None]
-    mine = [round_id for round_id in open_rounds if round_id in logs[holder].rounds_started]
-    return (holder, mine[-1]) if mine else None
+    started = DaemonLog.read(holder, fleet.daemons[holder].log_path).rounds_started
+    open_rounds = [r["id"] for r in round_rows(fleet.database_url) if r["finished_at"] is None and r["id"] in started]
+    return (holder, open_rounds[-1]) if open_rounds else None
 
 
 def takeover_figures(

@@ -93,9 +93,7 @@ def test_two_daemons_one_group_one_database_one_learner(
         )
 
         # (c) SIGKILL the learner mid-round
-        victim, interrupted = wait_until(
-            lambda: learner_mid_round(postgres_url, fleet.logs(), watch.holder()), 60, "a round in progress", 0.02
-        )
+        victim, interrupted = wait_until(lambda: learner_mid_round(fleet, watch), 60, "a round in progress", 0.02)
         killed_at = time.time()
         fleet.daemons[victim].kill()
         (survivor,) = set(fleet.daemons) - {victim}
