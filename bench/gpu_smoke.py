@@ -1,13 +1,19 @@
-"""On a CUDA machine: check that captured rounds (and compiled ones) decode exactly like HF greedy generate.
+"""On a CUDA machine: check that captured rounds decode exactly like HF greedy generate, for every proposer, with
+requests joining the running batch (continuous batching) and with static batching.
 
     python -m bench.gpu_smoke [--compile]
+    python -m bench.gpu_smoke --device cpu       # the same checks, eager, as a dry run
 
-Tiny fp32 models, so any mismatch is a bug, not bf16 rounding. Exits non-zero on a mismatch.
+Tiny float32 models (devtools/tiny_models.py: a target, its draft LM and a head trained briefly on the target's own
+outputs), so any mismatch is a bug, not bf16 rounding. Also checks that a sampled request decodes to the same
+tokens alone and among others, for the proposers whose drafts do not depend on the stream. Exits non-zero on any
+mismatch; prints one line per engine.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import tempfile
 import time
@@ -15,52 +21,97 @@ from pathlib import Path
 
 import torch
 
-from devtools.tiny_models import make_tiny_pair
+from devtools.tiny_models import make_noisy_copy, make_tiny_pair, train_head_on_own_outputs
 from pipelines.engine import EngineSettings, SpeculativeEngine
 from pipelines.models import load_pair
 from pipelines.types import GenerationRequest
 
 PROMPTS = ["def add(a, b):", "The quick brown", "SELECT name FROM", "To be, or not to be", "T", "for i in"]
+ENGINES = [  # (proposer, model, k, scheduling)
+    ("none", None, 0, "continuous"),
+    ("draft", "draft", 3, "continuous"),
+    ("head", "head", 3, "continuous"),
+    ("head", "head", 5, "static"),
+    ("suffix", None, 5, "continuous"),
+    ("hybrid", "head", 4, "continuous"),
+    ("auto", "head", 4, "continuous"),
+    ("auto", "draft", 4, "static"),
+]
+
+
+def reference(target, request: GenerationRequest) -> list[int]:
+    ids = torch.tensor([request.input_ids], device=target.device)
+    return target.generate(ids, max_new_tokens=request.max_new_tokens, do_sample=False)[0, ids.shape[1] :].tolist()
+
+
+def joined(engine: SpeculativeEngine, requests: list[GenerationRequest], seed: int) -> dict[str, list[int]]:
+    """Submit the requests at random step boundaries; id -> tokens."""
+    rng = random.Random(seed)
+    waiting, done = list(requests), {}
+    while waiting or engine.busy:
+        if waiting and rng.random() < 0.4:
+            request = waiting.pop(0)
+            engine.submit(request, request.id)
+        done.update({tag: result.token_ids for tag, result in engine.step()})
+    return done
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
-    target_dir, draft_dir = make_tiny_pair(root)
-    target, draft, tokenizer = load_pair(str(target_dir), str(draft_dir), "float32", "cuda")
+    target_dir, _ = make_tiny_pair(root)
+    strong = make_noisy_copy(target_dir, root / "strong", 0.004, seed=3)
+    target, draft, tokenizer = load_pair(str(target_dir), str(strong), "float32", args.device)
+    started = time.perf_counter()
+    head = train_head_on_own_outputs(target, tokenizer, PROMPTS, PROMPTS[1])
+    print(f"test head trained in {time.perf_counter() - started:.1f} s", flush=True)
+    models = {"draft": draft, "head": head, None: None}
+    rng = random.Random(0)
+    requests = [
+        GenerationRequest(f"r{i}", tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, max_new_tokens=rng.randint(3, 40))
+        for i in range(14)
+    ]
+    expected = {r.id: reference(target, r) for r in requests}
     failures = 0
-    for k in (0, 3, 5):
-        settings = EngineSettings(proposer="draft", k=k, max_batch_size=8, max_seq_len=128, compile=args.compile)
-        engine = SpeculativeEngine(target, draft, tokenizer, settings)
+    for proposer, model, k, scheduling in ENGINES:
+        settings = EngineSettings(
+            proposer=proposer,
+            k=k,
+            max_batch_size=8,
+            max_seq_len=128,
+            compile=args.compile,
+            scheduling=scheduling,
+            prefill_chunk_tokens=5,
+            auto={"k_choices": [2, 4]},
+        )
+        engine = SpeculativeEngine(target, models[model], tokenizer, settings)
         started = time.perf_counter()
         engine.warmup()
         warmup = time.perf_counter() - started
-        requests = [
-            GenerationRequest(id=str(i), input_ids=tokenizer(p).input_ids, max_new_tokens=40)
-            for i, p in enumerate(PROMPTS)
-        ]
-        for batch in (1, 6):
-            results = engine.generate(requests[:batch])
-            for request, result in zip(requests, results):
-                ids = torch.tensor([request.input_ids], device="cuda")
-                expected = target.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1] :].tolist()
-                if result.token_ids != expected:
-                    failures += 1
-                    print(f"MISMATCH k={k} batch={batch} id={request.id}\n ours {result.token_ids}\n hf   {expected}")
+        got = joined(engine, requests, seed=k)
+        wrong = [i for i, tokens in got.items() if tokens != expected[i]]
+        failures += len(wrong) + len(set(expected) - set(got))
+        for i in wrong:
+            print(f"MISMATCH {proposer}:{k} {scheduling} {i}\n ours {got[i]}\n hf   {expected[i]}")
         sampled = [
-            GenerationRequest(id=r.id, input_ids=r.input_ids, max_new_tokens=40, temperature=0.8, top_p=0.9, seed=7)
-            for r in requests
+            GenerationRequest(r.id, r.input_ids, max_new_tokens=30, temperature=0.8, top_p=0.9, seed=7)
+            for r in requests[:6]
         ]
-        first = engine.generate(sampled)
-        again = engine.generate(sampled[:1])
-        if first[0].token_ids != again[0].token_ids:
+        crowd = engine.generate(sampled)
+        alone = engine.generate(sampled[2:3])
+        # suffix drafts depend on the stream, which the crowd just grew: other drafts, other (equally lossless) draws
+        if settings.proposer not in ("suffix", "hybrid", "auto") and crowd[2].token_ids != alone[0].token_ids:
             failures += 1
-            print(f"NOT REPRODUCIBLE k={k}: {first[0].token_ids} vs {again[0].token_ids}")
+            print(f"NOT REPRODUCIBLE {proposer}:{k}: {crowd[2].token_ids} vs {alone[0].token_ids}")
+        greedy = engine.generate(requests[:8])
+        avg_len = sum(r.counters.emitted for r in greedy) / sum(r.counters.target_forwards for r in greedy)
         print(
-            f"k={k}: warm-up/capture {warmup:.1f} s, graphs {len(engine._graphs)}, sampled AvgLen "
-            f"{sum(r.counters.emitted for r in first) / sum(r.counters.target_forwards for r in first):.2f}"
+            f"{proposer}:{k} ({model}, {scheduling}): warm-up/capture {warmup:.1f} s, graphs {len(engine._graphs)}, "
+            f"{len(wrong)} mismatches, greedy AvgLen {avg_len:.2f}",
+            flush=True,
         )
     print("SMOKE", "FAILED" if failures else "OK", f"compile={args.compile}")
     return 1 if failures else 0

@@ -1,8 +1,14 @@
-"""Proposer benchmark: tokens/s and AvgLen of target-only, draft, suffix, hybrid and auto, per domain and batch size,
-all through our own engine on the same GPU in one run (the figure that counts is the ratio to our target-only).
+"""Proposer benchmark: tokens/s and AvgLen of target-only, the draft LM, a head, suffix, hybrid and auto, per domain
+and batch size, all through our own engine on the same GPU in one run (the figure that counts is the ratio to our
+target-only).
 
-    python -m bench.proposers --target T --draft D --device cuda --dtype bfloat16 --out OUT \\
-        [--domains text_to_sql humaneval ...] [--batch 1 8] [--modes none draft suffix hybrid auto] [--compile]
+    python -m bench.proposers --target T --draft D [--head H] --device cuda --dtype bfloat16 --out OUT \\
+        [--domains text_to_sql humaneval ...] [--batch 1 8] \\
+        [--modes none suffix:8 draft:5 head:3 head:5 head:7 hybrid:5 auto] [--compile] [--scheduling static]
+
+A mode is `proposer[:k]` (k defaults to --k). draft modes use the draft LM (--draft), head modes the head folder
+(--head); hybrid and auto use the head when one is given, else the draft LM. All timed prompts of a (domain, mode)
+are submitted at once: with continuous batching (the default) a finished row's slot is refilled at once.
 
 Per (batch size, mode) one engine is built and warmed up once (CUDA graphs, the controller's cost profile: its
 warm-up time is reported). Per domain, a stream of `--warm` earlier prompts is decoded once target-only and its
@@ -25,32 +31,33 @@ import torch
 
 from bench.learning import DOMAINS, domain_prompts
 from pipelines.engine import SpeculativeEngine
-from pipelines.models import load_pair
+from pipelines.models import load_head, load_pair
 from pipelines.settings import EngineSettings
 from pipelines.types import GenerationRequest
 
-MODES = ("none", "draft", "suffix", "hybrid", "auto")
+MODES = ("none", "suffix:8", "draft:5", "hybrid:5", "auto")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", required=True)
-    parser.add_argument("--draft")
+    parser.add_argument("--draft", help="draft LM (draft modes; hybrid and auto without --head)")
+    parser.add_argument("--head", help="head folder (head modes; hybrid and auto)")
     parser.add_argument(
         "--domains",
         nargs="+",
         default=["text_to_sql", "humaneval", "sharegpt", "shakespeare", "stdlib_code"],
         choices=sorted(DOMAINS),
     )
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), help="proposer[:k] each (default %(default)s)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--warm", type=int, default=32, help="earlier prompts of the stream, decoded untimed")
     parser.add_argument("--timed", type=int, default=16, help="timed prompts per mode at batch 1")
     parser.add_argument("--timed8", type=int, default=32, help="timed prompts per mode at batch > 1")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-prompt-tokens", type=int, default=768)
-    parser.add_argument("--k", type=int, default=5, help="k of the fixed proposers (draft, suffix, hybrid)")
-    parser.add_argument("--suffix-k", type=int, default=8, help="k of the fixed suffix proposer")
+    parser.add_argument("--k", type=int, default=5, help="k of a fixed proposer whose mode names none")
+    parser.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model forwards")
     parser.add_argument("--device", default="cuda")
@@ -65,29 +72,45 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build(mode: str, batch: int, args, target, draft, tokenizer) -> tuple[SpeculativeEngine, float]:
-    k = args.suffix_k if mode == "suffix" else args.k
+def model_for(mode: str, models: dict):
+    """The model a mode drafts with: the draft LM or the head (hybrid and auto: the head when given); None for none
+    and suffix, or when the model it needs was not given."""
+    proposer = mode.split(":")[0]
+    if proposer in ("none", "suffix"):
+        return None
+    if proposer in ("draft", "head"):
+        return models[proposer]
+    return models["head"] if models["head"] is not None else models["draft"]
+
+
+def build(mode: str, batch: int, args, target, models: dict, tokenizer) -> tuple[SpeculativeEngine, float]:
+    """An engine for `mode` (proposer[:k]) with the model it needs: models["draft"] (draft LM), models["head"]."""
+    proposer, _, k = mode.partition(":")
     settings = EngineSettings(
-        proposer=mode, k=k, max_batch_size=batch, max_seq_len=args.max_seq_len, compile=args.compile
+        proposer=proposer,
+        k=int(k or args.k),
+        max_batch_size=batch,
+        max_seq_len=args.max_seq_len,
+        compile=args.compile,
+        scheduling=args.scheduling,
     )
-    uses_draft = mode in ("draft", "hybrid", "auto")
+    model = model_for(mode, models)
     started = time.perf_counter()
-    engine = SpeculativeEngine(target, draft if uses_draft else None, tokenizer, settings)
+    engine = SpeculativeEngine(target, model, tokenizer, settings)
     engine.warmup()
     sync(args.device)
     return engine, time.perf_counter() - started
 
 
-def decode(engine: SpeculativeEngine, prompts: list[list[int]], batch: int, new_tokens: int, device: str) -> dict:
+def decode(engine: SpeculativeEngine, prompts: list[list[int]], new_tokens: int, device: str) -> dict:
+    """All prompts submitted at once (the engine's slots take them as they free up)."""
     requests = [GenerationRequest(id=str(i), input_ids=ids, max_new_tokens=new_tokens) for i, ids in enumerate(prompts)]
-    choices: Counter[str] = Counter()
-    results = []
+    before = Counter(engine.controller.choices) if engine.controller is not None else Counter()
     sync(device)
     started = time.perf_counter()
-    for start in range(0, len(requests), batch):
-        results += engine.generate(requests[start : start + batch])
-        choices[str(engine.last_variant)] += 1
+    results = engine.generate(requests)
     sync(device)
+    choices = Counter({str(v): n for v, n in (engine.controller.choices - before).items()}) if engine.controller else {}
     seconds = time.perf_counter() - started
     tokens = sum(r.counters.emitted for r in results)
     forwards = sum(r.counters.target_forwards for r in results)
@@ -111,14 +134,14 @@ def run_domain(domain: str, batch: int, engines: dict, args, tokenizer, order: l
     count = args.timed if batch == 1 else args.timed8
     prompts = domain_prompts(domain, tokenizer, args.warm + count, args.max_prompt_tokens)
     warm, timed = prompts[: args.warm], prompts[args.warm :]
-    history = decode(engines["none"], warm, max(args.batch), args.new_tokens, args.device) if args.warm else None
+    history = decode(engines["none"], warm, args.new_tokens, args.device) if args.warm else None
     rows = {}
     for mode in order:
         engine = engines[mode]
         engine.reset_stream()
         if history is not None:
             engine.add_to_stream(history["outputs"], warm)
-        rows[mode] = decode(engine, timed, batch, args.new_tokens, args.device)
+        rows[mode] = decode(engine, timed, args.new_tokens, args.device)
         if engine.controller is not None:
             rows[mode]["controller"] = engine.controller.snapshot()
     base = rows.get("none")
@@ -141,7 +164,8 @@ def write(report: dict, args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     target, draft, tokenizer = load_pair(args.target, args.draft, args.dtype, args.device)
-    modes = [m for m in args.modes if args.draft or m not in ("draft", "hybrid")]
+    models = {"draft": draft, "head": load_head(args.head, target) if args.head else None}
+    modes = [m for m in args.modes if model_for(m, models) is not None or m.split(":")[0] in ("none", "suffix", "auto")]
     if "none" not in modes:
         modes.insert(0, "none")
     report = {
@@ -154,7 +178,7 @@ def main(argv=None) -> None:
     for batch in args.batch:
         engines = {}
         for mode in modes:
-            engines[mode], seconds = build(mode, batch, args, target, draft, tokenizer)
+            engines[mode], seconds = build(mode, batch, args, target, models, tokenizer)
             report["warmup_s"][f"b{batch}/{mode}"] = seconds
             if engines[mode].controller is not None:
                 report.setdefault("costs_ms", {})[f"b{batch}/{mode}"] = engines[mode].controller.snapshot()["costs_ms"]

@@ -102,7 +102,8 @@ class DatabaseSettings(_Section):
 
 class ModelSettings(_Section):
     target: str | None = None
-    draft: str | None = None
+    draft: str | None = None  # a draft LM, a head folder, or "new-head" (pipelines.models.load_pair)
+    head_layers: int = Field(1, ge=1, le=8)  # decoder layers of a new head
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "cpu"
 

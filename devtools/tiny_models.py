@@ -90,3 +90,49 @@ def make_noisy_copy(source: Path, path: Path, noise: float, seed: int) -> Path:
     model.save_pretrained(path)
     PreTrainedTokenizerFast.from_pretrained(source).save_pretrained(path)
     return path
+
+
+def train_head_on_own_outputs(target, tokenizer, prompts, sampling_prompt: str, steps: int = 120, seed: int = 0):
+    """A head the tiny target accepts most of the time on `prompts` (for tests and GPU smoke runs): the target's own
+    layers (so it starts close), trained with the KL to the target on its greedy outputs for `prompts` and on
+    sampled continuations of `sampling_prompt`. It has learned these sequences: a test head, not a recipe."""
+    from pipelines.engine import EngineSettings, SpeculativeEngine
+    from pipelines.heads.model import DraftHead, HeadDraft, target_features
+    from pipelines.types import GenerationRequest
+
+    torch.manual_seed(seed)
+    engine = SpeculativeEngine(target, None, tokenizer, EngineSettings(proposer="none", max_seq_len=160))
+    requests = [GenerationRequest(f"g{i}", tokenizer(p).input_ids, max_new_tokens=40) for i, p in enumerate(prompts)]
+    sampled = tokenizer(sampling_prompt).input_ids
+    requests += [GenerationRequest(f"s{i}", sampled, 8, temperature=0.9, top_p=0.95, seed=i) for i in range(64)]
+    sequences = [q.input_ids + r.token_ids for q, r in zip(requests, engine.generate(requests))]
+    width = max(len(s) for s in sequences)
+    device = next(target.parameters()).device
+    tokens = torch.zeros((len(sequences), width), dtype=torch.int64, device=device)
+    real = torch.zeros((len(sequences), width), dtype=torch.bool, device=device)
+    for row, sequence in enumerate(sequences):
+        tokens[row, : len(sequence)] = torch.tensor(sequence, device=device)
+        real[row, : len(sequence)] = True
+
+    head = DraftHead.for_target(target, num_layers=target.config.num_hidden_layers, init="random")
+    hidden = target.config.hidden_size
+    with torch.no_grad():
+        for mine, theirs in zip(head.layers, target.get_decoder().layers):
+            mine.load_state_dict(theirs.state_dict())
+        head.fc.weight.zero_()
+        head.fc.weight[:, :hidden].copy_(torch.eye(hidden))
+    draft = HeadDraft(head, target)
+    with torch.no_grad():
+        features = target_features(target, tokens)
+        log_p = torch.log_softmax(target.get_output_embeddings()(features).float(), dim=-1)[:, 1:-1]
+    positions = torch.arange(width - 1, device=device).expand(len(sequences), -1)
+    scored = real[:, 2:]  # output p (inputs t_{p+1}, f_p) predicts t_{p+2}
+    draft.train().requires_grad_(True)
+    optimizer = torch.optim.Adam(draft.parameters(), lr=2e-3)
+    for _ in range(steps):
+        log_q = torch.log_softmax(draft.logits(draft(tokens[:, 1:], features[:, :-1], positions)[:, :-1]), dim=-1)
+        loss = (log_p.exp() * (log_p - log_q)).sum(-1)[scored].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return draft.eval().requires_grad_(False)

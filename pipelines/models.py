@@ -15,6 +15,7 @@ from pipelines.kv_cache import ATTENTION_NAME
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NEW_HEAD = "new-head"  # models.draft: a fresh head for the target, trained by learning rounds from traffic
 
 
 class IncompatibleModelsError(ValueError):
@@ -117,19 +118,41 @@ def model_identity(model: PreTrainedModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_pair(
-    target_ref: str, draft_ref: str | None, dtype: str = "auto", device: str = "cpu"
-) -> tuple[PreTrainedModel, PreTrainedModel | None, PreTrainedTokenizerBase]:
+def load_pair(target_ref: str, draft_ref: str | None, dtype: str = "auto", device: str = "cpu", head_layers: int = 1):
     """Load target, optional draft and the target's tokenizer; refuse a draft that does not fit the target.
-    Both references are checked before either model loads."""
-    for ref in (target_ref, draft_ref):
+    Both references are checked before either model loads.
+
+    The draft is a draft LM (a folder, .gguf or hub id), a head folder (`onlinespec draft init --kind head`), or
+    NEW_HEAD: a fresh head of `head_layers` layers for this target, which learning rounds train from traffic.
+    Returns (target, draft LM or pipelines.heads.model.HeadDraft or None, tokenizer)."""
+    from pipelines.heads.model import is_head_folder
+
+    head = draft_ref == NEW_HEAD or is_head_folder(draft_ref)
+    for ref in (target_ref, None if head else draft_ref):
         if ref:
             check_reference(ref)
     tokenizer = load_tokenizer(target_ref)
     target = load_model(target_ref, dtype, device)
     draft = None
-    if draft_ref:
+    if head:
+        draft = load_head(draft_ref, target, head_layers)
+    elif draft_ref:
         draft = load_model(draft_ref, dtype, device)
         check_compatible(target, draft, tokenizer, load_tokenizer(draft_ref))
     log.info("loaded target %s%s on %s", target_ref, f" and draft {draft_ref}" if draft_ref else "", device)
     return target, draft, tokenizer
+
+
+def load_head(ref: str, target: PreTrainedModel, layers: int = 1):
+    """A HeadDraft on `target`: read from a head folder (refused if built for another architecture or width), or
+    NEW_HEAD: a fresh one (its first decoder layer copied from the target's last, pipelines.heads.model)."""
+    from pipelines.heads.model import DraftHead, HeadDraft, check_head_fits, read_head_config
+
+    if ref == NEW_HEAD:
+        return HeadDraft(DraftHead.for_target(target, num_layers=layers), target)
+    config, _ = read_head_config(ref)
+    try:
+        check_head_fits(config, target)
+    except ValueError as exc:
+        raise IncompatibleModelsError(f"{ref}: {exc}") from None
+    return HeadDraft(DraftHead.load(ref, target), target)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from devtools.tiny_models import make_noisy_copy, make_tiny_pair
+from devtools.tiny_models import make_noisy_copy, make_tiny_pair, train_head_on_own_outputs
 
 # Relative weight noise of the strong draft: greedy acceptance ~65-75% with k = 4 on the tiny target.
 STRONG_DRAFT_NOISE = 0.004
@@ -48,49 +48,7 @@ class EngineModels:
         """A head the target accepts most of the time on the test prompts (greedy ~70-85%): the target's own layers
         (so it starts close), trained on the target's greedy outputs for PROMPTS and sampled continuations of
         SAMPLING_PROMPT. A test head, not a recipe: it has learned these sequences."""
-        return train_test_head(self.target, self.tokenizer)
-
-
-def train_test_head(target, tokenizer, steps: int = 120, seed: int = 0):
-    from pipelines.engine import EngineSettings, SpeculativeEngine
-    from pipelines.heads.model import DraftHead, HeadDraft, target_features
-    from pipelines.types import GenerationRequest
-
-    torch.manual_seed(seed)
-    engine = SpeculativeEngine(target, None, tokenizer, EngineSettings(proposer="none", max_seq_len=160))
-    requests = [GenerationRequest(f"g{i}", tokenizer(p).input_ids, max_new_tokens=40) for i, p in enumerate(PROMPTS)]
-    sampled = tokenizer(SAMPLING_PROMPT).input_ids
-    requests += [GenerationRequest(f"s{i}", sampled, 8, temperature=0.9, top_p=0.95, seed=i) for i in range(64)]
-    sequences = [q.input_ids + r.token_ids for q, r in zip(requests, engine.generate(requests))]
-    width = max(len(s) for s in sequences)
-    tokens = torch.zeros((len(sequences), width), dtype=torch.int64)
-    real = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for row, sequence in enumerate(sequences):
-        tokens[row, : len(sequence)] = torch.tensor(sequence)
-        real[row, : len(sequence)] = True
-
-    head = DraftHead.for_target(target, num_layers=target.config.num_hidden_layers, init="random")
-    hidden = target.config.hidden_size
-    with torch.no_grad():
-        for mine, theirs in zip(head.layers, target.get_decoder().layers):
-            mine.load_state_dict(theirs.state_dict())
-        head.fc.weight.zero_()
-        head.fc.weight[:, :hidden].copy_(torch.eye(hidden))
-    draft = HeadDraft(head, target)
-    with torch.no_grad():
-        features = target_features(target, tokens)
-        log_p = torch.log_softmax(target.get_output_embeddings()(features).float(), dim=-1)[:, 1:-1]
-    positions = torch.arange(width - 1).expand(len(sequences), -1)
-    scored = real[:, 2:]  # output p (inputs t_{p+1}, f_p) predicts t_{p+2}
-    draft.train().requires_grad_(True)
-    optimizer = torch.optim.Adam(draft.parameters(), lr=2e-3)
-    for _ in range(steps):
-        log_q = torch.log_softmax(draft.logits(draft(tokens[:, 1:], features[:, :-1], positions)[:, :-1]), dim=-1)
-        loss = (log_p.exp() * (log_p - log_q)).sum(-1)[scored].mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return draft.eval().requires_grad_(False)
+        return train_head_on_own_outputs(self.target, self.tokenizer, PROMPTS, SAMPLING_PROMPT)
 
 
 @pytest.fixture(scope="session")
