@@ -85,13 +85,14 @@ class DraftHead(torch.nn.Module):
         features: torch.Tensor,  # [B, T, H] f_p (the target's) or the head's own previous output g
         positions: torch.Tensor,  # [B, T] int64, p
         cache: PositionalKVCache | None = None,
+        mask: torch.Tensor | None = None,  # [B, 1, T, S] bool: which of the cache's keys each query sees
     ) -> torch.Tensor:
         """[B, T, H] g_p. With `cache` the keys and values go to the cache at `positions` and a query sees the
         cache's slots <= its position (the engine's drafting); without, plain causal attention over T (training,
-        teacher forcing over right-padded rows)."""
+        teacher forcing over right-padded rows). An explicit `mask` goes with a cache of another layout (any object
+        with `update(key, value, layer_idx)`: the unrolled training of pipelines.heads.losses)."""
         hidden = self.fc(torch.cat([embeds, features.to(embeds.dtype)], dim=-1))
-        mask = None
-        if cache is not None:
+        if mask is None and cache is not None:
             cache.positions = positions
             mask = attention_mask(positions, cache.max_seq_len)
         position_embeddings = self.rotary_emb(hidden, positions)
@@ -237,9 +238,9 @@ class HeadDraft(torch.nn.Module):
         """Logits (float32) of the token after the one each head output g predicts the feature of."""
         return self.target.get_output_embeddings()(outputs).float()
 
-    def forward(self, tokens, features, positions, cache=None) -> torch.Tensor:
+    def forward(self, tokens, features, positions, cache=None, mask=None) -> torch.Tensor:
         """g for inputs (embed(tokens), features) at positions: see DraftHead.forward."""
-        return self.head(self.embed(tokens), features, positions, cache)
+        return self.head(self.embed(tokens), features, positions, cache, mask)
 
     def copy_for_training(self) -> HeadDraft:
         """An independent copy of the head (same target), e.g. the learning round's training copy."""
