@@ -35,3 +35,49 @@ def right_padded(sequences: list[list[int]], pad: int = 0) -> tuple[torch.Tensor
     for row, sequence in enumerate(sequences):
         tokens[row, : len(sequence)] = torch.tensor(sequence)
     return tokens, [len(s) for s in sequences]
+
+
+REPLAY_PROMPTS = [
+    "def add(a, b):",
+    "The quick brown",
+    "SELECT name FROM users WHERE id = 1;\nSELECT",
+    "T",
+    "for i in range(10):\n    print(",
+    "To be, or not to be, that is the question. All the world's",
+    "return a +",
+    "The quick brown fox jumps over the lazy dog. To be",
+    "def",
+    "print(i * i)",
+]
+REPLAY_MAX_NEW = [7, 30, 19, 24, 1, 40, 12, 33, 2, 27]  # short limits cut chains mid-step
+
+
+def target_only(target, tokenizer, prompts, max_new: list[int], temperature: float = 0.0, top_m: int = 16):
+    """Feedback of the target decoding alone (the engine with proposer none)."""
+    from pipelines.engine import EngineSettings, SpeculativeEngine
+    from pipelines.types import GenerationRequest
+
+    settings = EngineSettings(proposer="none", max_batch_size=4, max_seq_len=160, top_m=top_m)
+    requests = [
+        GenerationRequest(f"r{i}", tokenizer(p).input_ids, max_new_tokens=n, temperature=temperature, seed=i)
+        for i, (p, n) in enumerate(zip(prompts, max_new))
+    ]
+    return [r.feedback for r in SpeculativeEngine(target, None, tokenizer, settings).generate(requests)]
+
+
+def fitted_head(target, feedback, steps: int = 60, seed: int = 0):
+    """A fresh head trained for a few steps on the requests it will be replayed on: it agrees with the target
+    often, over several drafting steps, without being perfect (so rounds accept, reject and take bonus tokens)."""
+    from pipelines.heads.losses import HeadLossSettings, head_loss
+    from pipelines.heads.model import DraftHead, HeadDraft
+
+    # init random: the tiny random target's last layer is no warm start (measured: argmax match 0.23 vs 0.97)
+    draft = HeadDraft(DraftHead.for_target(target, init="random", seed=seed), target)
+    tokens, lengths = right_padded([list(f.prompt_ids) + list(f.token_ids) for f in feedback])
+    draft.requires_grad_(True)
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        head_loss(draft, tokens, lengths, HeadLossSettings(unroll=2), backward=True)
+        optimizer.step()
+    return draft.requires_grad_(False).eval()
