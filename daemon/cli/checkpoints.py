@@ -77,6 +77,7 @@ def checkpoint_dict(row, active_id: int | None) -> dict:
         "sha256": row.sha256,
         "size_bytes": row.size_bytes,
         "path": row.path,
+        "kind": row.kind,
         "learner": row.learner,
         "learner_settings": row.learner_settings,
         "target_identity": row.target_identity,
@@ -141,7 +142,10 @@ def run_list(args) -> int:
         pointer = get_active_pointer(session, deployment)
         active_id = None if pointer is None else pointer.checkpoint_id
         checkpoints = list_checkpoints(session, deployment=deployment, status=args.status, limit=args.limit)
-        live = live_counters_by_version(session, [row.version for row in checkpoints])
+        live = {}  # each version judged by its own kind's rounds (a draft model's or a head's)
+        for kind in {row.kind for row in checkpoints}:
+            versions = [row.version for row in checkpoints if row.kind == kind]
+            live.update(live_counters_by_version(session, versions, proposer=kind))
         rows = [
             {**checkpoint_dict(row, active_id), "live_counters": live_dict(live[row.version])} for row in checkpoints
         ]
@@ -199,7 +203,7 @@ def run_show(args) -> int:
             lineage.append(ancestor.version)
             parent = ancestor.parent_id
         data["lineage"] = lineage + [BASE_DRAFT_VERSION]
-        live = live_counters(session, row.version)
+        live = live_counters(session, row.version, proposer=row.kind)
         data["live_counters"] = live_dict(live)
         events = [
             e

@@ -178,15 +178,24 @@ def read_head_config(folder: str | Path) -> tuple[HeadConfig, dict]:
     document = json.loads((Path(folder).expanduser() / HEAD_CONFIG_FILE).read_text())
     if document.get("kind") != "head":
         raise ValueError(f"{folder}: {HEAD_CONFIG_FILE} does not describe a head")
-    config = HeadConfig(
+    return head_config_from_document(document), document.get("metadata", {})
+
+
+def head_config_from_document(document: dict) -> HeadConfig:
+    """The HeadConfig of a head_config.json document (or of asdict(config), as checkpoints store it)."""
+    return HeadConfig(
         num_layers=int(document["num_layers"]), target_config=document["target_config"], init=document["init"]
     )
-    return config, document.get("metadata", {})
 
 
 def check_head_fits(config: HeadConfig, target: PreTrainedModel) -> None:
     """Refuse a head built for another architecture or width (its weights would not even load)."""
-    mine, theirs = config.target_config, target.config.to_dict()
+    check_head_fits_config(config, target.config.to_dict())
+
+
+def check_head_fits_config(config: HeadConfig, target_config: dict) -> None:
+    """check_head_fits against a target's config dict (e.g. the one a served head was built from)."""
+    mine, theirs = config.target_config, target_config
     for key in ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
         if mine.get(key) != theirs.get(key):
             raise ValueError(
