@@ -37,21 +37,6 @@ def right_padded(sequences: list[list[int]], pad: int = 0) -> tuple[torch.Tensor
     return tokens, [len(s) for s in sequences]
 
 
-REPLAY_PROMPTS = [
-    "def add(a, b):",
-    "The quick brown",
-    "SELECT name FROM users WHERE id = 1;\nSELECT",
-    "T",
-    "for i in range(10):\n    print(",
-    "To be, or not to be, that is the question. All the world's",
-    "return a +",
-    "The quick brown fox jumps over the lazy dog. To be",
-    "def",
-    "print(i * i)",
-]
-REPLAY_MAX_NEW = [7, 30, 19, 24, 1, 40, 12, 33, 2, 27]  # short limits cut chains mid-step
-
-
 def target_only(target, tokenizer, prompts, max_new: list[int], temperature: float = 0.0, top_m: int = 16):
     """Feedback of the target decoding alone (the engine with proposer none)."""
     from pipelines.engine import EngineSettings, SpeculativeEngine

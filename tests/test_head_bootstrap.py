@@ -36,15 +36,10 @@ def files(tmp_path_factory):
 
 
 def draft_init(head_target_dir, files, out, *extra) -> int:
-    return cli(
-        [
-            "draft", "init", "--kind", "head", "--target", str(head_target_dir),
-            "--corpus", str(files / "corpus.jsonl"), "--prompts", str(files / "prompts.jsonl"),
-            "--generate", "24", "--heldout", "12", "--max-new-tokens", "32", "--k", "3",
-            "--init", "random", "--max-length", "64", "--batch-tokens", "512", "--lr", "3e-3",
-            "--out", str(out), *extra,
-        ]
-    )  # fmt: skip
+    flags = "--generate 24 --heldout 12 --max-new-tokens 32 --k 3 --init random --max-length 64 --batch-tokens 512"
+    data = ["--corpus", str(files / "corpus.jsonl"), "--prompts", str(files / "prompts.jsonl")]
+    command = ["draft", "init", "--kind", "head", "--target", str(head_target_dir), *data, *flags.split()]
+    return cli([*command, "--lr", "3e-3", "--out", str(out), *extra])
 
 
 def test_bootstrap_trains_a_head_that_beats_the_fresh_one_and_records_its_recipe(tiny_models, files, tmp_path, capsys):

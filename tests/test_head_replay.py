@@ -11,7 +11,8 @@ from pipelines.heads.model import target_features
 from pipelines.learners.distill import batch_for
 from pipelines.replay import greedy_chain, is_greedy, replay, served_by
 from pipelines.types import KIND_ACCEPTED, KIND_BONUS, KIND_RECOVERED, NO_DRAFT_TOKEN, SOURCE_HEAD
-from tests.head_fixtures import REPLAY_MAX_NEW, REPLAY_PROMPTS, fitted_head, target_only
+from tests.engine_fixtures import MAX_NEW, PROMPTS
+from tests.head_fixtures import fitted_head, target_only
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def feedback(head_target):
     target, tokenizer = head_target
-    return target_only(target, tokenizer, REPLAY_PROMPTS, REPLAY_MAX_NEW)
+    return target_only(target, tokenizer, PROMPTS, MAX_NEW)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_the_catch_up_window_changes_no_result(head, feedback):
 
 def test_sampled_requests_only_count_towards_acceptance(head, head_target, feedback):
     target, tokenizer = head_target
-    sampled = target_only(target, tokenizer, REPLAY_PROMPTS, REPLAY_MAX_NEW, temperature=1.0)
+    sampled = target_only(target, tokenizer, PROMPTS, MAX_NEW, temperature=1.0)
     samples = [f for f in sampled if not is_greedy(f)]
     assert samples
     greedy = replay(head, feedback, k=3)

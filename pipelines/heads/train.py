@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from pipelines.heads.losses import HeadLossSettings, head_loss
-from pipelines.learners.base import NonFiniteError
+from pipelines.learners.base import NonFiniteError, all_finite
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def train_head(
                 optimizer.step()
                 meter.add(loss, sum(lengths), lr)
         meter.flush()  # the last losses, and the finiteness check of the whole run
-        if not all(bool(torch.isfinite(p).all()) for p in params):
+        if not all_finite(params):
             raise NonFiniteError("the head's weights are not finite after training")
     finally:
         draft.head.to(serving_dtype).eval().requires_grad_(False)
