@@ -11,6 +11,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from daemon.cli import main as cli
 from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftFollower, DraftWeights, cast_like
 from pipelines.drafts import DraftMismatchError, head_config_of
 from pipelines.heads.model import DraftHead, HeadDraft
@@ -194,7 +195,9 @@ class HeadRoundsEngine:
         return results
 
 
-def test_the_live_guard_judges_a_head_version_by_its_own_rounds(served, head_target, database, tmp_path):
+def test_the_live_guard_judges_a_head_version_by_its_own_rounds(
+    served, head_target, database, sqlite_url, tmp_path, capsys
+):
     from daemon.learning.live_guard import LiveGuard
     from tests.rounds_fixtures import learning_settings, serve, stream
 
@@ -210,6 +213,9 @@ def test_the_live_guard_judges_a_head_version_by_its_own_rounds(served, head_tar
     assert follow(follower, server) == "h1"
     engine.head_accepted = 5  # 1.5 per head round: far below 3
     serve(engine, database, stream(engine.tokenizer, 6, seed=2))
+    assert cli(["checkpoints", "show", "h1", "--database-url", sqlite_url, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["kind"] == "head" and shown["live_counters"]["requests"] == 6
     verdict = guard.check()
     assert verdict.action == "rolled_back" and "live AvgLen 1.500 over 6 requests vs 3.000" in verdict.reason
     assert follow(follower, server) == BASE_DRAFT_VERSION

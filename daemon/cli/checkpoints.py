@@ -142,10 +142,7 @@ def run_list(args) -> int:
         pointer = get_active_pointer(session, deployment)
         active_id = None if pointer is None else pointer.checkpoint_id
         checkpoints = list_checkpoints(session, deployment=deployment, status=args.status, limit=args.limit)
-        live = {}  # each version judged by its own kind's rounds (a draft model's or a head's)
-        for kind in {row.kind for row in checkpoints}:
-            versions = [row.version for row in checkpoints if row.kind == kind]
-            live.update(live_counters_by_version(session, versions, proposer=kind))
+        live = live_counters_by_version(session, [row.version for row in checkpoints])
         rows = [
             {**checkpoint_dict(row, active_id), "live_counters": live_dict(live[row.version])} for row in checkpoints
         ]
@@ -203,7 +200,7 @@ def run_show(args) -> int:
             lineage.append(ancestor.version)
             parent = ancestor.parent_id
         data["lineage"] = lineage + [BASE_DRAFT_VERSION]
-        live = live_counters(session, row.version, proposer=row.kind)
+        live = live_counters(session, row.version)
         data["live_counters"] = live_dict(live)
         events = [
             e

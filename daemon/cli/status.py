@@ -188,9 +188,8 @@ def draft_and_learning(settings, deployment: str, database: dict[str, Any]) -> d
         with make_session_factory(engine)() as session:
             pointer = get_active_pointer(session, deployment)
             active_id = None if pointer is None else pointer.checkpoint_id
-            active = None if active_id is None else get_checkpoint(session, active_id)
-            version = BASE_DRAFT_VERSION if active is None else active.version
-            live = live_counters(session, version, proposer="draft" if active is None else active.kind)
+            version = BASE_DRAFT_VERSION if active_id is None else get_checkpoint(session, active_id).version
+            live = live_counters(session, version)
             rounds = list_rounds(session, deployment=deployment, limit=1)
             last_round = round_summary(session, rounds[0]) if rounds else None
     finally:
