@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipelines.heads.drafting import draft_chain
-from pipelines.heads.losses import HeadLossSettings, head_loss, unrolled_outputs
+from pipelines.heads.losses import HeadLossSettings, head_loss, teacher_forced_features, unrolled_outputs
 from pipelines.heads.model import target_features
 from tests.head_fixtures import right_padded, scrambled_head
 
@@ -41,6 +41,13 @@ def test_unroll_two_predicts_at_step_two_what_draft_chain_proposes(head_target):
     chain = current - 1  # the chain started at L - 1 proposes t_{L+1}, then t_{L+2}
     assert torch.equal(draft.logits(step1[rows, chain]).argmax(-1), proposed[:, 0])
     assert torch.equal(draft.logits(step2[rows, chain]).argmax(-1), proposed[:, 1])
+
+
+def test_the_losss_target_pass_gives_the_targets_features(head_target):
+    target, tokenizer = head_target
+    tokens, _ = right_padded(prefixes(tokenizer))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher_forced_features(target, tokens), target_features(target, tokens))
 
 
 def test_step_one_of_the_unrolled_forward_is_the_plain_teacher_forced_forward(head_target):
