@@ -12,22 +12,6 @@ from transformers import AutoModelForCausalLM
 
 from devtools.tiny_models import make_noisy_copy, make_tiny_pair
 
-# Prompts of every kind in the tiny tokenizer's text, and answer lengths short enough to cut chains mid-step (replay
-# tests: tests/test_replay.py, tests/test_head_replay.py).
-PROMPTS = [
-    "def add(a, b):",
-    "The quick brown",
-    "SELECT name FROM users WHERE id = 1;\nSELECT",
-    "T",
-    "for i in range(10):\n    print(",
-    "To be, or not to be, that is the question. All the world's",
-    "return a +",
-    "The quick brown fox jumps over the lazy dog. To be",
-    "def",
-    "print(i * i)",
-]
-MAX_NEW = [7, 30, 19, 24, 1, 40, 12, 33, 2, 27]  # short limits cut chains mid-step
-
 # Relative weight noise of the strong draft: greedy acceptance ~65-75% with k = 4 on the tiny target.
 STRONG_DRAFT_NOISE = 0.004
 

@@ -11,8 +11,8 @@ from pipelines.heads.model import target_features
 from pipelines.learners.distill import batch_for
 from pipelines.replay import greedy_chain, is_greedy, replay, served_by
 from pipelines.types import KIND_ACCEPTED, KIND_BONUS, KIND_RECOVERED, NO_DRAFT_TOKEN, SOURCE_HEAD
-from tests.engine_fixtures import MAX_NEW, PROMPTS
 from tests.head_fixtures import fitted_head, target_only
+from tests.test_replay import MAX_NEW, PROMPTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,21 @@ from pipelines.engine import EngineSettings, SpeculativeEngine
 from pipelines.models import load_model, load_tokenizer
 from pipelines.replay import greedy_chain, is_greedy, replay, served_by
 from pipelines.types import KIND_BONUS, NO_DRAFT_TOKEN, GenerationRequest, RequestFeedback
-from tests.engine_fixtures import MAX_NEW, PROMPTS
+
+PROMPTS = [
+    "def add(a, b):",
+    "The quick brown",
+    "SELECT name FROM users WHERE id = 1;\nSELECT",
+    "T",
+    "for i in range(10):\n    print(",
+    "To be, or not to be, that is the question. All the world's",
+    "return a +",
+    "The quick brown fox jumps over the lazy dog. To be",
+    "def",
+    "print(i * i)",
+]
+MAX_NEW = [7, 30, 19, 24, 1, 40, 12, 33, 2, 27]  # short limits cut chains mid-step
+
 
 # one_thread (tests/rounds_fixtures.py): one torch thread on a shared 2-core machine
 pytestmark = pytest.mark.usefixtures("one_thread")
