@@ -189,23 +189,7 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer:
         database_url = args.database_url or f"sqlite:///{workdir / 'bench.db'}"
         metrics_port = free_port()
         upgrade_to_head(database_url)
-        config = {
-            "kafka": {
-                "bootstrap_servers": names.bootstrap,
-                "prompts_topic": names.prompts,
-                "completions_topic": names.completions,
-                "dlq_topic": names.dlq,
-                "group_id": names.group,
-                "session_timeout_ms": 2000,
-                "heartbeat_interval_ms": 500,
-            },
-            "database": {"url": database_url},
-            "models": {"target": target, "draft": args.draft, "device": args.device, "dtype": args.dtype},
-            "engine": engine_section(args, proposer),
-            "batching": {"max_wait_ms": args.max_wait_ms, "queue_size": max(64, 4 * args.batch_size)},
-            "limits": {"max_new_tokens": args.max_new_tokens, "default_max_new_tokens": args.max_new_tokens},
-            "daemon": {"metrics_port": metrics_port, "metrics_host": "127.0.0.1", "log_level": "INFO"},
-        }
+        config = daemon_config(args, names, database_url, target, args.draft, proposer, metrics_port)
         if args.learning:
             config["learning"] = learning_config(args, workdir)
         config_path = workdir / "config.yaml"
@@ -268,6 +252,19 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer:
         if daemon is not None and daemon.poll() is None:
             daemon.kill()
         broker.stop()
+
+
+def daemon_config(args, names, database_url: str, target: str, draft: str | None, proposer: str, metrics_port: int):
+    """A benchmark daemon's settings: short Kafka sessions for Tansu, the engine of engine_section, INFO logs."""
+    return {
+        "kafka": names.daemon_kafka(),
+        "database": {"url": database_url},
+        "models": {"target": target, "draft": draft, "device": args.device, "dtype": args.dtype},
+        "engine": engine_section(args, proposer),
+        "batching": {"max_wait_ms": args.max_wait_ms, "queue_size": max(64, 4 * args.batch_size)},
+        "limits": {"max_new_tokens": args.max_new_tokens, "default_max_new_tokens": args.max_new_tokens},
+        "daemon": {"metrics_port": metrics_port, "metrics_host": "127.0.0.1", "log_level": "INFO"},
+    }
 
 
 def learning_config(args, workdir: Path) -> dict:

@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from pipelines.settings import EngineSettings, LearnerSettings
+from storage.db import DEFAULT_DATABASE_URL, ENV_DATABASE_URL
 
-ENV_DATABASE_URL = "ONLINESPEC_DATABASE_URL"
 ENV_DATABASE_PASSWORD = "ONLINESPEC_DATABASE_PASSWORD"
 ENV_KAFKA_SASL_PASSWORD = "ONLINESPEC_KAFKA_SASL_PASSWORD"
 ENV_KAFKA_SSL_PASSWORD = "ONLINESPEC_KAFKA_SSL_PASSWORD"
@@ -96,7 +96,7 @@ class KafkaSettings(_Section):
 
 
 class DatabaseSettings(_Section):
-    url: SecretStr = SecretStr("sqlite:///var/onlinespec.db")
+    url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
     auto_migrate: bool = False
 
 

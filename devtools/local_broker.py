@@ -115,6 +115,19 @@ class KafkaNames:
     dlq: str
     group: str
 
+    def daemon_kafka(self) -> dict:
+        """A daemon's `kafka:` settings on these names, with sessions as short as Tansu allows: a group join takes
+        about half the session timeout (real Kafka refuses sessions under 6 s)."""
+        return {
+            "bootstrap_servers": self.bootstrap,
+            "prompts_topic": self.prompts,
+            "completions_topic": self.completions,
+            "dlq_topic": self.dlq,
+            "group_id": self.group,
+            "session_timeout_ms": 2000,
+            "heartbeat_interval_ms": 500,
+        }
+
 
 def fresh_names(broker: TansuBroker) -> KafkaNames:
     """uuid-tagged names, so runs against one broker never see each other's records or offsets."""

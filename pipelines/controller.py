@@ -1,31 +1,33 @@
-"""The goodput controller behind `engine.proposer: auto`: per batch, the variant (proposer and k, target-only
-included) with the highest expected tokens per second.
+"""The goodput controller behind `engine.proposer: auto`: for each *window* of rounds (a batch with static batching,
+`auto.window_rounds` rounds with continuous batching) the variant (proposer and k, target-only included) with the
+highest expected tokens per second.
 
     goodput(v) = expected tokens per row and round of v * correction / seconds per round of v at this batch bucket
 
 Costs: on CUDA every (bucket, variant) is timed at warm-up (graph replays); then each follows the live seconds per
-round of the batches that ran it. A cost not measured yet (on CPU nothing is timed at warm-up: an eager round of a
-real model can take seconds) is estimated from target-only's at the same bucket, which the first batch of a
-bucket measures: verifying k more tokens adds 10% per token and each draft-model step costs its share of the
-target's parameters. One batch of the variant then replaces the estimate. Expected tokens per round:
+round of the windows that ran it. A cost not measured yet (on CPU nothing is timed at warm-up: an eager round of a
+real model can take seconds) is estimated from target-only's at the same bucket, which the first window of a
+bucket measures: verifying k more tokens adds 10% per token and each model step (draft LM or head) costs its share
+of the target's parameters. One window of the variant then replaces the estimate. Expected tokens per round:
 
     none:0       1
     suffix:k     1 + E[min(a, k)] over hist[m, a], the accepted suffix tokens seen per round at match length m, from
-                 real suffix rounds and from shadow proposals scored in every `shadow_every`-th batch
+                 real suffix rounds and from shadow proposals scored in every `shadow_every`-th window
                  without suffix drafts
-    draft:k      1 + alpha + ... + alpha^k, with alpha the model's per-token acceptance (accepted / tested
-                 positions of its rounds, per draft version, starting from a prior)
+    draft:k,     1 + alpha + ... + alpha^k, with alpha the model's per-token acceptance (accepted / tested
+    head:k       positions of its rounds, per draft version, starting from a prior)
     hybrid:k     1 + E_m[max(suffix's mean accepted at m, the model's expected accepted)]
 
-correction: realized over expected tokens per row and round of the recent batches of v at this bucket (a batch
-runs until its slowest row finishes, so a variant whose gain varies from row to row gains less per batch than per
-row; measured on an H200, suffix drafts at batch 8 lost to target-only on two streams where they won at batch 1).
+correction: realized over expected tokens per active row and round of the recent windows of v at this bucket (with
+static batching a batch runs until its slowest row finishes, so a variant whose gain varies from row to row gains
+less per batch than per row; measured on an H200, suffix drafts at batch 8 lost to target-only on two streams where
+they won at batch 1).
 
 A speculative variant must beat target-only by `margin`, so with no evidence, or with proposers that cost more
 than they return, the engine decodes target-only: speculation is never knowingly slower than no speculation.
-Evidence decays by `decay` per batch (the stream drifts). A draft-model variant that could win on an optimistic
-estimate runs once to measure it: from the second batch of a bucket if it never ran there (its cost may only be
-estimated: on CPU nothing is timed at warm-up), and every `explore_every` batches when its evidence is old (a
+Evidence decays by `decay` per window (the stream drifts). A model variant that could win on an optimistic
+estimate runs once to measure it: from the second window of a bucket if it never ran there (its cost may only be
+estimated: on CPU nothing is timed at warm-up), and every `explore_every` windows when its evidence is old (a
 newly promoted draft version, say).
 """
 
@@ -60,19 +62,20 @@ class _ModelEvidence:
 
 @dataclass
 class BatchObservation:
-    """What one batch showed, handed back by the engine after it ran."""
+    """What one window of rounds (a batch, with static batching) showed, handed back by the engine."""
 
     bucket: int
     variant: Variant
     rounds: int
     seconds: float | None
     draft_version: str | None = None
-    model_rounds: int = 0  # rounds (row-rounds) in which the draft model drafted
+    model_rounds: int = 0  # row-rounds in which the model proposer (draft LM or head) drafted
     model_accepted: int = 0
     model_full: int = 0  # of those, rounds in which all k drafted tokens were accepted
     suffix_hist: np.ndarray | None = None  # [J + 1, K + 1] rounds by (match length, accepted suffix tokens)
-    rows: int = 0  # requests in the batch
-    tokens: int = 0  # tokens they emitted after the prefill
+    rows: int = 0  # requests in the batch (static batching)
+    tokens: int = 0  # tokens emitted in these rounds (after the prefill)
+    row_rounds: int = 0  # active rows summed over the rounds (continuous batching; 0: rows * rounds)
 
 
 @dataclass
@@ -83,12 +86,12 @@ class _Choice:
 
 
 class GoodputController:
-    def __init__(self, settings: ControllerSettings, variants: list[Variant], *, draft_cost_ratio: float = 0.0):
+    def __init__(self, settings: ControllerSettings, variants: list[Variant], *, model_cost_ratio: float = 0.0):
         if TARGET_ONLY not in variants:
             variants = [TARGET_ONLY, *variants]
         self.settings = settings
         self.variants = sorted(set(variants))
-        self.draft_cost_ratio = draft_cost_ratio  # draft parameters / target parameters (the cost estimate)
+        self.model_cost_ratio = model_cost_ratio  # one model step / a target forward, by parameters (the estimate)
         self._lock = threading.Lock()
         self._costs: dict[tuple[int, Variant], _Cost] = {}
         self._corrections: dict[tuple[int, Variant], float] = {}  # realized / expected tokens per round
@@ -124,8 +127,8 @@ class GoodputController:
         baseline = self._costs.get((bucket, TARGET_ONLY))
         if baseline is None:
             return None
-        steps = variant.k if variant.uses_draft_model else 0
-        return baseline.seconds * (1 + 0.1 * variant.k + self.draft_cost_ratio * steps)
+        steps = variant.k if variant.uses_model else 0
+        return baseline.seconds * (1 + 0.1 * variant.k + self.model_cost_ratio * steps)
 
     def observe(self, obs: BatchObservation) -> None:
         with self._lock:
@@ -154,10 +157,11 @@ class GoodputController:
         until its slowest row finishes, so rows that finish early idle: with suffix drafts, whose gain differs a lot
         from row to row, a batch of 8 can take nearly as many rounds as target-only. The ratio (an average over
         recent batches) scales the variant's expected tokens at this bucket."""
-        if not (obs.rows and obs.rounds and obs.tokens):
+        row_rounds = obs.row_rounds or obs.rows * obs.rounds
+        if not (row_rounds and obs.tokens):
             return
         expected = self.expected_tokens(obs.variant, obs.draft_version)
-        ratio = min(2.0, max(0.1, obs.tokens / (obs.rows * obs.rounds) / expected))
+        ratio = min(2.0, max(0.1, obs.tokens / row_rounds / expected))
         key = (obs.bucket, obs.variant)
         self._corrections[key] = self._corrections.get(key, 1.0) * 0.7 + 0.3 * ratio
 
@@ -206,7 +210,7 @@ class GoodputController:
             return 1.0 + self._suffix_accepted(variant.k)
         alpha = self.model_alpha(draft_version, optimistic)
         model = _geometric_accepted(alpha, variant.k)
-        if variant.proposer == "draft":
+        if variant.proposer in ("draft", "head"):
             return 1.0 + model
         if variant.proposer == "hybrid":
             return 1.0 + self._hybrid_accepted(variant.k, model)
@@ -262,7 +266,7 @@ class GoodputController:
         if not every:
             return None
         batches = self._batches[bucket]
-        model_variants = [v for v in candidates if v.uses_draft_model]
+        model_variants = [v for v in candidates if v.uses_model]
         if batches % every == 0:
             stale = [v for v in model_variants if batches - self._last_run.get((bucket, v), 0) >= every]
         else:  # a draft-model variant never run at this bucket is tried as soon as it could win

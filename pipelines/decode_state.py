@@ -1,9 +1,14 @@
-"""Static per-batch-size buffers of the speculative loop, allocated once and updated in place.
+"""Static buffers of the speculative loop: one row per slot, allocated once and updated in place.
 
-In-place updates matter: a CUDA graph captured for one batch size replays against exactly these tensors.
+In-place updates matter: a CUDA graph captured for a batch bucket replays against exactly these tensors. The
+engine allocates one state for all its slots and runs a bucket of B slots on `rows(B)`, views of the first B rows
+of every buffer, so a request keeps its row (and its KV cache) while other slots join and leave around it.
 Slot `capacity` of every output buffer is a dump column: writes for positions that emit nothing land there.
-Proposers keep their own per-batch-size buffers (a draft model's KV cache rows, the suffix proposer's shadow
-counters) in `proposer_state`, keyed by proposer name.
+Proposers keep their own per-row buffers (a draft model's KV cache rows, the suffix proposer's shadow counters, a
+head's KV cache and the target's features) in `proposer_state`, keyed by proposer name; each has `rows(B)` too.
+
+`tally` and `source_tally` count, over every round since they were last read, emitted tokens, active row-rounds and
+the per-source draft counters (the controller's evidence for a window of rounds) without a host read per round.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ NUM_SOURCES = len(SOURCE_NAMES)
 # Columns of DecodeState.source_counts: rounds a source drafted in, tokens drafted, tokens accepted, and rounds in
 # which every drafted token was accepted (a chain's acceptance test ends at its first rejection).
 COUNT_ROUNDS, COUNT_DRAFTED, COUNT_ACCEPTED, COUNT_FULL = 0, 1, 2, 3
+TALLY_TOKENS, TALLY_ROW_ROUNDS = 0, 1
 
 
 @dataclass
@@ -51,6 +57,8 @@ class DecodeState:
     out_step_slot: torch.Tensor  # uint8, index of the token within its verification step (0..k)
     out_topk_ids: torch.Tensor  # [B, capacity + 1, m] int32
     out_topk_logprobs: torch.Tensor  # [B, capacity + 1, m] float16
+    tally: torch.Tensor  # [2] int64: TALLY_TOKENS, TALLY_ROW_ROUNDS (shared by every bucket's view)
+    source_tally: torch.Tensor  # [NUM_SOURCES, 4] int64: COUNT_* per SOURCE_*, summed over rows (shared)
     proposer_state: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -86,7 +94,26 @@ class DecodeState:
             out_step_slot=outs(torch.uint8),
             out_topk_ids=outs(torch.int32, top_m),
             out_topk_logprobs=outs(torch.float16, top_m),
+            tally=torch.zeros(2, dtype=torch.int64, device=device),
+            source_tally=torch.zeros((NUM_SOURCES, 4), dtype=torch.int64, device=device),
         )
+
+    def rows(self, batch_size: int) -> DecodeState:
+        """Views of the first `batch_size` rows of every buffer (the target cache and proposer state included)."""
+        view = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name == "batch_size":
+                view[name] = batch_size
+            elif name in ("tally", "source_tally"):
+                view[name] = value
+            elif name == "target_cache":
+                view[name] = value.rows(batch_size)
+            elif name == "proposer_state":
+                view[name] = {key: state.rows(batch_size) for key, state in value.items()}
+            else:
+                view[name] = value[:batch_size]
+        return DecodeState(**view)
 
     def record(
         self,

@@ -1,15 +1,30 @@
-"""Batched lossless speculative decoding with transformers models and pluggable proposers.
+"""Batched lossless speculative decoding with transformers models, pluggable proposers and continuous batching.
 
-A batch is prefilled, then decoded round by round (pipelines.round: propose -> verify -> record -> advance) with
-one *variant*: a proposer and its k (pipelines.proposers). `engine.proposer` fixes the variant (`none`, `draft`,
-`suffix`, `hybrid`, each with `k`) or lets the goodput controller pick one per batch (`auto`, the default:
-pipelines.controller, which may pick target-only).
+The engine has `max_batch_size` *slots*: rows of static buffers (pipelines.decode_state) and KV caches.
 
-On CUDA every (batch bucket, variant, greedy or sampled) round is captured once as a CUDA graph at warm-up, all
-graphs sharing one memory pool, and replayed; the host reads one "any row still active" flag per round, a round
-late, so it never waits on the GPU while rounds remain. Requests with stop strings are the exception: their text
-is checked on the host after every round. Costs of every variant are timed at warm-up (graph replays) for the
-controller.
+    submit(request, tag)  queue a request
+    step()                one iteration: admit queued requests into free slots (pipelines.slots), prefill
+                          newcomers (at most prefill_chunk_tokens prompt tokens per step, so a long prompt never
+                          stalls the running rows for long), run one decoding round (pipelines.round: propose ->
+                          verify -> record -> advance) over the smallest batch bucket holding every decoding slot,
+                          and return (tag, result) for the requests that finished
+    generate(requests)    submit them all and step until they are done; results in request order
+
+A finished row's slot is refilled at the next round boundary (continuous batching, Orca-style iteration-level
+scheduling); with `scheduling: static`, the baseline, a batch is admitted only when every slot is free and decodes
+until its last row finishes. A free or prefilling slot rides along in the rounds as a no-op whose writes land at
+its *parking* position at the end of its own cache, where no prompt lives.
+
+A round runs one *variant* (a proposer and its k) for the whole bucket: `engine.proposer` fixes it, or the goodput
+controller (pipelines.controller) picks one per window of rounds (`auto`, the default, which may pick target-only).
+The model proposer (a draft LM or a head) catches rows up eagerly before a round that uses it (`sync`: a newcomer,
+or rows that other variants drafted for), so the variant can change between windows and a newcomer can join.
+
+On CUDA every (bucket, variant, greedy or sampled, shadow) round is captured once at warm-up as a CUDA graph, all
+graphs sharing one memory pool, and replayed; the host reads which rows are still active one round late, so it
+never waits on the GPU while rounds remain (a finished row runs one extra round as a no-op before its slot is
+refilled). Requests with stop strings are the exception: their text is checked on the host after every round.
+Costs of every variant are timed at warm-up (graph replays) for the controller.
 """
 
 from __future__ import annotations
@@ -17,22 +32,36 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipelines import sampling
 from pipelines.controller import BatchObservation, GoodputController
-from pipelines.decode_state import COUNT_ACCEPTED, COUNT_FULL, COUNT_ROUNDS, DecodeState
-from pipelines.kv_cache import PositionalKVCache, decoder_forward
+from pipelines.decode_state import COUNT_ACCEPTED, COUNT_FULL, COUNT_ROUNDS, TALLY_ROW_ROUNDS, TALLY_TOKENS, DecodeState
+from pipelines.heads.model import HeadDraft
+from pipelines.kv_cache import PositionalKVCache, RowSubsetCache, decoder_forward
 from pipelines.proposers import TARGET_ONLY, Variant
 from pipelines.proposers.draft import DraftModelProposer
+from pipelines.proposers.head import HeadProposer
 from pipelines.proposers.hybrid import HybridProposer
 from pipelines.proposers.suffix import SuffixCache, SuffixProposer
-from pipelines.results import collect
+from pipelines.results import RowTimes, collect
 from pipelines.round import RoundModels, finish_rows, run_round
 from pipelines.settings import EngineSettings
-from pipelines.types import KIND_BONUS, NO_DRAFT_TOKEN, SOURCE_DRAFT, SOURCE_NONE, GenerationRequest, GenerationResult
+from pipelines.slots import PrefillChunk, Queued, SlotTable
+from pipelines.types import (
+    KIND_BONUS,
+    NO_DRAFT_TOKEN,
+    SOURCE_DRAFT,
+    SOURCE_HEAD,
+    SOURCE_NONE,
+    GenerationRequest,
+    GenerationResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,31 +71,52 @@ class PromptTooLongError(ValueError):
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
-    """Batch sizes with their own buffers and graphs: powers of two up to the maximum, and the maximum."""
+    """Batch sizes with their own graphs: powers of two up to the maximum, and the maximum."""
     sizes = [1]
     while sizes[-1] * 2 < max_batch_size:
         sizes.append(sizes[-1] * 2)
     return sorted(set(sizes + [max_batch_size]))
 
 
-def variants_for(settings: EngineSettings, has_draft: bool) -> list[Variant]:
+def model_kind(draft) -> str | None:
+    """ "head" for a HeadDraft, "draft" for a draft LM, None without one."""
+    if draft is None:
+        return None
+    return "head" if isinstance(draft, HeadDraft) else "draft"
+
+
+def variants_for(settings: EngineSettings, kind: str | None) -> list[Variant]:
     """The variants an engine can run: one for a fixed proposer, several for auto (target-only among them)."""
     proposer, k = settings.proposer, settings.k
-    if proposer in ("draft", "hybrid") and not has_draft:
-        raise ValueError(f"engine.proposer {proposer!r} needs a draft model")
+    if proposer in ("draft", "head") and kind != proposer:
+        raise ValueError(f"engine.proposer {proposer!r} needs a {proposer} model, this engine has {kind or 'none'}")
+    if proposer == "hybrid" and kind is None:
+        raise ValueError("engine.proposer 'hybrid' needs a draft model or a head")
     if proposer == "none" or (proposer != "auto" and k == 0):
         return [TARGET_ONLY]
     if proposer != "auto":
         return [Variant(proposer, k)]
-    kinds = ("suffix", "draft", "hybrid") if has_draft else ("suffix",)
-    return [TARGET_ONLY] + [Variant(kind, choice) for kind in kinds for choice in settings.auto.k_choices]
+    kinds = ("suffix", kind, "hybrid") if kind else ("suffix",)
+    return [TARGET_ONLY] + [Variant(name, choice) for name in kinds for choice in settings.auto.k_choices]
+
+
+@dataclass
+class _Window:
+    """Rounds run with one variant at one bucket since the last choice: the controller's next observation."""
+
+    bucket: int
+    variant: Variant
+    shadow: bool
+    rounds: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    events: list = field(default_factory=list)  # CUDA: (start, end) event pairs around each round
 
 
 class SpeculativeEngine:
     def __init__(
         self,
         target: PreTrainedModel,
-        draft: PreTrainedModel | None,
+        draft: PreTrainedModel | HeadDraft | None,
         tokenizer: PreTrainedTokenizerBase,
         settings: EngineSettings | None = None,
         draft_version: str = "base",
@@ -78,16 +128,22 @@ class SpeculativeEngine:
         self.settings = settings
         self.k = settings.k
         self.device = target.device
-        self.variants = variants_for(settings, draft is not None)
+        self.variants = variants_for(settings, model_kind(draft))
         self.max_k = max(v.k for v in self.variants)
         self._use_graphs = settings.cuda_graphs and self.device.type == "cuda"
         self._compile = settings.compile and self.device.type == "cuda"
         self.eos_ids = self._eos_ids(target, tokenizer)
         size, length = settings.max_batch_size, settings.max_seq_len
+        # Where the rounds of a free or prefilling slot write: the last max_k + 1 positions, past any prompt.
+        self.park = length - self.max_k - 1
 
-        uses_draft = any(v.uses_draft_model for v in self.variants)
-        self.draft_proposer = DraftModelProposer(draft, size, length, self._compile) if uses_draft else None
-        self.draft_version = draft_version if self.draft_proposer is not None else "none"
+        self.model_proposer = None
+        if any(v.uses_model for v in self.variants):
+            if isinstance(draft, HeadDraft):
+                self.model_proposer = HeadProposer(draft, length, window=self.max_k + 1)
+            else:
+                self.model_proposer = DraftModelProposer(draft, length, self._compile)
+        self.draft_version = draft_version if self.model_proposer is not None else "none"
         suffix_k = max((v.k for v in self.variants if v.uses_suffix), default=0)
         self.suffix = None
         if suffix_k:
@@ -97,78 +153,104 @@ class SpeculativeEngine:
             )
         hybrid = None
         if any(v.proposer == "hybrid" for v in self.variants):
-            hybrid = HybridProposer(self.suffix, self.draft_proposer)
+            hybrid = HybridProposer(self.suffix, self.model_proposer)
         self.controller = None  # picks the variant with auto; keeps the evidence a hybrid's per-row choice uses
         if settings.proposer == "auto" or hybrid is not None:
-            ratio = _parameters(draft) / _parameters(target) if draft is not None else 0.0
-            self.controller = GoodputController(settings.auto, self.variants, draft_cost_ratio=ratio)
+            ratio = _model_step_cost_ratio(draft, target)
+            self.controller = GoodputController(settings.auto, self.variants, model_cost_ratio=ratio)
+        head = self.model_proposer if isinstance(self.model_proposer, HeadProposer) else None
         self._models = RoundModels(
             target_forward=decoder_forward(target, self._compile),
             lm_head=target.get_output_embeddings(),
             eos_ids=self.eos_ids,
             top_m=settings.top_m,
             max_k=self.max_k,
-            draft=self.draft_proposer,
+            park=self.park,
+            model=self.model_proposer,
             suffix=self.suffix,
             hybrid=hybrid,
+            head=head,
             shadow_k=suffix_k,
         )
-        # Prefill runs eagerly: its width is the batch's longest prompt, and a compiled forward would recompile
-        # for every new prompt length.
+        # Prefill runs eagerly: its width varies, and a compiled forward would recompile for every new width.
         self._prefill_forward = decoder_forward(target)
-        target_cache = PositionalKVCache.allocate(target, size, length)
-        self._states = {bucket: self._allocate_state(bucket, target_cache) for bucket in batch_buckets(size)}
+        self.state = DecodeState.allocate(
+            size, PositionalKVCache.allocate(target, size, length), settings.top_m, self.device
+        )
+        for proposer in (self.model_proposer, self.suffix):
+            if proposer is not None:
+                self.state.proposer_state[proposer.name] = proposer.allocate(size)
+        self.state.lengths.fill_(self.park)
+        self._views = {bucket: self.state.rows(bucket) for bucket in batch_buckets(size)}
+        self.slots = SlotTable(size, list(self._views), static=settings.scheduling == "static")
+        self._stale: set[int] = set()  # slots the model proposer has not followed (sync before it drafts)
         self._graphs: dict[tuple[int, Variant, bool, bool], torch.cuda.CUDAGraph] = {}
-        self._batches = 0
         self._graph_pool = None
+        self._warm = False
+        self._rounds = 0  # rounds run since start
+        self._windows = 0
+        self._window: _Window | None = None
+        self._flags: deque[tuple[int, torch.Tensor, Any]] = deque()  # (round, active snapshot, event), oldest first
+        if self.device.type == "cuda":
+            self._pinned = [torch.zeros(size, dtype=torch.bool).pin_memory() for _ in range(3)]
         self.last_variant: Variant | None = None
         self._last_choice: dict[int, Variant] = {}  # per batch bucket, for the switch log line
-
-    def _allocate_state(self, bucket: int, target_cache: PositionalKVCache) -> DecodeState:
-        state = DecodeState.allocate(bucket, target_cache.rows(bucket), self.settings.top_m, self.device)
-        for proposer in (self.draft_proposer, self.suffix):
-            if proposer is not None:
-                state.proposer_state[proposer.name] = proposer.allocate(bucket)
-        return state
 
     # ------------------------------------------------------------------ public API
 
     @property
-    def draft(self) -> PreTrainedModel | None:
-        return None if self.draft_proposer is None else self.draft_proposer.model
+    def draft(self) -> PreTrainedModel | HeadDraft | None:
+        return None if self.model_proposer is None else self.model_proposer.model
 
     @property
     def max_prompt_tokens(self) -> int:
         """Longest prompt that still leaves room for one round of the widest variant."""
         return self.settings.max_seq_len - self.max_k - 2
 
+    @property
+    def busy(self) -> bool:
+        """Requests are queued or in slots."""
+        return self.slots.busy
+
+    @property
+    def free_slots(self) -> int:
+        return sum(slot is None for slot in self.slots.slots) - len(self.slots.queue)
+
+    def occupancy(self) -> tuple[int, int]:
+        """(slots decoding, slots in all)."""
+        return len(self.slots.decoding), len(self.slots.slots)
+
     def warmup(self) -> None:
         """Capture every round graph before serving (CUDA), then time every variant for the controller (CUDA; on
-        CPU the controller learns costs from the batches themselves)."""
+        CPU the controller learns costs from the rounds themselves). Call while no request is in flight."""
+        assert not self.slots.occupied, "warm-up runs rounds: no request may be in flight"
         started = time.perf_counter()
         if self._use_graphs:
-            for size in self._states:
+            for size in self._views:
                 for variant in self.variants:
                     for greedy_only in (True, False):
                         for shadow in {False, self._can_shadow(variant)}:
                             self._graph(size, variant, greedy_only, shadow)
             log.info("captured %d round graphs in %.1f s", len(self._graphs), time.perf_counter() - started)
         if self.controller is not None and self.device.type == "cuda":
-            for size in self._states:
+            for size in self._views:
                 self._profile(size)
             log.info(
                 "timed %d variants x %d batch buckets: %s",
                 len(self.variants),
-                len(self._states),
+                len(self._views),
                 self.controller.snapshot()["costs_ms"],
             )
+        self._warm = True
 
-    def swap_draft(self, weights: PreTrainedModel | dict[str, torch.Tensor], version: str) -> None:
-        """Load new draft weights in place (captured graphs keep pointing at the same parameters)."""
-        if self.draft_proposer is None:
+    def swap_draft(self, weights: PreTrainedModel | HeadDraft | dict[str, torch.Tensor], version: str) -> None:
+        """Load new draft weights in place (captured graphs keep pointing at the same parameters). Rows in flight
+        are caught up with the new weights before the model next drafts for them."""
+        if self.model_proposer is None:
             raise ValueError("this engine runs without a draft model")
-        self.draft_proposer.swap(weights)
+        self.model_proposer.swap(weights)
         self.draft_version = version
+        self._stale.update(self.slots.occupied)
 
     def reset_stream(self) -> None:
         """Forget what the stream taught: the suffix cache and the controller's acceptance evidence (its measured
@@ -183,46 +265,276 @@ class SpeculativeEngine:
         """Teach the suffix proposer earlier completions (at start: the stored ones); returns tokens added."""
         return self.suffix_cache.add(completions, prompts) if self.suffix is not None else 0
 
+    def submit(self, request: GenerationRequest, tag: Any = None) -> None:
+        """Queue a request; `tag` comes back with its result from step()."""
+        self._check_prompt(request)
+        self.slots.queue.append(Queued(request, tag))
+
+    def _check_prompt(self, request: GenerationRequest) -> None:
+        if len(request.input_ids) > self.max_prompt_tokens:
+            raise PromptTooLongError(
+                f"request {request.id!r}: prompt has {len(request.input_ids)} tokens, "
+                f"the limit is {self.max_prompt_tokens} (max_seq_len {self.settings.max_seq_len})"
+            )
+
+    def step(self) -> list[tuple[Any, GenerationResult]]:
+        """One scheduling iteration (module docstring); returns (tag, result) of the requests that finished."""
+        if self._use_graphs and not self._warm and not self.slots.occupied:
+            self.warmup()
+        with torch.inference_mode():
+            self._admit()
+            self._prefill()
+            decoding = self.slots.decoding
+            if decoding:
+                self._run_round(decoding)
+            finished = self._reap(final=not decoding)
+            if self._window is not None and not self.slots.occupied:
+                self._close_window()  # idle: the next request starts a new window (and a new choice)
+            return finished
+
+    def abort(self) -> list[Any]:
+        """Drop every queued and in-flight request (after an engine error, say) and return their tags; the slots are
+        free and parked again, the window closed without evidence."""
+        tags = [queued.tag for queued in self.slots.queue]
+        self.slots.queue.clear()
+        for row in self.slots.occupied:
+            tags.append(self.slots.release(row).tag)
+        self.state.active.zero_()
+        self.state.lengths.fill_(self.park)
+        self._stale.clear()
+        self._flags.clear()
+        self._window = None
+        self.state.tally.zero_()
+        self.state.source_tally.zero_()
+        return tags
+
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Decode requests in batches of at most max_batch_size; results come back in request order."""
-        for request in requests:
-            if len(request.input_ids) > self.max_prompt_tokens:
-                raise PromptTooLongError(
-                    f"request {request.id!r}: prompt has {len(request.input_ids)} tokens, "
-                    f"the limit is {self.max_prompt_tokens} (max_seq_len {self.settings.max_seq_len})"
-                )
-        results = []
-        size = self.settings.max_batch_size
-        for start in range(0, len(requests), size):
-            results.extend(self._generate_batch(requests[start : start + size]))
-        return results
+        """Decode requests; results come back in request order."""
+        for request in requests:  # refuse before anything is queued
+            self._check_prompt(request)
+        for index, request in enumerate(requests):
+            self.submit(request, tag=("generate", index))
+        results: dict[int, GenerationResult] = {}
+        while len(results) < len(requests):
+            for tag, result in self.step():
+                results[tag[1]] = result
+        return [results[index] for index in range(len(requests))]
 
-    # ------------------------------------------------------------------ one batch
+    # ------------------------------------------------------------------ admission and prefill
 
-    def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        started = time.perf_counter()
-        bucket = min(s for s in self._states if s >= len(requests))
-        state = self._states[bucket]
-        greedy_only = all(r.temperature == 0 for r in requests)
+    def _admit(self) -> None:
+        """Queued requests take free slots: their rows are reset and parked until their prompt is prefilled."""
+        if self.slots.static and not self.slots.occupied and self._window is not None:
+            self._close_window()  # a static batch is its own window
+        filled = self.slots.admit()
+        if not filled:
+            return
+        state, device = self.state, self.device
+        rows = torch.tensor(filled, dtype=torch.int64, device=device)
+        requests = [self.slots.slots[i].request for i in filled]
+        values = lambda items, dtype: torch.tensor(items, dtype=dtype, device=device)  # noqa: E731
+        state.lengths[rows] = self.park
+        state.active[rows] = False
+        state.max_new_tokens[rows] = values([r.max_new_tokens for r in requests], torch.int64)
+        state.temperature[rows] = values([float(r.temperature) for r in requests], torch.float32)
+        state.top_p[rows] = values([float(r.top_p) for r in requests], torch.float32)
+        state.seed[rows] = values([r.seed for r in requests], torch.int64)
+        for counter in (state.generated, state.drafted, state.draft_steps, state.source_counts, state.target_forwards):
+            counter[rows] = 0
+        for row, request in zip(filled, requests):
+            state.tokens[row, : len(request.input_ids)] = values(request.input_ids, torch.int64)
+        if self.suffix is not None:
+            state.proposer_state[self.suffix.name].reset(rows)
+        self._stale.update(filled)
+
+    def _prefill(self) -> None:
+        """Prefill this step's prompt chunks (one target forward over the chunks' rows); rows whose prompt is
+        complete emit their first token from the target and start decoding."""
+        budget = 0 if self.slots.static else self.settings.prefill_chunk_tokens
+        plan = self.slots.prefill_plan(budget)
+        if not plan:
+            return
+        state, device = self.state, self.device
+        rows = torch.tensor([c.slot for c in plan], dtype=torch.int64, device=device)
+        width = max(c.end - c.start for c in plan)
+        starts = torch.tensor([c.start for c in plan], dtype=torch.int64, device=device)
+        # padding continues each row's positions (it lands past the chunk, where later writes overwrite it)
+        positions = (starts[:, None] + torch.arange(width, device=device)).clamp_max(self.settings.max_seq_len - 1)
+        tokens = state.tokens[rows].gather(1, positions)
+        hidden = self._prefill_forward(tokens, positions, RowSubsetCache(state.target_cache, rows))  # [n, w, H]
+        if self._models.head is not None:
+            features = state.proposer_state[self._models.head.name].features
+            features[rows[:, None], positions] = hidden.to(features.dtype)
+        for chunk in plan:
+            self.slots.slots[chunk.slot].prefilled = chunk.end
+        done = [i for i, chunk in enumerate(plan) if chunk.last]
+        if done:
+            self._first_tokens([plan[i] for i in done], hidden[done], positions[done])
+
+    def _first_tokens(self, chunks: list[PrefillChunk], hidden: torch.Tensor, positions: torch.Tensor) -> None:
+        """Emit each row's first token from the target's logits at its last prompt token, record it and start the
+        row decoding."""
+        state, device = self.state, self.device
+        rows = torch.tensor([c.slot for c in chunks], dtype=torch.int64, device=device)
+        prompt_lengths = torch.tensor([c.end for c in chunks], dtype=torch.int64, device=device)
+        last = (prompt_lengths - 1 - positions[:, 0])[:, None, None].expand(-1, 1, hidden.shape[-1])
+        logits = self._models.lm_head(hidden.gather(1, last)).float()  # [n, 1, V]
+        probs = sampling.warp(logits, state.temperature[rows], state.top_p[rows])
+        first = sampling.sample(probs, state.seed[rows], prompt_lengths[:, None], sampling.STREAM_RESIDUAL)  # [n, 1]
+        topk = torch.log_softmax(logits, dim=-1).topk(self.settings.top_m, dim=-1)
+
+        # record() works on every row with a validity mask: the new rows' first token is their only valid slot
+        size = self.state.batch_size
+        valid = torch.zeros((size, 1), dtype=torch.bool, device=device)
+        valid[rows] = True
+
+        def widen(values: torch.Tensor, fill) -> torch.Tensor:
+            wide = torch.full((size, *values.shape[1:]), fill, dtype=values.dtype, device=device)
+            return wide.index_copy_(0, rows, values)
+
+        tokens = widen(first, 0)
+        state.lengths[rows] = prompt_lengths - 1  # record() writes the token after `lengths`: position P
+        state.record(
+            tokens,
+            valid,
+            torch.full_like(tokens, KIND_BONUS),
+            torch.full_like(tokens, NO_DRAFT_TOKEN),
+            torch.full_like(tokens, SOURCE_NONE),
+            widen(topk.indices, 0),
+            widen(topk.values, 0.0),
+        )
+        state.generated[rows] = 1
+        state.target_forwards[rows] = 1
+        state.lengths[rows] = prompt_lengths
+        state.current[rows] = first[:, 0]
+        state.previous[rows] = state.tokens[rows].gather(1, (prompt_lengths - 1)[:, None])[:, 0]
+        state.active[rows] = True
+        finish_rows(self._models, state, tokens, valid)
+        now = time.perf_counter()
+        for chunk in chunks:
+            slot = self.slots.slots[chunk.slot]
+            slot.decoding, slot.first_token_at, slot.first_round = True, now, self._rounds
+
+    # ------------------------------------------------------------------ rounds
+
+    def _run_round(self, decoding: list[int]) -> None:
+        bucket = self.slots.bucket(decoding)
+        window = self._window_for(bucket)
+        variant = window.variant
+        if variant.uses_model:
+            self._sync_model(decoding)
+        elif self.model_proposer is not None:
+            self._stale.update(decoding)
+        greedy_only = all(self.slots.slots[i].request.temperature == 0 for i in decoding)
+        view = self._views[window.bucket]
+        timing = self.device.type == "cuda" and self.controller is not None
+        if timing:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        if self._use_graphs:
+            self._graph(window.bucket, variant, greedy_only, window.shadow).replay()
+        else:
+            run_round(self._models, view, variant, greedy_only, window.shadow)
+        if timing:
+            end.record()
+            window.events.append((begin, end))
+        window.rounds += 1
+        self._rounds += 1
+        self._snapshot_active(window.bucket)
+        stops = [i for i in decoding if self.slots.slots[i].request.stop]
+        if stops:
+            self._apply_stop_strings(stops)
+
+    def _window_for(self, bucket: int) -> _Window:
+        """The current window, or a new one (a new choice) when the bucket changed or the window is full. A static
+        batch keeps its first bucket and its variant until it is done."""
+        window = self._window
+        if window is not None:
+            if self.slots.static:
+                return window
+            if window.bucket == bucket and window.rounds < self.settings.auto.window_rounds:
+                return window
+            self._close_window()
         variant = self._choose(bucket)
-        self._batches += 1
-        # auto: every shadow_every-th batch that drafts no suffix tokens scores shadow suffix proposals (a few
+        self._windows += 1
+        # auto: every shadow_every-th window that drafts no suffix tokens scores shadow suffix proposals (a few
         # kernels per round), so the controller keeps measuring what suffix would gain
         shadow = self._can_shadow(variant) and (
-            self._batches % self.settings.auto.shadow_every == 0
+            self._windows % self.settings.auto.shadow_every == 0
             or self.controller.suffix_rounds() < self.settings.auto.shadow_until
         )
-        with torch.inference_mode():
-            self._prefill(state, requests, variant)
-            decode_started = time.perf_counter()
-            rounds = self._decode(state, variant, greedy_only, requests, shadow)
-            decode_seconds = time.perf_counter() - decode_started
+        self._window = _Window(bucket, variant, shadow)
+        return self._window
+
+    def _sync_model(self, decoding: list[int]) -> None:
+        """Catch the model proposer up on decoding rows it has not followed (one eager forward over their context)."""
+        behind = [i for i in decoding if i in self._stale]
+        if not behind:
+            return
+        lengths = self.state.lengths[torch.tensor(behind, device=self.device)].tolist()
+        self.model_proposer.sync(self.state, behind, lengths)
+        self._stale.difference_update(behind)
+
+    def _snapshot_active(self, bucket: int) -> None:
+        """Copy which rows are active after this round, to be read once the round is done (_reap)."""
+        if self.device.type == "cuda":
+            # a ring of three pinned buffers: at most two snapshots wait to be read (_reap keeps the newest)
+            flags = self._pinned[self._rounds % len(self._pinned)][:bucket]
+            flags.copy_(self.state.active[:bucket], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            flags, event = self.state.active[:bucket].clone(), None
+        self._flags.append((self._rounds - 1, flags, event))
+
+    def _reap(self, final: bool) -> list[tuple[Any, GenerationResult]]:
+        """Results of rows that finished, from the active snapshots of every round but the newest (all of them when
+        no round runs next, on CPU, or while stop strings are checked): the GPU keeps working meanwhile."""
+        keep = 0 if final or self.device.type != "cuda" or self._has_stops() else 1
+        finished: set[int] = set()
+        while len(self._flags) > keep:
+            round_index, flags, event = self._flags.popleft()
+            if event is not None:
+                event.synchronize()
+            for row, active in enumerate(flags.tolist()):
+                slot = self.slots.slots[row]
+                if slot is not None and slot.decoding and slot.first_round <= round_index and not active:
+                    finished.add(row)
+        return self._collect(sorted(finished)) if finished else []
+
+    def _collect(self, rows: list[int]) -> list[tuple[Any, GenerationResult]]:
+        now = time.perf_counter()
+        slots = [self.slots.release(row) for row in rows]
+        self._stale.difference_update(rows)
+        times = [
+            RowTimes(s.admitted_at - s.submitted_at, s.first_token_at - s.submitted_at, now - s.submitted_at)
+            for s in slots
+        ]
         eos = set(self.eos_ids.tolist())
         results = collect(
-            state, requests, self.tokenizer, eos, variant.k, self.draft_version, time.perf_counter() - started
+            self.state, rows, [s.request for s in slots], self.tokenizer, eos, self.max_k, self.draft_version, times
         )
-        self._learn(state, requests, bucket, variant, rounds, None if shadow else decode_seconds, results)
-        return results
+        if self.suffix is not None:
+            self.suffix_cache.add([r.token_ids for r in results], [s.request.input_ids for s in slots])
+        return [(slot.tag, result) for slot, result in zip(slots, results)]
+
+    def _has_stops(self) -> bool:
+        return any(self.slots.slots[i].request.stop for i in self.slots.decoding)
+
+    def _apply_stop_strings(self, rows: list[int]) -> None:
+        generated = self.state.generated.tolist()
+        for row in rows:
+            request = self.slots.slots[row].request
+            if not bool(self.state.active[row]):
+                continue
+            text = self.tokenizer.decode(
+                self.state.out_tokens[row, : generated[row]].tolist(), skip_special_tokens=True
+            )
+            if any(stop in text for stop in request.stop):
+                self.state.active[row] = False
+                self.state.lengths[row] = self.park
+
+    # ------------------------------------------------------------------ the controller
 
     def _choose(self, bucket: int) -> Variant:
         if self.settings.proposer != "auto":
@@ -250,7 +562,7 @@ class SpeculativeEngine:
         )
 
     def _share_expectations(self) -> None:
-        """What the hybrid's per-row choice compares, from the controller's evidence (written between batches)."""
+        """What the hybrid's per-row choice compares, from the controller's evidence (written between rounds)."""
         hybrid = self._models.hybrid
         if hybrid is None:
             return
@@ -259,134 +571,43 @@ class SpeculativeEngine:
         alpha = self.controller.model_alpha(self.draft_version)
         hybrid.model_expected_accepted.fill_(sum(alpha**j for j in range(1, self.max_k + 1)))
 
-    def _learn(self, state, requests, bucket, variant, rounds, decode_seconds, results) -> None:
-        """After a batch: the controller's evidence, and the suffix cache learns the completions."""
-        if self.controller is not None:
-            counts = state.source_counts[: len(requests), SOURCE_DRAFT].sum(dim=0).cpu().numpy()
-            hist = None
-            if self.suffix is not None:
-                hist = self.suffix.hist.cpu().numpy().copy()  # on CPU .cpu() is the tensor itself
-                self.suffix.hist.zero_()
-            self.controller.observe(
-                BatchObservation(
-                    bucket,
-                    variant,
-                    rounds,
-                    decode_seconds,
-                    self.draft_version,
-                    model_rounds=int(counts[COUNT_ROUNDS]),
-                    model_accepted=int(counts[COUNT_ACCEPTED]),
-                    model_full=int(counts[COUNT_FULL]),
-                    suffix_hist=hist,
-                    rows=len(requests),
-                    tokens=sum(r.counters.emitted - 1 for r in results),
-                )
-            )
+    def _close_window(self) -> None:
+        """Hand the window's evidence to the controller (one host read of the tallies) and start afresh."""
+        window, self._window = self._window, None
+        state = self.state
+        tally = state.tally.cpu()  # also waits for the window's rounds: their events are then readable
+        sources = state.source_tally.cpu()
+        state.tally.zero_()
+        state.source_tally.zero_()
+        hist = None
         if self.suffix is not None:
-            self.suffix_cache.add([r.token_ids for r in results], [q.input_ids for q in requests])
+            hist = self.suffix.hist.cpu().numpy().copy()  # on CPU .cpu() is the tensor itself
+            self.suffix.hist.zero_()
+        if self.controller is None or window is None or window.rounds == 0:
+            return
+        if window.events:
+            seconds = sum(begin.elapsed_time(end) for begin, end in window.events) / 1e3
+        else:
+            seconds = time.perf_counter() - window.started
+        model = sources[SOURCE_HEAD if isinstance(self.model_proposer, HeadProposer) else SOURCE_DRAFT]
+        self.controller.observe(
+            BatchObservation(
+                window.bucket,
+                window.variant,
+                window.rounds,
+                None if window.shadow else seconds,  # shadow work is not the variant's cost
+                self.draft_version,
+                model_rounds=int(model[COUNT_ROUNDS]),
+                model_accepted=int(model[COUNT_ACCEPTED]),
+                model_full=int(model[COUNT_FULL]),
+                suffix_hist=hist,
+                tokens=int(tally[TALLY_TOKENS]),
+                row_rounds=int(tally[TALLY_ROW_ROUNDS]),
+            )
+        )
 
     def _can_shadow(self, variant: Variant) -> bool:
         return self.settings.proposer == "auto" and self.suffix is not None and not variant.uses_suffix
-
-    def _decode(self, state: DecodeState, variant: Variant, greedy_only: bool, requests, shadow: bool) -> int:
-        """Run rounds until every row finished; returns the rounds run."""
-        if self._use_graphs:
-            run_once = self._graph(state.batch_size, variant, greedy_only, shadow).replay
-        else:
-            run_once = lambda: run_round(self._models, state, variant, greedy_only, shadow)  # noqa: E731
-        has_stops = any(r.stop for r in requests)
-        max_rounds = max(r.max_new_tokens for r in requests) + 1
-        if self.device.type != "cuda" or has_stops:
-            for done in range(max_rounds):
-                if not bool(state.active.any()):
-                    return done
-                run_once()
-                if has_stops:
-                    self._apply_stop_strings(state, requests)
-            return max_rounds
-        # Read the "still active" flag one round late: the next round is already queued while we wait,
-        # so the GPU never idles on the host. A round after the last finish is a no-op.
-        flags = [torch.zeros((), dtype=torch.bool).pin_memory() for _ in range(2)]
-        events = [torch.cuda.Event(), torch.cuda.Event()]
-        rounds = 0
-        for round_index in range(max_rounds):
-            run_once()
-            rounds += 1
-            slot = round_index % 2
-            flags[slot].copy_(state.active.any(), non_blocking=True)
-            events[slot].record()
-            if round_index > 0:
-                events[1 - slot].synchronize()
-                if not bool(flags[1 - slot]):
-                    break
-        torch.cuda.current_stream().synchronize()
-        return rounds
-
-    def _apply_stop_strings(self, state: DecodeState, requests: list[GenerationRequest]) -> None:
-        generated = state.generated.tolist()
-        for row, request in enumerate(requests):
-            if not request.stop or not bool(state.active[row]):
-                continue
-            text = self.tokenizer.decode(state.out_tokens[row, : generated[row]].tolist(), skip_special_tokens=True)
-            if any(stop in text for stop in request.stop):
-                state.active[row] = False
-
-    # ------------------------------------------------------------------ prefill
-
-    def _prefill(self, state: DecodeState, requests: list[GenerationRequest], variant: Variant) -> None:
-        """Run the target (and the draft, when the variant uses it) over the right-padded prompts and emit each
-        row's first token from the target."""
-        batch, rows = state.batch_size, len(requests)
-        longest = max(len(r.input_ids) for r in requests)
-        tokens = torch.zeros((batch, longest), dtype=torch.int64)
-        prompt_lengths = torch.ones(batch, dtype=torch.int64)
-        for row, request in enumerate(requests):
-            tokens[row, : len(request.input_ids)] = torch.tensor(request.input_ids)
-            prompt_lengths[row] = len(request.input_ids)
-        tokens, prompt_lengths = tokens.to(self.device), prompt_lengths.to(self.device)
-        positions = torch.arange(longest, device=self.device).expand(batch, -1)
-
-        def per_row(values, default):
-            return torch.tensor(list(values) + [default] * (batch - rows), device=self.device)
-
-        state.active.copy_(per_row([True] * rows, False))
-        state.max_new_tokens.copy_(per_row([r.max_new_tokens for r in requests], 1))
-        state.temperature.copy_(per_row([float(r.temperature) for r in requests], 0.0).float())
-        state.top_p.copy_(per_row([float(r.top_p) for r in requests], 1.0).float())
-        state.seed.copy_(per_row([r.seed for r in requests], 0))
-        for counter in (state.generated, state.drafted, state.draft_steps, state.source_counts):
-            counter.zero_()
-        state.target_forwards.copy_(state.active.long())
-        state.tokens[:, :longest].copy_(tokens)
-        if self.suffix is not None:
-            state.proposer_state[self.suffix.name].reset()
-
-        # Hidden states only, then the LM head on each row's last prompt token: full prompt logits would
-        # cost batch x prompt x vocab memory for nothing.
-        hidden = self._prefill_forward(tokens, positions, state.target_cache)
-        last = (prompt_lengths - 1)[:, None, None].expand(-1, 1, hidden.shape[-1])
-        logits = self._models.lm_head(hidden.gather(1, last)).float()  # [B, 1, V]
-        if variant.uses_draft_model:
-            self.draft_proposer.prefill(state, tokens, positions)
-
-        probs = sampling.warp(logits, state.temperature, state.top_p)
-        first = sampling.sample(probs, state.seed, prompt_lengths[:, None], sampling.STREAM_RESIDUAL)  # [B, 1]
-        topk = torch.log_softmax(logits, dim=-1).topk(self.settings.top_m, dim=-1)
-        state.lengths.copy_(prompt_lengths - 1)  # record() writes the token after `lengths`: position P
-        state.record(
-            first,
-            state.active[:, None],
-            torch.full_like(first, KIND_BONUS),
-            torch.full_like(first, NO_DRAFT_TOKEN),
-            torch.full_like(first, SOURCE_NONE),
-            topk.indices,
-            topk.values,
-        )
-        state.generated.copy_(state.active.long())
-        state.lengths.copy_(prompt_lengths)
-        state.current.copy_(first[:, 0])
-        state.previous.copy_(tokens.gather(1, (prompt_lengths - 1)[:, None])[:, 0])
-        finish_rows(self._models, state, first, state.active[:, None])
 
     # ------------------------------------------------------------------ graphs and costs
 
@@ -394,8 +615,9 @@ class SpeculativeEngine:
         key = (batch_size, variant, greedy_only, shadow)
         if key in self._graphs:
             return self._graphs[key]
-        state = self._states[batch_size]
-        state.active.zero_()  # every row inactive: warm-up and capture change nothing that matters
+        assert not self.slots.occupied, f"round graph {key} was not captured at warm-up"
+        state = self._views[batch_size]
+        state.active.zero_()  # every row inactive and parked: warm-up and capture change nothing that matters
         if self._graph_pool is None:
             # One pool for every graph: they never run concurrently and keep no tensor alive between replays.
             self._graph_pool = torch.cuda.graph_pool_handle()
@@ -410,12 +632,13 @@ class SpeculativeEngine:
             with torch.cuda.graph(graph, pool=self._graph_pool):
                 run_round(self._models, state, variant, greedy_only, shadow)
         torch.cuda.synchronize()
+        self.state.tally.zero_()
         self._graphs[key] = graph
         return graph
 
     def _profile(self, bucket: int) -> None:
         """Seconds per greedy round of every variant at this bucket (rows inactive: the work is the same)."""
-        state = self._states[bucket]
+        state = self._views[bucket]
         state.active.zero_()
         for variant in self.variants:
             self.controller.set_cost(bucket, variant, self._time_round(state, variant))
@@ -450,5 +673,13 @@ class SpeculativeEngine:
         return torch.tensor(sorted(set(ids)) or [-1], dtype=torch.int64, device=model.device)
 
 
-def _parameters(model: PreTrainedModel) -> int:
-    return sum(p.numel() for p in model.parameters())
+def _model_step_cost_ratio(draft, target: PreTrainedModel) -> float:
+    """One model step's cost / a target forward, by parameters read (the controller's estimate before it measures):
+    a draft LM's own parameters; a head's plus the target's LM head, which every head step applies."""
+    if draft is None:
+        return 0.0
+    target_parameters = sum(p.numel() for p in target.parameters())
+    step = sum(p.numel() for p in draft.parameters())
+    if isinstance(draft, HeadDraft):
+        step += target.get_output_embeddings().weight.numel()
+    return step / target_parameters

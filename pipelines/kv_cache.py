@@ -51,6 +51,28 @@ class PositionalKVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
+class RowSubsetCache:
+    """Some rows of a PositionalKVCache, for a forward over those rows alone (a newcomer's prefill, a proposer
+    catching up): keys and values are written straight into the full cache at (row, position); a forward reads the
+    rows' own slots. The engine's other rows are untouched, whatever phase they are in."""
+
+    def __init__(self, cache: PositionalKVCache, rows: torch.Tensor):
+        self.cache = cache
+        self.rows = rows  # [n] int64 row indices into the full cache
+        self.positions: torch.Tensor | None = None  # [n, T]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cache.max_seq_len
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # advanced indices (rows, positions) around a slice put their dims first: [n, T, kv_heads, head_dim]
+        where = (self.rows[:, None], slice(None), self.positions)
+        self.cache.keys[layer_idx][where] = key.transpose(1, 2)
+        self.cache.values[layer_idx][where] = value.transpose(1, 2)
+        return self.cache.keys[layer_idx][self.rows], self.cache.values[layer_idx][self.rows]
+
+
 def attention_mask(positions: torch.Tensor, max_seq_len: int) -> torch.Tensor:
     """[B, 1, T, S] boolean mask: query (b, t) sees slots 0..positions[b, t]."""
     slots = torch.arange(max_seq_len, device=positions.device)
@@ -74,7 +96,7 @@ def decoder_forward(model: PreTrainedModel, compile: bool = False):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         run_decoder = torch.compile(run_decoder, fullgraph=True, dynamic=False)
 
-    def forward(tokens: torch.Tensor, positions: torch.Tensor, cache: PositionalKVCache) -> torch.Tensor:
+    def forward(tokens: torch.Tensor, positions: torch.Tensor, cache: PositionalKVCache | RowSubsetCache):
         cache.positions = positions
         return run_decoder(tokens, positions, attention_mask(positions, cache.max_seq_len), cache)
 

@@ -1,11 +1,15 @@
-"""From a batch's device buffers to GenerationResults: the kept tokens, text, counters and feedback per request.
+"""From the engine's device buffers to GenerationResults: the kept tokens, text, counters and feedback of the rows
+that finished.
 
-The only device-to-host copies of a batch happen here, once, after its last round.
+A row's device-to-host copies happen here, once, after its last round.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 
 from pipelines.decode_state import COUNT_ACCEPTED, COUNT_DRAFTED, COUNT_ROUNDS, DecodeState
 from pipelines.types import (
@@ -18,20 +22,31 @@ from pipelines.types import (
 )
 
 
+@dataclass(frozen=True)
+class RowTimes:
+    """Seconds from a request's submission to: its admission into a slot, its first token, its last round."""
+
+    queued: float
+    first_token: float
+    finished: float
+
+
 def collect(
     state: DecodeState,
+    rows: list[int],
     requests: list[GenerationRequest],
     tokenizer,
     eos_ids: set[int],
     k: int,
     draft_version: str,
-    elapsed: float,
+    times: list[RowTimes],
 ) -> list[GenerationResult]:
-    rows = len(requests)
-    generated = state.generated[:rows].cpu().numpy()
+    """Results of the requests in `rows` (slot indices, aligned with `requests` and `times`)."""
+    index = torch.tensor(rows, dtype=torch.int64, device=state.lengths.device)
+    generated = state.generated[index].cpu().numpy()
     width = max(int(generated.max()), 1)
     host = {
-        name: getattr(state, name)[:rows, :width].cpu().numpy()
+        name: getattr(state, name)[index, :width].cpu().numpy()
         for name in (
             "out_tokens",
             "out_kinds",
@@ -42,12 +57,12 @@ def collect(
             "out_topk_logprobs",
         )
     }
-    forwards = state.target_forwards[:rows].cpu().numpy()
-    drafted = state.drafted[:rows].cpu().numpy()
-    draft_steps = state.draft_steps[:rows].cpu().numpy()
-    by_source = state.source_counts[:rows].cpu().numpy()
+    forwards = state.target_forwards[index].cpu().numpy()
+    drafted = state.drafted[index].cpu().numpy()
+    draft_steps = state.draft_steps[index].cpu().numpy()
+    by_source = state.source_counts[index].cpu().numpy()
     results = []
-    for row, request in enumerate(requests):
+    for row, (request, time) in enumerate(zip(requests, times)):
         keep, reason = kept_length(host["out_tokens"][row, : generated[row]], request, tokenizer, eos_ids)
         kinds = host["out_kinds"][row, :keep]
         slots = host["out_step_slot"][row, :keep]
@@ -82,7 +97,19 @@ def collect(
         text = tokenizer.decode(token_ids, skip_special_tokens=True)
         if reason == "stop":
             text = cut_at_stop(text, request.stop)
-        results.append(GenerationResult(request.id, token_ids, text, reason, counters, feedback, elapsed))
+        results.append(
+            GenerationResult(
+                request.id,
+                token_ids,
+                text,
+                reason,
+                counters,
+                feedback,
+                seconds=time.finished,
+                queued_seconds=time.queued,
+                first_token_seconds=time.first_token,
+            )
+        )
     return results
 
 

@@ -2,15 +2,17 @@
 
     propose   the variant's proposer drafts up to k tokens per row (none: no tokens)
     verify    the target runs once on [current, d_1..d_k] at positions L..L+k (pipelines.verify keeps n tokens
-              and adds a recovered or bonus token)
+              and adds a recovered or bonus token); with a head in the engine its features are kept, whatever
+              proposer drafted (the head can then join any row)
     record    emitted tokens, their feedback (kind, draft token, who drafted it, the target's top-m log-probs) and
-              raw counters go to per-row buffers
+              raw counters go to per-row buffers; the window tallies (tokens, active rows) for the controller
     advance   lengths += n + 1; rejected cache slots are simply overwritten next round
     finish    rows that emitted EOS, reached max_new_tokens or the end of their cache stop
     shadow    (auto, in some batches without suffix drafts) the suffix proposer scores its pending proposal against
               what the target emitted and proposes again, so the controller knows what suffix would have gained
 
-Nothing here reads a value back to the host.
+Inactive rows run along as no-ops: their writes land at their own `lengths` (the engine parks a free or prefilling
+slot's lengths at the end of its cache, where no prompt lives). Nothing here reads a value back to the host.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ class RoundModels:
     eos_ids: torch.Tensor
     top_m: int
     max_k: int  # the largest k of any variant: a row stops when its cache has no room for one more such round
-    draft: object | None = None  # pipelines.proposers.draft.DraftModelProposer
+    park: int  # where an inactive row's rounds write: the last max_k + 1 positions of its cache
+    model: object | None = None  # the model proposer: proposers.draft.DraftModelProposer or proposers.head.HeadProposer
     suffix: object | None = None  # pipelines.proposers.suffix.SuffixProposer
     hybrid: object | None = None  # pipelines.proposers.hybrid.HybridProposer
+    head: object | None = None  # the model proposer again when it is a head: it keeps the target's features
     shadow_k: int = 0  # k of the suffix shadow proposals (rounds with shadow=True)
 
 
@@ -50,7 +54,10 @@ def run_round(
 
     proposal, match, rows_on_suffix = propose(models, state, variant, greedy_only)
     verify_tokens = torch.cat([state.current[:, None], proposal.tokens], dim=1)  # [B, k + 1]
-    hidden = models.target_forward(verify_tokens, lengths[:, None] + steps, state.target_cache)
+    positions = lengths[:, None] + steps
+    hidden = models.target_forward(verify_tokens, positions, state.target_cache)
+    if models.head is not None:
+        models.head.record_features(state, hidden, positions)
     target_logits = models.lm_head(hidden).float()  # [B, k + 1, V]
     counts = proposal.counts
     if greedy_only:
@@ -80,6 +87,7 @@ def run_round(
     state.lengths.add_(advance)
     state.generated.add_(advance)
     state.target_forwards.add_(active.long())
+    state.tally.add_(torch.stack([advance.sum(), active.sum()]))
     if shadow:
         models.suffix.shadow(state, models.shadow_k)
     finish_rows(models, state, emitted, valid)
@@ -89,8 +97,8 @@ def propose(models: RoundModels, state: DecodeState, variant: Variant, greedy_on
     """(proposal, suffix match length per row or None, rows that took the suffix draft in a hybrid round)."""
     if variant.proposer == "none" or variant.k == 0:
         return empty_proposal(state.batch_size, state.lengths.device), None, None
-    if variant.proposer == "draft":
-        return models.draft.propose(state, variant.k, greedy_only), None, None
+    if variant.proposer in ("draft", "head"):
+        return models.model.propose(state, variant.k, greedy_only), None, None
     if variant.proposer == "suffix":
         proposal, match = models.suffix.propose(state, variant.k)
         return proposal, match, None
@@ -100,7 +108,8 @@ def propose(models: RoundModels, state: DecodeState, variant: Variant, greedy_on
 
 
 def count_drafts(state: DecodeState, sources: torch.Tensor, counts: torch.Tensor, accepted: torch.Tensor) -> None:
-    """Raw counters: drafted tokens and draft steps per row, and rounds / drafted / accepted / full per source."""
+    """Raw counters: drafted tokens and draft steps per row, and rounds / drafted / accepted / full per source (per
+    row, and summed over rows in the window tally)."""
     drafting = state.active & (counts > 0)
     state.drafted.add_(torch.where(state.active, counts, 0))
     state.draft_steps.add_(drafting.long())
@@ -109,12 +118,17 @@ def count_drafts(state: DecodeState, sources: torch.Tensor, counts: torch.Tensor
     values[:, COUNT_DRAFTED] = counts
     values[:, COUNT_ACCEPTED] = accepted
     values[:, COUNT_FULL] = (accepted == counts).long()
+    values = values * drafting[:, None].long()
     rows = torch.arange(state.batch_size, device=counts.device) * NUM_SOURCES + sources.long()
-    state.source_counts.view(-1, 4).index_add_(0, rows, values * drafting[:, None].long())
+    state.source_counts.view(-1, 4).index_add_(0, rows, values)
+    state.source_tally.index_add_(0, sources.long(), values)
 
 
 def finish_rows(models: RoundModels, state: DecodeState, emitted: torch.Tensor, valid: torch.Tensor) -> None:
     eos = torch.isin(emitted, models.eos_ids) & valid
     no_room = state.lengths + models.max_k + 1 > state.target_cache.max_seq_len
     done = eos.any(dim=1) | (state.generated >= state.max_new_tokens) | no_room
+    # a finished row keeps running along as a no-op until its slot is refilled: park it, so its writes stay in
+    # bounds (a row stopped for lack of room would otherwise write past the end of its cache)
+    state.lengths.masked_fill_(state.active & done, models.park)
     state.active.logical_and_(~done)

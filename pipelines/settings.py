@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-PROPOSER_NAMES = ("none", "draft", "suffix", "hybrid", "auto")
+PROPOSER_NAMES = ("none", "draft", "head", "suffix", "hybrid", "auto")
 LEARNER_NAMES = ("osd", "online", "optimistic", "ensemble")
 
 
@@ -54,6 +54,7 @@ class ControllerSettings(BaseModel):
     profile_rounds: int = Field(5, ge=1, le=100)  # timed replays per (bucket, variant) at warm-up (CUDA)
     shadow_every: int = Field(8, ge=1)  # every n-th batch without suffix drafts scores shadow suffix proposals
     shadow_until: int = Field(256, ge=0)  # ...and every such batch until this many row-rounds were scored
+    window_rounds: int = Field(16, ge=1, le=4096)  # continuous batching: rounds between two choices
 
     @field_validator("k_choices")
     @classmethod
@@ -75,6 +76,12 @@ class EngineSettings(BaseModel):
     top_m: int = Field(16, ge=1, le=65_536)  # target log-probabilities kept per emitted position
     cuda_graphs: bool = True  # capture each round as a CUDA graph (CUDA only)
     compile: bool = False  # torch.compile the model forwards before capture (CUDA only)
+    # continuous: a finished row's slot is refilled at the next round boundary; static: a batch is admitted only
+    # when every slot is free and decodes until its last row finishes (the comparison baseline)
+    scheduling: Literal["continuous", "static"] = "continuous"
+    # prompt tokens prefilled per engine step (continuous batching): a long prompt is prefilled in chunks between
+    # decode rounds, so running rows are not stalled for a whole long prefill; 0 = whole prompts at once
+    prefill_chunk_tokens: int = Field(512, ge=0)
     suffix: SuffixSettings = SuffixSettings()
     auto: ControllerSettings = ControllerSettings()
 

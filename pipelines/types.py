@@ -116,4 +116,6 @@ class GenerationResult:
     finish_reason: str  # "length" | "eos" | "stop"
     counters: RequestCounters
     feedback: RequestFeedback
-    seconds: float
+    seconds: float  # from submission to the engine until the last round
+    queued_seconds: float = 0.0  # from submission until a slot took it
+    first_token_seconds: float = 0.0  # from submission until its first token (the prefill's)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from storage.errors import StorageError
@@ -32,7 +32,13 @@ def start_round(
     """Open a round over the feedback of `target_identity` with id > after_id (the oldest `max_rows` of them).
 
     The row is inserted before the window is measured so that, once committed, a concurrent prune either
-    finished first (the window covers what is left) or sees the reservation."""
+    finished first (the window covers what is left) or sees the reservation.
+
+    Feedback ids are taken from a sequence when a row is inserted, but several workers' transactions commit in
+    any order: on PostgreSQL the window is measured only once every transaction writing feedback has ended
+    (SHARE mode waits for them and holds new writers off until this transaction ends), else it could pass over
+    a lower id committed a moment later, which no round would ever learn from (the next window starts after
+    this one's last id). SQLite has one writer at a time: the insert above already waited."""
     round_ = LearningRound(
         deployment=deployment,
         learner=learner,
@@ -43,6 +49,8 @@ def start_round(
     )
     session.add(round_)
     session.flush()
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("LOCK TABLE feedback IN SHARE MODE"))
     ids = select(Feedback.id).where(Feedback.target_identity == target_identity).order_by(Feedback.id)
     if after_id is not None:
         ids = ids.where(Feedback.id > after_id)

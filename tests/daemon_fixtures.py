@@ -5,12 +5,8 @@ Kafka produce/consume helpers and a private PostgreSQL server that a test may st
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -19,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.kafka_fixtures import KafkaNames, die_with_parent, free_port
+from devtools.fleet import REPO, DaemonProcess, header  # noqa: F401  (REPO: the daemon tests import it from here)
+from tests.kafka_fixtures import KafkaNames, free_port
 
-REPO = Path(__file__).resolve().parent.parent
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
 
@@ -131,13 +127,7 @@ def daemon_settings(names: KafkaNames, database_url: str, target: Path, draft: P
     """Settings for a test daemon: short Kafka sessions for Tansu, no metrics port, small limits."""
     settings = {
         "kafka": {
-            "bootstrap_servers": names.bootstrap,
-            "prompts_topic": names.prompts,
-            "completions_topic": names.completions,
-            "dlq_topic": names.dlq,
-            "group_id": names.group,
-            "session_timeout_ms": 2000,
-            "heartbeat_interval_ms": 500,
+            **names.daemon_kafka(),
             "max_poll_interval_ms": 10000,
             "request_timeout_ms": 5000,
             "produce_timeout_s": 5.0,
@@ -173,75 +163,6 @@ def write_config(path: Path, settings: dict) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- subprocess
-
-
-class DaemonProcess:
-    """`onlinespec serve` in a subprocess; its stderr goes to a file that tests can wait on."""
-
-    def __init__(self, config: Path, log_path: Path, extra_args: tuple[str, ...] = (), env: dict | None = None):
-        self.config = config
-        self.log_path = log_path
-        self.extra_args = extra_args
-        # One intra-op thread: the tiny models gain nothing from more, and on a shared 2-core machine spinning
-        # OpenMP threads of several processes slow each other down by orders of magnitude.
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
-        self.env.pop("ONLINESPEC_DATABASE_URL", None)
-        self.process: subprocess.Popen | None = None
-        self._log_offset = 0
-
-    def start(self) -> DaemonProcess:
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "daemon.cli", "serve", "--config", str(self.config), *self.extra_args],
-                cwd=REPO,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
-            )
-        return self
-
-    def log(self) -> str:
-        """This run's log (a restarted daemon appends to the same file)."""
-        with open(self.log_path, "rb") as handle:
-            handle.seek(self._log_offset)
-            return handle.read().decode(errors="replace")
-
-    def wait_for_log(self, pattern: str, timeout: float = 60.0, count: int = 1) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log()
-            if len(re.findall(pattern, text)) >= count:
-                return text
-            if self.process.poll() is not None:
-                raise AssertionError(
-                    f"daemon exited with {self.process.returncode} before /{pattern}/:\n{text[-4000:]}"
-                )
-            time.sleep(0.05)
-        raise AssertionError(f"no /{pattern}/ x{count} in the daemon log after {timeout} s:\n{self.log()[-4000:]}")
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        self.wait_for_log(r"partitions assigned", timeout)
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(10)
-
-    def wait(self, timeout: float) -> int:
-        return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def start_daemon(
@@ -328,13 +249,6 @@ class TopicReader:
 
     def close(self) -> None:
         self.consumer.close()
-
-
-def header(record, name: str) -> str | None:
-    for key, value in record.headers or []:
-        if key == name:
-            return value.decode()
-    return None
 
 
 def ids_of(records) -> list[str]:

@@ -13,14 +13,13 @@ import os
 import platform
 import re
 import time
-from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from devtools.fleet import delivery_figures  # noqa: F401  (the scenarios import it from here)
 from tests.daemon_fixtures import REPO, DaemonProcess, TopicReader, header
-from tests.worker_fixtures import completion_rows, rows
 
 FIGURES_PATH = Path(os.environ.get("ONLINESPEC_FAULT_FIGURES", REPO / "var" / "fault-figures.json"))
 
@@ -99,30 +98,6 @@ def answered(records) -> set[str]:
 
 def stall_lines(log: str) -> int:
     return len(re.findall(r"partition \S+ stalled: committed offset", log))
-
-
-def delivery_figures(database_url: str, ids: list[str], records) -> dict:
-    """Exactly-once figures for `ids`: completion rows and feedback rows in the database, copies on the topic and
-    whether each is byte for byte the stored message."""
-    stored = dict(rows(database_url, "SELECT request_id, message_json FROM completions"))
-    feedback = dict(rows(database_url, "SELECT request_id, COUNT(*) FROM feedback GROUP BY request_id"))
-    counts = completion_rows(database_url)
-    copies: dict[str, list[bytes]] = defaultdict(list)
-    for record in records:
-        copies[header(record, "request-id")].append(record.value)
-    wanted = set(ids)
-    return {
-        "ids": len(ids),
-        "completion_rows": sum(counts.get(i, 0) for i in ids),
-        "duplicates_in_db": sum(max(0, counts.get(i, 0) - 1) + max(0, feedback.get(i, 0) - 1) for i in ids),
-        "lost": sum(1 for i in ids if counts.get(i, 0) == 0 or not copies.get(i)),
-        "copies_on_topic": sum(len(copies[i]) for i in ids),
-        "resent_copies": sum(1 for r in records if header(r, "request-id") in wanted and header(r, "resent")),
-        "copies_not_as_stored": sum(
-            1 for i in ids for value in copies.get(i, []) if value != stored.get(i, "").encode()
-        ),
-        "unexpected_ids_on_topic": len(set(copies) - wanted),
-    }
 
 
 def assert_exactly_once(figures: dict) -> None:

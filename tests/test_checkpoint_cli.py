@@ -180,3 +180,34 @@ def test_refusals_are_errors_with_a_reason(sqlite_url, database, tmp_path, capsy
     assert code == 0 and json.loads(out)["version"] == "lost"
     code, _, err = run(capsys, "checkpoints", "promote", "lost", "--force", "--database-url", url)
     assert code == 1 and "already active" in err
+
+
+def test_list_and_show_report_the_same_live_avglen_for_a_served_version(sqlite_url, database, tmp_path, capsys):
+    """`checkpoints list` once said live AvgLen 0.000 where `show` said 4.000 over 1 request: both read the
+    completions stamped with the version, and agree with a count made here from the stored results."""
+    from storage.requests_repo import CompletedRequest, record_request_received, store_results
+    from tests.storage_fixtures import make_result
+
+    url, session_factory = sqlite_url, database
+    store = CheckpointStore(tmp_path / "store")
+    add_version(session_factory, store, "r1-aaaa", {"w": torch.ones(3)})
+    add_version(session_factory, store, "r2-bbbb", {"w": torch.zeros(3)})
+    results = [make_result(f"q{i}", seed=i, version="r1-aaaa" if i < 2 else "r2-bbbb") for i in range(3)]
+    with session_factory.begin() as session:
+        for offset, result in enumerate(results):
+            record_request_received(session, result.id, "prompts", 0, offset, {}, 5)
+        completed = [CompletedRequest(r, json.dumps({"id": r.id})) for r in results]
+        store_results(session, completed, target_identity=TARGET_IDENTITY)
+
+    listed = {c["version"]: c["live_counters"] for c in run_json(capsys, url, "checkpoints", "list")["checkpoints"]}
+    for version, mine in (("r1-aaaa", results[:2]), ("r2-bbbb", results[2:])):
+        expected = sum(r.counters.emitted for r in mine) / sum(r.counters.target_forwards for r in mine)
+        shown = run_json(capsys, url, "checkpoints", "show", version)["live_counters"]
+        assert listed[version] == shown
+        assert shown["requests"] == len(mine) and shown["avg_len"] == expected > 1.0
+
+        code, out, _ = run(capsys, "checkpoints", "show", version, "--database-url", url)
+        assert code == 0 and f"live AvgLen {expected:.3f} over {len(mine)} requests" in out
+        code, out, _ = run(capsys, "checkpoints", "list", "--database-url", url)
+        (line,) = [line for line in out.splitlines() if f" {version} " in line]
+        assert code == 0 and f"{expected:.3f} ({len(mine)})" in line

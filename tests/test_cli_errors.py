@@ -190,3 +190,79 @@ def test_log_level_reaches_serve_and_overrides_the_config(capsys, tmp_path):
     assert json.loads(capsys.readouterr().out)["daemon"]["log_level"] == "DEBUG"
     assert cli(["serve", "--config", str(config), "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["daemon"]["log_level"] == "WARNING"
+
+
+@pytest.mark.parametrize(("answered", "code"), [(0, 1), (1, 1), (2, 0)])
+def test_the_demo_exits_non_zero_unless_every_prompt_was_answered(capsys, tmp_path, monkeypatch, answered, code):
+    """The demo once exited 0 with `0/4 completions`. Broker, daemon and stream are stood in for here (the real run
+    is tests/test_daemon_e2e.py::test_the_demo_runs_again_and_again_in_one_folder); the database is real."""
+    import devtools.local_broker
+    from daemon.cli import demo
+
+    class Broker:
+        bootstrap = "127.0.0.1:1"
+
+        def __init__(self, workdir):
+            pass
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+        def create_topics(self, *topics):
+            pass
+
+    class Daemon:  # a daemon that drained and exited 0
+        def send_signal(self, sig):
+            pass
+
+        def wait(self, timeout=None):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(devtools.local_broker, "TansuBroker", Broker)
+    monkeypatch.setattr(demo, "_start_daemon", lambda config, log: Daemon())
+    monkeypatch.setattr(demo, "_wait_until_serving", lambda log, daemon, deadline: None)
+    monkeypatch.setattr(demo, "_feed_and_show", lambda *a: (answered, f"{answered}/2 completions"))
+    (tmp_path / "target").mkdir()
+    argv = ["demo", "--target", str(tmp_path / "target"), "--no-draft", "--prompts", "2"]
+    assert cli([*argv, "--workdir", str(tmp_path / "demo")]) == code
+    err = capsys.readouterr().err
+    assert f"daemon exited with 0; {answered}/2 completions" in err
+    assert (f"only {answered} of 2 prompts were answered" in err) == (answered < 2)
+
+
+def test_serve_names_a_missing_target_or_draft_before_loading_anything(tmp_path, sqlite_url):
+    """As `generate` does: a mistyped model path is one error line naming it and a non-zero exit, never the hub's
+    "Repo id must be ..." nor a traceback; a missing draft is found before the target (an empty folder here,
+    which would fail differently if it were loaded) is touched."""
+    (tmp_path / "target").mkdir()
+    cases = [
+        (tmp_path / "nowhere-target", tmp_path / "target"),
+        (tmp_path / "target", tmp_path / "nowhere-draft"),
+    ]
+    for target, draft in cases:
+        argv = ("serve", "--database-url", sqlite_url, "--target", str(target), "--draft", str(draft))
+        result = run_subprocess(*argv, cwd=tmp_path)
+        missing = target if "nowhere" in target.name else draft
+        errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+        assert result.returncode == 2, result.stderr
+        assert len(errors) == 1 and errors[0].endswith(f"no such model folder or file: {missing}"), result.stderr
+        assert "Traceback" not in result.stderr and "Repo id" not in result.stderr
+
+
+def test_serve_logs_at_the_level_given_by_log_level(tmp_path, sqlite_url):
+    """Not only the resolved config (above): the level reaches the daemon's logging. Serve logs its settings at
+    INFO before loading the models; a missing model stops it right after, so no broker is needed."""
+    (tmp_path / "config.yaml").write_text("daemon:\n  log_level: DEBUG\n")
+    argv = ("serve", "--config", str(tmp_path / "config.yaml"), "--database-url", sqlite_url)
+    argv += ("--target", str(tmp_path / "nowhere"))
+    quiet = run_subprocess("--log-level", "warning", *argv, cwd=tmp_path)
+    assert quiet.returncode == 2 and len(quiet.stderr.splitlines()) == 1, quiet.stderr
+    assert " ERROR daemon.cli.serve: no such model folder or file" in quiet.stderr
+    chatty = run_subprocess(*argv, cwd=tmp_path)  # daemon.log_level from the file
+    assert chatty.returncode == 2 and " INFO daemon.cli.serve: settings: " in chatty.stderr

@@ -68,7 +68,7 @@ def test_the_margin_keeps_target_only_for_a_marginal_gain():
 
 
 def test_costs_follow_live_measurements_and_missing_ones_are_estimated():
-    ctl = GoodputController(ControllerSettings(explore_every=0), [TARGET_ONLY, SUFFIX], draft_cost_ratio=0.0)
+    ctl = GoodputController(ControllerSettings(explore_every=0), [TARGET_ONLY, SUFFIX], model_cost_ratio=0.0)
     assert ctl.choose(1) == TARGET_ONLY  # nothing measured yet: target-only measures the bucket first
     ctl.observe(BatchObservation(1, TARGET_ONLY, 100, 0.4))
     assert ctl.cost(1, TARGET_ONLY) == pytest.approx(0.004)
@@ -152,7 +152,7 @@ def test_a_variant_whose_batches_gain_less_than_its_rows_is_corrected_by_what_ba
 def test_a_draft_variant_with_only_an_estimated_cost_is_tried_once_and_kept_when_it_pays():
     """On CPU nothing is timed at warm-up: costs are estimates until a variant ran. A draft that could win on an
     optimistic estimate is tried from the second batch, and chosen from then on if what it measured pays."""
-    ctl = GoodputController(ControllerSettings(explore_every=64), [TARGET_ONLY, DRAFT], draft_cost_ratio=0.1)
+    ctl = GoodputController(ControllerSettings(explore_every=64), [TARGET_ONLY, DRAFT], model_cost_ratio=0.1)
     assert ctl.choose(1, draft_version="v1") == TARGET_ONLY
     ctl.observe(BatchObservation(1, TARGET_ONLY, 100, 1.0))  # 10 ms per round
     assert ctl.choose(1, draft_version="v1") == DRAFT  # explored: estimated 18 ms, optimistic acceptance

@@ -164,9 +164,13 @@ class RecordingConsumer:
 
     def __init__(self):
         self.async_commits = []
+        self.seeks = []
 
     def commit_async(self, offsets):
         self.async_commits.append({tp: meta.offset for tp, meta in offsets.items()})
+
+    def seek(self, tp, offset):
+        self.seeks.append((tp, offset))
 
     def commit(self, *args, **kwargs):
         raise RuntimeError("Cannot block on net.run() from the IO thread itself")
@@ -188,3 +192,31 @@ def test_the_rebalance_listener_never_blocks_and_forgets_lost_partitions():
     epoch = tracker.track(TP1, 9)
     listener.on_partitions_lost({TP1})  # no commit at all: the group no longer knows us
     assert consumer.async_commits == [{TP0: 4}] and not tracker.done(TP1, epoch, 9)
+
+
+def test_a_partition_assigned_again_is_fetched_from_its_first_unfinished_record():
+    """kafka-python keeps the fetch position of a partition a rebalance gives back to the same member; the records
+    queued for it were dropped as stale, so the listener seeks back to the first of them."""
+    from daemon.serving.metrics import DaemonMetrics
+    from daemon.serving.poller import _Rebalance
+    from daemon.serving.stalls import StallWatch
+
+    tracker = OffsetTracker()
+    poller = type("PollerParts", (), {"tracker": tracker, "stalls": StallWatch(30.0, DaemonMetrics()), "rebalances": 0})
+    poller.assigned = threading.Event()
+    consumer = RecordingConsumer()
+    listener = _Rebalance(poller, consumer)
+    listener.on_partitions_assigned({TP0, TP1})
+    epoch = tracker.track(TP0, 5)
+    for offset in (6, 7):
+        tracker.track(TP0, offset)
+    tracker.done(TP0, epoch, 5)  # 5 finished; 6 in a batch, 7 queued
+    tracker.track(TP1, 2)
+    listener.on_partitions_revoked({TP0, TP1})
+    assert consumer.async_commits == [{TP0: 6}]
+    listener.on_partitions_assigned({TP0})  # kept TP0; TP1 went to another member (it starts from the commit)
+    assert consumer.seeks == [(TP0, 6)]
+    listener.on_partitions_revoked({TP0})
+    listener.on_partitions_lost({TP0})
+    listener.on_partitions_assigned({TP0})  # after a loss the client starts from the committed offsets itself
+    assert consumer.seeks == [(TP0, 6)]

@@ -370,3 +370,51 @@ def test_a_record_the_database_refuses_is_dead_lettered_alone(kafka_names, postg
     assert header(dead, "reason-code") == "storage_error" and "DataError" in header(dead, "reason")
     assert header(dead, "original-offset") == "1"
     assert (1, None, "storage_error") in dead_letter_rows(postgres_url)
+
+
+@pytest.mark.slow
+def test_records_queued_when_a_rebalance_gives_their_partition_back_are_still_served(
+    kafka_broker, sqlite_url, tiny_models, engine, caplog
+):
+    """kafka-python keeps its fetch position for a partition that a rebalance assigns to the same member again, while
+    the worker drops what it had queued for it as stale: those records must be fetched again, not skipped (and then
+    committed past). A second member joins while a backlog waits, so the worker keeps one of its two partitions."""
+    from kafka import KafkaConsumer
+
+    from tests.kafka_fixtures import fresh_names
+
+    caplog.set_level(logging.INFO, logger="daemon.serving.poller")
+    names = fresh_names(kafka_broker)
+    kafka_broker.create_topics(names.prompts, partitions=2)
+    kafka_broker.create_topics(names.completions, names.dlq)
+    slow = CountingEngine(engine, delay_s=0.5)
+    worker = make_worker(
+        names, sqlite_url, tiny_models, slow, batching={"queue_size": 16}, engine_section={"max_batch_size": 2}
+    )
+    ids = [f"rb-{i:02d}" for i in range(40)]
+    with RunningWorker(worker):
+        produce(names.bootstrap, names.prompts, prompt_records(ids, max_new_tokens=4))
+        deadline = time.monotonic() + 30
+        while worker.inbox.qsize() < 8:  # records queued behind the slow decodes
+            assert time.monotonic() < deadline, "no backlog"
+            time.sleep(0.02)
+        other = KafkaConsumer(
+            bootstrap_servers=names.bootstrap,
+            group_id=names.group,
+            enable_auto_commit=False,
+            session_timeout_ms=2000,
+            heartbeat_interval_ms=500,
+        )
+        try:
+            other.subscribe([names.prompts])
+            deadline = time.monotonic() + 30
+            while not other.assignment() or worker.poller.rebalances < 2:  # the worker kept one partition
+                assert time.monotonic() < deadline, "no rebalance to two members"
+                other.poll(timeout_ms=100)
+                other.pause(*other.assignment())
+        finally:
+            other.close(autocommit=False)  # the worker gets both partitions back
+        records = read(names.bootstrap, names.completions, lambda rs: set(ids_of(rs)) >= set(ids), timeout=60)
+    assert set(ids_of(records)) == set(ids)
+    assert completion_rows(sqlite_url) == {i: 1 for i in ids}
+    assert "kept: fetching again from offset" in caplog.text

@@ -125,7 +125,10 @@ def test_poison_input_goes_to_the_dlq_with_reasons_and_valid_requests_are_served
     assert metric_value(text, "onlinespec_queue_depth") == 0
     assert metric_value(text, "onlinespec_mean_accepted_length", draft_version="base") >= 1.0
     assert metric_value(text, "onlinespec_generated_tokens_total", draft_version="base") > 0
-    assert metric_value(text, "onlinespec_decode_seconds_count") >= 1
+    assert metric_value(text, "onlinespec_time_to_first_token_seconds_count") == 7  # one per completion
+    assert metric_value(text, "onlinespec_inter_token_seconds_count") == 7
+    assert metric_value(text, "onlinespec_request_seconds_count") == 7
+    assert 0 <= metric_value(text, "onlinespec_slot_occupancy") <= 1
     assert metric_value(text, "onlinespec_store_seconds_count") >= 1
     assert metric_value(text, "onlinespec_batch_size_count") >= 1
 

@@ -19,18 +19,8 @@ from pipelines.types import (
     SOURCE_SUFFIX,
     GenerationRequest,
 )
+from tests.engine_fixtures import PROMPTS
 
-PROMPTS = [
-    "def add(a, b):",
-    "The quick brown",
-    "SELECT name FROM users WHERE",
-    "To be, or not to be, that is the question. All the world's",
-    "for i in range(10):\n    print(",
-    "T",
-    "All the world's a stage. The quick brown fox jumps over",
-    "return a +",
-    "def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(i * i)\nSELECT name FROM users WHERE id = 1;",
-]
 NEW_TOKENS = 24
 _reference: dict[tuple[int, ...], list[int]] = {}
 
@@ -49,11 +39,22 @@ def reference(models, request: GenerationRequest) -> list[int]:
     return _reference[key]
 
 
+def draft_model(models, draft: str | None):
+    if draft == "head":
+        return models.head
+    return {"strong": models.strong_draft, "weak": models.weak_draft, None: None}[draft]
+
+
 def engine_for(models, proposer: str, k: int, draft="strong", **settings) -> SpeculativeEngine:
-    draft_model = {"strong": models.strong_draft, "weak": models.weak_draft, None: None}[draft]
+    """`proposer` may name the model after a '+': "hybrid+head" is proposer hybrid with the test head."""
+    proposer, _, model = proposer.partition("+")
+    draft_model_ = draft_model(models, model or draft)
     defaults = dict(max_batch_size=8, max_seq_len=160)
     return SpeculativeEngine(
-        models.target, draft_model, models.tokenizer, EngineSettings(proposer=proposer, k=k, **{**defaults, **settings})
+        models.target,
+        draft_model_,
+        models.tokenizer,
+        EngineSettings(proposer=proposer, k=k, **{**defaults, **settings}),
     )
 
 
@@ -69,9 +70,11 @@ def assert_lossless(models, engine, requests) -> list:
 
 @pytest.mark.parametrize("k", [1, 3, 5, 8])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
-@pytest.mark.parametrize("proposer", ["none", "draft", "suffix", "hybrid", "auto"])
+@pytest.mark.parametrize("proposer", ["none", "draft", "head", "suffix", "hybrid", "hybrid+head", "auto", "auto+head"])
 def test_greedy_matches_transformers_generate(engine_models, proposer, batch_size, k):
-    engine = engine_for(engine_models, proposer, k, auto={"k_choices": [k]})
+    engine = engine_for(
+        engine_models, proposer, k, draft="head" if proposer == "head" else "strong", auto={"k_choices": [k]}
+    )
     # Mixed prompt lengths (1 to 40 tokens) in every batch; the stream first learns the other prompts' answers, so
     # suffix drafts come from the row itself and from earlier completions.
     batch = [(i * 5 + batch_size) % len(PROMPTS) for i in range(batch_size)]
@@ -86,6 +89,10 @@ def test_greedy_matches_transformers_generate(engine_models, proposer, batch_siz
     drafted = sum(r.counters.drafted for r in results)
     if proposer in ("draft", "hybrid"):
         assert accepted > 0.3 * drafted, f"the strong draft should be accepted often: {accepted}/{drafted}"
+    if proposer in ("head", "hybrid+head"):  # a head's later slots read its own features: judge the first slot
+        first = sum(r.counters.accepted_at_position[0] for r in results)
+        rounds = sum(r.counters.draft_steps for r in results)
+        assert first > 0.5 * rounds, f"the test head's first proposal should be accepted often: {first}/{rounds}"
     if proposer == "suffix":
         assert accepted > 0, "the second pass repeats the first: suffix drafts must be accepted"
     if proposer == "none":
@@ -143,9 +150,11 @@ def test_target_only_mode_without_a_draft(engine_models):
 
 
 def test_proposers_that_need_a_draft_model_refuse_to_start_without_one(engine_models):
-    for proposer in ("draft", "hybrid"):
-        with pytest.raises(ValueError, match="needs a draft model"):
+    for proposer in ("draft", "hybrid", "head"):
+        with pytest.raises(ValueError, match="needs a (draft|head)"):
             engine_for(engine_models, proposer, 3, draft=None)
+    with pytest.raises(ValueError, match="'head' needs a head model, this engine has draft"):
+        engine_for(engine_models, "head", 3, draft="strong")
 
 
 def test_suffix_proposer_learns_a_repeated_stream(engine_models):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, text, update
 
 from storage import feedback_repo, rounds_repo
 from storage.errors import StorageError
@@ -20,12 +22,17 @@ TARGET = "target-a"
 
 def store(session_factory, count, start=0, target=TARGET, age=timedelta(0)):
     """`count` completed requests with feedback created `age` ago; returns their results."""
-    results = [make_result(f"r{i}", n=8, m=4, seed=i) for i in range(start, start + count)]
     with session_factory.begin() as session:
-        for result in results:
-            record_request_received(session, result.id, "prompts", 0, int(result.id[1:]), {}, 5)
-        completed = [CompletedRequest(r, json.dumps({"id": r.id})) for r in results]
-        store_results(session, completed, target_identity=target, completed_at=utcnow() - age)
+        return store_in(session, count, start, target, age)
+
+
+def store_in(session, count, start=0, target=TARGET, age=timedelta(0)):
+    """store() inside a transaction of the caller's."""
+    results = [make_result(f"r{i}", n=8, m=4, seed=i) for i in range(start, start + count)]
+    for result in results:
+        record_request_received(session, result.id, "prompts", 0, int(result.id[1:]), {}, 5)
+    completed = [CompletedRequest(r, json.dumps({"id": r.id})) for r in results]
+    store_results(session, completed, target_identity=target, completed_at=utcnow() - age)
     return results
 
 
@@ -87,6 +94,49 @@ def test_round_reserves_window_and_records_outcome(db_session_factory):
             rounds_repo.finish_round(session, round_.id, decision="promoted")
         with pytest.raises(ValueError, match="decision must be one of"):
             rounds_repo.finish_round(session, empty.id, decision="maybe")
+
+
+def test_a_window_never_passes_over_feedback_still_being_written(db_backend, db_session_factory):
+    """Feedback ids come from a sequence when a row is inserted, but several workers' transactions commit in any
+    order. A round reserving its window while a lower id is not committed yet must wait for it: the next round
+    starts after this window's last id, so a row passed over would never be learned from."""
+    if db_backend != "postgresql":
+        pytest.skip("SQLite has one writer at a time: the round's own insert already waits for an open batch")
+    inserted, release, windows = threading.Event(), threading.Event(), []
+
+    def open_batch():  # a worker's batch, its transaction still open
+        with db_session_factory.begin() as session:
+            store_in(session, 1, start=0)
+            session.flush()
+            inserted.set()
+            release.wait(30)
+
+    def reserve():
+        with db_session_factory.begin() as session:
+            round_ = rounds_repo.start_round(session, learner="osd", settings={}, target_identity=TARGET)
+            windows.append((round_.window_first_id, round_.window_last_id, round_.window_rows))
+
+    def waiting_on_a_lock() -> bool:
+        with db_session_factory() as session:
+            sql = (
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            return session.scalar(text(sql)) > 0
+
+    batch, round_thread = threading.Thread(target=open_batch), threading.Thread(target=reserve)
+    batch.start()
+    assert inserted.wait(30)
+    store(db_session_factory, 1, start=1)  # another worker's batch: a higher id, committed first
+    round_thread.start()
+    deadline = time.monotonic() + 30
+    while round_thread.is_alive() and not waiting_on_a_lock() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    batch.join(30)
+    round_thread.join(30)
+    with db_session_factory() as session:
+        first, last = session.execute(select(func.min(Feedback.id), func.max(Feedback.id))).one()
+    assert windows == [(first, last, 2)]
 
 
 def test_prune_deletes_old_rows_except_open_round_windows(db_session_factory):

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.kafka
 
 
 class GatedEngine:
-    """The real engine, but a decode waits until the test releases it: the test decides when the batch in hand
-    finishes, so the second signal certainly arrives while it is in flight."""
+    """The real engine, but its steps wait until the test releases them: the test decides when the requests in
+    hand finish, so the second signal certainly arrives while they are in flight."""
 
     def __init__(self, inner):
         self.engine = inner
@@ -28,10 +28,10 @@ class GatedEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate(self, requests):
+    def step(self):
         self.entered.set()
         assert self.release.wait(60), "the test never released the decode"
-        return self.engine.generate(requests)
+        return self.engine.step()
 
 
 def wait_for_message(caplog, text: str, timeout: float = 30.0) -> None:

@@ -10,12 +10,12 @@ import urllib.request
 
 import pytest
 import torch
-from sqlalchemy import create_engine, text
 
 from daemon.config import Settings
 from daemon.serving.ledger import BatchStore
 from daemon.serving.metrics import DaemonMetrics
 from daemon.serving.worker import Worker
+from devtools.fleet import completion_rows, rows  # noqa: F401  (completion_rows: imported from here)
 from tests.daemon_fixtures import daemon_settings
 
 
@@ -40,7 +40,8 @@ def engine(tiny_models):
 
 
 class CountingEngine:
-    """The real engine, counting decoded requests and optionally slowed down to imitate long decodes."""
+    """The real engine, counting the requests submitted for decoding and optionally slowed down to imitate long
+    decodes (every engine step that finishes requests takes delay_s longer)."""
 
     def __init__(self, engine, delay_s: float = 0.0):
         self.engine = engine
@@ -49,6 +50,16 @@ class CountingEngine:
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
+
+    def submit(self, request, tag=None):
+        self.decoded_ids.append(request.id)
+        return self.engine.submit(request, tag)
+
+    def step(self):
+        finished = self.engine.step()
+        if finished and self.delay_s:
+            time.sleep(self.delay_s)
+        return finished
 
     def generate(self, requests):
         self.decoded_ids += [r.id for r in requests]
@@ -98,26 +109,6 @@ def make_worker(
         store,
         metrics=metrics or DaemonMetrics(),
         producer_factory=producer_factory or make_producer,
-    )
-
-
-def rows(database_url: str, sql: str) -> list[tuple]:
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as conn:
-            return [tuple(row) for row in conn.execute(text(sql)).all()]
-    finally:
-        engine.dispose()
-
-
-def completion_rows(database_url: str) -> dict[str, int]:
-    """request id -> number of completion rows."""
-    return dict(
-        rows(
-            database_url,
-            "SELECT r.request_id, COUNT(c.request_id) FROM requests r "
-            "LEFT JOIN completions c ON c.request_id = r.request_id GROUP BY r.request_id",
-        )
     )
 
 

@@ -30,6 +30,7 @@ class Inbound:
     headers: list[tuple[str, bytes]]
     epoch: int  # assignment epoch of tp when queued; stale after a rebalance
     queued_at: float = field(default_factory=time.monotonic)
+    submitted_at: float | None = None  # when the decode stage handed it to the engine
     message: PromptMessage | None = None
     request: GenerationRequest | None = None
     request_hash: str | None = None  # daemon.serving.messages.request_hash of message

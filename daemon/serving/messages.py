@@ -318,9 +318,12 @@ def tokenize(message: PromptMessage, tokenizer, max_prompt_tokens: int) -> Gener
 
 
 def completion_payload(
-    result: GenerationResult, prompt_tokens: int, metadata: dict[str, Any] | None, queue_s: float
+    result: GenerationResult, prompt_tokens: int, metadata: dict[str, Any] | None, before_engine_s: float
 ) -> dict[str, Any]:
-    """The output contract; stored as sent, so a redelivered request gets the same bytes again."""
+    """The output contract; stored as sent, so a redelivered request gets the same bytes again. Timings count from
+    the record's arrival in the poll thread (`before_engine_s` is its wait until it was handed to the engine):
+    queue_s until an engine slot took it, first_token_s until its first token, decode_s from the slot to its last
+    token (prefill included)."""
     counters = result.counters
     return {
         "id": result.id,
@@ -337,7 +340,11 @@ def completion_payload(
             # per proposer that drafted for this request: {"suffix": {"rounds", "drafted", "accepted"}, ...}
             "by_proposer": counters.by_proposer,
         },
-        "timings": {"queue_s": round(queue_s, 4), "decode_s": round(result.seconds, 4)},
+        "timings": {
+            "queue_s": round(before_engine_s + result.queued_seconds, 4),
+            "first_token_s": round(before_engine_s + result.first_token_seconds, 4),
+            "decode_s": round(result.seconds - result.queued_seconds, 4),
+        },
         "metadata": metadata,
     }
 

@@ -43,9 +43,25 @@ class DaemonMetrics:
             registry=r,
         )
         self.decode_tps = Gauge(
-            "onlinespec_decode_tokens_per_second", "Tokens/s of the last batch's decode", registry=r
+            "onlinespec_decode_tokens_per_second", "Tokens/s of the requests finished over the last second", registry=r
         )
-        self.e2e_tps = Gauge("onlinespec_tokens_per_second", "Tokens/s of the last batch, poll to commit", registry=r)
+        # Latencies per request, from the record's arrival in the poll thread: to its first token (time to first
+        # token), between its tokens (inter-token latency: decode time / (tokens - 1)), to the produce ack.
+        self.ttft_seconds = Histogram(
+            "onlinespec_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl_seconds = Histogram(
+            "onlinespec_inter_token_seconds",
+            "Mean time between a request's tokens",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=r,
+        )
+        self.e2e_seconds = Histogram(
+            "onlinespec_request_seconds", "Arrival to the completion's produce ack", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.slot_occupancy = Gauge(
+            "onlinespec_slot_occupancy", "Engine slots decoding / slots, after the last engine step", registry=r
+        )
         self.lag = Gauge(
             "onlinespec_consumer_lag", "Records behind the high watermark", ["topic", "partition"], registry=r
         )
@@ -73,10 +89,13 @@ class DaemonMetrics:
             "onlinespec_partition_stalls", "Times a partition was found stalled", ["topic", "partition"], registry=r
         )
         self.batch_size = Histogram(
-            "onlinespec_batch_size", "Records per micro-batch", buckets=BATCH_BUCKETS, registry=r
+            "onlinespec_batch_size", "Records taken from the inbox at once", buckets=BATCH_BUCKETS, registry=r
         )
         self.decode_seconds = Histogram(
-            "onlinespec_decode_seconds", "Engine time per batch", buckets=LATENCY_BUCKETS, registry=r
+            "onlinespec_decode_seconds",
+            "Engine time per synchronous batch (isolating a failing request)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.draft_swap_seconds = Histogram(
             "onlinespec_draft_swap_seconds",
@@ -85,10 +104,16 @@ class DaemonMetrics:
             registry=r,
         )
         self.store_seconds = Histogram(
-            "onlinespec_store_seconds", "Database transaction time per batch", buckets=LATENCY_BUCKETS, registry=r
+            "onlinespec_store_seconds",
+            "Database transaction time per sink transaction",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.produce_seconds = Histogram(
-            "onlinespec_produce_seconds", "Produce-and-ack time per batch", buckets=LATENCY_BUCKETS, registry=r
+            "onlinespec_produce_seconds",
+            "Produce-and-ack time per sink transaction",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.proposer_drafted = Counter(
             "onlinespec_proposer_drafted_tokens", "Draft tokens proposed, by proposer", ["proposer"], registry=r
@@ -101,7 +126,8 @@ class DaemonMetrics:
         )
         self.variant_batches = Counter(
             "onlinespec_variant_batches",
-            "Batches decoded with each variant (proposer:k; none:0 is target-only)",
+            "Hand-overs of finished requests after which the engine's last choice was each variant "
+            "(proposer:k; none:0 is target-only)",
             ["variant"],
             registry=r,
         )
@@ -135,8 +161,14 @@ class DaemonMetrics:
                 if totals[1]:
                     self.avg_len.labels(version).set(totals[0] / totals[1])
 
+    def record_latencies(self, timings: dict[str, float], tokens: int) -> None:
+        """A completion's time to first token and mean inter-token latency (its output contract's timings)."""
+        self.ttft_seconds.observe(timings["first_token_s"])
+        if tokens > 1:
+            self.itl_seconds.observe(timings["decode_s"] / (tokens - 1))
+
     def record_choice(self, engine) -> None:
-        """The variant the engine ran for the last batch and, with proposer auto, what the controller expected."""
+        """The variant the engine chose last and, with proposer auto, what the controller expected."""
         if engine.last_variant is None:
             return
         self.variant_batches.labels(str(engine.last_variant)).inc()

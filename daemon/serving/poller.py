@@ -181,6 +181,7 @@ class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, poller: Poller, consumer):
         self.poller = poller
         self.consumer = consumer
+        self._unfinished: dict[TopicPartition, int] = {}  # revoked partition -> its first unfinished offset
 
     def on_partitions_revoked(self, revoked):
         # Send what is finished while we still own it, without waiting (if that commit is lost, the next owner
@@ -191,10 +192,15 @@ class _Rebalance(ConsumerRebalanceListener):
                 self.consumer.commit_async({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
             except Exception as exc:
                 log.warning("committing before the revocation failed (%s: %s)", type(exc).__name__, exc)
+        for tp in revoked:  # kept until the next assignment (or a loss), which may keep some of them
+            if (first := self.poller.tracker.progress(tp)[2]) is not None:
+                self._unfinished[tp] = first
         self._forget(revoked, "revoked")
 
     def on_partitions_lost(self, lost):
-        # No longer a member (the broker restarted, the session expired): a commit would be refused.
+        # No longer a member (the broker restarted, the session expired): a commit would be refused. The client
+        # drops its positions with the partitions, so a later assignment starts from the committed offsets.
+        self._unfinished = {}
         self._forget(lost, "lost")
 
     def _forget(self, tps, how: str) -> None:
@@ -204,6 +210,14 @@ class _Rebalance(ConsumerRebalanceListener):
             log.info("partitions %s: %s", how, _names(tps))
 
     def on_partitions_assigned(self, assigned):
+        # A partition we owned before the rebalance and own again keeps the client's fetch position (kafka-python
+        # 3 keeps it under the eager protocol too), past the records just dropped as stale: fetch from the first
+        # of them again, or they would never be served and the next commit would pass them.
+        for tp in sorted(set(assigned) & set(self._unfinished)):
+            offset = self._unfinished[tp]
+            self.consumer.seek(tp, offset)
+            log.info("partition %s/%d kept: fetching again from offset %d", tp.topic, tp.partition, offset)
+        self._unfinished = {}
         self.poller.tracker.assign(assigned)
         self.poller.rebalances += 1
         self.poller.assigned.set()

@@ -1,11 +1,14 @@
-"""The two worker stages, each on its own thread with one batch handed between them:
+"""The two worker stages, each on its own thread, with finished work handed from the first to the second:
 
-    decode stage   micro-batch from the inbox → admit (record requests, one transaction) → decode what has no
-                   stored completion → hand over
-    sink stage     store completions + feedback + dead letters (one transaction) → produce completions and DLQ
-                   records and wait for the acks → mark the offsets done (the poll thread commits them)
+    decode stage   records from the inbox into free engine slots → admit (record requests, one transaction) →
+                   submit what has no stored completion → one engine step (a round, newcomers' prefill) at a time
+                   → hand over each request as soon as it finishes (continuous batching: pipelines.engine); records
+                   answered at admission (resent, dead-lettered) are handed over at once
+    sink stage     store completions + feedback + dead letters of everything handed over since it last stored (one
+                   transaction) → produce completions and DLQ records and wait for the acks → mark the offsets done
+                   (the poll thread commits them)
 
-So the accelerator decodes batch n+1 while batch n is being stored and published. An unavailable database is
+So the accelerator keeps decoding while finished requests are being stored and published. An unavailable database is
 retried with backoff, and `SinkHealth` tells the poll thread to pause consumption meanwhile. Produce failures
 are sorted per record (daemon.serving.kafka_io.classify): transient ones are retried the same way, only the
 records not yet acknowledged; a permanent one is never retried: a completion that cannot be produced is
@@ -47,6 +50,7 @@ DATABASE_UNAVAILABLE = (OperationalError, InterfaceError, DisconnectionError, Po
 # The database refused what a record holds: no retry helps, the record is dead-lettered (storage_error) alone.
 RECORD_REFUSED = (DataError, IntegrityError)
 HANDOFF_POLL_S = 0.2
+SINK_GROUP = 64  # hand-overs the sink stores in one transaction at most
 COMPLETION, DEAD_LETTER = "completion", "dead_letter"
 
 
@@ -116,12 +120,19 @@ class Outgoing:
 
 @dataclass
 class Prepared:
-    """A batch after admission and decoding, on its way to the sink stage."""
+    """Records on their way to the sink stage: answered at admission, or decoded (with the copies that waited for
+    them). `batch` holds every record whose offset becomes committable once this is stored and produced."""
 
     batch: list[Inbound]
     admission: Admission
     decoded: list[Decoded]
     dead: list[tuple[Inbound, InvalidMessage]]  # rejected by validation or the engine: recorded and dead-lettered
+
+    def merge(self, other: Prepared) -> None:
+        self.batch += other.batch
+        self.admission.extend(other.admission)
+        self.decoded += other.decoded
+        self.dead += other.dead
 
 
 class Pipeline:
@@ -148,7 +159,7 @@ class Pipeline:
         self.metrics = metrics
         self.notifier = notifier
         self.totals = Totals()
-        self.handoff: queue.Queue[Prepared] = queue.Queue(maxsize=1)
+        self.handoff: queue.Queue[Prepared] = queue.Queue(maxsize=2 * settings.engine.max_batch_size + 8)
         self.stopping = threading.Event()  # finish the batch in hand, take no more
         self.hard_stop = threading.Event()  # abandon retries and hand-offs now
         self.decode_finished = threading.Event()
@@ -159,6 +170,9 @@ class Pipeline:
         self._pending_swap = None
         self._in_flight: set[str] = set()  # ids admitted for decoding whose batch is not stored yet
         self._in_flight_lock = threading.Lock()
+        self._in_engine: set[str] = set()  # ids submitted to the engine and not finished (decode thread only)
+        self._waiters: dict[str, list[Inbound]] = {}  # copies of an id in the engine, answered when it finishes
+        self._tps_window = (time.monotonic(), 0)  # (since, tokens) for the decode tokens/s gauge
 
     def request_draft_swap(self, weights, version: str) -> None:
         with self._swap_lock:
@@ -167,26 +181,115 @@ class Pipeline:
     # ------------------------------------------------------------------ decode stage
 
     def run_decode(self) -> None:
-        batching = self.settings.batching
+        """Until stopped: take records into free slots, run one engine step, hand over what finished. Once stopping,
+        take no more and finish what the engine holds (within the worker's grace period)."""
         try:
-            while not self.stopping.is_set():
+            while not (self.stopping.is_set() and not self.engine.busy):
+                if self.hard_stop.is_set():
+                    raise Abandoned()
                 self.beats["decode"] = time.monotonic()
-                batch = collect_batch(
-                    self.inbox,
-                    self.settings.engine.max_batch_size,
-                    batching.max_wait_ms / 1000,
-                    counts=_to_decode,
-                    max_records=batching.queue_size,
-                )
-                batch = [item for item in batch if self.tracker.is_current(item.tp, item.epoch)]
+                if not self.stopping.is_set():
+                    self._take_in()
                 self._follow_active_draft()
-                self._apply_pending_swap()  # between batches: the collected batch decodes with the new draft
-                if batch:
-                    self._hand_over(self._prepare(batch))
+                self._apply_pending_swap()  # between rounds: rows in flight go on with the new draft
+                if self.engine.busy:
+                    self._step()
         except Abandoned:
             pass
         finally:
             self.decode_finished.set()
+
+    def _take_in(self) -> None:
+        """Records from the inbox, as many as the engine has free slots for: admitted (one transaction), then
+        submitted to the engine, held for a copy in flight, or handed over answered (resent, dead-lettered).
+        While the engine is idle this waits up to HANDOFF_POLL_S for a record; with static batching it also
+        gathers a micro-batch for up to batching.max_wait_ms, as engines without continuous batching do."""
+        room = self.engine.free_slots
+        if room <= 0:
+            return
+        idle = not self.engine.busy
+        static = self.settings.engine.scheduling == "static"
+        batch = collect_batch(
+            self.inbox,
+            room,
+            self.settings.batching.max_wait_ms / 1000 if static else 0.0,
+            first_timeout_s=HANDOFF_POLL_S if idle else 0.0,
+            counts=_to_decode,
+            max_records=self.settings.batching.queue_size,
+        )
+        batch = [item for item in batch if self.tracker.is_current(item.tp, item.epoch)]
+        if not batch:
+            return
+        self.metrics.batch_size.observe(len(batch))
+        admission = self._claim(self._admit_valid(batch))
+        answered = Admission(resend=admission.resend, rejected=admission.rejected)
+        held = set()
+        for item in admission.wait:
+            if item.request.id in self._in_engine:
+                self._waiters.setdefault(item.request.id, []).append(item)
+                held.add(id(item))
+            else:  # its first copy was handed over already: the sink stores it first
+                answered.wait.append(item)
+        now = time.monotonic()
+        for item in admission.decode:
+            item.submitted_at = now
+            self.engine.submit(item.request, tag=item)
+            self._in_engine.add(item.request.id)
+            held.add(id(item))
+        rest = [item for item in batch if id(item) not in held]
+        if rest:
+            dead = [(item, item.error) for item in rest if item.error is not None]
+            self._hand_over(Prepared(rest, answered, [], dead))
+
+    def _step(self) -> None:
+        started = time.monotonic()
+        try:
+            finished = self.engine.step()
+        except Exception as exc:
+            self._recover_from_engine_error(exc)
+            return
+        self.totals.decode_seconds += time.monotonic() - started
+        decoding, slots = self.engine.occupancy()
+        self.metrics.slot_occupancy.set(decoding / slots)
+        if finished:
+            self._hand_over(self._finished([item for item, _ in finished], [result for _, result in finished]))
+
+    def _finished(self, items: list[Inbound], results) -> Prepared:
+        """Finished requests, with the copies that waited for them, on their way to the sink."""
+        self.metrics.record_results(results)
+        self.metrics.record_choice(self.engine)
+        self._gauge_decode_rate(results)
+        decoded, waiters = [], []
+        for item, result in zip(items, results):
+            payload = completion_payload(
+                result, len(item.request.input_ids), item.message.metadata, item.submitted_at - item.queued_at
+            )
+            self.metrics.record_latencies(payload["timings"], len(result.token_ids))
+            decoded.append(Decoded(item, result, encode_json(payload), payload["timings"]))
+            self._in_engine.discard(item.request.id)
+            waiters += self._waiters.pop(item.request.id, [])
+        return Prepared(items + waiters, Admission(decode=list(items), wait=waiters), decoded, [])
+
+    def _recover_from_engine_error(self, exc: BaseException) -> None:
+        """The engine failed with requests in flight: drop them all from it, then decode each alone, so only a
+        request that fails by itself is dead-lettered (engine_error) and the others are answered."""
+        items = self.engine.abort()
+        log.warning("engine failed with %d requests in flight (%s); decoding them one by one", len(items), exc)
+        for item in items:
+            decoded, failed = self._decode([item])
+            self._in_engine.discard(item.request.id)
+            waiters = self._waiters.pop(item.request.id, [])
+            self._hand_over(Prepared([item, *waiters], Admission(decode=[item], wait=waiters), decoded, failed))
+
+    def _gauge_decode_rate(self, results) -> None:
+        """Tokens/s of finished requests over the last second or more (a gauge for dashboards)."""
+        since, tokens = self._tps_window
+        tokens += sum(r.counters.emitted for r in results)
+        now = time.monotonic()
+        if now - since >= 1.0:
+            self.metrics.decode_tps.set(tokens / (now - since))
+            since, tokens = now, 0
+        self._tps_window = (since, tokens)
 
     def _follow_active_draft(self) -> None:
         """A promotion or rollback anywhere in the deployment reaches this worker at its next batch boundary. The
@@ -295,6 +398,7 @@ class Pipeline:
             payload = completion_payload(
                 result, len(item.request.input_ids), item.message.metadata, started - item.queued_at
             )
+            self.metrics.record_latencies(payload["timings"], len(result.token_ids))
             decoded.append(Decoded(item, result, encode_json(payload), payload["timings"]))
         return decoded, []
 
@@ -320,6 +424,11 @@ class Pipeline:
                     if self.decode_finished.is_set() and self.handoff.empty():
                         return
                     continue
+                for _ in range(SINK_GROUP - 1):  # what else finished meanwhile goes into the same transaction
+                    try:
+                        prepared.merge(self.handoff.get_nowait())
+                    except queue.Empty:
+                        break
                 self._finish(prepared)
         except Abandoned:
             pass
@@ -347,10 +456,9 @@ class Pipeline:
             self.tracker.done(item.tp, item.epoch, item.offset)
         log_answered(decoded, resend)
         self._count(decoded, resend, rejected)
-        tokens = sum(d.result.counters.emitted for d in decoded)
-        elapsed = time.monotonic() - min(item.queued_at for item in prepared.batch)
-        if tokens and elapsed > 0:
-            self.metrics.e2e_tps.set(tokens / elapsed)
+        acked = time.monotonic()
+        for d in decoded:
+            self.metrics.e2e_seconds.observe(acked - d.item.queued_at)
         log.debug(
             "batch of %d: %d decoded, %d resent, %d rejected; store %.3f s, produce %.3f s",
             len(prepared.batch),

@@ -5,8 +5,11 @@ head reads to predict token t_{p+1}). The head reads, at position p, the feature
 at p + 1, and predicts the feature at p + 1 (whose logits, through the target's LM head, give token t_{p+2}):
 
     x_p  = fc([embed(t_{p+1}); f_p])              [.., 2H] -> [.., H]
-    g_p  = layers(x_p) at position p               causal over the head's own positions (its KV cache)
+    g_p  = norm(layers(x_p)) at position p         causal over the head's own positions (its KV cache)
     logits of t_{p+2} = lm_head(g_p)               the target's LM head, frozen
+
+The head's final norm (the target's norm class, initialised from the target's final norm) puts g in the space of
+the features it estimates, so step j >= 2 can read it in place of a target feature.
 
 Drafting k tokens after a verified prefix whose last token `current` sits at position L: step 1 reads the true
 f_{L-1} and embed(current) at position L - 1 and gives d_1; step j >= 2 reads the head's own previous output g in
@@ -66,13 +69,16 @@ def type_of_config(config_dict: dict) -> type[PretrainedConfig]:
 class DraftHead(torch.nn.Module):
     """fc + decoder layers + rotary embedding of the target's architecture; see the module docstring."""
 
-    def __init__(self, config: HeadConfig, layer_class: type[torch.nn.Module], rotary_class: type[torch.nn.Module]):
+    def __init__(self, config: HeadConfig, classes: tuple[type, type, type]):
+        """classes: the target's (decoder layer, final norm, rotary embedding) classes (`target_classes`)."""
+        layer_class, norm_class, rotary_class = classes
         super().__init__()
         self.config = config
         hidden = config.hidden_size
         layer_config = config.layer_config()
         self.fc = torch.nn.Linear(2 * hidden, hidden, bias=True)
         self.layers = torch.nn.ModuleList(layer_class(layer_config, i) for i in range(config.num_layers))
+        self.norm = norm_class(hidden, eps=layer_config.rms_norm_eps)
         self.rotary_emb = rotary_class(config=layer_config)
 
     @property
@@ -105,7 +111,7 @@ class DraftHead(torch.nn.Module):
                 use_cache=cache is not None,
                 position_embeddings=position_embeddings,
             )
-        return hidden
+        return self.norm(hidden)
 
     def allocate_cache(self, batch_size: int, max_seq_len: int) -> PositionalKVCache:
         """A positional KV cache of the head's layers (the target's head_dim and KV heads)."""
@@ -119,18 +125,20 @@ class DraftHead(torch.nn.Module):
     def for_target(cls, target: PreTrainedModel, num_layers: int = 1, init: str = "last_layer", seed: int = 0):
         """A fresh head for `target`, on the target's device and in its dtype. init "last_layer" copies the target's
         last decoder layer into every head layer (a warm start: it already maps late features to late features);
-        "random" keeps the layer class's own initialisation. fc starts as [0 | I]: the feature passes through."""
+        "random" keeps the layer class's own initialisation. fc starts as [0 | I]: the feature passes through; the
+        norm starts as the target's final norm."""
         if init not in ("last_layer", "random"):
             raise ValueError(f"Unknown head init {init!r}; use 'last_layer' or 'random'")
         decoder = target.get_decoder()
         config = HeadConfig(num_layers=num_layers, target_config=target.config.to_dict(), init=init)
         torch.manual_seed(seed)
-        head = cls(config, type(decoder.layers[0]), type(decoder.rotary_emb))
+        head = cls(config, target_classes(target))
         hidden = config.hidden_size
         with torch.no_grad():
             head.fc.weight.zero_()
             head.fc.weight[:, hidden:].copy_(torch.eye(hidden))
             head.fc.bias.zero_()
+            head.norm.load_state_dict(decoder.norm.state_dict())
             if init == "last_layer":
                 source = decoder.layers[-1].state_dict()
                 for layer in head.layers:
@@ -141,8 +149,7 @@ class DraftHead(torch.nn.Module):
     @classmethod
     def from_state(cls, target: PreTrainedModel, config: HeadConfig, state: dict[str, torch.Tensor]) -> DraftHead:
         """A head of `config` for `target` with the given weights (strict: every tensor, right shapes)."""
-        decoder = target.get_decoder()
-        head = cls(config, type(decoder.layers[0]), type(decoder.rotary_emb))
+        head = cls(config, target_classes(target))
         param = next(target.parameters())
         head = head.to(device=param.device, dtype=param.dtype)
         head.load_state_dict(state, strict=True)
@@ -167,6 +174,12 @@ class DraftHead(torch.nn.Module):
         config, _ = read_head_config(folder)
         state = load_file(Path(folder) / HEAD_WEIGHTS_FILE)
         return cls.from_state(target, config, state)
+
+
+def target_classes(target: PreTrainedModel) -> tuple[type, type, type]:
+    """The target's decoder-layer, final-norm and rotary-embedding classes: what a head of it is built from."""
+    decoder = target.get_decoder()
+    return type(decoder.layers[0]), type(decoder.norm), type(decoder.rotary_emb)
 
 
 def is_head_folder(ref: str | Path | None) -> bool:

@@ -1,17 +1,23 @@
 """Proposers: what drafts the tokens the target verifies. One module per kind, one interface:
 
     draft    pipelines.proposers.draft    a small LM with the target's tokenizer (its own KV cache)
+    head     pipelines.proposers.head     an EAGLE-style head over the target's features (pipelines.heads)
     suffix   pipelines.proposers.suffix   model-free: the longest earlier match in the request and the stream
-    hybrid   pipelines.proposers.hybrid   per row and round, suffix or draft, whichever promises more
+    hybrid   pipelines.proposers.hybrid   per row and round, suffix or the model (draft or head), whichever
+                                          promises more
 
 `propose(state, k, greedy_only)` runs inside the captured round (pure tensor work on static buffers) and returns
 a Proposal: up to k tokens per row, how many each row drafted (0..k), the distribution q they were drawn from
 (None for a deterministic proposer: verification then uses a one-hot q, which keeps sampling lossless) and who
 drafted them. The engine verifies every proposal with the same pure function (pipelines.verify).
+`allocate(batch_size)` makes the proposer's per-row buffers (once, for every slot of the engine). The *model*
+proposers (draft, head) keep a KV cache that must follow the row's context: `sync(state, rows, lengths)` catches
+rows up eagerly between rounds (a newcomer, or rows that other proposers drafted for), and `swap(weights)` copies
+new weights in place.
 
 A *variant* is what one round runs: a proposer and its k (`none:0` is target-only decoding). The engine captures
 one CUDA graph per (batch bucket, variant, greedy or sampled); the goodput controller (pipelines.controller)
-picks the variant per batch.
+picks the variant for each window of rounds.
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ class Variant:
         return f"{self.proposer}:{self.k}"
 
     @property
-    def uses_draft_model(self) -> bool:
-        return self.proposer in ("draft", "hybrid")
+    def uses_model(self) -> bool:
+        """Drafts with the engine's model proposer (a draft LM or a head), alone or in a hybrid."""
+        return self.proposer in ("draft", "head", "hybrid")
 
     @property
     def uses_suffix(self) -> bool:
@@ -68,3 +75,20 @@ def empty_proposal(batch: int, device: torch.device) -> Proposal:
         probs=None,
         sources=torch.full((batch,), SOURCE_NONE, dtype=torch.uint8, device=device),
     )
+
+
+def copy_weights(module: torch.nn.Module, weights: torch.nn.Module | dict[str, torch.Tensor], what: str) -> None:
+    """Copy `weights` into `module`'s own tensors in place (captured graphs keep their pointers); refuses weights
+    of other names or shapes."""
+    state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    own = module.state_dict()
+    missing, unexpected = set(own) - set(state_dict), set(state_dict) - set(own)
+    misshapen = sorted(n for n in set(own) & set(state_dict) if own[n].shape != state_dict[n].shape)
+    if missing or unexpected or misshapen:
+        raise ValueError(
+            f"{what} weights do not fit the served {what}: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}, wrong shape {misshapen[:3]}"
+        )
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(state_dict[name])

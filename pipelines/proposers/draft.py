@@ -1,10 +1,11 @@
 """Proposer `draft`: a small LM with the target's tokenizer drafts k tokens, one forward per token.
 
-It keeps its own positional KV cache (pipelines.kv_cache), filled by `prefill` at the start of a batch. The first
-step of a round re-feeds the last `window` tokens of the row ending at `current`: with window 2 (this proposer
-alone) that is `previous`, which catches the cache up after a fully accepted round (its last draft token was never
-fed); in a hybrid round the row may have accepted up to k suffix tokens since the draft last ran, so the window
-covers k + 2 tokens. Re-feeding a position the cache already holds writes the same keys and values again.
+It keeps its own positional KV cache (pipelines.kv_cache), filled by `sync` (one eager forward over a row's context:
+a newcomer, or a row other proposers drafted for). The first step of a round re-feeds the last `window` tokens of
+the row ending at `current`: with window 2 (this proposer alone) that is `previous`, which catches the cache up
+after a fully accepted round (its last draft token was never fed); in a hybrid round the row may have accepted up to
+k suffix tokens since the draft last ran, so the window covers k + 2 tokens. Re-feeding a position the cache
+already holds writes the same keys and values again.
 
 Weights are swapped in place (`swap`), so captured graphs keep pointing at the same parameters.
 """
@@ -16,8 +17,8 @@ from transformers import PreTrainedModel
 
 from pipelines import sampling
 from pipelines.decode_state import DecodeState
-from pipelines.kv_cache import PositionalKVCache, decoder_forward
-from pipelines.proposers import Proposal
+from pipelines.kv_cache import PositionalKVCache, RowSubsetCache, decoder_forward
+from pipelines.proposers import Proposal, copy_weights
 from pipelines.types import SOURCE_DRAFT
 
 
@@ -25,24 +26,31 @@ class DraftModelProposer:
     name = "draft"
     source = SOURCE_DRAFT
 
-    def __init__(self, model: PreTrainedModel, max_batch_size: int, max_seq_len: int, compile: bool = False):
+    def __init__(self, model: PreTrainedModel, max_seq_len: int, compile: bool = False):
         self.model = model
-        self.cache = PositionalKVCache.allocate(model, max_batch_size, max_seq_len)
+        self.max_seq_len = max_seq_len
         self.forward = decoder_forward(model, compile)
-        self._prefill_forward = decoder_forward(model)  # eager: prompt widths vary (see the engine's prefill)
+        self._sync_forward = decoder_forward(model)  # eager: context widths vary
         self.lm_head = model.get_output_embeddings()
 
     def allocate(self, batch_size: int) -> PositionalKVCache:
-        return self.cache.rows(batch_size)
+        return PositionalKVCache.allocate(self.model, batch_size, self.max_seq_len)
 
-    def prefill(self, state: DecodeState, tokens: torch.Tensor, positions: torch.Tensor) -> None:
-        """Run the draft over the (right-padded) prompts into its cache; padding lands in slots that are
-        overwritten before any query can see them."""
-        cache = state.proposer_state[self.name]
-        self._prefill_forward(tokens, positions, cache)
+    def sync(self, state: DecodeState, rows: list[int], lengths: list[int]) -> None:
+        """Run the draft over positions 0..L-1 of each row into its cache (right-padded rows clamped to their own
+        L - 1: padding rewrites a real position with the same input)."""
+        device = state.lengths.device
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
+        ends = torch.tensor(lengths, dtype=torch.int64, device=device)
+        positions = torch.arange(max(lengths), device=device).expand(len(rows), -1).minimum(ends[:, None] - 1)
+        positions = positions.clamp_min(0)
+        tokens = state.tokens[rows_t].gather(1, positions)
+        self._sync_forward(tokens, positions, RowSubsetCache(state.proposer_state[self.name], rows_t))
 
-    def propose(self, state: DecodeState, k: int, greedy_only: bool, window: int = 2) -> Proposal:
+    def propose(self, state: DecodeState, k: int, greedy_only: bool, after_suffix: bool = False) -> Proposal:
+        """k tokens per row; `after_suffix` (hybrid rounds) widens the re-fed window to k + 2 tokens."""
         cache = state.proposer_state[self.name]
+        window = k + 2 if after_suffix else 2
         lengths = state.lengths
         offsets = torch.arange(window - 1, -1, -1, device=lengths.device)
         positions = (lengths[:, None] - offsets).clamp_min(0)  # [B, window], ending at `current`
@@ -70,16 +78,4 @@ class DraftModelProposer:
 
     def swap(self, weights: PreTrainedModel | dict[str, torch.Tensor]) -> None:
         """Copy new weights into the served parameters; refuses weights of another shape or names."""
-        state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
-        own = self.model.state_dict()
-        missing = set(own) - set(state_dict)
-        unexpected = set(state_dict) - set(own)
-        misshapen = sorted(n for n in set(own) & set(state_dict) if own[n].shape != state_dict[n].shape)
-        if missing or unexpected or misshapen:
-            raise ValueError(
-                f"draft weights do not fit the draft model: missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}, wrong shape {misshapen[:3]}"
-            )
-        with torch.no_grad():
-            for name, tensor in own.items():
-                tensor.copy_(state_dict[name])
+        copy_weights(self.model, weights, "draft")

@@ -1,12 +1,12 @@
 """Proposer `hybrid`: per row and round, the suffix draft when its match promises more accepted tokens than the
-model draft, else the model's (as Arctic Inference combines suffix decoding with a draft model).
+model draft (the draft LM or the head, whichever the engine has), else the model's (as Arctic Inference combines
+suffix decoding with a draft model).
 
 Both propose every round (the model's cost is paid either way, so hybrid pays only with a cheap model draft: a
 head, or a small LM on a slow target). The promise of a suffix draft is the accepted tokens observed so far at
 its match length (SuffixProposer.expected_accepted); the model's is alpha (1 - alpha^k) / (1 - alpha) for its
 measured per-token acceptance alpha (`model_expected_accepted`, kept by the goodput controller). The model sees
-every emitted token: its first step re-feeds the last k + 2 tokens, which covers suffix tokens accepted in the
-previous round.
+every emitted token: `after_suffix` makes it catch up on suffix tokens accepted in the previous round.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import torch
 
 from pipelines.decode_state import DecodeState
 from pipelines.proposers import Proposal
-from pipelines.proposers.draft import DraftModelProposer
 from pipelines.proposers.suffix import SuffixProposer
 
 
 class HybridProposer:
     name = "hybrid"
 
-    def __init__(self, suffix: SuffixProposer, model: DraftModelProposer):
+    def __init__(self, suffix: SuffixProposer, model):  # DraftModelProposer or HeadProposer
         self.suffix = suffix
         self.model = model
         device = suffix.hist.device
@@ -31,7 +30,7 @@ class HybridProposer:
     def propose(self, state: DecodeState, k: int, greedy_only: bool) -> tuple[Proposal, torch.Tensor, torch.Tensor]:
         """The combined proposal, each row's suffix match length, and which rows took the suffix draft."""
         by_suffix, match = self.suffix.propose(state, k)
-        by_model = self.model.propose(state, k, greedy_only, window=k + 2)
+        by_model = self.model.propose(state, k, greedy_only, after_suffix=True)
         promise = self.suffix.expected_accepted[match].minimum(by_suffix.counts.float())
         use_suffix = (by_suffix.counts > 0) & (promise > self.model_expected_accepted)
         pick = lambda a, b: torch.where(use_suffix.view(-1, *[1] * (a.dim() - 1)), a, b)  # noqa: E731

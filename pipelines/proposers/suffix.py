@@ -147,7 +147,7 @@ class SuffixCache:
 
 @dataclass
 class ShadowState:
-    """Per batch bucket: the suffix proposal pending against tokens the target has not emitted yet."""
+    """Per row: the suffix proposal pending against tokens the target has not emitted yet."""
 
     tokens: torch.Tensor  # [B, k] proposed tokens
     counts: torch.Tensor  # [B] how many
@@ -166,8 +166,12 @@ class ShadowState:
             torch.zeros(batch_size, dtype=torch.bool, device=device),
         )
 
-    def reset(self) -> None:
-        self.live.zero_()
+    def rows(self, batch_size: int) -> ShadowState:
+        return ShadowState(*(getattr(self, name)[:batch_size] for name in self.__dataclass_fields__))
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Forget the pending proposals of `rows` (a new request took the slot)."""
+        self.live[rows] = False
 
 
 class SuffixProposer:

@@ -1,0 +1,134 @@
+"""Continuous batching: requests join the running batch at round boundaries, prompts are prefilled in chunks between
+rounds, and every output stays the target's own (greedy: transformers' generate on its stock attention)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pipelines.engine import EngineSettings, SpeculativeEngine
+from pipelines.slots import SlotTable
+from pipelines.types import GenerationRequest
+from tests.engine_fixtures import PROMPTS
+from tests.test_engine_greedy import draft_model, reference
+
+
+def engine(models, proposer: str, k: int, batch: int, **settings) -> SpeculativeEngine:
+    proposer, _, model = proposer.partition("+")
+    draft = draft_model(models, model or ("head" if proposer == "head" else "strong"))
+    settings = {"max_batch_size": batch, "max_seq_len": 160, "prefill_chunk_tokens": 7, **settings}
+    return SpeculativeEngine(
+        models.target,
+        draft,
+        models.tokenizer,
+        EngineSettings(proposer=proposer, k=k, auto={"k_choices": [k]}, **settings),
+    )
+
+
+def run_with_joins(engine: SpeculativeEngine, requests: list[GenerationRequest], seed: int) -> dict:
+    """Submit the requests one at a time at random step boundaries; returns id -> (request, result)."""
+    rng = random.Random(seed)
+    waiting, done, steps = list(requests), {}, 0
+    while waiting or engine.busy:
+        if waiting and rng.random() < 0.4:
+            request = waiting.pop(0)
+            engine.submit(request, tag=request)
+        for request, result in engine.step():
+            done[request.id] = (request, result)
+        steps += 1
+        assert steps < 5000, "the engine stopped making progress"
+    return done
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("proposer", ["none", "draft", "head", "suffix", "hybrid", "hybrid+head", "auto"])
+def test_requests_joining_mid_flight_decode_the_targets_greedy_output(engine_models, proposer, batch, k):
+    rng = random.Random(batch * 10 + k)
+    tokenizer = engine_models.tokenizer
+    requests = [
+        GenerationRequest(f"r{i}", tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, max_new_tokens=rng.randint(3, 30))
+        for i in range(14)
+    ]
+    done = run_with_joins(engine(engine_models, proposer, k, batch), requests, seed=batch + k)
+    assert sorted(done) == sorted(r.id for r in requests)
+    for request, result in done.values():
+        assert result.token_ids == reference(engine_models, request), f"{request.id} with {proposer}"
+    if proposer in ("draft", "head", "hybrid", "hybrid+head"):
+        accepted = sum(result.counters.accepted for _, result in done.values())
+        assert accepted > 0, "the model proposer's drafts must be accepted sometimes"
+
+
+def test_a_short_request_arriving_while_a_long_one_decodes_finishes_first(engine_models):
+    """With continuous batching the short one takes the free slot at the next round; with static batching it waits
+    for the long one's batch to finish."""
+    tokenizer = engine_models.tokenizer
+    long = GenerationRequest("long", tokenizer(PROMPTS[1]).input_ids, max_new_tokens=60)  # no EOS before 60
+    short = GenerationRequest("short", tokenizer(PROMPTS[0]).input_ids, max_new_tokens=4)
+    for scheduling, short_first in (("continuous", True), ("static", False)):
+        eng = engine(engine_models, "draft", 3, 2, scheduling=scheduling)
+        eng.submit(long, "long")
+        order = []
+        for _ in range(3):  # the long request is decoding
+            order += [tag for tag, _ in eng.step()]
+        eng.submit(short, "short")
+        while eng.busy:
+            order += [tag for tag, _ in eng.step()]
+        assert order == (["short", "long"] if short_first else ["long", "short"]), scheduling
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_running_rows_keep_decoding(engine_models):
+    tokenizer = engine_models.tokenizer
+    eng = engine(engine_models, "none", 1, 2, prefill_chunk_tokens=4)
+    running = GenerationRequest("running", tokenizer(PROMPTS[0]).input_ids, max_new_tokens=40)
+    long_prompt = tokenizer(PROMPTS[8]).input_ids
+    assert len(long_prompt) > 12
+    newcomer = GenerationRequest("newcomer", long_prompt, max_new_tokens=5)
+    eng.submit(running, "running")
+    eng.step()
+    eng.submit(newcomer, "newcomer")
+    progress = []
+    while not progress or not eng.slots.slots[1].decoding:
+        eng.step()
+        progress.append((eng.slots.slots[1].prefilled, int(eng.state.generated[0])))
+    prefilled = [p for p, _ in progress]
+    assert prefilled == sorted(prefilled) and len(prefilled) >= len(long_prompt) // 4  # chunks of at most 4
+    generated = [g for _, g in progress]
+    assert generated[-1] > generated[0] + len(prefilled) - 2  # a round after every chunk
+    results = {}
+    while eng.busy:
+        results.update({tag: r for tag, r in eng.step()})
+    assert results["newcomer"].token_ids == reference(engine_models, newcomer)
+    assert results["running"].token_ids == reference(engine_models, running)
+    assert results["newcomer"].first_token_seconds >= results["newcomer"].queued_seconds
+
+
+def test_static_batching_admits_a_batch_only_into_empty_slots():
+    table = SlotTable(2, [1, 2], static=True)
+    for i in range(3):
+        table.queue.append(_queued(i))
+    assert table.admit() == [0, 1]
+    table.release(0)
+    assert table.admit() == []  # slot 1 still decodes
+    table.release(1)
+    assert table.admit() == [0]
+
+
+def test_prefill_plan_takes_the_oldest_newcomers_first_within_the_budget():
+    table = SlotTable(3, [1, 2, 4], static=False)
+    for i, length in enumerate((10, 3, 6)):
+        table.queue.append(_queued(i, length))
+    table.admit()
+    plan = table.prefill_plan(8)
+    assert [(c.slot, c.start, c.end, c.last) for c in plan] == [(0, 0, 8, False)]
+    table.slots[0].prefilled = 8
+    plan = table.prefill_plan(8)
+    assert [(c.slot, c.start, c.end, c.last) for c in plan] == [(0, 8, 10, True), (1, 0, 3, True), (2, 0, 3, False)]
+    assert [(c.slot, c.end) for c in table.prefill_plan(0)] == [(0, 10), (1, 3), (2, 6)]  # 0: no limit
+
+
+def _queued(i: int, length: int = 3):
+    from pipelines.slots import Queued
+
+    return Queued(GenerationRequest(f"q{i}", list(range(1, length + 1))), tag=i)
