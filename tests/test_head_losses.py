@@ -120,5 +120,5 @@ def test_a_few_steps_of_the_loss_teach_a_fresh_head(head_target):
         head_loss(draft, tokens, lengths, settings, backward=True)
         optimizer.step()
     last = head_loss(draft, tokens, lengths, settings)
-    assert float(last.objective) < 0.2 * float(first.objective)
+    assert float(last.objective) < 0.35 * float(first.objective)
     assert (last.top1 > first.top1 + 0.2 * torch.tensor(last.positions)).all()  # both steps now often right

@@ -10,7 +10,7 @@ import torch
 from pipelines.heads.model import target_features
 from pipelines.learners.distill import batch_for
 from pipelines.replay import greedy_chain, is_greedy, replay, served_by
-from pipelines.types import KIND_ACCEPTED, KIND_BONUS, KIND_RECOVERED, NO_DRAFT_TOKEN, SOURCE_HEAD
+from pipelines.types import KIND_ACCEPTED, KIND_BONUS, KIND_RECOVERED, NO_DRAFT_TOKEN, SOURCE_HEAD, GenerationRequest
 from tests.head_fixtures import fitted_head, target_only
 from tests.test_replay import MAX_NEW, PROMPTS
 
@@ -135,3 +135,37 @@ def test_served_by_labels_the_heads_own_chain(head, feedback):
     batch = batch_for(head, relabeled, "cpu")
     drafted = [bool((e.draft_tokens != NO_DRAFT_TOKEN).any()) for e in relabeled]
     assert batch.proposed.tolist() == [drafted[row] for row in batch.rows.tolist()] and any(drafted)
+
+
+def head_engine(target, head, tokenizer, k: int):
+    from pipelines.engine import EngineSettings, SpeculativeEngine
+
+    settings = EngineSettings(proposer="head", k=k, max_batch_size=4, max_seq_len=160, top_m=16)
+    return SpeculativeEngine(target, head, tokenizer, settings)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_head_replay_equals_the_engines_live_accounting(head_target, head, feedback, k):
+    """Issue 12: replay of a head equals its live acceptance on the same requests, in float32: request by request,
+    in batches, and predicted from target-only feedback."""
+    target, tokenizer = head_target
+    engine = head_engine(target, head, tokenizer, k)
+    requests = [
+        GenerationRequest(f"r{i}", tokenizer(p).input_ids, max_new_tokens=n)
+        for i, (p, n) in enumerate(zip(PROMPTS, MAX_NEW))
+    ]
+    live = engine.generate(requests)
+    window = engine.max_k + 1
+    for result in live:
+        metrics = replay(head, [result.feedback], k=k, window=window)
+        counters = result.counters
+        assert (metrics.tokens, metrics.forwards) == (counters.emitted, counters.target_forwards), result.id
+        assert metrics.accepted_at_position == counters.accepted_at_position, result.id
+    assert sum(r.counters.accepted for r in live) > 0
+    predicted = replay(head, feedback, k=k, window=window, batch_size=3)  # target-only feedback, mixed lengths
+    assert predicted.forwards == sum(r.counters.target_forwards for r in live)
+    relabeled = served_by(head, feedback, k=k, version="h", window=window)
+    for mine, theirs in zip(relabeled, (r.feedback for r in live)):
+        assert mine.kinds.tolist() == theirs.kinds.tolist()
+        assert mine.draft_tokens.tolist() == theirs.draft_tokens.tolist()
+        assert mine.draft_sources.tolist() == theirs.draft_sources.tolist()
