@@ -36,6 +36,11 @@ per target forward of sampled chain decoding, (1 - alpha^(k+1)) / (1 - alpha).
 
 `served_by` rewrites greedy feedback as if another draft had served it (the kinds and draft tokens of that
 draft's chain), from the same single pass.
+
+Heads (pipelines.heads.model.HeadDraft) go through the same entry points. Their acceptance estimate and
+argmax_match come from the same teacher-forced pass (a head's step 1 reads the target's true features, so it is
+teacher-forced too), but their chains cannot: steps >= 2 read the head's own outputs, so pipelines.heads.replay
+simulates the engine's rounds with the engine's drafting function.
 """
 
 from __future__ import annotations
@@ -47,8 +52,17 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from pipelines.heads.model import HeadDraft
 from pipelines.learners import distill
-from pipelines.types import KIND_ACCEPTED, KIND_BONUS, KIND_RECOVERED, NO_DRAFT_TOKEN, RequestFeedback
+from pipelines.types import (
+    KIND_ACCEPTED,
+    KIND_BONUS,
+    KIND_RECOVERED,
+    NO_DRAFT_TOKEN,
+    SOURCE_HEAD,
+    SOURCE_NONE,
+    RequestFeedback,
+)
 
 
 @dataclass
@@ -122,31 +136,63 @@ class _Scored:
     """One request after the teacher-forced pass; arrays over its n emitted positions."""
 
     example: RequestFeedback
-    argmax: np.ndarray  # [n] the draft's argmax given the true prefix
+    argmax: np.ndarray  # [n] the draft's argmax given the true prefix (-1 where it predicts nothing: a head at c = 0)
     alpha_low: np.ndarray  # [n] sum over the top-m of min(p, q)
     alpha_high: np.ndarray  # [n] alpha_low + the target's mass outside the top-m
 
 
+@dataclass
+class Chain:
+    """One greedy request replayed as the engine would have served it with k draft tokens per round."""
+
+    forwards: int  # target forwards, prefill included
+    per_slot: list[int]  # [k] accepted draft tokens per draft slot
+    kinds: np.ndarray  # [n] KIND_* of every emitted position
+    draft_tokens: np.ndarray  # [n] int32, the proposal verified there, NO_DRAFT_TOKEN at bonus positions
+
+
+def chain_from_matches(matches: np.ndarray, proposals: np.ndarray, k: int) -> Chain:
+    """A draft LM's chain: its real proposals are its teacher-forced argmaxes (module docstring)."""
+    forwards, per_slot = greedy_chain(matches, k)
+    kinds = chain_kinds(matches, k)
+    draft_tokens = np.where(kinds != KIND_BONUS, proposals, NO_DRAFT_TOKEN).astype(np.int32)
+    return Chain(forwards, per_slot, kinds, draft_tokens)
+
+
 @torch.no_grad()
-def _teacher_forced(draft: torch.nn.Module, examples, device, batch_size: int):
+def _teacher_forced(draft: torch.nn.Module, examples, device, batch_size: int, features=None):
     was_training = draft.training
     draft.eval()
     try:
         for start in range(0, len(examples), batch_size):
             group = examples[start : start + batch_size]
-            batch = distill.collate(group, device)
+            batch = distill.batch_for(draft, group, device, features)
             logits = distill.draft_logits(draft, batch)  # [N, V]
             q = torch.softmax(logits, dim=-1).gather(1, batch.topk_ids)  # [N, m]
             p = batch.topk_logprobs.exp()
             low = torch.minimum(p, q).sum(dim=-1)
             high = (low + (1 - p.sum(dim=-1)).clamp_min(0)).clamp_max(1)
-            rows = batch.rows.cpu().numpy()
+            rows, index = batch.rows.cpu().numpy(), batch.index.cpu().numpy()
             argmax, low, high = (t.cpu().numpy() for t in (logits.argmax(dim=-1), low, high))
             for row, example in enumerate(group):
                 mine = rows == row
-                yield _Scored(example, argmax[mine], low[mine], high[mine])
+                scored = _Scored(example, *(np.full(len(example.token_ids), fill) for fill in (-1, 0.0, 0.0)))
+                for name, values in (("argmax", argmax), ("alpha_low", low), ("alpha_high", high)):
+                    getattr(scored, name)[index[mine]] = values[mine]
+                yield scored
     finally:
         draft.train(was_training)
+
+
+def _greedy_chains(draft, greedy: list[_Scored], *, k, window, device, batch_size, features) -> list[Chain]:
+    """The chains of the greedy requests: a draft LM's from its teacher-forced argmaxes; a head's by simulating
+    the engine's rounds (pipelines.heads.replay), because its steps >= 2 read its own outputs, not the target's."""
+    if isinstance(draft, HeadDraft) and k > 0:
+        from pipelines.heads.replay import head_chains
+
+        examples = [s.example for s in greedy]
+        return head_chains(draft, examples, k=k, window=window, device=device, batch_size=batch_size, features=features)
+    return [chain_from_matches(s.argmax == s.example.token_ids, s.argmax, k) for s in greedy]
 
 
 def replay(
@@ -156,40 +202,37 @@ def replay(
     k: int,
     device: torch.device | str | None = None,
     batch_size: int = 8,
+    window: int | None = None,
 ) -> ReplayMetrics:
     """Score `draft` on recorded requests: exact greedy-chain AvgLen with k draft tokens, plus sampling acceptance.
 
-    `device` is where the inputs go (default: the draft's); the draft's mode is restored afterwards."""
+    `draft` is a draft LM or a head (pipelines.heads.model.HeadDraft, replayed by pipelines.heads.replay, whose
+    catch-up `window` is the engine's: its max k + 1; default k + 1; a draft LM ignores it). `device` is where the
+    inputs go (default: the draft's); the draft's mode is restored afterwards."""
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     started = time.perf_counter()
     device = device if device is not None else next(draft.parameters()).device
     examples = distill.usable(examples)
-    tokens = forwards = greedy = matched = match_positions = 0
-    per_slot = [0] * k
-    alpha_low = alpha_high = 0.0
-    alpha_positions = 0
-    for scored in _teacher_forced(draft, examples, device, batch_size):
-        alpha_low += float(scored.alpha_low[1:].sum())  # position 0 is the prefill's token, never drafted
-        alpha_high += float(scored.alpha_high[1:].sum())
-        alpha_positions += len(scored.alpha_low) - 1
-        if not is_greedy(scored.example):
-            continue
-        matches = scored.argmax == scored.example.token_ids
-        chain_forwards, slots = greedy_chain(matches, k)
-        tokens += len(matches)
-        forwards += chain_forwards
-        greedy += 1
-        per_slot = [a + b for a, b in zip(per_slot, slots)]
-        matched += int(matches[1:].sum())
-        match_positions += len(matches) - 1
+    features = distill.feature_bank_for(draft)  # a head's target features, computed once for both passes
+    scored = list(_teacher_forced(draft, examples, device, batch_size, features))
+    greedy = [s for s in scored if is_greedy(s.example)]
+    chains = _greedy_chains(draft, greedy, k=k, window=window, device=device, batch_size=batch_size, features=features)
+    alpha_low = sum(float(s.alpha_low[1:].sum()) for s in scored)  # position 0 is the prefill's, never drafted
+    alpha_high = sum(float(s.alpha_high[1:].sum()) for s in scored)
+    alpha_positions = sum(len(s.alpha_low) - 1 for s in scored)
+    tokens = sum(len(s.example.token_ids) for s in greedy)
+    forwards = sum(chain.forwards for chain in chains)
+    per_slot = [sum(chain.per_slot[slot] for chain in chains) for slot in range(k)]
+    matched = sum(int((s.argmax == s.example.token_ids)[1:].sum()) for s in greedy)
+    match_positions = sum(len(s.example.token_ids) - 1 for s in greedy)
     return ReplayMetrics(
         k=k,
         avg_len=tokens / forwards if forwards else float("nan"),
         tokens=tokens,
         forwards=forwards,
         requests=len(examples),
-        greedy_requests=greedy,
+        greedy_requests=len(greedy),
         accepted_at_position=per_slot,
         argmax_match=matched / match_positions if match_positions else float("nan"),
         acceptance=alpha_low / alpha_positions if alpha_positions else float("nan"),
@@ -223,19 +266,23 @@ def served_by(
     version: str,
     device: torch.device | str | None = None,
     batch_size: int = 8,
+    window: int | None = None,
 ) -> list[RequestFeedback]:
     """The feedback as if `draft` had served each greedy request with k draft tokens: kinds and draft_tokens of
     its exact greedy chain (for learners that train on their own rejected positions, e.g. OSD, in benchmarks
-    that serve once). Sampled requests and requests without tokens come back unchanged."""
+    that serve once). Sampled requests and requests without tokens come back unchanged; a head's draft_sources
+    become SOURCE_HEAD where it proposed."""
     device = device if device is not None else next(draft.parameters()).device
-    usable = distill.usable(examples)
+    features = distill.feature_bank_for(draft)
+    scored = _teacher_forced(draft, distill.usable(examples), device, batch_size, features)
+    greedy = [s for s in scored if is_greedy(s.example)]
+    chains = _greedy_chains(draft, greedy, k=k, window=window, device=device, batch_size=batch_size, features=features)
     relabeled = {}
-    for scored in _teacher_forced(draft, usable, device, batch_size):
-        example = scored.example
-        if not is_greedy(example):
-            continue
-        kinds = chain_kinds(scored.argmax == example.token_ids, k)
-        proposed = kinds != KIND_BONUS  # accepted and recovered positions had a draft proposal
-        draft_tokens = np.where(proposed, scored.argmax, NO_DRAFT_TOKEN).astype(np.int32)
-        relabeled[id(example)] = replace(example, kinds=kinds, draft_tokens=draft_tokens, draft_version=version)
+    for scored_one, chain in zip(greedy, chains):
+        example = scored_one.example
+        fields = dict(kinds=chain.kinds, draft_tokens=chain.draft_tokens, draft_version=version)
+        if isinstance(draft, HeadDraft):
+            fields["draft_sources"] = np.where(chain.draft_tokens != NO_DRAFT_TOKEN, SOURCE_HEAD, SOURCE_NONE)
+            fields["draft_sources"] = fields["draft_sources"].astype(np.uint8)
+        relabeled[id(example)] = replace(example, **fields)
     return [relabeled.get(id(e), e) for e in examples]

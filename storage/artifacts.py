@@ -77,6 +77,12 @@ class CheckpointStore:
 
         The bytes are read once, hashed, and parsed from that same buffer: nothing can change between the
         check and the load."""
+        return self.get_with_metadata(sha256, expected_size=expected_size)[0]
+
+    def get_with_metadata(
+        self, sha256: str, *, expected_size: int | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """get(), and the string metadata the file was written with (empty if none), from the same bytes."""
         from safetensors.torch import load
 
         path = self.path_for(sha256)
@@ -92,7 +98,7 @@ class CheckpointStore:
                 "(changed or truncated after it was written); refusing to load it"
             )
         try:
-            return load(data)
+            return load(data), _header_metadata(data)
         except Exception as exc:  # only reachable if a non-safetensors file was stored under its own hash
             raise CheckpointIntegrityError(f"checkpoint {path} is not a valid safetensors file: {exc}") from exc
 
@@ -147,6 +153,12 @@ def _string_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
     if not metadata:
         return None
     return {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's JSON header (8-byte little-endian length, then the header)."""
+    length = int.from_bytes(data[:8], "little")
+    return dict(json.loads(data[8 : 8 + length]).get("__metadata__") or {})
 
 
 def _hash_file(path: Path) -> str:

@@ -31,6 +31,7 @@ from storage.models import (
     Completion,
     DraftCheckpoint,
     DraftEvent,
+    DraftKind,
     EventKind,
     utcnow,
 )
@@ -245,9 +246,10 @@ class LiveCounters:
     """Sums over completions served by one draft version. Ratios are derived here, never stored.
 
     With several proposers (engine.proposer auto or hybrid) a request's tokens came partly from other drafts; the
-    `model_*` counters are the draft model's own rounds (completions.by_proposer["draft"]; rows written before
-    by_proposer existed count wholly as the draft model's), and `draft_avg_len`, tokens per round in which the draft
-    model drafted, is what a version is judged by."""
+    `model_*` counters are the versioned draft's own rounds: completions.by_proposer[proposer], where proposer is the
+    draft's kind ("draft" for a draft model, "head" for a head: DraftKind, the proposers' names); rows written before
+    by_proposer existed count wholly as the draft model's. `draft_avg_len`, tokens per round in which that draft
+    drafted, is what a version is judged by."""
 
     requests: int
     drafted: int
@@ -272,20 +274,24 @@ class LiveCounters:
         return 1.0 + self.model_accepted / self.model_rounds if self.model_rounds else 0.0
 
 
-def live_counters(session: Session, draft_version: str, *, since: datetime | None = None) -> LiveCounters:
+def live_counters(
+    session: Session, draft_version: str, *, since: datetime | None = None, proposer: str = DraftKind.DRAFT.value
+) -> LiveCounters:
     """What the live guard compares: raw counters of completions stamped with `draft_version`."""
-    return live_counters_by_version(session, [draft_version], since=since)[draft_version]
+    return live_counters_by_version(session, [draft_version], since=since, proposer=proposer)[draft_version]
 
 
 def live_counters_by_version(
-    session: Session, versions: list[str], *, since: datetime | None = None
+    session: Session, versions: list[str], *, since: datetime | None = None, proposer: str = DraftKind.DRAFT.value
 ) -> dict[str, LiveCounters]:
     """LiveCounters of each version in one query; a version that served nothing gets zeros. The one source of
-    live numbers for the live guard, `checkpoints list | show` and `status`."""
+    live numbers for the live guard, `checkpoints list | show` and `status`. `proposer`: the versions' kind."""
     old_row = Completion.by_proposer.is_(None)
-    model = Completion.by_proposer["draft"]
-    rounds = case((old_row, Completion.draft_steps), else_=func.coalesce(model["rounds"].as_integer(), 0))
-    accepted = case((old_row, Completion.accepted), else_=func.coalesce(model["accepted"].as_integer(), 0))
+    model = Completion.by_proposer[proposer]
+    legacy = proposer == DraftKind.DRAFT.value  # rows without by_proposer came from the draft model alone
+    old_rounds, old_accepted = (Completion.draft_steps, Completion.accepted) if legacy else (0, 0)
+    rounds = case((old_row, old_rounds), else_=func.coalesce(model["rounds"].as_integer(), 0))
+    accepted = case((old_row, old_accepted), else_=func.coalesce(model["accepted"].as_integer(), 0))
     columns = [
         Completion.drafted,
         Completion.accepted,

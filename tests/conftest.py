@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.engine_fixtures",
     "tests.worker_fixtures",
     "tests.fault_fixtures",
+    "tests.head_fixtures",
 ]
 if (Path(__file__).parent / "storage_fixtures.py").exists():
     pytest_plugins.append("tests.storage_fixtures")

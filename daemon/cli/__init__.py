@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "daemon.cli.db",
     "daemon.cli.checkpoints",
     "daemon.cli.rounds",
+    "daemon.cli.draft",
 ]
 
 

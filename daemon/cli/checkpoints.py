@@ -77,6 +77,7 @@ def checkpoint_dict(row, active_id: int | None) -> dict:
         "sha256": row.sha256,
         "size_bytes": row.size_bytes,
         "path": row.path,
+        "kind": row.kind,
         "learner": row.learner,
         "learner_settings": row.learner_settings,
         "target_identity": row.target_identity,

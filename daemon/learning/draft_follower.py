@@ -6,8 +6,13 @@ the decode thread compares one integer at a batch boundary (at most every `learn
 only when it changed reads the version and loads its weights:
 
     checkpoint  CheckpointStore.get(sha256): the bytes are hashed as read, so a rollback serves exactly the
-                weights that were recorded (same sha256), or nothing
+                weights that were recorded (same sha256), or nothing; weights that do not fit the served draft
+                (another kind, a head of another shape or for another target architecture) are refused
+                (pipelines.drafts.DraftMismatchError) and the current version keeps serving
     base        a CPU copy of the base draft's state dict taken at start-up (checkpoint_id NULL)
+
+Both kinds of draft (pipelines.drafts) come out as a state dict: a draft LM's, or a head's (keys "head.*", what
+HeadDraft.load_state_dict takes); a head's checkpoint file also holds its HeadConfig in its metadata.
 
 Pipeline.request_draft_swap then installs them before the batch just collected is decoded, and every feedback
 row is stamped with the version that produced it (engine.draft_version).
@@ -26,17 +31,29 @@ BASE_DRAFT_VERSION = "base"  # the version label of the draft model given in mod
 
 
 class DraftWeights:
-    """Where a version's weights come from: the checkpoint store (sha256-verified) or the base draft's CPU copy."""
+    """Where a version's weights come from: the checkpoint store (sha256-verified) or the base draft's CPU copy.
+    `served` describes the served draft (pipelines.drafts.weights_metadata): what a checkpoint must fit."""
 
-    def __init__(self, checkpoint_dir: str | Path, base_state: dict):
+    def __init__(self, checkpoint_dir: str | Path, base_state: dict, served: dict[str, str] | None = None):
         self.checkpoint_dir = Path(checkpoint_dir).resolve()  # rows record absolute paths
         self.base_state = base_state
+        self.served = served or {}  # files of draft models written before this description existed have none
         self._store = None
 
     @classmethod
     def of_draft(cls, draft, checkpoint_dir: str | Path) -> DraftWeights:
+        """For a draft LM or a HeadDraft: its weights now are the base version's."""
+        from pipelines.drafts import weights_metadata
+
         base_state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in draft.state_dict().items()}
-        return cls(checkpoint_dir, base_state)
+        return cls(checkpoint_dir, base_state, weights_metadata(draft))
+
+    @property
+    def kind(self) -> str:
+        """The served draft's kind, what its checkpoint rows record (storage.models.DraftKind)."""
+        from pipelines.drafts import DRAFT_MODEL, description_of
+
+        return description_of(self.served).get("kind", DRAFT_MODEL)
 
     @property
     def store(self):
@@ -48,11 +65,23 @@ class DraftWeights:
             self._store = CheckpointStore(self.checkpoint_dir)
         return self._store
 
+    def put(self, draft):
+        """Store `draft`'s weights (with its kind and, for a head, its config); returns the StoredCheckpoint."""
+        from pipelines.drafts import weights_metadata
+
+        return self.store.put(draft.state_dict(), weights_metadata(draft))
+
     def load(self, checkpoint) -> dict:
-        """State dict of a checkpoint row (None: the base draft). Raises CheckpointIntegrityError/NotFound."""
+        """State dict of a checkpoint row (None: the base draft). Raises CheckpointIntegrityError/NotFound, and
+        DraftMismatchError for weights that do not fit the served draft."""
+        from pipelines.drafts import check_weights_fit
+
         if checkpoint is None:
             return self.base_state
-        return self.store.get(checkpoint.sha256, expected_size=checkpoint.size_bytes)
+        state, metadata = self.store.get_with_metadata(checkpoint.sha256, expected_size=checkpoint.size_bytes)
+        label = f"checkpoint {checkpoint.version}"
+        check_weights_fit(checkpoint.kind or "draft", metadata, state, self.served, self.base_state, label)
+        return state
 
 
 def cast_like(model):

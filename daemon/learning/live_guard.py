@@ -3,8 +3,8 @@
 Held-out replay decides promotion on recent feedback; live traffic is the final judge. After a promotion
 (the newest pointer move is a `promote` event), once the new version has drafted for `min_requests` requests since
 it went live, its live AvgLen (tokens per round of the rounds it drafted: storage LiveCounters.draft_avg_len, so
-rounds the goodput controller gave to other proposers do not count) is compared with a reference for its
-predecessor:
+rounds the goodput controller gave to other proposers do not count; a head's rounds are those of proposer `head`,
+a draft model's those of `draft`: the version's kind) is compared with a reference for its predecessor:
 
     1. the predecessor's own live AvgLen, over every completion it served;
     2. if it never served: its held-out AvgLen from the round that promoted the new version (same rows);
@@ -71,7 +71,7 @@ class LiveGuard:
         if judged.get("activation_event_id") == activation.id and judged.get("verdict") != "watching":
             return GuardVerdict("idle", new.version, "already judged")
 
-        live = live_counters(session, new.version, since=activation.at)
+        live = live_counters(session, new.version, since=activation.at, proposer=new.kind)
         snapshot = {
             "requests": live.requests,
             "drafted": live.drafted,
@@ -100,7 +100,8 @@ class LiveGuard:
             None if activation.from_checkpoint_id is None else get_checkpoint(session, activation.from_checkpoint_id)
         )
         previous_version = BASE_DRAFT_VERSION if predecessor is None else predecessor.version
-        reference, source = self._reference(session, activation, predecessor, previous_version, live_counters)
+        served = live_counters(session, previous_version, proposer=new.kind)  # a lineage is of one kind
+        reference, source = self._reference(activation, predecessor, served)
         guard.update(reference_version=previous_version, reference_avg_len=reference, reference_source=source)
         if reference is None:
             update_live_metrics(session, new.id, {**snapshot, "guard": {**guard, "verdict": "kept"}})
@@ -134,8 +135,7 @@ class LiveGuard:
         return GuardVerdict("rolled_back", new.version, reason)
 
     @staticmethod
-    def _reference(session, activation, predecessor, previous_version, live_counters) -> tuple[float | None, str]:
-        served = live_counters(session, previous_version)
+    def _reference(activation, predecessor, served) -> tuple[float | None, str]:
         if served.model_rounds:
             return served.draft_avg_len, f"live over {served.model_requests} requests"
         promoted_against = ((activation.metrics or {}).get("active") or {}).get("avg_len")

@@ -17,6 +17,13 @@ some out) and failed (an error, or the process stopped) leave it to the next rou
 *rejected* with the error: its window is consumed, so a poisonous window cannot stall learning forever, and the
 learner's state is reset. The active draft never changes unless the candidate won. Each phase logs one line.
 
+Drafts of both kinds (pipelines.drafts): a draft LM, or a head (pipelines.heads.model.HeadDraft). A head's training
+copy is HeadDraft.copy_for_training() (the target is shared, not copied), on the target's device in the head's own
+dtype whatever learning.device and training_dtype say; its replay simulates the engine's rounds with the engine's
+catch-up window (`window`: the engine's max k + 1); its rounds recompute the target's features of the window's
+requests once per round (pipelines.heads.feedback: the cost); its checkpoints are rows of kind `head` whose files
+carry the HeadConfig (pipelines.drafts).
+
 Training must not stall serving: the round runs on the scheduler's thread. On CPU it is limited to
 `learning.cpu_threads` intra-op threads (torch's setting is per thread with OpenMP, so the decode thread keeps
 its own); on CUDA it runs on a side stream, so its kernels interleave with the decode graphs instead of queuing
@@ -25,7 +32,6 @@ ahead of them. Serving tokens/s during the round and between rounds are recorded
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import threading
@@ -100,16 +106,21 @@ class RoundRunner:
         *,
         target_identity: str,
         serving: ServingCounters | None = None,
+        window: int | None = None,
     ):
-        """`draft` is the served draft model: copied once (on the training device) to train and replay on."""
+        """`draft` is the served draft (a draft LM or a HeadDraft): copied once (on the training device) to train
+        and replay on. `window`: a head's catch-up window in the engine (its max k + 1; default k + 1)."""
+        from pipelines.drafts import training_device
+
         self.settings = settings
         self.learning = settings.learning
         self.session_factory = session_factory
         self.weights = weights
         self.target_identity = target_identity
         self.serving = serving or (lambda: (0, 0.0))
-        self.device = self.learning.device or settings.models.device
+        self.device = training_device(draft, self.learning.device or settings.models.device)
         self.k = settings.engine.k
+        self.window = window
         self._served_draft = draft
         self._training_draft = None
         self._learner = None
@@ -145,7 +156,6 @@ class RoundRunner:
     def _round(self, window: _Window, stop: threading.Event, journal: _Journal) -> _Outcome:
         """The round's body, phase by phase; every way out is an _Outcome for record()."""
         from pipelines.learners import NonFiniteError
-        from pipelines.replay import replay
 
         # split: hold out the window's newest rows; train on the rest, plus rows from before the window
         with journal.phase("load_s"):
@@ -166,7 +176,7 @@ class RoundRunner:
         # replay the active draft on the held-out rows (the training copy holds its weights, verified)
         with journal.phase("replay_active_s"):
             draft = self._draft_with(window)
-            active = _as_dict(replay(draft, heldout, k=self.k, device=self.device))
+            active = self._replay(draft, heldout)
         self._say(
             window,
             f"replayed {window.active_version}: held-out AvgLen {_number(active.get('avg_len'))} "
@@ -200,7 +210,7 @@ class RoundRunner:
 
         # replay the candidate on the same rows, and decide
         with journal.phase("replay_candidate_s"):
-            candidate = _as_dict(replay(draft, heldout, k=self.k, device=self.device))
+            candidate = self._replay(draft, heldout)
         promote, reason = self._decide(candidate, active, window)
         _check_stop(stop)
         outcome = _Outcome("promoted" if promote else "rejected", reason, active=active, candidate=candidate)
@@ -208,10 +218,15 @@ class RoundRunner:
         # keep the candidate's weights: always when promoted, a rejected one's only with store_rejected
         if promote or self.learning.store_rejected:
             with journal.phase("store_s"):
-                outcome.stored = self.weights.store.put(draft.state_dict())  # the same weights are the same file
+                outcome.stored = self.weights.put(draft)  # the same weights are the same file
             outcome.version = f"r{window.round_id}-{outcome.stored.sha256[:8]}"
             learner.note_candidate_version(outcome.version)
         return outcome
+
+    def _replay(self, draft, heldout) -> dict[str, Any]:
+        from pipelines.replay import replay
+
+        return _as_dict(replay(draft, heldout, k=self.k, device=self.device, window=self.window))
 
     def _decide(self, candidate: dict, active: dict, window: _Window) -> tuple[bool, str]:
         """(promote, reason): pipelines.gate.decide on the held-out numbers; the reason always carries them."""
@@ -302,6 +317,7 @@ class RoundRunner:
             window_first_id=window.first_id,
             window_last_id=window.last_id,
             window_rows=window.rows,
+            kind=self.weights.kind,
             settings=self.settings.resolved(),
             heldout_metrics={**(outcome.candidate or {}), "baseline": evidence["active"]},
             deployment=self.learning.deployment,
@@ -446,15 +462,12 @@ class RoundRunner:
 
     def _draft_with(self, window: _Window):
         """The training copy, holding the active version's weights (verified against their sha256)."""
-        import torch
-
+        from pipelines.drafts import training_copy
         from storage.checkpoints_repo import get_checkpoint
         from storage.errors import TargetMismatchError
 
         if self._training_draft is None:
-            dtype = self.learning.training_dtype
-            dtype = self._served_draft.dtype if dtype == "auto" else getattr(torch, dtype)
-            self._training_draft = copy.deepcopy(self._served_draft).to(device=self.device, dtype=dtype)
+            self._training_draft = training_copy(self._served_draft, self.device, self.learning.training_dtype)
         active = None
         if window.active_id is not None:
             with self.session_factory() as session:

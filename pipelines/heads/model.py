@@ -91,13 +91,14 @@ class DraftHead(torch.nn.Module):
         features: torch.Tensor,  # [B, T, H] f_p (the target's) or the head's own previous output g
         positions: torch.Tensor,  # [B, T] int64, p
         cache: PositionalKVCache | None = None,
+        mask: torch.Tensor | None = None,  # [B, 1, T, S] bool: which of the cache's keys each query sees
     ) -> torch.Tensor:
         """[B, T, H] g_p. With `cache` the keys and values go to the cache at `positions` and a query sees the
         cache's slots <= its position (the engine's drafting); without, plain causal attention over T (training,
-        teacher forcing over right-padded rows)."""
+        teacher forcing over right-padded rows). An explicit `mask` goes with a cache of another layout (any object
+        with `update(key, value, layer_idx)`: the unrolled training of pipelines.heads.losses)."""
         hidden = self.fc(torch.cat([embeds, features.to(embeds.dtype)], dim=-1))
-        mask = None
-        if cache is not None:
+        if mask is None and cache is not None:
             cache.positions = positions
             mask = attention_mask(positions, cache.max_seq_len)
         position_embeddings = self.rotary_emb(hidden, positions)
@@ -190,15 +191,24 @@ def read_head_config(folder: str | Path) -> tuple[HeadConfig, dict]:
     document = json.loads((Path(folder).expanduser() / HEAD_CONFIG_FILE).read_text())
     if document.get("kind") != "head":
         raise ValueError(f"{folder}: {HEAD_CONFIG_FILE} does not describe a head")
-    config = HeadConfig(
+    return head_config_from_document(document), document.get("metadata", {})
+
+
+def head_config_from_document(document: dict) -> HeadConfig:
+    """The HeadConfig of a head_config.json document (or of asdict(config), as checkpoints store it)."""
+    return HeadConfig(
         num_layers=int(document["num_layers"]), target_config=document["target_config"], init=document["init"]
     )
-    return config, document.get("metadata", {})
 
 
 def check_head_fits(config: HeadConfig, target: PreTrainedModel) -> None:
     """Refuse a head built for another architecture or width (its weights would not even load)."""
-    mine, theirs = config.target_config, target.config.to_dict()
+    check_head_fits_config(config, target.config.to_dict())
+
+
+def check_head_fits_config(config: HeadConfig, target_config: dict) -> None:
+    """check_head_fits against a target's config dict (e.g. the one a served head was built from)."""
+    mine, theirs = config.target_config, target_config
     for key in ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
         if mine.get(key) != theirs.get(key):
             raise ValueError(
@@ -250,9 +260,9 @@ class HeadDraft(torch.nn.Module):
         """Logits (float32) of the token after the one each head output g predicts the feature of."""
         return self.target.get_output_embeddings()(outputs).float()
 
-    def forward(self, tokens, features, positions, cache=None) -> torch.Tensor:
+    def forward(self, tokens, features, positions, cache=None, mask=None) -> torch.Tensor:
         """g for inputs (embed(tokens), features) at positions: see DraftHead.forward."""
-        return self.head(self.embed(tokens), features, positions, cache)
+        return self.head(self.embed(tokens), features, positions, cache, mask)
 
     def copy_for_training(self) -> HeadDraft:
         """An independent copy of the head (same target), e.g. the learning round's training copy."""

@@ -39,6 +39,12 @@ contents of `draft` are undefined: the caller keeps the active draft and reloads
 Trainable parameters: "all" (embeddings, transformer blocks, final norm, LM head), "layers" (the transformer
 blocks only: embeddings, final norm and LM head frozen) or "last_layers" (the last num_last_layers blocks: the
 parameter-efficient option). Frozen parameters never change and need no master or optimizer state.
+
+Heads (pipelines.heads.model.HeadDraft) train like draft LMs. A head owns no embeddings, final norm or LM head
+(those are the target's, never trained), so "all" and "layers" are the same: its input projection `fc` and its
+decoder layers; "last_layers" is the last num_last_layers of its decoder layers (fc frozen). For the round a head
+needs the target's features of every request: a FeatureBank (pipelines.heads.feedback, where the cost is
+documented) computes them in batched target passes on first use and keeps them until fit returns.
 """
 
 from __future__ import annotations
@@ -47,11 +53,13 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from pipelines.heads.model import HeadDraft
 from pipelines.learners import distill
 from pipelines.settings import LearnerSettings
 from pipelines.types import RequestFeedback
@@ -98,11 +106,12 @@ class Member:
 
 
 def trainable_parameters(model: torch.nn.Module, settings: LearnerSettings) -> dict[str, torch.nn.Parameter]:
-    """The parameters `settings.trainable` selects, by name, in the model's order."""
+    """The parameters `settings.trainable` selects, by name, in the model's order (a head: see the module
+    docstring)."""
     named = dict(model.named_parameters())
-    if settings.trainable == "all":
+    if settings.trainable == "all" or (settings.trainable == "layers" and isinstance(model, HeadDraft)):
         return named
-    blocks = list(model.get_decoder().layers)
+    blocks = list(model.head.layers if isinstance(model, HeadDraft) else model.get_decoder().layers)
     if settings.trainable == "last_layers":
         blocks = blocks[-settings.num_last_layers :]
     chosen = {id(p) for block in blocks for p in block.parameters()}
@@ -130,6 +139,7 @@ class Learner:
         self.candidate_version: str | None = None  # the id the caller stored the last candidate under
         self._candidate: list[torch.Tensor] | None = None  # float32 weights last written into the draft
         self._frozen_checksum: torch.Tensor | None = None
+        self._features: distill.FeatureBank | None = None  # a head's target features, during fit only
         self._generator = torch.Generator().manual_seed(settings.seed)
 
     # ------------------------------------------------------------------ public API
@@ -147,21 +157,10 @@ class Learner:
         params = trainable_parameters(draft, self.settings)
         rebase_reason = self._sync(draft, params, base_version)
         self.last_base_version = base_version
-        loss_before, tokens = self._evaluate(draft, examples)
-        try:
-            draft.train()
-            for p in params.values():
-                p.requires_grad_(True)
-            details = self._train_round(draft, params, examples)
-        except NonFiniteError:
-            self.reset()
-            raise
-        finally:
-            for p in draft.parameters():
-                p.grad = None
-                p.requires_grad_(False)
-            draft.eval()
-        loss_after, _ = self._evaluate(draft, examples)
+        with self._round_features(draft):
+            loss_before, tokens = self._evaluate(draft, examples)
+            details = self._train(draft, params, examples)
+            loss_after, _ = self._evaluate(draft, examples)
         if not math.isfinite(loss_after) and tokens:
             self.reset()
             raise NonFiniteError(f"{self.name}: the candidate's loss is {loss_after}")
@@ -200,6 +199,31 @@ class Learner:
             "trainable_parameters": sum(w.numel() for w in self.members[0].weights) if self.members else 0,
             "member_lrs": [m.lr for m in self.members],
         }
+
+    def _train(self, draft, params: dict[str, torch.nn.Parameter], examples) -> dict[str, Any]:
+        """_train_round with the draft in training mode; afterwards its parameters hold no gradient, need none."""
+        try:
+            draft.train()
+            for p in params.values():
+                p.requires_grad_(True)
+            return self._train_round(draft, params, examples)
+        except NonFiniteError:
+            self.reset()
+            raise
+        finally:
+            for p in draft.parameters():
+                p.grad = None
+                p.requires_grad_(False)
+            draft.eval()
+
+    @contextmanager
+    def _round_features(self, draft):
+        """A head's target features for this fit (None for a draft LM), freed when it returns."""
+        self._features = distill.feature_bank_for(draft)
+        try:
+            yield
+        finally:
+            self._features = None
 
     # ------------------------------------------------------------------ subclass hooks
 
@@ -271,6 +295,7 @@ class Learner:
             positions=self.positions,
             micro_batch_tokens=self.settings.micro_batch_tokens,
             temperature=self.settings.target_temperature,
+            features=self._features,
         )
 
     def _load(self, params: dict[str, torch.nn.Parameter], weights: list[torch.Tensor]) -> None:
@@ -317,7 +342,7 @@ class Learner:
             w.grad = torch.zeros_like(w)
         total, count = 0.0, 0
         for group in distill.micro_batches(examples, self.settings.micro_batch_tokens):
-            batch = distill.collate(group, device)
+            batch = distill.batch_for(draft, group, device, self._features)
             logits = distill.draft_logits(draft, batch)
             mask = distill.select(logits, batch, self.positions)
             n = int(mask.sum())

@@ -20,6 +20,12 @@ that underflowed float16) contribute 0.
 
 Logits are computed only at the emitted positions (hidden states of the whole sequence, then the LM head on the
 gathered rows): a full [batch, sequence, vocabulary] logit tensor would cost gigabytes for a 150k vocabulary.
+
+Drafts of two kinds, told apart in three places only (batch_for, draft_logits, feature_bank_for): a draft LM
+(a transformers causal LM) and a head (pipelines.heads.model.HeadDraft), whose prediction of emitted token i is its
+output at index c - 1 over the target's features (pipelines.heads.feedback: the positions, the features and what
+recomputing them costs). For a head the batch skips c = 0 and carries the target's features; OSD's positions are
+those the head's own proposals were verified at (SOURCE_HEAD) instead of the draft model's.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines.types import KIND_RECOVERED, NO_DRAFT_TOKEN, SOURCE_DRAFT, SOURCE_NONE, RequestFeedback
+from pipelines.heads.feedback import FeatureBank, head_logits
+from pipelines.heads.model import HeadDraft
+from pipelines.types import KIND_RECOVERED, NO_DRAFT_TOKEN, SOURCE_DRAFT, SOURCE_HEAD, SOURCE_NONE, RequestFeedback
 
 PAD_ID = 0  # right padding never reaches a real position under causal attention
 
@@ -48,6 +56,7 @@ class FeedbackBatch:
     proposed: torch.Tensor  # [N] bool, the draft model's verification covered this position (model_verified)
     topk_ids: torch.Tensor  # [N, m] int64
     topk_logprobs: torch.Tensor  # [N, m] float32
+    features: torch.Tensor | None = None  # [B, T, H] the target's features (heads only; None: computed when needed)
 
     @property
     def positions(self) -> int:
@@ -63,8 +72,16 @@ def sequence_length(example: RequestFeedback) -> int:
     return len(example.prompt_ids) + len(example.token_ids) - 1
 
 
-def collate(examples: Sequence[RequestFeedback], device: torch.device | str) -> FeedbackBatch:
-    """Pack feedback rows into one right-padded batch (every example must have emitted tokens)."""
+def collate(
+    examples: Sequence[RequestFeedback],
+    device: torch.device | str,
+    *,
+    source: int = SOURCE_DRAFT,
+    first_column: int = 0,
+) -> FeedbackBatch:
+    """Pack feedback rows into one right-padded batch (every example must have emitted tokens). `source` is the
+    proposer whose verified positions are `proposed` (model_verified); positions predicted from an index below
+    `first_column` are left out (1 for heads: see the module docstring)."""
     width = max(sequence_length(e) for e in examples)
     top_m = min(e.target_topk_ids.shape[1] for e in examples)
     input_ids = np.full((len(examples), width), PAD_ID, dtype=np.int64)
@@ -77,34 +94,58 @@ def collate(examples: Sequence[RequestFeedback], device: torch.device | str) -> 
         rows.append(np.full(n, row))
         columns.append(len(prompt) - 1 + np.arange(n))
         index.append(np.arange(n))
-    cat = lambda name: np.concatenate([getattr(e, name) for e in examples])  # noqa: E731
-    proposed = np.concatenate([model_verified(e) for e in examples])
+    kept = np.concatenate(columns) >= first_column
+    cat = lambda arrays: np.concatenate(arrays)[kept]  # noqa: E731
+    field = lambda name: cat([getattr(e, name) for e in examples])  # noqa: E731
     to = lambda array, dtype: torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)  # noqa: E731
     return FeedbackBatch(
         input_ids=to(input_ids, torch.int64),
-        rows=to(np.concatenate(rows), torch.int64),
-        columns=to(np.concatenate(columns), torch.int64),
-        index=to(np.concatenate(index), torch.int64),
-        tokens=to(cat("token_ids"), torch.int64),
-        kinds=to(cat("kinds"), torch.uint8),
-        proposed=to(proposed, torch.bool),
-        topk_ids=to(np.concatenate([e.target_topk_ids[:, :top_m] for e in examples]), torch.int64),
-        topk_logprobs=to(np.concatenate([e.target_topk_logprobs[:, :top_m] for e in examples]), torch.float32),
+        rows=to(cat(rows), torch.int64),
+        columns=to(cat(columns), torch.int64),
+        index=to(cat(index), torch.int64),
+        tokens=to(field("token_ids"), torch.int64),
+        kinds=to(field("kinds"), torch.uint8),
+        proposed=to(cat([model_verified(e, source) for e in examples]), torch.bool),
+        topk_ids=to(cat([e.target_topk_ids[:, :top_m] for e in examples]), torch.int64),
+        topk_logprobs=to(cat([e.target_topk_logprobs[:, :top_m] for e in examples]), torch.float32),
     )
 
 
-def model_verified(example: RequestFeedback) -> np.ndarray:
-    """[n] bool: positions the draft model's own proposals were verified at, so their kind says how the model did:
-    every position of a request the draft model drafted for, except those drafted by another proposer (suffix).
-    Feedback recorded before draft_sources existed came from the draft model alone."""
+def feature_bank_for(draft: torch.nn.Module) -> FeatureBank | None:
+    """Where a head's target features are kept while its feedback is used several times; None for a draft LM."""
+    return FeatureBank(draft.target) if isinstance(draft, HeadDraft) else None
+
+
+def batch_for(
+    draft: torch.nn.Module,
+    examples: Sequence[RequestFeedback],
+    device: torch.device | str,
+    features: FeatureBank | None = None,
+) -> FeedbackBatch:
+    """collate for this kind of draft; a head's batch also carries the target's features (from `features`, or
+    computed by head_logits when it is None)."""
+    if not isinstance(draft, HeadDraft):
+        return collate(examples, device)
+    batch = collate(examples, device, source=SOURCE_HEAD, first_column=1)
+    if features is not None:
+        batch.features = features.padded(examples, batch.input_ids)
+    return batch
+
+
+def model_verified(example: RequestFeedback, source: int = SOURCE_DRAFT) -> np.ndarray:
+    """[n] bool: positions the `source` proposer's own proposals were verified at (the draft model's, or a head's),
+    so their kind says how it did: every position of a request it drafted for, except those drafted by another
+    proposer (suffix). Feedback recorded before draft_sources existed came from the draft model alone."""
     model = example.draft_tokens != NO_DRAFT_TOKEN
     if example.draft_sources is not None:
-        model = model & (example.draft_sources == SOURCE_DRAFT)
+        model = model & (example.draft_sources == source)
+    elif source != SOURCE_DRAFT:
+        return np.zeros(len(example.token_ids), dtype=bool)
     if not model.any():
         return np.zeros(len(example.token_ids), dtype=bool)
     if example.draft_sources is None:
         return np.ones(len(example.token_ids), dtype=bool)
-    others = (example.draft_sources != SOURCE_DRAFT) & (example.draft_sources != SOURCE_NONE)
+    others = (example.draft_sources != source) & (example.draft_sources != SOURCE_NONE)
     return ~others
 
 
@@ -126,7 +167,9 @@ def micro_batches(examples: Sequence[RequestFeedback], max_tokens: int) -> list[
 
 
 def draft_logits(draft: torch.nn.Module, batch: FeedbackBatch) -> torch.Tensor:
-    """[N, V] float32 draft logits at the emitted positions of the batch (teacher-forced)."""
+    """[N, V] float32 draft logits at the emitted positions of the batch (teacher-forced; a head: its step 1)."""
+    if isinstance(draft, HeadDraft):
+        return head_logits(draft, batch)
     hidden = draft.get_decoder()(input_ids=batch.input_ids, use_cache=False).last_hidden_state  # [B, T, H]
     picked = hidden[batch.rows, batch.columns]  # [N, H]
     return draft.get_output_embeddings()(picked).float()
@@ -168,13 +211,14 @@ def mean_kl(
     positions: str = "all",
     micro_batch_tokens: int = 8192,
     temperature: float = 1.0,
+    features: FeatureBank | None = None,
 ) -> tuple[float, int]:
     """Mean forward KL (target at `temperature`) over the selected emitted positions, and how many positions that
-    was (0 -> nan)."""
+    was (0 -> nan). `features`: a head's feature bank to use and fill (feature_bank_for)."""
     device = next(draft.parameters()).device
     total, count = 0.0, 0
     for group in micro_batches(usable(examples), micro_batch_tokens):
-        batch = collate(group, device)
+        batch = batch_for(draft, group, device, features)
         logits = draft_logits(draft, batch)
         mask = select(logits, batch, positions)
         total += float(forward_kl(logits, batch, temperature)[mask].sum())

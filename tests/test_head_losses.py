@@ -1,0 +1,124 @@
+"""The head's training loss: unrolled steps see what live drafting sees, the chunked loss equals the plain one and
+its gradient too, and a few steps of it teach a head the target's next features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.heads.drafting import draft_chain
+from pipelines.heads.losses import HeadLossSettings, head_loss, teacher_forced_features, unrolled_outputs
+from pipelines.heads.model import target_features
+from tests.head_fixtures import right_padded, scrambled_head
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def prefixes(tokenizer) -> list[list[int]]:
+    texts = ["def add(a, b):\n    return", "The quick brown fox jumps", "SELECT name FROM users WHERE", "To be"]
+    return [tokenizer(t).input_ids for t in texts]
+
+
+def test_unroll_two_predicts_at_step_two_what_draft_chain_proposes(head_target):
+    """Step 2 of the unrolled loss is step 2 of live drafting: true step-1 keys up to p, its own key, and the
+    head's own output in place of the feature, whenever step 1's proposal is the next token."""
+    target, tokenizer = head_target
+    draft = scrambled_head(target, seed=1)
+    sequences = prefixes(tokenizer)
+    tokens, lengths = right_padded(sequences)
+    with torch.no_grad():
+        features = target_features(target, tokens)
+        current = torch.tensor(lengths) - 1  # L: the position of each row's last token
+        window = max(lengths) + 1  # the catch-up rewrites every position: no prefill needed
+        cache = draft.head.allocate_cache(len(sequences), window + 8)
+        padded = torch.nn.functional.pad(tokens, (0, 1))  # draft_chain reads tokens up to position L
+        proposed, _ = draft_chain(draft, cache, features, padded, current, 2, window, greedy_only=True)
+
+        # the sequences the unrolled loss sees: each prefix followed by the head's own step-1 proposal
+        extended, _ = right_padded([s + [int(d)] for s, d in zip(sequences, proposed[:, 0])])
+        step1, step2 = unrolled_outputs(draft, extended, target_features(target, extended), steps=2)
+    rows = torch.arange(len(sequences))
+    chain = current - 1  # the chain started at L - 1 proposes t_{L+1}, then t_{L+2}
+    assert torch.equal(draft.logits(step1[rows, chain]).argmax(-1), proposed[:, 0])
+    assert torch.equal(draft.logits(step2[rows, chain]).argmax(-1), proposed[:, 1])
+
+
+def test_the_losss_target_pass_gives_the_targets_features(head_target):
+    target, tokenizer = head_target
+    tokens, _ = right_padded(prefixes(tokenizer))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher_forced_features(target, tokens), target_features(target, tokens))
+
+
+def test_step_one_of_the_unrolled_forward_is_the_plain_teacher_forced_forward(head_target):
+    target, tokenizer = head_target
+    draft = scrambled_head(target, seed=2)
+    tokens, lengths = right_padded(prefixes(tokenizer))
+    with torch.no_grad():
+        features = target_features(target, tokens)
+        (plain,) = unrolled_outputs(draft, tokens, features, steps=1)
+        unrolled = unrolled_outputs(draft, tokens, features, steps=3)
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(unrolled[0][row, : n - 1], plain[row, : n - 1])
+
+
+def reference_loss(draft, tokens, lengths, settings: HeadLossSettings) -> torch.Tensor:
+    """The loss written the obvious way: full [B, T, V] logits, a python loop over steps and rows."""
+    features = target_features(draft.target, tokens).detach()
+    outputs = unrolled_outputs(draft, tokens, features, settings.unroll)
+    total = torch.zeros(())
+    for s, weight in enumerate(settings.step_weights(), start=1):
+        terms = []
+        for row, n in enumerate(lengths):
+            if n - s <= 0:
+                continue
+            g = outputs[s - 1][row, : n - s]  # chains p = 0 .. n-1-s
+            f = features[row, s:n]  # their targets q = p + s
+            log_p = torch.log_softmax(draft.logits(f), -1)
+            log_q = torch.log_softmax(draft.logits(g), -1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+            reg = torch.nn.functional.smooth_l1_loss(g, f, reduction="none").mean(-1)
+            terms.append(kl + settings.regression_weight * reg)
+        total = total + weight * torch.cat(terms).mean()
+    return total
+
+
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_chunked_loss_and_gradient_equal_the_plain_computation(head_target, unroll):
+    target, tokenizer = head_target
+    tokens, lengths = right_padded(prefixes(tokenizer))
+    settings = HeadLossSettings(regression_weight=0.5, unroll=unroll, chunk_positions=7)
+
+    draft = scrambled_head(target, seed=3)
+    draft.requires_grad_(True)
+    expected = reference_loss(draft, tokens, lengths, settings)
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in draft.parameters()]
+    draft.zero_grad(set_to_none=True)
+
+    loss = head_loss(draft, tokens, lengths, settings, backward=True)
+    torch.testing.assert_close(loss.objective, expected.detach())
+    for p, g in zip(draft.parameters(), expected_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-4 * float(g.abs().max()))
+    assert loss.positions == [sum(max(n - s, 0) for n in lengths) for s in range(1, unroll + 1)]
+    assert not any(p.grad is None for p in target.parameters() if p.requires_grad)  # the target stays frozen
+    assert all(not p.requires_grad for p in target.parameters())
+
+
+def test_a_few_steps_of_the_loss_teach_a_fresh_head(head_target):
+    target, tokenizer = head_target
+    from pipelines.heads.model import DraftHead, HeadDraft
+
+    draft = HeadDraft(DraftHead.for_target(target), target)
+    draft.requires_grad_(True)
+    tokens, lengths = right_padded(prefixes(tokenizer))
+    settings = HeadLossSettings(unroll=2)
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=1e-2)
+    first = head_loss(draft, tokens, lengths, settings)
+    for _ in range(30):
+        optimizer.zero_grad()
+        head_loss(draft, tokens, lengths, settings, backward=True)
+        optimizer.step()
+    last = head_loss(draft, tokens, lengths, settings)
+    assert float(last.objective) < 0.35 * float(first.objective)
+    assert (last.top1 > first.top1 + 0.2 * torch.tensor(last.positions)).all()  # both steps now often right
