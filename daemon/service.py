@@ -111,7 +111,14 @@ def build_worker(settings: Settings, notifier: SystemdNotifier | None = None) ->
     worker = Worker(settings, engine, tokenizer, store, metrics=DaemonMetrics(), notifier=notifier, follower=follower)
     if engine.draft is not None:
         worker.learning = build_learning(
-            settings, db_engine, session_factory, engine.draft, weights, target_identity, worker.serving_counters
+            settings,
+            db_engine,
+            session_factory,
+            engine.draft,
+            weights,
+            target_identity,
+            worker.serving_counters,
+            window=engine.max_k + 1,
         )
     return worker
 
@@ -140,9 +147,17 @@ def warm_start_suffix_cache(engine, session_factory, target_identity: str) -> No
 
 
 def build_learning(
-    settings: Settings, db_engine, session_factory, draft, weights: DraftWeights, target_identity: str, serving_counters
+    settings: Settings,
+    db_engine,
+    session_factory,
+    draft,
+    weights: DraftWeights,
+    target_identity: str,
+    serving_counters,
+    window: int | None = None,
 ):
-    """The learning scheduler: rounds when learning.enabled, the live guard when live_guard.enabled; else None."""
+    """The learning scheduler: rounds when learning.enabled, the live guard when live_guard.enabled; else None.
+    `window`: the engine's head catch-up window (its max k + 1), so a head's replay drafts exactly as served."""
     from daemon.learning.learner_lock import LearnerLock
     from daemon.learning.live_guard import LiveGuard
     from daemon.learning.rounds import RoundRunner
@@ -155,7 +170,13 @@ def build_learning(
 
         lock = LearnerLock(db_engine, learning.deployment)
         runner = RoundRunner(
-            settings, session_factory, weights, draft, target_identity=target_identity, serving=serving_counters
+            settings,
+            session_factory,
+            weights,
+            draft,
+            target_identity=target_identity,
+            serving=serving_counters,
+            window=window,
         )
     if learning.live_guard.enabled:
         guard = LiveGuard(learning.live_guard, session_factory, deployment=learning.deployment)
