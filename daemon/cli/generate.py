@@ -29,13 +29,15 @@ DEFAULTED_FIELDS = ("max_new_tokens", "temperature", "top_p", "seed")  # flag de
 def register(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="decode JSONL prompts from stdin (no Kafka, no database)")
     parser.add_argument("--target", required=True, help="target model: HF folder or .gguf file")
-    parser.add_argument("--draft", help="draft model sharing the target's vocabulary")
+    parser.add_argument(
+        "--draft", help="draft LM sharing the target's vocabulary, a head folder (draft init), or new-head"
+    )
     parser.add_argument("--no-draft", action="store_true", help="no draft model (proposers none, suffix, auto)")
     parser.add_argument(
         "--proposer",
         choices=PROPOSER_NAMES,
         default="auto",
-        help="what drafts: none, draft, suffix, hybrid or auto (default auto; see config.yaml)",
+        help="what drafts: none, draft, head, suffix, hybrid or auto (default auto; see config.yaml)",
     )
     parser.add_argument(
         "--k", type=int, default=5, help="draft tokens per round of a fixed proposer, 0-16 (default 5; 0 = target-only)"
@@ -83,7 +85,7 @@ def check_arguments(args: argparse.Namespace):
 
     if not args.no_draft and not args.draft:
         raise CommandError("give --draft DIR, or --no-draft to decode without a draft model", EXIT_USAGE)
-    if args.no_draft and args.proposer in ("draft", "hybrid"):
+    if args.no_draft and args.proposer in ("draft", "head", "hybrid"):
         raise CommandError(f"--proposer {args.proposer} needs a draft model; drop --no-draft", EXIT_USAGE)
     try:
         check_device(args.device)
