@@ -19,6 +19,8 @@ out=$1; shift
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 STAGE=${STAGE:-/tmp/stage}
 CORPUS=${CORPUS:-assets/head-corpus}
+DEVICE=${DEVICE:-cuda}   # DEVICE=cpu DTYPE=float32 STAGE=<tiny models> rehearses a session on the CPU box
+DTYPE=${DTYPE:-bfloat16}
 quiet() { grep --line-buffered -v "Loading\|Writing\|it/s\]\|s/it\]" || true; }
 
 prepare() {
@@ -50,21 +52,22 @@ while [[ $# -gt 0 ]]; do
   [[ $step == smoke ]] || prepare
   case $step in
     smoke)
-      python -m bench.gpu_smoke 2>&1 | quiet | tee "$out/smoke.log" | tail -14
+      python -m bench.gpu_smoke --device "$DEVICE" 2>&1 | quiet | tee "$out/smoke.log" | tail -14
       grep -q "^SMOKE OK" "$out/smoke.log" ;;
     head-init)
       python -m daemon.cli draft init --kind head --target "$STAGE/target-hf" --corpus "$CORPUS/corpus.jsonl" \
-        --prompts "$CORPUS/prompts.jsonl" --device cuda --dtype bfloat16 --out "$STAGE/head" "$@" 2>&1 \
+        --prompts "$CORPUS/prompts.jsonl" --device "$DEVICE" --dtype "$DTYPE" --out "$STAGE/head" "$@" 2>&1 \
         | quiet | tee "$out/head-init.log" | tail -20
       cp "$STAGE/head/head_config.json" "$out/head_config.json"
       break ;;
     proposers)
-      python -m bench.proposers --target "$STAGE/target-hf" $(draft_args) --device cuda --dtype bfloat16 \
+      python -m bench.proposers --target "$STAGE/target-hf" $(draft_args) --device "$DEVICE" --dtype "$DTYPE" \
         --out "$out" "$@" 2>&1 | quiet | tee "$out/proposers.log" | tail -40
       break ;;
     daemon-cb)
-      python -m bench.daemon_load --target "$STAGE/target-hf" $(draft_args | sed 's/--head/--draft/') --device cuda \
-        --dtype bfloat16 --out "$out/daemon-cb.json" "$@" 2>&1 | quiet | tee "$out/daemon-cb.log" | tail -40
+      python -m bench.daemon_load --target "$STAGE/target-hf" $(draft_args | sed 's/--head/--draft/') \
+        --device "$DEVICE" --dtype "$DTYPE" --out "$out/daemon-cb.json" "$@" 2>&1 | quiet | tee "$out/daemon-cb.log" \
+        | tail -40
       break ;;
     daemon)
       python -m bench.daemon_load --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \

@@ -131,6 +131,7 @@ def main(argv=None) -> None:
         for record in corpus:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     prompts = distillation_prompts(args.bench_prompts, args.per_domain)
+    random.Random(1).shuffle(prompts)  # `draft init` holds out the records after --generate: a mix of domains
     with open(args.out / "prompts.jsonl", "w") as handle:
         for record in prompts:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
