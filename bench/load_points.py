@@ -27,12 +27,13 @@ Measured per request, in this process's clock unless said otherwise:
     ttft_daemon  timings.first_token_s: the record's arrival in the daemon's poll thread to its first token
     to_daemon  ttft - ttft_daemon: produce -> the daemon's poll thread (Kafka delivery, and the wait of records in
                Kafka while the daemon's queue is full), plus the sink time above
-Per point: offered and achieved requests/s, completion tokens/s (first produce -> last completion), p50/p99 of
-the latencies, slot occupancy (the daemon's onlinespec_slot_occupancy gauge, decoding slots / slots after each
-engine step, sampled every OCCUPANCY_EVERY_S while the point runs, averaged) and `slots_held` (sum of the
-requests' decode_s, slot to last token, prefill included / (batch size x span)). The prefill share of engine
-time is not exported by the daemon (no prefill timer in its metrics or log); `prefill_s` (timings first_token_s
-- queue_s: slot to first token, the prefill forward the request took part in) is reported as a proxy.
+Per point: offered and achieved requests/s, completion tokens/s (first produce -> last completion; for a burst also
+`steady_rps`, without its first and last batch size of completions), p50/p99 of the latencies, slot occupancy (the
+daemon's onlinespec_slot_occupancy gauge, decoding slots / slots after each engine step, sampled every
+OCCUPANCY_EVERY_S while the point runs, averaged) and `slots_held` (the requests' decode_s, slot to last token,
+prefill included, summed / (batch size x span)). The prefill share of engine time is not exported by the daemon
+(no prefill timer in its metrics or log); `prefill_s` (timings first_token_s - queue_s: slot to first token, the
+prefill forward the request took part in) is reported as a proxy.
 """
 
 from __future__ import annotations
@@ -299,6 +300,12 @@ def measure(point: Point, produced: dict[str, float], answers: dict[str, Answer]
         prefill.append(t["first_token_s"] - t["queue_s"])
         held += t["decode_s"]
     tokens = sum(a.tokens for a in completed.values())
+    # A burst's rate between its first and last batch size of completions: without the ramp (first prefill, Kafka
+    # delivery) and the tail (slots emptying while the last long requests finish), which first produce -> last
+    # completion (rps, the saturation rate) includes.
+    ends = sorted(a.arrived for a in completed.values())
+    edge = daemon.batch_size
+    steady = (len(ends) - 2 * edge + 1) / (ends[-edge] - ends[edge - 1]) if len(ends) > 2 * edge else None
     transactions = after.get("onlinespec_store_seconds_count", 0) - before.get("onlinespec_store_seconds_count", 0)
     store = after.get("onlinespec_store_seconds_sum", 0) - before.get("onlinespec_store_seconds_sum", 0)
     return {
@@ -311,6 +318,7 @@ def measure(point: Point, produced: dict[str, float], answers: dict[str, Answer]
         "arrivals_s": round(point.arrivals_s, 2),
         "span_s": round(span, 3),
         "rps": round(len(completed) / span, 3),
+        "steady_rps": round(steady, 3) if steady and point.rate is None else None,
         "tok_s": round(tokens / span, 1),
         "completion_tokens": tokens,
         "e2e_s": percentiles(e2e),
