@@ -37,13 +37,18 @@ p50/p99 time to first token and end-to-end latency, slot occupancy. No engine ba
 --proposers names another proposer (later points replay the stream, so a suffix proposer would have seen it).
 Prints progress lines, a short table last, the JSON to --out.
 
-    python -m bench.daemon_load --compare-scheduling --batch-sizes 8 \
-        --prompt-file bench/data/text_to_sql.jsonl bench/data/sharegpt.jsonl --max-new-tokens-per-file 32 128 \
-        --prompt-chars 800 --budget-s 300 --out /tmp/scheduling-cpu.json       # tiny target, CPU: ~5 min
-    python -m bench.daemon_load --compare-scheduling --batch-sizes 8 32 --target T --device cuda \
-        --dtype bfloat16 --chat --prompt-file bench/data/text_to_sql.jsonl bench/data/sharegpt.jsonl \
-        --max-new-tokens-per-file 32 128 --prompt-chars 2000 --threads 4 --start-together --budget-s 240 \
-        --out scheduling-h200.json                                                    # one GPU: ~4.5 min
+    python -m bench.daemon_load --compare-scheduling --batch-sizes 8 \\
+        --prompt-file bench/data/text_to_sql.jsonl bench/data/sharegpt.jsonl --max-new-tokens-per-file 32 128 \\
+        --prompt-chars 800 --budget-s 320 --point-s 60 --out /tmp/scheduling-cpu.json   # tiny target, CPU: 5.5 min
+    python -m bench.daemon_load --compare-scheduling --batch-sizes 8 32 --target T --device cuda \\
+        --dtype bfloat16 --chat --prompt-file bench/data/text_to_sql.jsonl bench/data/sharegpt.jsonl \\
+        --max-new-tokens-per-file 32 128 --prompt-chars 2000 --threads 4 --start-together --budget-s 240 \\
+        --out scheduling-h200.json       # one GPU, ~4.5 min (bench/gpu_final.sh OUT scheduling runs this)
+
+--draft is loaded only for a proposer other than none. --budget-s covers the whole comparison, daemon starts
+included: the Poisson points get what is left once the other steps are reckoned (at most --point-s seconds of
+arrivals each, at least --min-point-requests requests); --start-together overlaps the starts (a GPU has the memory
+for four idle daemons; on a small CPU box they would compete with the measured one).
 """
 
 from __future__ import annotations

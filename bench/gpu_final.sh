@@ -11,6 +11,7 @@
 #   bash bench/gpu_final.sh OUT proposers [ARGS...]     # python -m bench.proposers (ARGS go to it)
 #   bash bench/gpu_final.sh OUT daemon-proposers        # the daemon through Kafka: auto vs none, homogeneous + mixed
 #   bash bench/gpu_final.sh OUT suffix-cache            # python -m bench.suffix_cache on the GPU, 100k completions
+#   bash bench/gpu_final.sh OUT scheduling [ARGS...]    # static vs continuous, batch 8 and 32, ~4 min (ARGS go to it)
 set -euo pipefail
 out=$1; shift
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -58,6 +59,15 @@ while [[ $# -gt 0 ]]; do
           --prompt-file $files --chat --prompt-chars 3000 --proposers auto none --no-engine \
           --out "$out/daemon-proposers/${stream// /_and_}.json" 2>&1 | grep "^run "
       done ;;
+    scheduling)
+      shift
+      mkdir -p "$out/scheduling"
+      python -m bench.daemon_load --compare-scheduling --batch-sizes 8 32 --target "$STAGE/target-hf" --device cuda \
+        --dtype bfloat16 --chat --prompt-file bench/data/text_to_sql.jsonl bench/data/sharegpt.jsonl \
+        --max-new-tokens-per-file 32 128 --prompt-chars 2000 --max-seq-len 1024 --threads 4 --start-together \
+        --budget-s 240 --out "$out/scheduling/scheduling.json" "$@" 2>&1 | grep -v "it/s\]" \
+        | tee "$out/scheduling/log.txt" | tail -40
+      break ;;
     suffix-cache)
       shift
       python -m bench.suffix_cache --tokenizer "$STAGE/target-hf" --completions 100000 --table-buckets 2097152 \

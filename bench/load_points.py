@@ -25,6 +25,7 @@ Measured per request, in this process's clock unless said otherwise:
                counted as if it came before the first token: an upper bound, too high by the store time
                (`store_s_mean`, from onlinespec_store_seconds, is reported with each point)
     ttft_daemon  timings.first_token_s: the record's arrival in the daemon's poll thread to its first token
+    itl        the daemon's first token -> last token / (completion tokens - 1): mean inter-token latency
     to_daemon  ttft - ttft_daemon: produce -> the daemon's poll thread (Kafka delivery, and the wait of records in
                Kafka while the daemon's queue is full), plus the sink time above
 Per point: offered and achieved requests/s, completion tokens/s (first produce -> last completion; for a burst also
@@ -178,7 +179,9 @@ class ServingDaemon:
         database_url = args.database_url or f"sqlite:///{workdir / 'bench.db'}"
         upgrade_to_head(database_url)
         self.port = free_port()
-        config = daemon_config(args, self.names, database_url, target, args.draft, args.proposers[0], self.port)
+        proposer = args.proposers[0]
+        draft = None if proposer == "none" else args.draft  # target-only needs no draft loaded
+        config = daemon_config(args, self.names, database_url, target, draft, proposer, self.port)
         config["engine"].update(max_batch_size=batch_size, scheduling=scheduling)
         config["batching"]["queue_size"] = max(64, 4 * batch_size)
         config_path = workdir / "config.yaml"
@@ -274,11 +277,13 @@ class ServingDaemon:
         if self.reader is not None:
             self.reader.close()
         self.process.stop()
-        summary = [line for line in self.process.log().splitlines() if "onlinespec stopped" in line]
+        lines = self.process.log().splitlines()
+        summary = [line for line in lines if "onlinespec stopped" in line]
         return {
             "exit_code": self.process.process.returncode if self.process.process else None,
             "stages": stages,
             "summary": summary[-1].split(": ", 1)[-1] if summary else None,
+            "log_warnings": [line for line in lines if line.split(" ")[2:3] in (["WARNING"], ["ERROR"])][:20],
         }
 
 
@@ -288,13 +293,15 @@ def measure(point: Point, produced: dict[str, float], answers: dict[str, Answer]
     first = min(produced.values(), default=0.0)
     last = max((a.arrived for a in answers.values()), default=first)
     span = max(last - first, 1e-9)
-    e2e, ttft, ttft_daemon, queue, prefill, held = [], [], [], [], [], 0.0
+    e2e, ttft, ttft_daemon, itl, queue, prefill, held = [], [], [], [], [], [], 0.0
     for request_id, answer in completed.items():
         t = answer.timings
         total = answer.arrived - produced[request_id]
-        after_first_token = t["queue_s"] + t["decode_s"] - t["first_token_s"] + answer.delivery_s
+        first_to_last = t["queue_s"] + t["decode_s"] - t["first_token_s"]
         e2e.append(total)
-        ttft.append(max(t["first_token_s"], total - after_first_token))
+        ttft.append(max(t["first_token_s"], total - first_to_last - answer.delivery_s))
+        if answer.tokens > 1:
+            itl.append(first_to_last / (answer.tokens - 1))
         ttft_daemon.append(t["first_token_s"])
         queue.append(t["queue_s"])
         prefill.append(t["first_token_s"] - t["queue_s"])
@@ -325,6 +332,7 @@ def measure(point: Point, produced: dict[str, float], answers: dict[str, Answer]
         "ttft_s": percentiles(ttft),
         "ttft_daemon_s": percentiles(ttft_daemon),
         "to_daemon_s": percentiles([a - b for a, b in zip(ttft, ttft_daemon)]),
+        "itl_s": percentiles(itl),
         "queue_s": percentiles(queue),
         "prefill_s": percentiles(prefill),
         "occupancy": daemon.occupancy(first, last),

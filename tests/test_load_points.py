@@ -61,6 +61,7 @@ def test_latencies_from_produce_times_answers_and_timings():
     assert found["ttft_s"]["p50"] == pytest.approx(0.7)
     assert found["ttft_daemon_s"]["p50"] == 0.3 and found["to_daemon_s"]["p50"] == pytest.approx(0.4)
     assert found["prefill_s"]["p50"] == pytest.approx(0.2) and found["slots_held"] == pytest.approx(0.225)
+    assert found["itl_s"]["p50"] == pytest.approx(0.7 / 9, abs=1e-4)
 
 
 def test_the_budget_shares_what_is_left_among_the_points_to_size():
