@@ -23,9 +23,32 @@ while the round ran against outside every round, and the daemon's own decode tok
 With --proposers the daemon runs once per proposer (engine.proposer; the rest of the engine config at its
 defaults) on the same stream, in one run: e.g. `--proposers auto none` compares the default auto with target-only.
 --prompt-file takes several files: their prompts are interleaved (a mixed stream); --chat sends them as chat
-`messages`.
+`messages`; --max-new-tokens-per-file gives each file's requests their own max_new_tokens (short SQL answers
+beside long chat answers).
 
 Prints one JSON object (also written to --out) with both rates and their ratio.
+
+With --compare-scheduling (issue 14; bench/load_points.py has the measurements) it compares engine.scheduling
+static and continuous through the daemon on the same mixed stream, per batch size (--batch-sizes), each daemon
+started once and serving its load points back to back: throughput at saturation (a burst of
+--saturation-batches x batch size prompts), then Poisson arrivals at 50% and 90% (--load-fractions) of its own
+saturation rate and, for continuous, also at static's 50%/90% (the same arrival times and prompts as static got):
+p50/p99 time to first token and end-to-end latency, slot occupancy. No engine baseline; target-only unless
+--proposers names another proposer (later points replay the stream, so a suffix proposer would have seen it).
+Prints progress lines, a short table last, the JSON to --out.
+
+    python -m bench.daemon_load --compare-scheduling --batch-sizes 8 \\
+        --prompt-file bench/data/text_to_sql.jsonl bench/data/sharegpt.jsonl --max-new-tokens-per-file 32 128 \\
+        --prompt-chars 800 --budget-s 320 --point-s 60 --out /tmp/scheduling-cpu.json   # tiny target, CPU: 5.5 min
+    python -m bench.daemon_load --compare-scheduling --batch-sizes 8 32 --target T --device cuda \\
+        --dtype bfloat16 --chat --prompt-file bench/data/text_to_sql.jsonl bench/data/sharegpt.jsonl \\
+        --max-new-tokens-per-file 32 128 --prompt-chars 2000 --threads 4 --start-together --budget-s 240 \\
+        --out scheduling-h200.json       # one GPU, ~4.5 min (bench/gpu_final.sh OUT scheduling runs this)
+
+--draft is loaded only for a proposer other than none. --budget-s covers the whole comparison, daemon starts
+included: the Poisson points get what is left once the other steps are reckoned (at most --point-s seconds of
+arrivals each, at least --min-point-requests requests); --start-together overlaps the starts (a GPU has the memory
+for four idle daemons; on a small CPU box they would compete with the measured one).
 """
 
 from __future__ import annotations
@@ -51,6 +74,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from bench import load_points
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", help="target model (default: build a tiny random one)")
     parser.add_argument("--draft", help="draft model (default: none, target-only)")
@@ -67,12 +92,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--proposers",
         nargs="+",
-        default=["auto"],
-        help="engine.proposer of each daemon run, same stream (default: auto)",
+        help="engine.proposer of each daemon run, same stream (default: auto; with --compare-scheduling: none, "
+        "target-only, and only one)",
     )
     parser.add_argument("--no-engine", action="store_true", help="skip the in-process engine baseline")
     parser.add_argument("--prompt-chars", type=int, default=300, help="truncate prompts to this many characters")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--max-new-tokens-per-file",
+        type=int,
+        nargs="+",
+        help="max_new_tokens of each --prompt-file's requests, in order (default: --max-new-tokens for all)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--k", type=int, default=5, help="draft tokens per step when a draft is given")
     parser.add_argument("--max-seq-len", type=int, default=1024)
@@ -107,24 +138,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--learner", default="online", help="--learning: learner name (default online)")
     parser.add_argument("--out", help="write the JSON result here too")
+    load_points.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.learning and not args.draft:
         parser.error("--learning needs --draft")  # checked before any broker or model starts
+    if args.max_new_tokens_per_file:
+        if len(args.max_new_tokens_per_file) != len(args.prompt_file):
+            parser.error("--max-new-tokens-per-file needs one value per --prompt-file")
+        args.max_new_tokens = max(args.max_new_tokens_per_file)  # the daemon's limit
+    if args.compare_scheduling:
+        if args.learning:
+            parser.error("--compare-scheduling runs without --learning")
+        args.proposers = args.proposers or ["none"]
+        if len(args.proposers) != 1:
+            parser.error("--compare-scheduling takes one proposer")
+        args.batch_sizes = args.batch_sizes or [args.batch_size]
+    args.proposers = args.proposers or ["auto"]
     return args
 
 
-def load_prompt_values(args) -> list[bytes]:
+def load_prompt_values(
+    args, count: int | None = None, prefix: str = "load", max_new_tokens: list[int] | None = None
+) -> list[bytes]:
+    """`count` (default args.prompts) greedy prompt records `{prefix}-00000`, ...: record i from prompt file
+    i % files (the files interleaved), asking for max_new_tokens[that file] (default args.max_new_tokens)."""
     files = [[json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()] for f in args.prompt_file]
+    max_new_tokens = max_new_tokens or [args.max_new_tokens] * len(files)
     values = []
-    for i in range(args.prompts):
+    for i in range(args.prompts if count is None else count):
         lines = files[i % len(files)]
         prompt = lines[(i // len(files)) % len(lines)]["prompt"][: args.prompt_chars]
         text = {"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt}
-        values.append(
-            json.dumps(
-                {"id": f"load-{i:05d}", **text, "max_new_tokens": args.max_new_tokens, "temperature": 0}
-            ).encode()
-        )
+        record = {"id": f"{prefix}-{i:05d}", **text, "max_new_tokens": max_new_tokens[i % len(files)], "temperature": 0}
+        values.append(json.dumps(record).encode())
     return values
 
 
@@ -343,14 +389,24 @@ def serving_during_rounds(config_path: Path, arrivals: list[tuple[float, int]], 
     }
 
 
-def scrape_stages(port: int) -> dict:
-    """Per-batch time of each worker stage, from the daemon's own histograms."""
+def metric_families(port: int) -> list:
+    """The daemon's metrics, parsed (prometheus_client Metric families)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    sums = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return list(text_string_to_metric_families(text))
+
+
+def metric_samples(port: int) -> dict[str, float]:
+    """The daemon's unlabelled samples by name (gauges, histogram sums and counts)."""
+    return {s.name: s.value for f in metric_families(port) for s in f.samples if not s.labels}
+
+
+def scrape_stages(port: int) -> dict:
+    """Per-batch time of each worker stage, from the daemon's own histograms."""
+    sums = metric_samples(port)
     batches = sums.get("onlinespec_batch_size_count", 0) or 1
     stages = {"batches": int(batches), "mean_batch_size": round(sums.get("onlinespec_batch_size_sum", 0) / batches, 2)}
     for stage in ("decode", "store", "produce"):
@@ -360,14 +416,9 @@ def scrape_stages(port: int) -> dict:
 
 def scrape_variants(port: int) -> dict:
     """Batches per variant the daemon ran (onlinespec_variant_batches)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     return {
         s.labels["variant"]: int(s.value)
-        for f in text_string_to_metric_families(text)
+        for f in metric_families(port)
         for s in f.samples
         if s.name == "onlinespec_variant_batches_total"
     }
@@ -408,13 +459,47 @@ def machine() -> dict:
     return info
 
 
+def setup(args) -> dict:
+    """What a result was measured with."""
+    found = {
+        "target": args.target or f"tiny random Qwen2 ({args.layers} layers, hidden {args.hidden})",
+        "draft": args.draft,
+        "device": args.device,
+        "dtype": args.dtype,
+        "prompts": args.prompts,
+        "prompt_chars": args.prompt_chars,
+        "max_new_tokens": args.max_new_tokens_per_file or args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "k": args.k,
+        "max_seq_len": args.max_seq_len,
+        "proposers": args.proposers,
+        "prompt_files": [Path(f).name for f in args.prompt_file],
+        "chat": args.chat,
+        "threads": args.threads,
+        "learning": args.learning and {"learner": args.learner, "round_tokens": args.round_tokens},
+        "database": "sqlite" if not args.database_url else args.database_url.split(":")[0],
+    }
+    if args.compare_scheduling:
+        del found["prompts"], found["batch_size"]
+        keys = ("batch_sizes", "load_fractions", "saturation_batches", "point_s", "min_point_requests", "budget_s")
+        found |= {key: getattr(args, key) for key in keys}
+        found |= {"seed": args.seed, "start_together": args.start_together, "max_wait_ms": args.max_wait_ms}
+    return found
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the daemon subprocess
     import torch
 
     torch.set_num_threads(args.threads)
-    values = load_prompt_values(args)
+    command = "python -m bench.daemon_load " + " ".join(sys.argv[1:] if argv is None else argv)
+    head = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(), "setup": setup(args)}
+    if args.compare_scheduling:
+        from bench.load_points import run
+
+        return run(args, head, command)
+    values = load_prompt_values(args, max_new_tokens=args.max_new_tokens_per_file)
     runs = []
     with tempfile.TemporaryDirectory(prefix="daemon-load-") as tmp:
         workdir = Path(tmp)
@@ -435,31 +520,13 @@ def main(argv=None) -> int:
                     file=sys.stderr,
                 )
                 runs.append({"proposer": proposer, "engine": engine, "daemon": daemon, "ratio": ratio})
-    result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "setup": {
-            "target": args.target or f"tiny random Qwen2 ({args.layers} layers, hidden {args.hidden})",
-            "draft": args.draft,
-            "device": args.device,
-            "prompts": args.prompts,
-            "prompt_chars": args.prompt_chars,
-            "max_new_tokens": args.max_new_tokens,
-            "batch_size": args.batch_size,
-            "k": args.k,
-            "proposers": args.proposers,
-            "prompt_files": [Path(f).name for f in args.prompt_file],
-            "chat": args.chat,
-            "threads": args.threads,
-            "learning": args.learning and {"learner": args.learner, "round_tokens": args.round_tokens},
-            "database": "sqlite" if not args.database_url else args.database_url.split(":")[0],
-        },
+    result = head | {
         "runs": runs,
         "median_ratio": None if args.learning or args.no_engine else statistics.median(run["ratio"] for run in runs),
         "daemon_tok_s_by_proposer": {
             p: [r["daemon"]["tok_s"] for r in runs if r["proposer"] == p] for p in args.proposers
         },
-        "command": "python -m bench.daemon_load " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
     }
     text = json.dumps(result, indent=2)
     print(text)

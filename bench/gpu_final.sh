@@ -8,7 +8,7 @@
 #   bash bench/gpu_final.sh OUT smoke                      # bench/gpu_smoke.py: tiny models, every proposer, joins
 #   bash bench/gpu_final.sh OUT head-init [ARGS...]        # onlinespec draft init --kind head -> $STAGE/head
 #   bash bench/gpu_final.sh OUT proposers [ARGS...]        # python -m bench.proposers (with the head, the draft LM)
-#   bash bench/gpu_final.sh OUT daemon-cb [ARGS...]        # python -m bench.daemon_load, static vs continuous
+#   bash bench/gpu_final.sh OUT scheduling [ARGS...]       # static vs continuous through the daemon, b8 and b32
 #   bash bench/gpu_final.sh OUT daemon                     # bench/daemon_load.py with the real pair through Kafka
 #   bash bench/gpu_final.sh OUT learning [ARGS...]         # bench/learning.py (ARGS go to it)
 #   bash bench/gpu_final.sh OUT daemon-learning            # the daemon serving while it runs learning rounds
@@ -64,10 +64,11 @@ while [[ $# -gt 0 ]]; do
       python -m bench.proposers --target "$STAGE/target-hf" $(draft_args) --device "$DEVICE" --dtype "$DTYPE" \
         --out "$out" "$@" 2>&1 | quiet | tee "$out/proposers.log" | tail -40
       break ;;
-    daemon-cb)
-      python -m bench.daemon_load --target "$STAGE/target-hf" $(draft_args | sed 's/--head/--draft/') \
-        --device "$DEVICE" --dtype "$DTYPE" --out "$out/daemon-cb.json" "$@" 2>&1 | quiet | tee "$out/daemon-cb.log" \
-        | tail -40
+    scheduling)
+      python -m bench.daemon_load --compare-scheduling --batch-sizes 8 32 --target "$STAGE/target-hf" \
+        --device "$DEVICE" --dtype "$DTYPE" --chat --prompt-file bench/data/text_to_sql.jsonl bench/data/sharegpt.jsonl \
+        --max-new-tokens-per-file 32 128 --prompt-chars 2000 --max-seq-len 1024 --threads 4 --start-together \
+        --budget-s 240 --out "$out/scheduling.json" "$@" 2>&1 | quiet | tee "$out/scheduling.log" | tail -40
       break ;;
     daemon)
       python -m bench.daemon_load --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -580,16 +580,35 @@ def delivery_figures(database_url: str, ids: list[str], records) -> dict:
 
 
 class PacedProducer:
-    """Sends (key, value) records at `rate` per second on a thread of its own (the i-th at start + i / rate, so a
-    slow moment is caught up rather than lost), until the records run out or stop() is called. `sent` holds the
-    request ids produced, in order."""
+    """Sends (key, value) records on a thread of its own, the i-th at start + at[i] seconds (default: i / rate, a
+    fixed rate), so a slow moment is caught up rather than lost, until the records run out or stop() is called.
+    `sent` holds the request ids produced, in order, and `sent_at` when each was handed to the client
+    (time.monotonic()). With wait_acks (the default) each record is acknowledged before the next is sent (`sent`
+    holds acknowledged records only); without, sends never wait for acks (arrivals in bursts stay bursts) and the
+    thread waits for every ack once the records ran out."""
 
-    def __init__(self, bootstrap: str, topic: str, records: Iterable[tuple[bytes, bytes]], rate: float):
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        records: Iterable[tuple[bytes, bytes]],
+        rate: float | None = None,
+        *,
+        at: Sequence[float] | None = None,
+        wait_acks: bool = True,
+        linger_ms: int = 5,
+    ):
+        if (rate is None) == (at is None):
+            raise ValueError("give a rate or the arrival offsets (at), not both")
         self.bootstrap = bootstrap
         self.topic = topic
         self.records = iter(records)
+        self.offsets = at
         self.rate = rate
+        self.wait_acks = wait_acks
+        self.linger_ms = linger_ms
         self.sent: list[str] = []
+        self.sent_at: list[float] = []
         self.started: float | None = None
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -599,21 +618,38 @@ class PacedProducer:
         self._thread.start()
         return self
 
+    def _offset(self, i: int) -> float:
+        return self.offsets[i] if self.offsets is not None else i / self.rate
+
     def _run(self) -> None:
         from kafka import KafkaProducer
 
-        producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
+        producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=self.linger_ms)
         try:
             self.started = time.monotonic()
+            pending = []
             for i, (key, value) in enumerate(self.records):
-                if self._stop.wait(max(0.0, self.started + i / self.rate - time.monotonic())):
+                if self._stop.wait(max(0.0, self.started + self._offset(i) - time.monotonic())):
                     break
-                producer.send(self.topic, key=key, value=value).get(timeout=30)
+                sent_at = time.monotonic()
+                future = producer.send(self.topic, key=key, value=value)
+                if self.wait_acks:
+                    future.get(timeout=30)
+                else:
+                    pending.append(future)
                 self.sent.append(json.loads(value)["id"])
+                self.sent_at.append(sent_at)
+            for future in pending:
+                future.get(timeout=30)
         except BaseException as exc:  # reported by stop()
             self.error = exc
         finally:
             producer.close()
+
+    @property
+    def done(self) -> bool:
+        """Every record was sent (and acknowledged), or producing stopped."""
+        return self.started is not None and not self._thread.is_alive()
 
     def stop(self) -> list[str]:
         """Stop producing; the ids sent."""
