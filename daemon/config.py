@@ -45,6 +45,7 @@ class KafkaSettings(_Section):
     heartbeat_interval_ms: int = Field(3_000, ge=100, le=600_000)
     max_poll_interval_ms: int = Field(300_000, ge=1_000, le=86_400_000)
     max_poll_records: int = Field(256, ge=1, le=100_000)
+    fetch_max_wait_ms: int = Field(100, ge=0, le=60_000)  # a broker that holds fetches delays every new prompt
     request_timeout_ms: int = Field(30_000, ge=1_000, le=600_000)
     produce_timeout_s: float = Field(30.0, gt=0, le=600)
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None

@@ -124,6 +124,7 @@ def make_consumer(settings: KafkaSettings) -> KafkaConsumer:
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         max_poll_interval_ms=settings.max_poll_interval_ms,
         max_poll_records=settings.max_poll_records,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
         # Fetch sizes follow the message limit so one oversized record cannot stall a partition.
         max_partition_fetch_bytes=max(1_048_576, settings.max_request_size * 2),
         **settings.client_options(),

@@ -208,11 +208,11 @@ class Pipeline:
         if room <= 0:
             return
         idle = not self.engine.busy
-        static = self.settings.engine.scheduling == "static"
+        gather = idle and self.settings.engine.scheduling == "static"  # a static batch forms only while idle
         batch = collect_batch(
             self.inbox,
             room,
-            self.settings.batching.max_wait_ms / 1000 if static else 0.0,
+            self.settings.batching.max_wait_ms / 1000 if gather else 0.0,
             first_timeout_s=HANDOFF_POLL_S if idle else 0.0,
             counts=_to_decode,
             max_records=self.settings.batching.queue_size,
