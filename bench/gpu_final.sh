@@ -52,7 +52,7 @@ while [[ $# -gt 0 ]]; do
   [[ $step == smoke ]] || prepare
   case $step in
     smoke)
-      python -m bench.gpu_smoke --device "$DEVICE" 2>&1 | quiet | tee "$out/smoke.log" | tail -14
+      python -m bench.gpu_smoke --quick --device "$DEVICE" 2>&1 | quiet | tee "$out/smoke.log" | tail -14
       grep -q "^SMOKE OK" "$out/smoke.log" ;;
     head-init)
       python -m daemon.cli draft init --kind head --target "$STAGE/target-hf" --corpus "$CORPUS/corpus.jsonl" \
