@@ -12,8 +12,8 @@ pg_locks, sampled every 50 ms, tells which one holds the learner lock. It report
     learner         rounds per daemon, lock samples per holder, rounds overlapping in time, rounds during which
                     another daemon held the lock, feedback rows a consumed window passed over
     promotions      every move of the active draft and, per daemon, how long until its follower had the new
-                    version ready (follow_s), swapped it in (swap_s) and began its first batch of it (first_batch_s),
-                    and how many batches it began with the old one after the move and after it was ready
+                    version ready (follow_s), swapped it in (swap_s) and stored its first batch of it (first_batch_s),
+                    and how many batches it stored with the old one after the move and after it was ready
                     (devtools.fleet.follow_figures)
     rebalances      per daemon, its log's `partitions assigned` lines (one per consumer-group rebalance)
     exactly once    completion rows per id, ids lost, duplicates, copies on the topic not byte for byte as stored

@@ -9,14 +9,15 @@ and of every test that runs the daemon as a subprocess (DaemonProcess).
     PacedProducer      prompt records at a fixed rate, on a thread of its own
     learner_figures    every learning round: which daemon ran it, whether the lock was held by anyone else meanwhile,
                        overlaps
-    follow_figures     every move of the active draft: per daemon, how many batches it began with the old version
+    follow_figures     every move of the active draft: per daemon, how many batches it stored with the old version
                        after the move was committed, whether it went back, how long until it served the new one
     delivery_figures   exactly-once: completion rows, copies on the completions topic against the stored message
 
-Batches are read from the database: a batch's completions are stored in one transaction (one `created_at`), and
-its requests were recorded just before it was decoded (`received_at`, one value per admission), so a batch
-*began* at the latest `received_at` of its requests. Which daemon decoded a request is read from its log
-(`served <id>` lines).
+Batches are read from the database: a batch is the completions a daemon stored in one transaction (one
+`created_at`). With continuous batching requests join and leave the engine at round boundaries, each stamped with
+the draft version that served its last round, and the sink stores what finished together: so a batch is ordered
+by when it was *stored*, and "the new version within one batch" means every batch stored after the engine swapped
+carries it. Which daemon decoded a request is read from its log (`served <id>` lines).
 """
 
 from __future__ import annotations
@@ -399,7 +400,7 @@ def learner_figures(database_url: str, logs: dict[str, DaemonLog], samples: list
 class Batch:
     daemon: str | None
     version: str
-    began: float  # epoch seconds: the latest admission of its requests, just before it was decoded
+    stored: float  # epoch seconds: the transaction that stored its completions (created_at)
     requests: int
 
 
@@ -407,14 +408,12 @@ def batches(database_url: str, logs: dict[str, DaemonLog]) -> list[Batch]:
     """Every decoded batch (one store transaction: one completions.created_at), with the daemon that served it."""
     served_by = {s.request_id: label for label, log in logs.items() for s in log.served}
     grouped: dict[tuple, list] = defaultdict(list)
-    for request_id, version, stored, received in rows(
-        database_url,
-        "SELECT c.request_id, c.draft_version, c.created_at, r.received_at FROM completions c "
-        "JOIN requests r ON r.request_id = c.request_id",
+    for request_id, version, stored in rows(
+        database_url, "SELECT request_id, draft_version, created_at FROM completions"
     ):
-        grouped[(served_by.get(request_id), stored, version)].append(received.timestamp())
-    found = [Batch(daemon, version, max(times), len(times)) for (daemon, _, version), times in grouped.items()]
-    return sorted(found, key=lambda b: b.began)
+        grouped[(served_by.get(request_id), stored.timestamp(), version)].append(request_id)
+    found = [Batch(daemon, version, stored, len(ids)) for (daemon, stored, version), ids in grouped.items()]
+    return sorted(found, key=lambda b: b.stored)
 
 
 def draft_moves(database_url: str) -> list[tuple[float, str, str]]:
@@ -435,13 +434,13 @@ def follow_figures(database_url: str, logs: dict[str, DaemonLog]) -> list[dict]:
 
         follow_s            from t until its follower had v's weights ready (`draft v prepared` in its log): the
                             pointer poll (learning.follow_interval_ms, at least 50 ms) plus reading the weights
-        stale_after_ready   batches it began with another version after that: the new version is served "within
-                            one batch" when this is at most 1 (the batch whose boundary came just before)
-        went_back           batches it began after its first batch of v with another version (must be 0)
-        stale_batches       batches it began after t with another version, before its first batch of v (those
-                            begun while its follower had not polled yet included)
+        stale_after_ready   batches it stored with another version after that: the new version is served "within
+                            one batch" when this is at most 1 (what finished in the step before the swap)
+        went_back           batches it stored after its first batch of v with another version (must be 0)
+        stale_batches       batches it stored after t with another version, before its first batch of v (those
+                            stored while its follower had not polled yet included)
         swap_s              from t to its decode thread's `draft swapped to version v` line
-        first_batch_s       from t to the start of its first batch of v
+        first_batch_s       from t to the storing of its first batch of v
     Times are of one clock (one machine); t is the event's timestamp, taken just before its transaction commits.
     A daemon with no batch in that time (stopped, killed, idle) shows batches 0."""
     moves = draft_moves(database_url)
@@ -451,7 +450,7 @@ def follow_figures(database_url: str, logs: dict[str, DaemonLog]) -> list[dict]:
         until = moves[i + 1][0] if i + 1 < len(moves) else float("inf")
         per_daemon = {}
         for label, log in logs.items():
-            mine = [b for b in found if b.daemon == label and at < b.began < until]
+            mine = [b for b in found if b.daemon == label and at < b.stored < until]
             first = next((n for n, b in enumerate(mine) if b.version == version), None)
             ready = _first_after(log.prepared, version, at)
             swap = _first_after(log.swaps, version, at)
@@ -459,12 +458,12 @@ def follow_figures(database_url: str, logs: dict[str, DaemonLog]) -> list[dict]:
                 "batches": len(mine),
                 "follow_s": _since(ready, at),
                 "stale_after_ready": sum(
-                    1 for b in mine if ready is not None and b.began > ready and b.version != version
+                    1 for b in mine if ready is not None and b.stored > ready and b.version != version
                 ),
                 "went_back": 0 if first is None else sum(1 for b in mine[first:] if b.version != version),
                 "stale_batches": len(mine) if first is None else first,
                 "swap_s": _since(swap, at),
-                "first_batch_s": None if first is None else round(mine[first].began - at, 3),
+                "first_batch_s": None if first is None else round(mine[first].stored - at, 3),
             }
         figures.append({"at": at, "kind": kind, "version": version, "daemons": per_daemon})
     return figures

@@ -4,9 +4,10 @@ prompts topic of 4 partitions, one PostgreSQL database, learning enabled on both
     (a) one learner at a time: every learning round was started by exactly one daemon, the learner lock (pg_locks,
         sampled every 50 ms) was never held by another daemon while it ran, and no two rounds overlap in time
     (b) a promotion reaches both daemons within one batch: once a daemon's follower has the new version's weights
-        ready (it reads the pointer every 50 ms), the daemon begins at most one more batch with the old version (the
-        one whose boundary came just before), and none of its later batches goes back (devtools.fleet.follow_figures;
-        a batch began when its requests were recorded, just before it was decoded)
+        ready (it reads the pointer every 50 ms), the daemon stores at most one more batch with the old version (what
+        finished in the engine step before the swap), and none of its later batches goes back
+        (devtools.fleet.follow_figures; a batch is one store transaction of completions, ordered by when it was
+        stored: with continuous batching a request carries the version of its last round)
     (c) learner failover: the daemon holding the lock is SIGKILLed mid-round; PostgreSQL releases the lock with its
         connection, the survivor closes the interrupted round as failed, runs the next round itself and takes the
         dead daemon's partitions
