@@ -414,6 +414,11 @@ def scrape_stages(port: int) -> dict:
     return stages
 
 
+def scrape_labelled(port: int, name: str, label: str) -> dict[str, float]:
+    """One labelled metric's samples by label value (e.g. onlinespec_engine_seconds_total by phase)."""
+    return {s.labels[label]: s.value for f in metric_families(port) for s in f.samples if s.name == name}
+
+
 def scrape_variants(port: int) -> dict:
     """Batches per variant the daemon ran (onlinespec_variant_batches)."""
     return {

@@ -32,9 +32,9 @@ Per point: offered and achieved requests/s, completion tokens/s (first produce -
 `steady_rps`, without its first and last batch size of completions), p50/p99 of the latencies, slot occupancy (the
 daemon's onlinespec_slot_occupancy gauge, decoding slots / slots after each engine step, sampled every
 OCCUPANCY_EVERY_S while the point runs, averaged) and `slots_held` (the requests' decode_s, slot to last token,
-prefill included, summed / (batch size x span)). The prefill share of engine time is not exported by the daemon
-(no prefill timer in its metrics or log); `prefill_s` (timings first_token_s - queue_s: slot to first token, the
-prefill forward the request took part in) is reported as a proxy.
+prefill included, summed / (batch size x span)) and `prefill_share`, prefill's share of the engine's time over the
+point (onlinespec_engine_seconds_total{phase}: prefill, rounds, catch_up; GPU time on CUDA); `prefill_s` (timings
+first_token_s - queue_s: slot to first token) per request.
 """
 
 from __future__ import annotations
@@ -52,7 +52,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench.daemon_load import build_tiny_target, daemon_config, load_prompt_values, metric_samples, scrape_stages
+from bench.daemon_load import (
+    build_tiny_target,
+    daemon_config,
+    load_prompt_values,
+    metric_samples,
+    scrape_labelled,
+    scrape_stages,
+)
 from devtools.fleet import DaemonLog, DaemonProcess, PacedProducer, header
 
 SCHEDULINGS = ("static", "continuous")
@@ -233,7 +240,7 @@ class ServingDaemon:
             self.args, count=len(point.offsets), prefix=prefix, max_new_tokens=self.args.max_new_tokens_per_file
         )
         records = [(json.loads(v)["id"].encode(), v) for v in values]
-        before = metric_samples(self.port)
+        before = metric_samples(self.port) | self._phases()
         producer = PacedProducer(
             self.names.bootstrap, self.names.prompts, records, at=point.offsets, wait_acks=False, linger_ms=0
         ).start()
@@ -246,11 +253,16 @@ class ServingDaemon:
         if waiting:  # still in the daemon: the next point will share it with them
             progress(f"{self.label} {point.name}: {len(waiting)} requests unanswered after {timeout:.0f} s")
         producer.stop()
-        after = metric_samples(self.port)
+        after = metric_samples(self.port) | self._phases()
         produced = dict(zip(producer.sent, producer.sent_at))
         late = max((at - producer.started - offset for at, offset in zip(producer.sent_at, point.offsets)), default=0)
         answers = {i: self.answers[i] for i in ids if i in self.answers}
         return measure(point, produced, answers, self, before, after) | {"producer_late_s_max": round(late, 3)}
+
+    def _phases(self) -> dict[str, float]:
+        """The engine's seconds per phase so far, as `phase:NAME` entries beside the unlabelled samples."""
+        phases = scrape_labelled(self.port, "onlinespec_engine_seconds_total", "phase")
+        return {f"phase:{name}": seconds for name, seconds in phases.items()}
 
     def _read(self, waiting: set[str]) -> None:
         for tp, batch in self.reader.poll(timeout_ms=50).items():
@@ -338,7 +350,15 @@ def measure(point: Point, produced: dict[str, float], answers: dict[str, Answer]
         "occupancy": daemon.occupancy(first, last),
         "slots_held": round(held / (daemon.batch_size * span), 3),
         "store_s_mean": round(store / transactions, 4) if transactions else None,
+        "prefill_share": prefill_share(before, after),
     }
+
+
+def prefill_share(before: dict, after: dict) -> float | None:
+    """Prefill's share of the engine's time over the point (onlinespec_engine_seconds_total: GPU time on CUDA)."""
+    grown = {k: after[k] - before.get(k, 0.0) for k in after if k.startswith("phase:")}
+    total = sum(grown.values())
+    return round(grown.get("phase:prefill", 0.0) / total, 3) if total > 0 else None
 
 
 def percentiles(values: list[float]) -> dict | None:
@@ -541,17 +561,18 @@ def table(result: dict) -> str:
 
     lines = [
         f"{'batch':>5} {'scheduling':<10} {'point':<17} {'offered':>7} {'n':>4} {'req/s':>6} {'tok/s':>7} "
-        f"{'ttft':>15} {'ttft in daemon':>15} {'e2e':>15} {'occup.':>6}"
+        f"{'ttft':>15} {'ttft in daemon':>15} {'e2e':>15} {'occup.':>6} {'prefill':>7}"
     ]
     for run in result["runs"]:
         for p in run["points"]:
             offered = f"{p['offered_rps']:.2f}" if p["offered_rps"] else "burst"
             notes = [f"{p[key]} {key.replace('_', '-')}" for key in ("unanswered", "dead_lettered") if p[key]]
             occupancy = "-" if p["occupancy"] is None else f"{p['occupancy']:.2f}"
+            share = "-" if p.get("prefill_share") is None else f"{p['prefill_share']:.2f}"
             lines.append(
                 f"{run['batch_size']:>5} {run['scheduling']:<10} {p['point']:<17} {offered:>7} {p['requests']:>4} "
                 f"{p['rps']:>6.2f} {p['tok_s']:>7.1f} {pair(p['ttft_s']):>15} {pair(p['ttft_daemon_s']):>15} "
-                f"{pair(p['e2e_s']):>15} {occupancy:>6}" + (f"  ({', '.join(notes)})" if notes else "")
+                f"{pair(p['e2e_s']):>15} {occupancy:>6} {share:>7}" + (f"  ({', '.join(notes)})" if notes else "")
             )
     for entry in result["comparison"]:
         sat = entry["saturation"]

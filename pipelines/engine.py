@@ -44,6 +44,7 @@ from pipelines.controller import BatchObservation, GoodputController
 from pipelines.decode_state import COUNT_ACCEPTED, COUNT_FULL, COUNT_ROUNDS, TALLY_ROW_ROUNDS, TALLY_TOKENS, DecodeState
 from pipelines.heads.model import HeadDraft
 from pipelines.kv_cache import PositionalKVCache, RowSubsetCache, decoder_forward
+from pipelines.phase_clock import PhaseClock
 from pipelines.proposers import TARGET_ONLY, Variant
 from pipelines.proposers.draft import DraftModelProposer
 from pipelines.proposers.head import HeadProposer
@@ -195,6 +196,7 @@ class SpeculativeEngine:
             self._pinned = [torch.zeros(size, dtype=torch.bool).pin_memory() for _ in range(3)]
         self.last_variant: Variant | None = None
         self._last_choice: dict[int, Variant] = {}  # per batch bucket, for the switch log line
+        self.clock = PhaseClock(self.device.type == "cuda")  # seconds in prefill, rounds and catch-up
 
     # ------------------------------------------------------------------ public API
 
@@ -354,6 +356,11 @@ class SpeculativeEngine:
         plan = self.slots.prefill_plan(budget)
         if not plan:
             return
+        started = self.clock.start()
+        self._prefill_chunks(plan)
+        self.clock.stop("prefill", started)
+
+    def _prefill_chunks(self, plan: list[PrefillChunk]) -> None:
         state, device = self.state, self.device
         rows = torch.tensor([c.slot for c in plan], dtype=torch.int64, device=device)
         width = max(c.end - c.start for c in plan)
@@ -431,10 +438,12 @@ class SpeculativeEngine:
         if timing:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
+        started = self.clock.start()
         if self._use_graphs:
             self._graph(window.bucket, variant, greedy_only, window.shadow).replay()
         else:
             run_round(self._models, view, variant, greedy_only, window.shadow)
+        self.clock.stop("rounds", started)
         if timing:
             end.record()
             window.events.append((begin, end))
@@ -472,7 +481,9 @@ class SpeculativeEngine:
         if not behind:
             return
         lengths = self.state.lengths[torch.tensor(behind, device=self.device)].tolist()
+        started = self.clock.start()
         self.model_proposer.sync(self.state, behind, lengths)
+        self.clock.stop("catch_up", started)
         self._stale.difference_update(behind)
 
     def _snapshot_active(self, bucket: int) -> None:

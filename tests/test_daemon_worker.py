@@ -129,6 +129,8 @@ def test_poison_input_goes_to_the_dlq_with_reasons_and_valid_requests_are_served
     assert metric_value(text, "onlinespec_inter_token_seconds_count") == 7
     assert metric_value(text, "onlinespec_request_seconds_count") == 7
     assert 0 <= metric_value(text, "onlinespec_slot_occupancy") <= 1
+    assert metric_value(text, "onlinespec_engine_seconds_total", phase="prefill") > 0
+    assert metric_value(text, "onlinespec_engine_seconds_total", phase="rounds") > 0
     assert metric_value(text, "onlinespec_store_seconds_count") >= 1
     assert metric_value(text, "onlinespec_batch_size_count") >= 1
 

@@ -59,6 +59,14 @@ class DaemonMetrics:
         self.e2e_seconds = Histogram(
             "onlinespec_request_seconds", "Arrival to the completion's produce ack", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.engine_seconds = Counter(
+            "onlinespec_engine_seconds",
+            "Engine time by phase: prefill (newcomers' prompts), rounds (decoding), catch_up (the draft model or "
+            "head following rows it did not draft for); GPU time on CUDA",
+            ["phase"],
+            registry=r,
+        )
+        self._engine_totals: dict[str, float] = {}
         self.slot_occupancy = Gauge(
             "onlinespec_slot_occupancy", "Engine slots decoding / slots, after the last engine step", registry=r
         )
@@ -160,6 +168,14 @@ class DaemonMetrics:
                 totals[1] += c.target_forwards
                 if totals[1]:
                     self.avg_len.labels(version).set(totals[0] / totals[1])
+
+    def record_engine_phases(self, totals: dict[str, float]) -> None:
+        """The engine's seconds per phase so far (pipelines.phase_clock), added to the counter as they grow."""
+        for phase, seconds in totals.items():
+            grown = seconds - self._engine_totals.get(phase, 0.0)
+            if grown > 0:
+                self.engine_seconds.labels(phase).inc(grown)
+                self._engine_totals[phase] = seconds
 
     def record_latencies(self, timings: dict[str, float], tokens: int) -> None:
         """A completion's time to first token and mean inter-token latency (its output contract's timings)."""

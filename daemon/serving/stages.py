@@ -251,6 +251,7 @@ class Pipeline:
         self.totals.decode_seconds += time.monotonic() - started
         decoding, slots = self.engine.occupancy()
         self.metrics.slot_occupancy.set(decoding / slots)
+        self.metrics.record_engine_phases(self.engine.clock.totals())
         if finished:
             self._hand_over(self._finished([item for item, _ in finished], [result for _, result in finished]))
 
