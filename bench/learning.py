@@ -3,7 +3,11 @@
     PYTHONPATH=/tmp/site python -m bench.learning --target /tmp/stage/target.gguf --draft /tmp/stage/draft.gguf \
         --out OUT [--domains text_to_sql shakespeare humaneval sharegpt] [--rounds 8] [--per-round 24] \
         [--new-tokens 96] [--budget-s 540]
+    python -m bench.learning --target T --head HEAD_DIR ...          # a head (draft init) instead of a draft LM
     python -m bench.learning --tiny --out /tmp/learning-smoke          # CPU smoke run with the tiny test pair
+    python -m bench.learning --tiny --head new-head --lr 3e-3 --out /tmp/learning-head   # a fresh head, tiny
+
+With --head the draft is a head (a folder, or new-head: a fresh one) and serves as proposer head.
 
 Every domain starts from the same static draft and runs `--rounds` rounds of `--per-round` fresh prompts:
 
@@ -43,6 +47,7 @@ from pathlib import Path
 import torch
 
 from bench.prompts import read_jsonl, text_to_sql
+from pipelines.drafts import kind_of
 from pipelines.engine import EngineSettings, SpeculativeEngine
 from pipelines.gate import decide, heldout_split
 from pipelines.learners import LEARNER_NAMES, LearnerSettings, NonFiniteError, make_learner
@@ -67,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", help="target model: .gguf file or HF folder")
     parser.add_argument("--draft", help="draft model: .gguf file or HF folder")
+    parser.add_argument("--head", help="a head folder (draft init) or new-head, instead of a draft model")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run with devtools.tiny_models.make_tiny_pair")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument(
@@ -150,8 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, small if tiny else real)
     if args.history_rounds < 0:
         parser.error("--history-rounds must be >= 0")
-    if not tiny and not (args.target and args.draft):
-        parser.error("--target and --draft are required (or --tiny)")
+    if not tiny and not (args.target and (args.draft or args.head)):
+        parser.error("--target and --draft or --head are required (or --tiny)")
     return args
 
 
@@ -473,7 +479,7 @@ def main(argv=None) -> int:
         from devtools.tiny_models import make_tiny_pair
 
         args.target, args.draft = map(str, make_tiny_pair(Path(tempfile.mkdtemp(prefix="tiny-pair-"))))
-    target, draft, tokenizer = load_pair(args.target, args.draft, args.dtype, args.device)
+    target, draft, tokenizer = load_pair(args.target, args.head or args.draft, args.dtype, args.device)
     report = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
@@ -481,9 +487,9 @@ def main(argv=None) -> int:
         "domains": {},
     }
     print(f"loaded the pair in {report['load_seconds']:.1f} s", flush=True)
-    # The engine runs on the models' device (--device); the draft model proposes k tokens per round.
+    # The engine runs on the models' device (--device); the draft (a draft LM or a head) proposes k tokens per round.
     settings = EngineSettings(
-        proposer="draft",
+        proposer=kind_of(draft),
         k=args.k,
         max_batch_size=args.batch,
         compile=args.compile,

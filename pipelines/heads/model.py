@@ -267,3 +267,7 @@ class HeadDraft(torch.nn.Module):
     def copy_for_training(self) -> HeadDraft:
         """An independent copy of the head (same target), e.g. the learning round's training copy."""
         return HeadDraft(copy.deepcopy(self.head), self.target)
+
+    def __deepcopy__(self, memo) -> HeadDraft:
+        # copy.deepcopy of a head copies the head, never the target it reads
+        return HeadDraft(copy.deepcopy(self.head, memo), self.target)
