@@ -178,6 +178,7 @@ def build_learning(
             serving=serving_counters,
             window=window,
         )
+        check_learning_memory(settings, draft, runner.device)
     if learning.live_guard.enabled:
         guard = LiveGuard(learning.live_guard, session_factory, deployment=learning.deployment)
     if runner is None and guard is None:
@@ -185,3 +186,16 @@ def build_learning(
     return LearningScheduler(
         settings, session_factory, target_identity=target_identity, lock=lock, runner=runner, guard=guard
     )
+
+
+def check_learning_memory(settings: Settings, draft, device: str) -> None:
+    """Say at start what learning rounds will hold in memory, and warn when it does not fit (daemon.learning.memory)."""
+    import torch
+
+    from daemon.learning.memory import available_bytes, check, estimate
+    from pipelines.drafts import kind_of
+
+    configured = settings.learning.training_dtype
+    own = next(draft.parameters()).dtype
+    dtype = own if configured == "auto" or kind_of(draft) == "head" else getattr(torch, configured)
+    check(estimate(draft, settings.learning.learner, dtype), device, available_bytes())
