@@ -137,11 +137,18 @@ def run_domain(domain: str, batch: int, engines: dict, args, tokenizer, order: l
     history = decode(engines["none"], warm, args.new_tokens, args.device) if args.warm else None
     rows = {}
     for mode in order:
-        engine = engines[mode]
-        engine.reset_stream()
-        if history is not None:
-            engine.add_to_stream(history["outputs"], warm)
-        rows[mode] = decode(engine, timed, args.new_tokens, args.device)
+        engine = engines.get(mode)
+        if engine is None:  # its engine failed to build
+            continue
+        try:
+            engine.reset_stream()
+            if history is not None:
+                engine.add_to_stream(history["outputs"], warm)
+            rows[mode] = decode(engine, timed, args.new_tokens, args.device)
+        except Exception as exc:  # one mode's failure must not cost the run the others' figures
+            print(f"[proposers] {domain} b{batch} {mode} FAILED: {type(exc).__name__}: {exc}", flush=True)
+            engines.pop(mode)
+            continue
         if engine.controller is not None:
             rows[mode]["controller"] = engine.controller.snapshot()
     base = rows.get("none")
@@ -178,7 +185,12 @@ def main(argv=None) -> None:
     for batch in args.batch:
         engines = {}
         for mode in modes:
-            engines[mode], seconds = build(mode, batch, args, target, models, tokenizer)
+            try:
+                engines[mode], seconds = build(mode, batch, args, target, models, tokenizer)
+            except Exception as exc:  # reported, and the other modes still run
+                print(f"[proposers] b{batch} {mode}: FAILED to build: {type(exc).__name__}: {exc}", flush=True)
+                report.setdefault("errors", {})[f"b{batch}/{mode}"] = f"{type(exc).__name__}: {exc}"
+                continue
             report["warmup_s"][f"b{batch}/{mode}"] = seconds
             if engines[mode].controller is not None:
                 report.setdefault("costs_ms", {})[f"b{batch}/{mode}"] = engines[mode].controller.snapshot()["costs_ms"]
