@@ -30,7 +30,6 @@ Costs of every variant are timed at warm-up (graph replays) for the controller.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from pipelines.proposers.hybrid import HybridProposer
 from pipelines.proposers.suffix import SuffixCache, SuffixProposer
 from pipelines.results import RowTimes, collect
 from pipelines.round import RoundModels, finish_rows, run_round
+from pipelines.round_graphs import RoundGraphs
 from pipelines.settings import EngineSettings
 from pipelines.slots import PrefillChunk, Queued, SlotTable
 from pipelines.types import (
@@ -185,8 +185,7 @@ class SpeculativeEngine:
         self._views = {bucket: self.state.rows(bucket) for bucket in batch_buckets(size)}
         self.slots = SlotTable(size, list(self._views), static=settings.scheduling == "static")
         self._stale: set[int] = set()  # slots the model proposer has not followed (sync before it drafts)
-        self._graphs: dict[tuple[int, Variant, bool, bool], torch.cuda.CUDAGraph] = {}
-        self._graph_pool = None
+        self.graphs = RoundGraphs(self._models, self._views, self._use_graphs, settings.auto.profile_rounds)
         self._warm = False
         self._rounds = 0  # rounds run since start
         self._windows = 0
@@ -232,11 +231,12 @@ class SpeculativeEngine:
                 for variant in self.variants:
                     for greedy_only in (True, False):
                         for shadow in {False, self._can_shadow(variant)}:
-                            self._graph(size, variant, greedy_only, shadow)
-            log.info("captured %d round graphs in %.1f s", len(self._graphs), time.perf_counter() - started)
+                            self.graphs.get(size, variant, greedy_only, shadow)
+            log.info("captured %d round graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
         if self.controller is not None and self.device.type == "cuda":
             for size in self._views:
-                self._profile(size)
+                for variant in self.variants:
+                    self.controller.set_cost(size, variant, self.graphs.seconds_per_round(size, variant))
             log.info(
                 "timed %d variants x %d batch buckets: %s",
                 len(self.variants),
@@ -440,7 +440,9 @@ class SpeculativeEngine:
             begin.record()
         started = self.clock.start()
         if self._use_graphs:
-            self._graph(window.bucket, variant, greedy_only, window.shadow).replay()
+            key = (window.bucket, variant, greedy_only, window.shadow)
+            assert self.graphs.captured(key), f"round graph {key} was not captured at warm-up"
+            self.graphs.get(*key).replay()
         else:
             run_round(self._models, view, variant, greedy_only, window.shadow)
         self.clock.stop("rounds", started)
@@ -619,61 +621,6 @@ class SpeculativeEngine:
 
     def _can_shadow(self, variant: Variant) -> bool:
         return self.settings.proposer == "auto" and self.suffix is not None and not variant.uses_suffix
-
-    # ------------------------------------------------------------------ graphs and costs
-
-    def _graph(self, batch_size: int, variant: Variant, greedy_only: bool, shadow: bool = False):
-        key = (batch_size, variant, greedy_only, shadow)
-        if key in self._graphs:
-            return self._graphs[key]
-        assert not self.slots.occupied, f"round graph {key} was not captured at warm-up"
-        state = self._views[batch_size]
-        state.active.zero_()  # every row inactive and parked: warm-up and capture change nothing that matters
-        if self._graph_pool is None:
-            # One pool for every graph: they never run concurrently and keep no tensor alive between replays.
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    run_round(self._models, state, variant, greedy_only, shadow)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                run_round(self._models, state, variant, greedy_only, shadow)
-        torch.cuda.synchronize()
-        self.state.tally.zero_()
-        self._graphs[key] = graph
-        return graph
-
-    def _profile(self, bucket: int) -> None:
-        """Seconds per greedy round of every variant at this bucket (rows inactive: the work is the same)."""
-        state = self._views[bucket]
-        state.active.zero_()
-        for variant in self.variants:
-            self.controller.set_cost(bucket, variant, self._time_round(state, variant))
-
-    def _time_round(self, state: DecodeState, variant: Variant) -> float:
-        with torch.inference_mode():
-            if not self._use_graphs:  # CUDA without graphs: eager rounds, the first one untimed
-                run_round(self._models, state, variant, True)
-                torch.cuda.synchronize()
-                started = time.perf_counter()
-                run_round(self._models, state, variant, True)
-                torch.cuda.synchronize()
-                return time.perf_counter() - started
-            graph = self._graph(state.batch_size, variant, True)
-            graph.replay()
-            times = []
-            for _ in range(self.settings.auto.profile_rounds):
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(begin.elapsed_time(end) / 1e3)
-            return statistics.median(times)
 
     @staticmethod
     def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
