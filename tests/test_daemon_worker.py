@@ -259,3 +259,48 @@ def test_a_failing_consumer_stops_the_worker_with_exit_code_1(kafka_names, sqlit
     worker = make_worker(kafka_names, sqlite_url, tiny_models, engine)
     worker.poller.consumer_factory = broken_consumer
     assert worker.run() == 1
+
+
+class PoisonEngine:
+    """The real engine, except that a step fails while the request with id `poison` is in its slots, and decoding it
+    alone fails too: an engine error that only one request causes."""
+
+    def __init__(self, inner, poison: str = "poison"):
+        self.engine = inner
+        self.poison = poison
+        self.failed_steps = 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def step(self):
+        if any(s is not None and s.request.id == self.poison for s in self.engine.slots.slots):
+            self.failed_steps += 1
+            raise RuntimeError("a kernel failed")
+        return self.engine.step()
+
+    def generate(self, requests):
+        if any(r.id == self.poison for r in requests):
+            raise RuntimeError("a kernel failed")
+        return self.engine.generate(requests)
+
+
+def test_an_engine_error_dead_letters_only_the_request_that_causes_it(kafka_names, sqlite_url, tiny_models, engine):
+    """Continuous batching puts every request in flight into the failing step: the decode stage drops them all from
+    the engine, decodes each alone, answers the others and dead-letters the one that fails by itself."""
+    poisoned = PoisonEngine(engine)
+    ids = ["a0", "a1", "poison", "a2", "a3"]
+    produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(ids))
+    with RunningWorker(make_worker(kafka_names, sqlite_url, tiny_models, poisoned)) as worker:
+        completions = TopicReader(kafka_names.bootstrap, kafka_names.completions)
+        served = completions.read_until(lambda rs: len(rs) >= 4)
+        dead = TopicReader(kafka_names.bootstrap, kafka_names.dlq).read_until(lambda rs: len(rs) >= 1)
+        produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(["after"]))  # still serving
+        served = completions.read_until(lambda rs: len(rs) >= 5)  # everything read so far
+        completions.close()
+        assert worker.totals.by_reason == {"engine_error": 1}
+    assert poisoned.failed_steps >= 1
+    assert sorted(ids_of(served)) == ["a0", "a1", "a2", "a3", "after"]
+    assert [header(r, "reason-code") for r in dead] == ["engine_error"]
+    assert "a kernel failed" in header(dead[0], "reason")
+    assert request_statuses(sqlite_url)["poison"][0] == "dead_lettered"

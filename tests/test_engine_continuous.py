@@ -132,3 +132,23 @@ def _queued(i: int, length: int = 3):
     from pipelines.slots import Queued
 
     return Queued(GenerationRequest(f"q{i}", list(range(1, length + 1))), tag=i)
+
+
+def test_abort_frees_every_slot_and_the_engine_serves_again(engine_models):
+    tokenizer = engine_models.tokenizer
+    eng = engine(engine_models, "draft", 3, 2)
+    for i in range(3):
+        eng.submit(GenerationRequest(f"x{i}", tokenizer(PROMPTS[i]).input_ids, max_new_tokens=20), tag=f"x{i}")
+    eng.step()
+    eng.step()
+    assert sorted(eng.abort()) == ["x0", "x1", "x2"]  # two in slots, one queued
+    assert not eng.busy and eng.free_slots == 2
+    request = GenerationRequest("after", tokenizer(PROMPTS[0]).input_ids, max_new_tokens=12)
+    assert eng.generate([request])[0].token_ids == reference(engine_models, request)
+
+
+def test_the_phase_clock_splits_engine_time_into_prefill_and_rounds(engine_models):
+    eng = engine(engine_models, "draft", 3, 2)
+    eng.generate([GenerationRequest("p", engine_models.tokenizer(PROMPTS[8]).input_ids, max_new_tokens=12)])
+    totals = eng.clock.totals()
+    assert totals["prefill"] > 0 and totals["rounds"] > 0 and totals["catch_up"] > 0  # the draft caught up once
