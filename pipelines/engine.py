@@ -109,8 +109,8 @@ class _Window:
     variant: Variant
     shadow: bool
     rounds: int = 0
-    started: float = field(default_factory=time.perf_counter)
     events: list = field(default_factory=list)  # CUDA: (start, end) event pairs around each round
+    host_seconds: float = 0.0  # CPU: the rounds' own time (prefill, catch-up and collecting excluded)
 
 
 class SpeculativeEngine:
@@ -196,6 +196,7 @@ class SpeculativeEngine:
         self.last_variant: Variant | None = None
         self._last_choice: dict[int, Variant] = {}  # per batch bucket, for the switch log line
         self.clock = PhaseClock(self.device.type == "cuda")  # seconds in prefill, rounds and catch-up
+        self._previous_variant: Variant | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -250,6 +251,8 @@ class SpeculativeEngine:
         are caught up with the new weights before the model next drafts for them."""
         if self.model_proposer is None:
             raise ValueError("this engine runs without a draft model")
+        if self._window is not None:
+            self._close_window()  # what the old version drafted is its evidence, not the new one's
         self.model_proposer.swap(weights)
         self.draft_version = version
         self._stale.update(self.slots.occupied)
@@ -308,18 +311,25 @@ class SpeculativeEngine:
         self._window = None
         self.state.tally.zero_()
         self.state.source_tally.zero_()
+        if self.suffix is not None:
+            self.suffix.hist.zero_()
         return tags
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Decode requests; results come back in request order."""
+        """Decode requests; results come back in request order. On an error every request in the engine is dropped
+        (abort) before it propagates, so the engine serves again afterwards."""
         for request in requests:  # refuse before anything is queued
             self._check_prompt(request)
         for index, request in enumerate(requests):
             self.submit(request, tag=("generate", index))
         results: dict[int, GenerationResult] = {}
-        while len(results) < len(requests):
-            for tag, result in self.step():
-                results[tag[1]] = result
+        try:
+            while len(results) < len(requests):
+                for tag, result in self.step():
+                    results[tag[1]] = result
+        except BaseException:
+            self.abort()
+            raise
         return [results[index] for index in range(len(requests))]
 
     # ------------------------------------------------------------------ admission and prefill
@@ -428,33 +438,54 @@ class SpeculativeEngine:
         bucket = self.slots.bucket(decoding)
         window = self._window_for(bucket)
         variant = window.variant
-        if variant.uses_model:
-            self._sync_model(decoding)
-        elif self.model_proposer is not None:
-            self._stale.update(decoding)
+        self._follow_rows(variant, decoding)
         greedy_only = all(self.slots.slots[i].request.temperature == 0 for i in decoding)
         view = self._views[window.bucket]
-        timing = self.device.type == "cuda" and self.controller is not None
-        if timing:
+        cuda = self.device.type == "cuda"
+        if cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-        started = self.clock.start()
+        started = time.perf_counter()
         if self._use_graphs:
             key = (window.bucket, variant, greedy_only, window.shadow)
             assert self.graphs.captured(key), f"round graph {key} was not captured at warm-up"
             self.graphs.get(*key).replay()
         else:
             run_round(self._models, view, variant, greedy_only, window.shadow)
-        self.clock.stop("rounds", started)
-        if timing:
+        if cuda:
             end.record()
             window.events.append((begin, end))
+            self.clock.add("rounds", begin, end)
+        else:
+            window.host_seconds += time.perf_counter() - started
+            self.clock.add_seconds("rounds", time.perf_counter() - started)
         window.rounds += 1
         self._rounds += 1
-        self._snapshot_active(window.bucket)
+        self._previous_variant = variant
         stops = [i for i in decoding if self.slots.slots[i].request.stop]
         if stops:
             self._apply_stop_strings(stops)
+        self._snapshot_active(window.bucket)  # after the stop check: a stop ends the row in this snapshot
+
+    def _follow_rows(self, variant: Variant, decoding: list[int]) -> None:
+        """Keep the model proposer's cache following the rows it drafts for: catch up the rows it has not followed
+        (newcomers, rows other variants drafted for) before a round that uses it; after a round that does not,
+        every decoding row is behind. A draft LM re-feeds only its own window: after a hybrid round whose accepted
+        suffix tokens it never saw, a draft round (or a hybrid one of smaller k) catches the rows up first."""
+        if self.model_proposer is None:
+            return
+        if not variant.uses_model:
+            self._stale.update(decoding)
+            return
+        previous = self._previous_variant
+        if (
+            isinstance(self.model_proposer, DraftModelProposer)
+            and previous is not None
+            and previous.proposer == "hybrid"
+            and (variant.proposer == "draft" or variant.k < previous.k)
+        ):
+            self._stale.update(decoding)
+        self._sync_model(decoding)
 
     def _window_for(self, bucket: int) -> _Window:
         """The current window, or a new one (a new choice) when the bucket changed or the window is full. A static
@@ -482,11 +513,15 @@ class SpeculativeEngine:
         behind = [i for i in decoding if i in self._stale]
         if not behind:
             return
-        lengths = self.state.lengths[torch.tensor(behind, device=self.device)].tolist()
-        started = self.clock.start()
-        self.model_proposer.sync(self.state, behind, lengths)
-        self.clock.stop("catch_up", started)
         self._stale.difference_update(behind)
+        rows = torch.tensor(behind, device=self.device)
+        lengths, active = self.state.lengths[rows].tolist(), self.state.active[rows].tolist()
+        behind = [(row, length) for row, length, running in zip(behind, lengths, active) if running]
+        if not behind:  # finished rows (parked) need no catching up
+            return
+        started = self.clock.start()
+        self.model_proposer.sync(self.state, [row for row, _ in behind], [length for _, length in behind])
+        self.clock.stop("catch_up", started)
 
     def _snapshot_active(self, bucket: int) -> None:
         """Copy which rows are active after this round, to be read once the round is done (_reap)."""
@@ -516,9 +551,10 @@ class SpeculativeEngine:
         return self._collect(sorted(finished)) if finished else []
 
     def _collect(self, rows: list[int]) -> list[tuple[Any, GenerationResult]]:
+        """Results of finished rows; their slots are freed only once the results exist (an error while collecting
+        leaves them in the engine, where abort() still finds them)."""
         now = time.perf_counter()
-        slots = [self.slots.release(row) for row in rows]
-        self._stale.difference_update(rows)
+        slots = [self.slots.slots[row] for row in rows]
         times = [
             RowTimes(s.admitted_at - s.submitted_at, s.first_token_at - s.submitted_at, now - s.submitted_at)
             for s in slots
@@ -529,6 +565,9 @@ class SpeculativeEngine:
         )
         if self.suffix is not None:
             self.suffix_cache.add([r.token_ids for r in results], [s.request.input_ids for s in slots])
+        for row in rows:
+            self.slots.release(row)
+        self._stale.difference_update(rows)
         return [(slot.tag, result) for slot, result in zip(slots, results)]
 
     def _has_stops(self) -> bool:
@@ -589,6 +628,7 @@ class SpeculativeEngine:
         window, self._window = self._window, None
         state = self.state
         tally = state.tally.cpu()  # also waits for the window's rounds: their events are then readable
+        self.clock.totals()  # folds the finished spans in, so the clock's pending events stay few
         sources = state.source_tally.cpu()
         state.tally.zero_()
         state.source_tally.zero_()
@@ -601,7 +641,7 @@ class SpeculativeEngine:
         if window.events:
             seconds = sum(begin.elapsed_time(end) for begin, end in window.events) / 1e3
         else:
-            seconds = time.perf_counter() - window.started
+            seconds = window.host_seconds
         model = sources[SOURCE_HEAD if isinstance(self.model_proposer, HeadProposer) else SOURCE_DRAFT]
         self.controller.observe(
             BatchObservation(

@@ -35,6 +35,14 @@ class PhaseClock:
         end.record()
         self._pending.append((phase, begun, end))
 
+    def add(self, phase: str, begin, end) -> None:
+        """A span already bracketed by two recorded CUDA events."""
+        self._pending.append((phase, begin, end))
+
+    def add_seconds(self, phase: str, seconds: float) -> None:
+        """A span the caller timed on the host (synchronous work)."""
+        self._totals[phase] += seconds
+
     def totals(self) -> dict[str, float]:
         """Seconds per phase of every span finished so far."""
         waiting = []

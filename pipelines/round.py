@@ -8,7 +8,7 @@
               raw counters go to per-row buffers; the window tallies (tokens, active rows) for the controller
     advance   lengths += n + 1; rejected cache slots are simply overwritten next round
     finish    rows that emitted EOS, reached max_new_tokens or the end of their cache stop
-    shadow    (auto, in some batches without suffix drafts) the suffix proposer scores its pending proposal against
+    shadow    (auto, in some windows without suffix drafts) the suffix proposer scores its pending proposal against
               what the target emitted and proposes again, so the controller knows what suffix would have gained
 
 Inactive rows run along as no-ops: their writes land at their own `lengths` (the engine parks a free or prefilling

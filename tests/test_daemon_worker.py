@@ -262,45 +262,60 @@ def test_a_failing_consumer_stops_the_worker_with_exit_code_1(kafka_names, sqlit
 
 
 class PoisonEngine:
-    """The real engine, except that a step fails while the request with id `poison` is in its slots, and decoding it
-    alone fails too: an engine error that only one request causes."""
+    """The real engine, except that its prefill fails whenever the request with id `poison` is among the prompts
+    it prefills: an engine error that only one request causes, raised inside a step with others in flight, and
+    again when that request is decoded alone."""
 
-    def __init__(self, inner, poison: str = "poison"):
+    def __init__(self, inner, monkeypatch, poison: str = "poison"):
         self.engine = inner
-        self.poison = poison
-        self.failed_steps = 0
+        self.failures = 0
+        prefill = inner._prefill_chunks
+
+        def failing_prefill(plan):
+            if any(inner.slots.slots[chunk.slot].request.id == poison for chunk in plan):
+                self.failures += 1
+                raise RuntimeError("a kernel failed")
+            return prefill(plan)
+
+        monkeypatch.setattr(inner, "_prefill_chunks", failing_prefill)
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def step(self):
-        if any(s is not None and s.request.id == self.poison for s in self.engine.slots.slots):
-            self.failed_steps += 1
-            raise RuntimeError("a kernel failed")
-        return self.engine.step()
 
-    def generate(self, requests):
-        if any(r.id == self.poison for r in requests):
-            raise RuntimeError("a kernel failed")
-        return self.engine.generate(requests)
-
-
-def test_an_engine_error_dead_letters_only_the_request_that_causes_it(kafka_names, sqlite_url, tiny_models, engine):
+def test_an_engine_error_dead_letters_only_the_request_that_causes_it(
+    kafka_names, sqlite_url, tiny_models, engine, monkeypatch
+):
     """Continuous batching puts every request in flight into the failing step: the decode stage drops them all from
     the engine, decodes each alone, answers the others and dead-letters the one that fails by itself."""
-    poisoned = PoisonEngine(engine)
+    poisoned = PoisonEngine(engine, monkeypatch)
     ids = ["a0", "a1", "poison", "a2", "a3"]
     produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(ids))
     with RunningWorker(make_worker(kafka_names, sqlite_url, tiny_models, poisoned)) as worker:
         completions = TopicReader(kafka_names.bootstrap, kafka_names.completions)
-        served = completions.read_until(lambda rs: len(rs) >= 4)
+        completions.read_until(lambda rs: len(rs) >= 4)
         dead = TopicReader(kafka_names.bootstrap, kafka_names.dlq).read_until(lambda rs: len(rs) >= 1)
         produce(kafka_names.bootstrap, kafka_names.prompts, prompt_records(["after"]))  # still serving
         served = completions.read_until(lambda rs: len(rs) >= 5)  # everything read so far
         completions.close()
         assert worker.totals.by_reason == {"engine_error": 1}
-    assert poisoned.failed_steps >= 1
+    assert poisoned.failures >= 2  # in a shared step, then alone
     assert sorted(ids_of(served)) == ["a0", "a1", "a2", "a3", "after"]
     assert [header(r, "reason-code") for r in dead] == ["engine_error"]
     assert "a kernel failed" in header(dead[0], "reason")
     assert request_statuses(sqlite_url)["poison"][0] == "dead_lettered"
+
+
+def test_two_copies_of_one_request_in_one_poll_are_both_answered(kafka_names, sqlite_url, tiny_models, engine):
+    """A producer retry can put two copies of a request in one batch of records: the second waits for the first
+    copy's completion (stored once) instead of being dead-lettered."""
+    record = prompt_records(["dup"])[0]
+    produce(kafka_names.bootstrap, kafka_names.prompts, [record, record, *prompt_records(["other"])])
+    with RunningWorker(make_worker(kafka_names, sqlite_url, tiny_models, engine)) as worker:
+        reader = TopicReader(kafka_names.bootstrap, kafka_names.completions)
+        records = reader.read_until(lambda rs: len(rs) >= 3)
+        reader.close()
+        assert worker.totals.by_reason == {}
+    copies = [r for r in records if header(r, "request-id") == "dup"]
+    assert len(copies) == 2 and copies[0].value == copies[1].value
+    assert request_statuses(sqlite_url)["dup"] == ("completed", None)

@@ -152,3 +152,65 @@ def test_the_phase_clock_splits_engine_time_into_prefill_and_rounds(engine_model
     eng.generate([GenerationRequest("p", engine_models.tokenizer(PROMPTS[8]).input_ids, max_new_tokens=12)])
     totals = eng.clock.totals()
     assert totals["prefill"] > 0 and totals["rounds"] > 0 and totals["catch_up"] > 0  # the draft caught up once
+
+
+def test_rows_that_fail_to_be_collected_stay_in_the_engine_for_abort(engine_models, monkeypatch):
+    import pipelines.engine as engine_module
+
+    tokenizer = engine_models.tokenizer
+    eng = engine(engine_models, "none", 1, 2)
+    eng.submit(GenerationRequest("short", tokenizer(PROMPTS[0]).input_ids, max_new_tokens=2), tag="short")
+    eng.submit(GenerationRequest("long", tokenizer(PROMPTS[1]).input_ids, max_new_tokens=40), tag="long")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device failed")
+
+    monkeypatch.setattr(engine_module, "collect", broken)
+    with pytest.raises(RuntimeError, match="the device failed"):
+        while True:
+            eng.step()
+    assert sorted(eng.abort()) == ["long", "short"]  # the finished one was not lost
+
+
+class SyncSpy:
+    def __init__(self, proposer):
+        self.calls = []
+        self._sync = proposer.sync
+
+    def __call__(self, state, rows, lengths):
+        self.calls.append((list(rows), list(lengths)))
+        return self._sync(state, rows, lengths)
+
+
+def test_a_draft_round_after_a_hybrid_round_catches_the_draft_model_up_first(engine_models, monkeypatch):
+    """A hybrid round can leave the draft LM's cache behind on suffix tokens it never saw; the draft re-feeds only
+    its own window, so the engine syncs the rows before a draft round (or a hybrid round of smaller k) follows."""
+    from pipelines.proposers import Variant
+
+    tokenizer = engine_models.tokenizer
+    eng = engine(engine_models, "hybrid", 4, 2)
+    spy = SyncSpy(eng.model_proposer)
+    monkeypatch.setattr(eng.model_proposer, "sync", spy)
+    eng.submit(GenerationRequest("r", tokenizer(PROMPTS[0]).input_ids, max_new_tokens=30), tag="r")
+    while not spy.calls:  # prefill (in chunks), then a hybrid round: the newcomer is synced first
+        eng.step()
+    assert len(spy.calls) == 1 and eng._previous_variant == Variant("hybrid", 4)
+    eng._follow_rows(Variant("hybrid", 4), [0])
+    assert len(spy.calls) == 1  # another hybrid round of the same k re-feeds enough
+    eng._follow_rows(Variant("draft", 4), [0])
+    assert len(spy.calls) == 2 and spy.calls[-1][0] == [0]
+    eng._previous_variant = Variant("hybrid", 4)
+    eng._follow_rows(Variant("hybrid", 2), [0])
+    assert len(spy.calls) == 3
+
+
+def test_finished_rows_are_never_caught_up(engine_models, monkeypatch):
+    """A request done at its first token (max_new_tokens 1) is parked at the end of its cache: catching it up would
+    run the draft over the whole cache for nothing."""
+    tokenizer = engine_models.tokenizer
+    eng = engine(engine_models, "draft", 3, 2)
+    spy = SyncSpy(eng.model_proposer)
+    monkeypatch.setattr(eng.model_proposer, "sync", spy)
+    one = GenerationRequest("one", tokenizer(PROMPTS[0]).input_ids, max_new_tokens=1)
+    assert len(eng.generate([one])[0].token_ids) == 1
+    assert spy.calls == []

@@ -6,7 +6,7 @@ ID is a checkpoint id or a version label; `base` names the draft given in models
 counters of every completion stamped with the version, the same ones the live guard and `status` read.
 Promote and rollback only move the deployment's active pointer (recorded with actor "operator:$USER" and the
 --reason), after hashing the weights file of the version they move to (a damaged one is refused; --no-verify
-skips the check); every running daemon of the deployment swaps its draft at its next batch boundary, loading
+skips the check); every running daemon of the deployment swaps its draft at its next round boundary, loading
 the version's file by its sha256, so a rollback serves exactly the weights that were recorded.
 """
 

@@ -1,8 +1,8 @@
-"""Keeping the served draft equal to the deployment's active version, at a batch boundary.
+"""Keeping the served draft equal to the deployment's active version, at a round boundary.
 
 The active pointer (storage: active_drafts) is the one source of truth for what every daemon serves. Its
 `generation` goes up by one on every move (promotion by a round, rollback by the live guard or an operator), so
-the decode thread compares one integer at a batch boundary (at most every `learning.follow_interval_ms`) and
+the decode thread compares one integer at a round boundary (at most every `learning.follow_interval_ms`) and
 only when it changed reads the version and loads its weights:
 
     checkpoint  CheckpointStore.get(sha256): the bytes are hashed as read, so a rollback serves exactly the

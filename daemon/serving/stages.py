@@ -160,7 +160,7 @@ class Pipeline:
         self.notifier = notifier
         self.totals = Totals()
         self.handoff: queue.Queue[Prepared] = queue.Queue(maxsize=2 * settings.engine.max_batch_size + 8)
-        self.stopping = threading.Event()  # finish the batch in hand, take no more
+        self.stopping = threading.Event()  # finish the requests the engine holds, take no more
         self.hard_stop = threading.Event()  # abandon retries and hand-offs now
         self.decode_finished = threading.Event()
         self.sink_finished = threading.Event()
@@ -205,10 +205,11 @@ class Pipeline:
         While the engine is idle this waits up to HANDOFF_POLL_S for a record; with static batching it also
         gathers a micro-batch for up to batching.max_wait_ms, as engines without continuous batching do."""
         room = self.engine.free_slots
-        if room <= 0:
-            return
         idle = not self.engine.busy
-        gather = idle and self.settings.engine.scheduling == "static"  # a static batch forms only while idle
+        static = self.settings.engine.scheduling == "static"
+        if room <= 0 or (static and not idle):  # a static batch forms only while the engine is idle
+            return
+        gather = idle and static
         batch = collect_batch(
             self.inbox,
             room,
@@ -224,18 +225,18 @@ class Pipeline:
         admission = self._claim(self._admit_valid(batch))
         answered = Admission(resend=admission.resend, rejected=admission.rejected)
         held = set()
+        now = time.monotonic()
+        for item in admission.decode:  # first: a copy later in this batch waits for it
+            item.submitted_at = now
+            self.engine.submit(item.request, tag=item)
+            self._in_engine.add(item.request.id)
+            held.add(id(item))
         for item in admission.wait:
             if item.request.id in self._in_engine:
                 self._waiters.setdefault(item.request.id, []).append(item)
                 held.add(id(item))
             else:  # its first copy was handed over already: the sink stores it first
                 answered.wait.append(item)
-        now = time.monotonic()
-        for item in admission.decode:
-            item.submitted_at = now
-            self.engine.submit(item.request, tag=item)
-            self._in_engine.add(item.request.id)
-            held.add(id(item))
         rest = [item for item in batch if id(item) not in held]
         if rest:
             dead = [(item, item.error) for item in rest if item.error is not None]
@@ -293,7 +294,7 @@ class Pipeline:
         self._tps_window = (since, tokens)
 
     def _follow_active_draft(self) -> None:
-        """A promotion or rollback anywhere in the deployment reaches this worker at its next batch boundary. The
+        """A promotion or rollback anywhere in the deployment reaches this worker at its next round boundary. The
         follower's thread reads, verifies and prepares the weights; here they are only taken (a running follower)
         or, without one, polled for."""
         if self.follower is None:
@@ -314,8 +315,10 @@ class Pipeline:
             log.info("draft swapped to version %s (%.3f s on the decode thread)", version, seconds)
 
     def _prepare(self, batch: list[Inbound]) -> Prepared:
-        """Admit the batch, topped up from the inbox while admission left room in the engine's batch (records
-        answered from storage or dead-lettered at admission need none), then decode."""
+        """Synchronous: admit a batch, topped up from the inbox while admission left room in the engine's batch
+        (records answered from storage or dead-lettered at admission need none), decode it whole, hand it back. The
+        serving loop takes records in and steps the engine instead (_take_in, _step); tests use this to drive the
+        sink stage, which is the same either way, one step at a time."""
         batching = self.settings.batching
         admission = self._claim(self._admit_valid(batch))
         size = self.settings.engine.max_batch_size

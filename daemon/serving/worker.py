@@ -1,17 +1,19 @@
 """The daemon's Worker: owns the threads and the lifecycle (`run()`, `stop()`, `handle_signal()`, `close()`).
 
     poll thread     daemon.serving.poller     consumer: validate → bounded inbox; pause/resume; commit done offsets
-    decode thread   daemon.serving.stages   micro-batch → admit → decode
-    sink thread     daemon.serving.stages   store (one transaction) → produce + acks → offsets done
-    main thread     here              systemd READY / WATCHDOG / STATUS / STOPPING, signals, grace, summary
-    scheduler       daemon.learning.scheduler  learning rounds and the live guard (APScheduler's threads), when
-                    configured
+    decode thread   daemon.serving.stages     inbox → admit → free engine slots; one engine step at a time; each
+                                              finished request handed over
+    sink thread     daemon.serving.stages     store (one transaction) → produce + acks → offsets done
+    main thread     here                      systemd READY / WATCHDOG / STATUS / STOPPING, signals, grace, summary
+    scheduler       daemon.learning.scheduler learning rounds and the live guard (APScheduler's threads), when
+                                              configured
 
-At every batch boundary the decode thread follows the deployment's active draft (daemon.learning.draft_follower).
+Between engine steps (round boundaries) the decode thread follows the deployment's active draft
+(daemon.learning.draft_follower).
 
 On SIGTERM/SIGINT: stop taking records (partitions paused, polling continues so the group keeps us) and stop
-scheduling learning rounds, finish the batch being decoded and the one being stored, commit, wait for a running
-round to stop, close, log one summary line, exit 0. Records still queued are left uncommitted and are
+scheduling learning rounds, finish the requests the engine holds and store what was handed over, commit, wait for
+a running round to stop, close, log one summary line, exit 0. Records still queued are left uncommitted and are
 redelivered to the next consumer. After the grace period, whatever is still in flight is abandoned the same way
 (an abandoned round is closed as failed by the next one).
 """
@@ -151,7 +153,7 @@ class Worker:
         return self.totals.tokens, self.totals.decode_seconds
 
     def request_draft_swap(self, weights, version: str) -> None:
-        """Swap the draft at the next batch boundary (weights: a state dict or a model)."""
+        """Swap the draft at the next round boundary (weights: a state dict or a model)."""
         self.pipeline.request_draft_swap(weights, version)
 
     def close(self) -> None:
@@ -212,7 +214,8 @@ class Worker:
     def _alive(self) -> bool:
         """False once a stage has shown no sign of life for WatchdogSec: systemd then restarts us.
 
-        A stage beats between batches and on every retry, so a single batch must finish within WatchdogSec."""
+        A stage beats between engine steps (and sink transactions) and on every retry, so one step must finish within
+        WatchdogSec."""
         interval = self.notifier.watchdog_interval_s
         if interval is None:
             return True
@@ -263,7 +266,7 @@ class Worker:
         else:
             outcome = "drained"
         log.info(
-            "onlinespec stopped (%s, %s): %d decoded, %d resent, %d dead-lettered %s, %d tokens in %d batches, "
+            "onlinespec stopped (%s, %s): %d decoded, %d resent, %d dead-lettered %s, %d tokens in %d hand-overs, "
             "AvgLen %.2f, decode %.1f tok/s, %d left queued for redelivery, %d database retries, "
             "%d produce retries, %d producer recreations, %d undeliverable, %d stalls, %d rebalances, uptime %.1f s",
             self._stop_reason,

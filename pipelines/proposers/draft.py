@@ -4,8 +4,9 @@ It keeps its own positional KV cache (pipelines.kv_cache), filled by `sync` (one
 a newcomer, or a row other proposers drafted for). The first step of a round re-feeds the last `window` tokens of
 the row ending at `current`: with window 2 (this proposer alone) that is `previous`, which catches the cache up
 after a fully accepted round (its last draft token was never fed); in a hybrid round the row may have accepted up to
-k suffix tokens since the draft last ran, so the window covers k + 2 tokens. Re-feeding a position the cache
-already holds writes the same keys and values again.
+k suffix tokens since the draft last ran, so the window covers k + 2 tokens. That covers the previous round only if
+it drafted no more: the engine catches rows up with `sync` before a draft round, or a hybrid round of smaller k,
+that follows a hybrid round. Re-feeding a position the cache already holds writes the same keys and values again.
 
 Weights are swapped in place (`swap`), so captured graphs keep pointing at the same parameters.
 """

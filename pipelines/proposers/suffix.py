@@ -98,8 +98,8 @@ class SuffixCache:
     def add(self, completions: Iterable[Sequence[int]], prompts: Iterable[Sequence[int]] | None = None) -> int:
         """Append completions, each after a separator and the last max_match tokens of its prompt (when given), and
         index the bigrams that end inside the completion: the first one spans the prompt's last token, so a repeated
-        request matches from its first generated token. Returns tokens written. Call between rounds, never while a
-        captured round may replay."""
+        request matches from its first generated token. Returns tokens written. Call between rounds: on CUDA a round
+        may still be running, which is safe because these writes are queued on the same stream behind it."""
         completions = [np.asarray(c, dtype=np.int64) for c in completions]
         tails = [np.asarray(p, dtype=np.int64)[-self.settings.max_match :] for p in prompts or ()]
         tails += [np.zeros(0, dtype=np.int64)] * (len(completions) - len(tails))
