@@ -42,7 +42,7 @@ from pipelines import sampling
 from pipelines.controller import BatchObservation, GoodputController
 from pipelines.decode_state import COUNT_ACCEPTED, COUNT_FULL, COUNT_ROUNDS, TALLY_ROW_ROUNDS, TALLY_TOKENS, DecodeState
 from pipelines.heads.model import HeadDraft
-from pipelines.kv_cache import PositionalKVCache, RowSubsetCache, decoder_forward
+from pipelines.kv_cache import PositionalKVCache, RowSubsetCache, decoder_forward, padded_width
 from pipelines.phase_clock import PhaseClock
 from pipelines.proposers import TARGET_ONLY, Variant
 from pipelines.proposers.draft import DraftModelProposer
@@ -175,6 +175,7 @@ class SpeculativeEngine:
         )
         # Prefill runs eagerly: its width varies, and a compiled forward would recompile for every new width.
         self._prefill_forward = decoder_forward(target)
+        self.pad_tokens = settings.pad_tokens or (64 if self.device.type == "cuda" else 1)
         self.state = DecodeState.allocate(
             size, PositionalKVCache.allocate(target, size, length), settings.top_m, self.device
         )
@@ -373,7 +374,7 @@ class SpeculativeEngine:
     def _prefill_chunks(self, plan: list[PrefillChunk]) -> None:
         state, device = self.state, self.device
         rows = torch.tensor([c.slot for c in plan], dtype=torch.int64, device=device)
-        width = max(c.end - c.start for c in plan)
+        width = padded_width(max(c.end - c.start for c in plan), self.pad_tokens)
         starts = torch.tensor([c.start for c in plan], dtype=torch.int64, device=device)
         # padding continues each row's positions (it lands past the chunk, where later writes overwrite it)
         positions = (starts[:, None] + torch.arange(width, device=device)).clamp_max(self.settings.max_seq_len - 1)
@@ -520,7 +521,9 @@ class SpeculativeEngine:
         if not behind:  # finished rows (parked) need no catching up
             return
         started = self.clock.start()
-        self.model_proposer.sync(self.state, [row for row, _ in behind], [length for _, length in behind])
+        lengths = [length for _, length in behind]
+        width = padded_width(max(lengths), self.pad_tokens)
+        self.model_proposer.sync(self.state, [row for row, _ in behind], lengths, width)
         self.clock.stop("catch_up", started)
 
     def _snapshot_active(self, bucket: int) -> None:

@@ -73,6 +73,11 @@ class RowSubsetCache:
         return self.cache.keys[layer_idx][self.rows], self.cache.values[layer_idx][self.rows]
 
 
+def padded_width(width: int, multiple: int) -> int:
+    """`width` rounded up to a multiple of `multiple` (the widths of variable-width forwards, see pad_tokens)."""
+    return -(-width // multiple) * multiple
+
+
 def attention_mask(positions: torch.Tensor, max_seq_len: int) -> torch.Tensor:
     """[B, 1, T, S] boolean mask: query (b, t) sees slots 0..positions[b, t]."""
     slots = torch.arange(max_seq_len, device=positions.device)

@@ -214,3 +214,38 @@ def test_finished_rows_are_never_caught_up(engine_models, monkeypatch):
     one = GenerationRequest("one", tokenizer(PROMPTS[0]).input_ids, max_new_tokens=1)
     assert len(eng.generate([one])[0].token_ids) == 1
     assert spy.calls == []
+
+
+@pytest.mark.parametrize("proposer", ["none", "draft", "head", "hybrid+head"])
+def test_padded_prefill_and_catch_up_forwards_keep_the_targets_greedy_output(engine_models, proposer):
+    """pad_tokens (64 on CUDA) right-pads prefill chunks and a model proposer's catch-up forwards to a few widths;
+    the padding must not change a token."""
+    eng = engine(engine_models, proposer, 3, 4, pad_tokens=16)
+    widths = {"prefill": [], "catch_up": []}
+    prefill = eng._prefill_forward
+
+    def spy_prefill(tokens, positions, cache):
+        widths["prefill"].append(tokens.shape[1])
+        return prefill(tokens, positions, cache)
+
+    eng._prefill_forward = spy_prefill
+    if eng.model_proposer is not None:
+        sync = eng.model_proposer.sync
+
+        def spy_sync(state, rows, lengths, width=None):
+            widths["catch_up"].append(width)
+            return sync(state, rows, lengths, width)
+
+        eng.model_proposer.sync = spy_sync
+    tokenizer = engine_models.tokenizer
+    requests = [
+        GenerationRequest(f"r{i}", tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, max_new_tokens=5 + 3 * i)
+        for i in range(10)
+    ]
+    done = run_with_joins(eng, requests, seed=3)
+    for request, result in done.values():
+        assert result.token_ids == reference(engine_models, request), f"{request.id} with {proposer}"
+    assert widths["prefill"] and all(width % 16 == 0 for width in widths["prefill"])
+    assert all(width % 16 == 0 for width in widths["catch_up"])
+    if proposer != "none":
+        assert widths["catch_up"], "newcomers must be caught up by the model proposer"

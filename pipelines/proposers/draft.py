@@ -37,13 +37,15 @@ class DraftModelProposer:
     def allocate(self, batch_size: int) -> PositionalKVCache:
         return PositionalKVCache.allocate(self.model, batch_size, self.max_seq_len)
 
-    def sync(self, state: DecodeState, rows: list[int], lengths: list[int]) -> None:
+    def sync(self, state: DecodeState, rows: list[int], lengths: list[int], width: int | None = None) -> None:
         """Run the draft over positions 0..L-1 of each row into its cache (right-padded rows clamped to their own
-        L - 1: padding rewrites a real position with the same input)."""
+        L - 1: padding rewrites a real position with the same input; `width`: the padded width, at least max(L))."""
         device = state.lengths.device
         rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
         ends = torch.tensor(lengths, dtype=torch.int64, device=device)
-        positions = torch.arange(max(lengths), device=device).expand(len(rows), -1).minimum(ends[:, None] - 1)
+        positions = (
+            torch.arange(max(width or 0, *lengths), device=device).expand(len(rows), -1).minimum(ends[:, None] - 1)
+        )
         positions = positions.clamp_min(0)
         tokens = state.tokens[rows_t].gather(1, positions)
         self._sync_forward(tokens, positions, RowSubsetCache(state.proposer_state[self.name], rows_t))

@@ -90,15 +90,15 @@ class HeadProposer:
 
     # ------------------------------------------------------------------ eager, between rounds
 
-    def sync(self, state: DecodeState, rows: list[int], lengths: list[int]) -> None:
+    def sync(self, state: DecodeState, rows: list[int], lengths: list[int], width: int | None = None) -> None:
         """Catch the head up on rows whose context it has not followed: one forward over positions 0..L-1 of each
         (inputs: the token at p + 1 and the target's feature at p), right-padded rows clamped to their own L - 1
-        so padding rewrites a real position with the same input."""
+        so padding rewrites a real position with the same input; `width`: the padded width, at least max(L))."""
         mine: HeadState = state.proposer_state[self.name]
         device = state.lengths.device
         rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
         ends = torch.tensor(lengths, dtype=torch.int64, device=device)  # L per row
-        width = max(lengths)
+        width = max(width or 0, *lengths)
         positions = torch.arange(width, device=device).expand(len(rows), -1).minimum(ends[:, None] - 1).clamp_min(0)
         tokens = state.tokens[rows_t].gather(1, positions + 1)
         hidden = mine.features.shape[-1]
