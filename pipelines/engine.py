@@ -235,6 +235,8 @@ class SpeculativeEngine:
                         for shadow in {False, self._can_shadow(variant)}:
                             self.graphs.get(size, variant, greedy_only, shadow)
             log.info("captured %d round graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
+        if self.pad_tokens > 1:
+            self._warm_prefill_widths()
         if self.controller is not None and self.device.type == "cuda":
             for size in self._views:
                 for variant in self.variants:
@@ -246,6 +248,20 @@ class SpeculativeEngine:
                 self.controller.snapshot()["costs_ms"],
             )
         self._warm = True
+
+    def _warm_prefill_widths(self) -> None:
+        """Run a one-row prefill at every padded width a prompt chunk can have, so that the first requests of each
+        width do not pay the kernels' per-shape set-up while others wait (on an H100 a newcomer's prefill cost
+        about what a batch of 8 did). Writes only into row 0's cache, which holds no request yet."""
+        started = time.perf_counter()
+        budget = 0 if self.slots.static else self.settings.prefill_chunk_tokens
+        widest = padded_width(min(budget or self.max_prompt_tokens, self.max_prompt_tokens), self.pad_tokens)
+        rows = torch.zeros(1, dtype=torch.int64, device=self.device)
+        widths = range(self.pad_tokens, widest + 1, self.pad_tokens)
+        for width in widths:
+            positions = torch.arange(width, device=self.device)[None].clamp_max(self.settings.max_seq_len - 1)
+            self._prefill_forward(torch.zeros_like(positions), positions, RowSubsetCache(self.state.target_cache, rows))
+        log.info("ran one-row prefills at %d widths in %.1f s", len(widths), time.perf_counter() - started)
 
     def swap_draft(self, weights: PreTrainedModel | HeadDraft | dict[str, torch.Tensor], version: str) -> None:
         """Load new draft weights in place (captured graphs keep pointing at the same parameters). Rows in flight

@@ -84,7 +84,8 @@ class EngineSettings(BaseModel):
     prefill_chunk_tokens: int = Field(512, ge=0)
     # variable-width forwards (prefill chunks, a model proposer catching rows up) are right-padded to a multiple of
     # this many tokens, so kernels with per-shape set-up costs (attention plans, GEMM heuristics) see a few dozen
-    # shapes instead of one per prompt length; None = 64 on CUDA, 1 (no padding) elsewhere
+    # shapes instead of one per prompt length (warm-up then prefills one row at each padded chunk width); None = 64
+    # on CUDA, 1 (no padding) elsewhere
     pad_tokens: int | None = Field(None, ge=1)
     suffix: SuffixSettings = SuffixSettings()
     auto: ControllerSettings = ControllerSettings()

@@ -218,9 +218,9 @@ def test_finished_rows_are_never_caught_up(engine_models, monkeypatch):
 
 @pytest.mark.parametrize("proposer", ["none", "draft", "head", "hybrid+head"])
 def test_padded_prefill_and_catch_up_forwards_keep_the_targets_greedy_output(engine_models, proposer):
-    """pad_tokens (64 on CUDA) right-pads prefill chunks and a model proposer's catch-up forwards to a few widths;
-    the padding must not change a token."""
-    eng = engine(engine_models, proposer, 3, 4, pad_tokens=16)
+    """pad_tokens (64 on CUDA) right-pads prefill chunks and a model proposer's catch-up forwards to a few widths,
+    and warm-up runs a prefill at each of them first; neither may change a token."""
+    eng = engine(engine_models, proposer, 3, 4, pad_tokens=16, prefill_chunk_tokens=40)
     widths = {"prefill": [], "catch_up": []}
     prefill = eng._prefill_forward
 
@@ -237,6 +237,8 @@ def test_padded_prefill_and_catch_up_forwards_keep_the_targets_greedy_output(eng
             return sync(state, rows, lengths, width)
 
         eng.model_proposer.sync = spy_sync
+    eng.warmup()  # with padding on, a one-row prefill at every padded chunk width, into row 0's cache
+    assert widths["prefill"] == [16, 32, 48]
     tokenizer = engine_models.tokenizer
     requests = [
         GenerationRequest(f"r{i}", tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, max_new_tokens=5 + 3 * i)
