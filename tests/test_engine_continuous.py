@@ -175,11 +175,13 @@ def test_rows_that_fail_to_be_collected_stay_in_the_engine_for_abort(engine_mode
 class SyncSpy:
     def __init__(self, proposer):
         self.calls = []
+        self.widths = []
         self._sync = proposer.sync
 
-    def __call__(self, state, rows, lengths):
+    def __call__(self, state, rows, lengths, width=None):
         self.calls.append((list(rows), list(lengths)))
-        return self._sync(state, rows, lengths)
+        self.widths.append(width)
+        return self._sync(state, rows, lengths, width)
 
 
 def test_a_draft_round_after_a_hybrid_round_catches_the_draft_model_up_first(engine_models, monkeypatch):
@@ -221,24 +223,19 @@ def test_padded_prefill_and_catch_up_forwards_keep_the_targets_greedy_output(eng
     """pad_tokens (64 on CUDA) right-pads prefill chunks and a model proposer's catch-up forwards to a few widths,
     and warm-up runs a prefill at each of them first; neither may change a token."""
     eng = engine(engine_models, proposer, 3, 4, pad_tokens=16, prefill_chunk_tokens=40)
-    widths = {"prefill": [], "catch_up": []}
+    prefill_widths = []
     prefill = eng._prefill_forward
 
     def spy_prefill(tokens, positions, cache):
-        widths["prefill"].append(tokens.shape[1])
+        prefill_widths.append(tokens.shape[1])
         return prefill(tokens, positions, cache)
 
     eng._prefill_forward = spy_prefill
+    sync = None
     if eng.model_proposer is not None:
-        sync = eng.model_proposer.sync
-
-        def spy_sync(state, rows, lengths, width=None):
-            widths["catch_up"].append(width)
-            return sync(state, rows, lengths, width)
-
-        eng.model_proposer.sync = spy_sync
+        sync = eng.model_proposer.sync = SyncSpy(eng.model_proposer)
     eng.warmup()  # with padding on, a one-row prefill at every padded chunk width, into row 0's cache
-    assert widths["prefill"] == [16, 32, 48]
+    assert prefill_widths == [16, 32, 48]
     tokenizer = engine_models.tokenizer
     requests = [
         GenerationRequest(f"r{i}", tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, max_new_tokens=5 + 3 * i)
@@ -247,7 +244,7 @@ def test_padded_prefill_and_catch_up_forwards_keep_the_targets_greedy_output(eng
     done = run_with_joins(eng, requests, seed=3)
     for request, result in done.values():
         assert result.token_ids == reference(engine_models, request), f"{request.id} with {proposer}"
-    assert widths["prefill"] and all(width % 16 == 0 for width in widths["prefill"])
-    assert all(width % 16 == 0 for width in widths["catch_up"])
-    if proposer != "none":
-        assert widths["catch_up"], "newcomers must be caught up by the model proposer"
+    assert all(width % 16 == 0 for width in prefill_widths)
+    if sync is not None:
+        assert sync.widths, "newcomers must be caught up by the model proposer"
+        assert all(width % 16 == 0 for width in sync.widths)
