@@ -58,7 +58,6 @@ from pipelines.types import (
     KIND_BONUS,
     NO_DRAFT_TOKEN,
     SOURCE_DRAFT,
-    SOURCE_HEAD,
     SOURCE_NONE,
     GenerationRequest,
     GenerationResult,
@@ -134,6 +133,7 @@ class SpeculativeEngine:
         self._use_graphs = settings.cuda_graphs and self.device.type == "cuda"
         self._compile = settings.compile and self.device.type == "cuda"
         self.eos_ids = self._eos_ids(target, tokenizer)
+        self._eos_set = set(self.eos_ids.tolist())  # for collecting results on the host
         size, length = settings.max_batch_size, settings.max_seq_len
         # Where the rounds of a free or prefilling slot write: the last max_k + 1 positions, past any prompt.
         self.park = length - self.max_k - 1
@@ -474,8 +474,9 @@ class SpeculativeEngine:
             window.events.append((begin, end))
             self.clock.add("rounds", begin, end)
         else:
-            window.host_seconds += time.perf_counter() - started
-            self.clock.add_seconds("rounds", time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            window.host_seconds += seconds
+            self.clock.add_seconds("rounds", seconds)
         window.rounds += 1
         self._rounds += 1
         self._previous_variant = variant
@@ -487,20 +488,14 @@ class SpeculativeEngine:
     def _follow_rows(self, variant: Variant, decoding: list[int]) -> None:
         """Keep the model proposer's cache following the rows it drafts for: catch up the rows it has not followed
         (newcomers, rows other variants drafted for) before a round that uses it; after a round that does not,
-        every decoding row is behind. A draft LM re-feeds only its own window: after a hybrid round whose accepted
-        suffix tokens it never saw, a draft round (or a hybrid one of smaller k) catches the rows up first."""
+        every decoding row is behind; the proposer says when rows it followed fell behind anyway (a draft LM after a
+        hybrid round: its needs_catch_up)."""
         if self.model_proposer is None:
             return
         if not variant.uses_model:
             self._stale.update(decoding)
             return
-        previous = self._previous_variant
-        if (
-            isinstance(self.model_proposer, DraftModelProposer)
-            and previous is not None
-            and previous.proposer == "hybrid"
-            and (variant.proposer == "draft" or variant.k < previous.k)
-        ):
+        if self.model_proposer.needs_catch_up(self._previous_variant, variant):
             self._stale.update(decoding)
         self._sync_model(decoding)
 
@@ -532,7 +527,7 @@ class SpeculativeEngine:
             return
         self._stale.difference_update(behind)
         rows = torch.tensor(behind, device=self.device)
-        lengths, active = self.state.lengths[rows].tolist(), self.state.active[rows].tolist()
+        lengths, active = torch.stack([self.state.lengths[rows], self.state.active[rows].long()]).tolist()  # one read
         behind = [(row, length) for row, length, running in zip(behind, lengths, active) if running]
         if not behind:  # finished rows (parked) need no catching up
             return
@@ -578,9 +573,9 @@ class SpeculativeEngine:
             RowTimes(s.admitted_at - s.submitted_at, s.first_token_at - s.submitted_at, now - s.submitted_at)
             for s in slots
         ]
-        eos = set(self.eos_ids.tolist())
+        requests = [s.request for s in slots]
         results = collect(
-            self.state, rows, [s.request for s in slots], self.tokenizer, eos, self.max_k, self.draft_version, times
+            self.state, rows, requests, self.tokenizer, self._eos_set, self.max_k, self.draft_version, times
         )
         if self.suffix is not None:
             self.suffix_cache.add([r.token_ids for r in results], [s.request.input_ids for s in slots])
@@ -593,10 +588,10 @@ class SpeculativeEngine:
         return any(self.slots.slots[i].request.stop for i in self.slots.decoding)
 
     def _apply_stop_strings(self, rows: list[int]) -> None:
-        generated = self.state.generated.tolist()
+        generated, active = self.state.generated.tolist(), self.state.active.tolist()
         for row in rows:
             request = self.slots.slots[row].request
-            if not bool(self.state.active[row]):
+            if not active[row]:
                 continue
             text = self.tokenizer.decode(
                 self.state.out_tokens[row, : generated[row]].tolist(), skip_special_tokens=True
@@ -646,6 +641,13 @@ class SpeculativeEngine:
         """Hand the window's evidence to the controller (one host read of the tallies) and start afresh."""
         window, self._window = self._window, None
         state = self.state
+        if self.controller is None:  # nothing reads the tallies: reset them on the device, no host read
+            self.clock.totals()
+            state.tally.zero_()
+            state.source_tally.zero_()
+            if self.suffix is not None:
+                self.suffix.hist.zero_()
+            return
         tally = state.tally.cpu()  # also waits for the window's rounds: their events are then readable
         self.clock.totals()  # folds the finished spans in, so the clock's pending events stay few
         sources = state.source_tally.cpu()
@@ -655,13 +657,13 @@ class SpeculativeEngine:
         if self.suffix is not None:
             hist = self.suffix.hist.cpu().numpy().copy()  # on CPU .cpu() is the tensor itself
             self.suffix.hist.zero_()
-        if self.controller is None or window is None or window.rounds == 0:
+        if window is None or window.rounds == 0:
             return
         if window.events:
             seconds = sum(begin.elapsed_time(end) for begin, end in window.events) / 1e3
         else:
             seconds = window.host_seconds
-        model = sources[SOURCE_HEAD if isinstance(self.model_proposer, HeadProposer) else SOURCE_DRAFT]
+        model = sources[self.model_proposer.source if self.model_proposer is not None else SOURCE_DRAFT]
         self.controller.observe(
             BatchObservation(
                 window.bucket,

@@ -78,6 +78,13 @@ def padded_width(width: int, multiple: int) -> int:
     return -(-width // multiple) * multiple
 
 
+def catch_up_positions(lengths: list[int], width: int, device) -> torch.Tensor:
+    """[n, width] positions 0..L-1 of each row for a catch-up forward, right-padded rows clamped to their own L - 1
+    (padding rewrites a real position with the same input)."""
+    ends = torch.tensor(lengths, dtype=torch.int64, device=device)
+    return torch.arange(width, device=device).expand(len(lengths), -1).minimum(ends[:, None] - 1).clamp_min(0)
+
+
 def attention_mask(positions: torch.Tensor, max_seq_len: int) -> torch.Tensor:
     """[B, 1, T, S] boolean mask: query (b, t) sees slots 0..positions[b, t]."""
     slots = torch.arange(max_seq_len, device=positions.device)

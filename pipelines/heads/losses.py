@@ -23,8 +23,8 @@ vocabulary, twice (target and head). The loss is taken over chunks of `chunk_pos
 `backward` each chunk's gradient is taken at once into a detached copy of the head's outputs, and one backward
 through the head follows (the chunked cross-entropy trick): [chunk, V] blocks only, and lm_head runs once forward
 and once backward per chunk, where activation checkpointing would run it twice forward. Nothing is read back to the
-host: sums come back as tensors, and the target's pass gets an explicit causal mask (without one, transformers
-checks the positions for packed sequences, a host sync per call).
+host: sums come back as tensors, and the target's pass (pipelines.heads.model.target_features) gets an explicit
+causal mask.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from pipelines.heads.model import target_features
 
 
 @dataclass(frozen=True)
@@ -114,13 +116,6 @@ def target_positions(lengths: list[int], device) -> tuple[torch.Tensor, torch.Te
     return rows.to(device, non_blocking=True), columns.to(device, non_blocking=True)
 
 
-def teacher_forced_features(target, tokens: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] pipelines.heads.model.target_features, computed without a host sync (module docstring)."""
-    width = tokens.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=tokens.device).tril()[None, None]
-    return target.get_decoder()(input_ids=tokens, attention_mask=causal, use_cache=False).last_hidden_state
-
-
 def head_loss(
     draft,  # pipelines.heads.model.HeadDraft
     tokens: torch.Tensor,  # [B, T] int64, right-padded
@@ -135,7 +130,7 @@ def head_loss(
     device = tokens.device
     if features is None:
         with torch.no_grad():
-            features = teacher_forced_features(draft.target, tokens)
+            features = target_features(draft.target, tokens)
     steps = settings.unroll
     counts = [sum(max(n - s, 0) for n in lengths) for s in range(1, steps + 1)]
     scales = [w / c if c else 0.0 for w, c in zip(settings.step_weights(), counts)]

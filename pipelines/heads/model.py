@@ -228,8 +228,12 @@ class _ConfigShell:
 
 
 def target_features(target: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] the target's features (last hidden state after the final norm) by teacher forcing, no cache."""
-    return target.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    """[B, T, H] the target's features (last hidden state after the final norm) by teacher forcing, no cache. The
+    causal mask is given explicitly: without one, transformers checks the positions for packed sequences, a host
+    sync per call."""
+    width = input_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()[None, None]
+    return target.get_decoder()(input_ids=input_ids, attention_mask=causal, use_cache=False).last_hidden_state
 
 
 class HeadDraft(torch.nn.Module):
@@ -266,7 +270,7 @@ class HeadDraft(torch.nn.Module):
 
     def copy_for_training(self) -> HeadDraft:
         """An independent copy of the head (same target), e.g. the learning round's training copy."""
-        return HeadDraft(copy.deepcopy(self.head), self.target)
+        return copy.deepcopy(self)
 
     def __deepcopy__(self, memo) -> HeadDraft:
         # copy.deepcopy of a head copies the head, never the target it reads

@@ -18,8 +18,8 @@ from transformers import PreTrainedModel
 
 from pipelines import sampling
 from pipelines.decode_state import DecodeState
-from pipelines.kv_cache import PositionalKVCache, RowSubsetCache, decoder_forward
-from pipelines.proposers import Proposal, copy_weights
+from pipelines.kv_cache import PositionalKVCache, RowSubsetCache, catch_up_positions, decoder_forward
+from pipelines.proposers import Proposal, Variant, copy_weights
 from pipelines.types import SOURCE_DRAFT
 
 
@@ -42,13 +42,20 @@ class DraftModelProposer:
         L - 1: padding rewrites a real position with the same input; `width`: the padded width, at least max(L))."""
         device = state.lengths.device
         rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
-        ends = torch.tensor(lengths, dtype=torch.int64, device=device)
-        positions = (
-            torch.arange(max(width or 0, *lengths), device=device).expand(len(rows), -1).minimum(ends[:, None] - 1)
-        )
-        positions = positions.clamp_min(0)
+        positions = catch_up_positions(lengths, max(width or 0, *lengths), device)
         tokens = state.tokens[rows_t].gather(1, positions)
         self._sync_forward(tokens, positions, RowSubsetCache(state.proposer_state[self.name], rows_t))
+
+    @staticmethod
+    def needs_catch_up(previous: Variant | None, variant: Variant) -> bool:
+        """Whether rows this proposer followed are behind before a round of `variant` after one of `previous`: the
+        first step re-feeds only k + 2 tokens after a hybrid round (module docstring), so a draft round, or a hybrid
+        round of smaller k, after a hybrid round catches up first."""
+        return (
+            previous is not None
+            and previous.proposer == "hybrid"
+            and (variant.proposer == "draft" or variant.k < previous.k)
+        )
 
     def propose(self, state: DecodeState, k: int, greedy_only: bool, after_suffix: bool = False) -> Proposal:
         """k tokens per row; `after_suffix` (hybrid rounds) widens the re-fed window to k + 2 tokens."""

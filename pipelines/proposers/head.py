@@ -21,8 +21,8 @@ import torch
 from pipelines.decode_state import DecodeState
 from pipelines.heads.drafting import draft_chain
 from pipelines.heads.model import HeadDraft
-from pipelines.kv_cache import PositionalKVCache, RowSubsetCache
-from pipelines.proposers import Proposal, copy_weights
+from pipelines.kv_cache import PositionalKVCache, RowSubsetCache, catch_up_positions
+from pipelines.proposers import Proposal, Variant, copy_weights
 from pipelines.types import SOURCE_HEAD
 
 
@@ -53,6 +53,11 @@ class HeadProposer:
             self.model.head.allocate_cache(batch_size, self.max_seq_len),
             torch.zeros(shape, dtype=param.dtype, device=param.device),
         )
+
+    @staticmethod
+    def needs_catch_up(previous: Variant | None, variant: Variant) -> bool:
+        """Never: its first step re-feeds the last max k + 1 positions (module docstring), whatever ran before."""
+        return False
 
     # ------------------------------------------------------------------ captured
 
@@ -97,9 +102,7 @@ class HeadProposer:
         mine: HeadState = state.proposer_state[self.name]
         device = state.lengths.device
         rows_t = torch.tensor(rows, dtype=torch.int64, device=device)
-        ends = torch.tensor(lengths, dtype=torch.int64, device=device)  # L per row
-        width = max(width or 0, *lengths)
-        positions = torch.arange(width, device=device).expand(len(rows), -1).minimum(ends[:, None] - 1).clamp_min(0)
+        positions = catch_up_positions(lengths, max(width or 0, *lengths), device)
         tokens = state.tokens[rows_t].gather(1, positions + 1)
         hidden = mine.features.shape[-1]
         features = mine.features[rows_t].gather(1, positions[..., None].expand(-1, -1, hidden))
