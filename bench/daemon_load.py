@@ -69,6 +69,7 @@ import yaml
 
 from daemon.config import LimitSettings
 from daemon.serving.messages import parse_prompt, tokenize
+from devtools.fleet import DaemonLog
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -280,7 +281,6 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer:
         reader.close()
         daemon.terminate()
         daemon.wait(120)
-        summary = [line for line in log_path.read_text().splitlines() if "onlinespec stopped" in line]
         result = {
             "tokens": tokens,
             "completions": received,
@@ -289,7 +289,7 @@ def daemon_rate(args, target: str, values: list[bytes], workdir: Path, proposer:
             "tok_s": round(tokens / seconds, 1),
             "daemon_exit": daemon.returncode,
             "stages": stages,
-            "summary": summary[-1].split(": ", 1)[-1] if summary else None,
+            "summary": DaemonLog.read("daemon", log_path).stopped,
         }
         if args.learning:
             result["learning"] = serving_during_rounds(config_path, arrivals, stream_started)
@@ -399,9 +399,19 @@ def metric_families(port: int) -> list:
     return list(text_string_to_metric_families(text))
 
 
+def unlabelled_samples(families: list) -> dict[str, float]:
+    """The unlabelled samples of scraped `families` by name (gauges, histogram sums and counts)."""
+    return {s.name: s.value for f in families for s in f.samples if not s.labels}
+
+
+def labelled_samples(families: list, name: str, label: str) -> dict[str, float]:
+    """One labelled metric's samples of scraped `families` by label value."""
+    return {s.labels[label]: s.value for f in families for s in f.samples if s.name == name}
+
+
 def metric_samples(port: int) -> dict[str, float]:
     """The daemon's unlabelled samples by name (gauges, histogram sums and counts)."""
-    return {s.name: s.value for f in metric_families(port) for s in f.samples if not s.labels}
+    return unlabelled_samples(metric_families(port))
 
 
 def scrape_stages(port: int) -> dict:
@@ -416,17 +426,13 @@ def scrape_stages(port: int) -> dict:
 
 def scrape_labelled(port: int, name: str, label: str) -> dict[str, float]:
     """One labelled metric's samples by label value (e.g. onlinespec_engine_seconds_total by phase)."""
-    return {s.labels[label]: s.value for f in metric_families(port) for s in f.samples if s.name == name}
+    return labelled_samples(metric_families(port), name, label)
 
 
 def scrape_variants(port: int) -> dict:
     """Batches per variant the daemon ran (onlinespec_variant_batches)."""
-    return {
-        s.labels["variant"]: int(s.value)
-        for f in metric_families(port)
-        for s in f.samples
-        if s.name == "onlinespec_variant_batches_total"
-    }
+    batches = scrape_labelled(port, "onlinespec_variant_batches_total", "variant")
+    return {variant: int(value) for variant, value in batches.items()}
 
 
 def _wait_for(path: Path, text: str, process, timeout: float) -> None:

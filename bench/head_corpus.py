@@ -29,7 +29,7 @@ TEXT_DOMAINS = ("stdlib_code", "shakespeare")
 
 
 def bench_ids(name: str) -> list[str]:
-    return [json.loads(line)["id"] for line in (DATA / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+    return [p.id for p in sources.read_jsonl(DATA / f"{name}.jsonl")]
 
 
 def code_records(max_chars: int, piece_chars: int = 6000) -> list[dict]:
@@ -99,8 +99,7 @@ def distillation_prompts(bench_prompts: int, per_domain: int) -> list[dict]:
         if domain == "text_to_sql":
             texts = [p.prompt for p in sources.text_to_sql(per_domain, seed=1)]
         else:
-            lines = (DATA / f"{domain}.jsonl").read_text().splitlines()[bench_prompts:]
-            texts = [json.loads(line)["prompt"] for line in lines if line.strip()][:per_domain]
+            texts = [p.prompt for p in sources.read_jsonl(DATA / f"{domain}.jsonl")[bench_prompts:]][:per_domain]
         for i, text in enumerate(texts):
             record = {"id": f"distill/{domain}/{i}"}
             if domain in CHAT_DOMAINS:

@@ -55,10 +55,12 @@ import yaml
 from bench.daemon_load import (
     build_tiny_target,
     daemon_config,
+    labelled_samples,
     load_prompt_values,
+    metric_families,
     metric_samples,
-    scrape_labelled,
     scrape_stages,
+    unlabelled_samples,
 )
 from devtools.fleet import DaemonLog, DaemonProcess, PacedProducer, header
 
@@ -239,12 +241,13 @@ class ServingDaemon:
         values = load_prompt_values(
             self.args, count=len(point.offsets), prefix=prefix, max_new_tokens=self.args.max_new_tokens_per_file
         )
-        records = [(json.loads(v)["id"].encode(), v) for v in values]
-        before = metric_samples(self.port) | self._phases()
+        ids_in_order = [json.loads(v)["id"] for v in values]
+        records = [(i.encode(), v) for i, v in zip(ids_in_order, values)]
+        ids = set(ids_in_order)
+        before = self._snapshot()
         producer = PacedProducer(
             self.names.bootstrap, self.names.prompts, records, at=point.offsets, wait_acks=False, linger_ms=0
         ).start()
-        ids = {json.loads(v)["id"] for v in values}
         timeout = SATURATION_TIMEOUT_S if point.rate is None else point.arrivals_s + DRAIN_TIMEOUT_S
         deadline = time.monotonic() + timeout
         waiting = set(ids)
@@ -253,16 +256,18 @@ class ServingDaemon:
         if waiting:  # still in the daemon: the next point will share it with them
             progress(f"{self.label} {point.name}: {len(waiting)} requests unanswered after {timeout:.0f} s")
         producer.stop()
-        after = metric_samples(self.port) | self._phases()
+        after = self._snapshot()
         produced = dict(zip(producer.sent, producer.sent_at))
         late = max((at - producer.started - offset for at, offset in zip(producer.sent_at, point.offsets)), default=0)
         answers = {i: self.answers[i] for i in ids if i in self.answers}
         return measure(point, produced, answers, self, before, after) | {"producer_late_s_max": round(late, 3)}
 
-    def _phases(self) -> dict[str, float]:
-        """The engine's seconds per phase so far, as `phase:NAME` entries beside the unlabelled samples."""
-        phases = scrape_labelled(self.port, "onlinespec_engine_seconds_total", "phase")
-        return {f"phase:{name}": seconds for name, seconds in phases.items()}
+    def _snapshot(self) -> dict[str, float]:
+        """One scrape: the unlabelled samples and, as `phase:NAME` entries beside them, the engine's seconds per
+        phase so far."""
+        families = metric_families(self.port)
+        phases = labelled_samples(families, "onlinespec_engine_seconds_total", "phase")
+        return unlabelled_samples(families) | {f"phase:{name}": seconds for name, seconds in phases.items()}
 
     def _read(self, waiting: set[str]) -> None:
         for tp, batch in self.reader.poll(timeout_ms=50).items():
@@ -289,12 +294,12 @@ class ServingDaemon:
         if self.reader is not None:
             self.reader.close()
         self.process.stop()
-        lines = self.process.log().splitlines()
-        summary = [line for line in lines if "onlinespec stopped" in line]
+        text = self.process.log()
+        lines = text.splitlines()
         return {
             "exit_code": self.process.process.returncode if self.process.process else None,
             "stages": stages,
-            "summary": summary[-1].split(": ", 1)[-1] if summary else None,
+            "summary": DaemonLog.parse(self.label, text).stopped,
             "log_warnings": [line for line in lines if line.split(" ")[2:3] in (["WARNING"], ["ERROR"])][:20],
         }
 

@@ -106,7 +106,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.partitions = args.partitions or 2 * args.daemons
     if args.promote_margin is None:
         args.promote_margin = 0.0 if args.tiny else 0.02
-    args.prompts = int(args.rate * args.duration)  # what load_prompt_values reads
     return args
 
 
@@ -143,6 +142,7 @@ class Failover:
         self.round: int | None = None
         self.killed_at: float | None = None  # epoch seconds
         self.at_s: float | None = None  # seconds of load
+        self._done = False  # the takeover finished (it stays finished: no need to read the logs again)
 
     def step(self, elapsed: float) -> None:
         """From the main loop: the kill, as soon as a round is in progress after after_s."""
@@ -163,7 +163,9 @@ class Failover:
 
     @property
     def done(self) -> bool:
-        return self.victim is not None and takeover_done(self.figures()) is not None
+        if not self._done:
+            self._done = self.victim is not None and takeover_done(self.figures()) is not None
+        return self._done
 
 
 def run(args, workdir: Path, database: Database) -> dict:
@@ -217,7 +219,7 @@ def run(args, workdir: Path, database: Database) -> dict:
         reader = KafkaConsumer(bootstrap_servers=names.bootstrap, enable_auto_commit=False)
         reader.assign([TopicPartition(names.completions, 0), TopicPartition(names.dlq, 0)])
         reader.seek_to_beginning()
-        values = load_prompt_values(args)
+        values = load_prompt_values(args, int(args.rate * args.duration))
         records = [(json.loads(v)["id"].encode(), v) for v in values]
         failover = Failover(fleet, watch, args.partitions, args.failover_after or args.duration / 2)
         completions, dead = [], []
@@ -226,17 +228,19 @@ def run(args, workdir: Path, database: Database) -> dict:
         last_arrival = load_started
         deadline = load_started + args.duration + 600
         all_answered = None  # when every prompt sent was answered: the failover gets FAILOVER_WAIT_S more at most
+        answered = set()
         while time.monotonic() < deadline:
             for tp, batch in reader.poll(timeout_ms=200).items():
                 (dead if tp.topic == names.dlq else completions).extend(batch)
+                answered.update(header(r, "request-id") for r in batch)
                 last_arrival = time.monotonic()
-            if args.failover and not failover.done:
+            failover_done = args.failover and failover.done  # read once a pass: it reads every log and the DB
+            if args.failover and not failover_done:
                 failover.step(time.monotonic() - load_started)
-            answered = {header(r, "request-id") for r in completions + dead}
-            if all_answered is None and len(producer.sent) == len(records) and answered >= set(producer.sent):
+            if all_answered is None and len(producer.sent) == len(records) and answered.issuperset(producer.sent):
                 all_answered = time.monotonic()
             if all_answered is not None and (
-                not args.failover or failover.done or time.monotonic() > all_answered + FAILOVER_WAIT_S
+                not args.failover or failover_done or time.monotonic() > all_answered + FAILOVER_WAIT_S
             ):
                 break
         span = last_arrival - load_started

@@ -645,11 +645,6 @@ class PacedProducer:
         finally:
             producer.close()
 
-    @property
-    def done(self) -> bool:
-        """Every record was sent (and acknowledged), or producing stopped."""
-        return self.started is not None and not self._thread.is_alive()
-
     def stop(self) -> list[str]:
         """Stop producing; the ids sent."""
         self._stop.set()
