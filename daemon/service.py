@@ -118,7 +118,7 @@ def build_worker(settings: Settings, notifier: SystemdNotifier | None = None) ->
             weights,
             target_identity,
             worker.serving_counters,
-            window=engine.max_k + 1,
+            window=getattr(engine.model_proposer, "window", None),  # a head's catch-up window; a draft LM has none
         )
     return worker
 
@@ -190,12 +190,8 @@ def build_learning(
 
 def check_learning_memory(settings: Settings, draft, device: str) -> None:
     """Say at start what learning rounds will hold in memory, and warn when it does not fit (daemon.learning.memory)."""
-    import torch
-
     from daemon.learning.memory import available_bytes, check, estimate
-    from pipelines.drafts import kind_of
+    from pipelines.drafts import training_dtype
 
-    configured = settings.learning.training_dtype
-    own = next(draft.parameters()).dtype
-    dtype = own if configured == "auto" or kind_of(draft) == "head" else getattr(torch, configured)
+    dtype = training_dtype(draft, settings.learning.training_dtype)
     check(estimate(draft, settings.learning.learner, dtype), device, available_bytes())

@@ -99,11 +99,18 @@ def training_device(draft: torch.nn.Module, configured: str) -> str:
     return configured
 
 
+def training_dtype(draft: torch.nn.Module, dtype: str) -> torch.dtype:
+    """The dtype a learning round trains `draft` in: a draft LM in `dtype` ("auto": its own), a head in its own
+    (training_copy says why)."""
+    if isinstance(draft, HeadDraft):
+        return next(draft.parameters()).dtype
+    return draft.dtype if dtype == "auto" else getattr(torch, dtype)
+
+
 def training_copy(draft: torch.nn.Module, device: str, dtype: str) -> torch.nn.Module:
     """An independent copy of the served draft to train: a draft LM on `device` in `dtype` ("auto": its own); a
     head in its own dtype on the target's device (its input mixes the target's embeddings with the target's
     features, which must share its dtype: the learners' float32 masters give it float32 steps anyway)."""
     if isinstance(draft, HeadDraft):
         return draft.copy_for_training()
-    dtype = draft.dtype if dtype == "auto" else getattr(torch, dtype)
-    return copy.deepcopy(draft).to(device=device, dtype=dtype)
+    return copy.deepcopy(draft).to(device=device, dtype=training_dtype(draft, dtype))

@@ -45,11 +45,12 @@ from daemon.config import Settings
 from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftWeights
 from pipelines.gate import decide, heldout_split
 
-__all__ = ["RoundResult", "RoundRunner", "RoundStopped", "heldout_split"]
+__all__ = ["INTERRUPTED", "RoundResult", "RoundRunner", "RoundStopped", "heldout_split"]
 
 log = logging.getLogger(__name__)
 
 ACTOR = "scheduler"
+INTERRUPTED = "interrupted"  # the reason recover() gives a round whose process died starts with this
 ServingCounters = Callable[[], tuple[int, float]]  # (tokens decoded, seconds spent decoding), cumulative
 
 
@@ -393,7 +394,7 @@ class RoundRunner:
             closed = fail_unfinished_rounds(
                 session,
                 deployment=self.learning.deployment,
-                reason="interrupted: its process stopped before the round finished",
+                reason=f"{INTERRUPTED}: its process stopped before the round finished",
             )
         removed = self.weights.store.cleanup_temp(min_age_seconds=0)
         if closed or removed:

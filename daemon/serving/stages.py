@@ -170,8 +170,8 @@ class Pipeline:
         self._pending_swap = None
         self._in_flight: set[str] = set()  # ids admitted for decoding whose batch is not stored yet
         self._in_flight_lock = threading.Lock()
-        self._in_engine: set[str] = set()  # ids submitted to the engine and not finished (decode thread only)
-        self._waiters: dict[str, list[Inbound]] = {}  # copies of an id in the engine, answered when it finishes
+        # Per id submitted to the engine and not finished: the copies of it answered when it finishes (decode thread)
+        self._waiters: dict[str, list[Inbound]] = {}
         self._tps_window = (time.monotonic(), 0)  # (since, tokens) for the decode tokens/s gauge
 
     def request_draft_swap(self, weights, version: str) -> None:
@@ -229,11 +229,11 @@ class Pipeline:
         for item in admission.decode:  # first: a copy later in this batch waits for it
             item.submitted_at = now
             self.engine.submit(item.request, tag=item)
-            self._in_engine.add(item.request.id)
+            self._waiters.setdefault(item.request.id, [])
             held.add(id(item))
         for item in admission.wait:
-            if item.request.id in self._in_engine:
-                self._waiters.setdefault(item.request.id, []).append(item)
+            if item.request.id in self._waiters:
+                self._waiters[item.request.id].append(item)
                 held.add(id(item))
             else:  # its first copy was handed over already: the sink stores it first
                 answered.wait.append(item)
@@ -252,23 +252,16 @@ class Pipeline:
         self.totals.decode_seconds += time.monotonic() - started
         decoding, slots = self.engine.occupancy()
         self.metrics.slot_occupancy.set(decoding / slots)
-        self.metrics.record_engine_phases(self.engine.clock.totals())
+        if not self.engine.busy:  # idle: the phase seconds are exported now, not at the next 1 s window
+            self._record_engine_phases()
         if finished:
             self._hand_over(self._finished([item for item, _ in finished], [result for _, result in finished]))
 
     def _finished(self, items: list[Inbound], results) -> Prepared:
         """Finished requests, with the copies that waited for them, on their way to the sink."""
-        self.metrics.record_results(results)
-        self.metrics.record_choice(self.engine)
-        self._gauge_decode_rate(results)
-        decoded, waiters = [], []
-        for item, result in zip(items, results):
-            payload = completion_payload(
-                result, len(item.request.input_ids), item.message.metadata, item.submitted_at - item.queued_at
-            )
-            self.metrics.record_latencies(payload["timings"], len(result.token_ids))
-            decoded.append(Decoded(item, result, encode_json(payload), payload["timings"]))
-            self._in_engine.discard(item.request.id)
+        decoded = self._completions(items, results, [item.submitted_at - item.queued_at for item in items])
+        waiters = []
+        for item in items:
             waiters += self._waiters.pop(item.request.id, [])
         return Prepared(items + waiters, Admission(decode=list(items), wait=waiters), decoded, [])
 
@@ -279,19 +272,36 @@ class Pipeline:
         log.warning("engine failed with %d requests in flight (%s); decoding them one by one", len(items), exc)
         for item in items:
             decoded, failed = self._decode([item])
-            self._in_engine.discard(item.request.id)
             waiters = self._waiters.pop(item.request.id, [])
             self._hand_over(Prepared([item, *waiters], Admission(decode=[item], wait=waiters), decoded, failed))
 
+    def _completions(self, items: list[Inbound], results, before_engine_s: list[float]) -> list[Decoded]:
+        """Finished requests counted (results, the engine's variant, tokens/s, latencies) and encoded as their
+        completions; `before_engine_s`: each one's wait from its arrival until it was handed to the engine."""
+        self.metrics.record_results(results)
+        self.metrics.record_choice(self.engine)
+        self._gauge_decode_rate(results)
+        decoded = []
+        for item, result, waited in zip(items, results, before_engine_s):
+            payload = completion_payload(result, len(item.request.input_ids), item.message.metadata, waited)
+            self.metrics.record_latencies(payload["timings"], len(result.token_ids))
+            decoded.append(Decoded(item, result, encode_json(payload), payload["timings"]))
+        return decoded
+
     def _gauge_decode_rate(self, results) -> None:
-        """Tokens/s of finished requests over the last second or more (a gauge for dashboards)."""
+        """Tokens/s of finished requests over the last second or more (a gauge for dashboards). The engine's phase
+        seconds are exported at the same rhythm (and when it goes idle, _step), not after every engine step."""
         since, tokens = self._tps_window
         tokens += sum(r.counters.emitted for r in results)
         now = time.monotonic()
         if now - since >= 1.0:
             self.metrics.decode_tps.set(tokens / (now - since))
+            self._record_engine_phases()
             since, tokens = now, 0
         self._tps_window = (since, tokens)
+
+    def _record_engine_phases(self) -> None:
+        self.metrics.record_engine_phases(self.engine.clock.totals())
 
     def _follow_active_draft(self) -> None:
         """A promotion or rollback anywhere in the deployment reaches this worker at its next round boundary. The
@@ -393,18 +403,8 @@ class Pipeline:
             return decoded, failed
         seconds = time.monotonic() - started
         self.metrics.decode_seconds.observe(seconds)
-        self.metrics.record_results(results)
-        self.metrics.record_choice(self.engine)
-        self.metrics.decode_tps.set(sum(r.counters.emitted for r in results) / seconds if seconds > 0 else 0.0)
         self.totals.decode_seconds += seconds
-        decoded = []
-        for item, result in zip(items, results):
-            payload = completion_payload(
-                result, len(item.request.input_ids), item.message.metadata, started - item.queued_at
-            )
-            self.metrics.record_latencies(payload["timings"], len(result.token_ids))
-            decoded.append(Decoded(item, result, encode_json(payload), payload["timings"]))
-        return decoded, []
+        return self._completions(items, results, [started - item.queued_at for item in items]), []
 
     def _hand_over(self, prepared: Prepared) -> None:
         while True:
