@@ -9,6 +9,7 @@
 #   bash bench/gpu_final.sh OUT head-init [ARGS...]        # onlinespec draft init --kind head -> $STAGE/head
 #   bash bench/gpu_final.sh OUT proposers [ARGS...]        # python -m bench.proposers (with the head, the draft LM)
 #   bash bench/gpu_final.sh OUT scheduling [ARGS...]       # static vs continuous through the daemon, b8 and b32
+#   bash bench/gpu_final.sh OUT profile ARGS...            # bench/profile_round.py --variants (with the head if any)
 #   bash bench/gpu_final.sh OUT daemon                     # bench/daemon_load.py with the real pair through Kafka
 #   bash bench/gpu_final.sh OUT learning [ARGS...]         # bench/learning.py (ARGS go to it)
 #   bash bench/gpu_final.sh OUT daemon-learning            # the daemon serving while it runs learning rounds
@@ -69,6 +70,11 @@ while [[ $# -gt 0 ]]; do
         --device "$DEVICE" --dtype "$DTYPE" --chat --prompt-file bench/data/text_to_sql.jsonl bench/data/sharegpt.jsonl \
         --max-new-tokens-per-file 32 128 --prompt-chars 2000 --max-seq-len 1024 --threads 4 --start-together \
         --budget-s 240 --out "$out/scheduling.json" "$@" 2>&1 | quiet | tee "$out/scheduling.log" | tail -40
+      break ;;
+    profile)
+      head=$(draft_args | grep -o -- '--head [^ ]*' || true)
+      python -m bench.profile_round --target "$STAGE/target-hf" $head --out "$out/profile.json" "$@" 2>&1 \
+        | grep -v USDT | quiet | tee "$out/profile.log" | tail -60
       break ;;
     daemon)
       python -m bench.daemon_load --target "$STAGE/target-hf" --draft "$STAGE/draft-hf" --device cuda \

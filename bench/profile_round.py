@@ -1,14 +1,21 @@
 """On a CUDA machine: where does the time of one decoding round go? (kernel table from torch.profiler)
 
     python -m bench.profile_round --target DIR --draft DIR [--k 5] [--batch 1] [--compile] [--no-graphs]
+    python -m bench.profile_round --target DIR [--head DIR] --variants none:0 suffix:2 head:2 --batch 1 8
 
 Decodes a few chat prompts to warm up, then profiles one more generate() call and prints the CUDA kernels
 sorted by total time, with call counts, and the wall time per round.
+
+With --variants: per batch size and variant of an auto engine, the captured round's replay time beside the sum of
+its kernels' GPU time in eager rounds (the gap is launch and scheduling overhead inside the graph), kernels per
+round, and the kernels that cost most beyond a target-only round. What a speculative round pays for its
+machinery, before any token is accepted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -59,11 +66,18 @@ def main() -> None:
     parser.add_argument("--draft")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="with --variants")
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-graphs", action="store_true")
     parser.add_argument("--out")
+    parser.add_argument("--head", help="head folder, for head and hybrid variants (with --variants)")
+    parser.add_argument("--variants", nargs="+", help="proposer:k each (auto engine; see the module docstring)")
+    parser.add_argument("--rounds", type=int, default=20, help="profiled eager rounds per variant (--variants)")
     args = parser.parse_args()
+    if args.variants:
+        profile_variants(args)
+        return
     if args.random_qwen:
         target, draft, tokenizer = random_qwen_pair()
         draft = draft if args.k > 0 else None
@@ -104,6 +118,58 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(table)
         prof.export_chrome_trace(str(Path(args.out).with_suffix(".trace.json")))
+
+
+def profile_variants(args) -> None:
+    from pipelines.models import load_head
+    from pipelines.proposers import Variant
+    from pipelines.round import run_round
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    target, _, tokenizer = load_pair(args.target, None, dtype, device)
+    head = load_head(args.head, target) if args.head else None
+    variants = [Variant(name, int(k)) for name, k in (v.split(":") for v in args.variants)]
+    choices = sorted({v.k for v in variants if v.k})
+    settings = EngineSettings(max_batch_size=max(args.batch_sizes), max_seq_len=1024, auto={"k_choices": choices})
+    engine = SpeculativeEngine(target, head, tokenizer, settings)
+    engine.warmup()
+    cuda = device == "cuda"  # on a CPU (a dry run) only the table's shape means anything
+    rows = []
+    for bucket in args.batch_sizes:
+        view = engine._views[bucket]
+        view.active.zero_()
+        for variant in variants:
+            replay_ms = engine.graphs.seconds_per_round(bucket, variant) * 1e3 if cuda else float("nan")
+            with torch.inference_mode():
+                run_round(engine._models, view, variant, True)  # untimed: allocations, kernel set-up
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                with profile(activities=activities) as prof:
+                    for _ in range(args.rounds):
+                        run_round(engine._models, view, variant, True)
+                    if cuda:
+                        torch.cuda.synchronize()
+            kernels = [e for e in prof.events() if cuda and e.device_type == torch.autograd.DeviceType.CUDA]
+            gpu_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / args.rounds
+            per_name: dict[str, float] = {}
+            for event in kernels:
+                per_name[event.name] = per_name.get(event.name, 0.0) + event.time_range.elapsed_us() / 1e3 / args.rounds
+            rows.append((bucket, str(variant), replay_ms, gpu_ms, len(kernels) / args.rounds, per_name))
+    print(f"{'batch':>5} {'variant':<10} {'replay ms':>9} {'kernels ms':>10} {'kernels':>7}")
+    for bucket, variant, replay_ms, gpu_ms, count, _ in rows:
+        print(f"{bucket:>5} {variant:<10} {replay_ms:>9.3f} {gpu_ms:>10.3f} {count:>7.0f}")
+    base = {bucket: per_name for bucket, variant, *_, per_name in rows if variant == "none:0"}
+    for bucket, variant, *_, per_name in rows:
+        if variant == "none:0" or bucket not in base:
+            continue
+        extra = sorted(((ms - base[bucket].get(name, 0.0), name) for name, ms in per_name.items()), reverse=True)
+        print(f"batch {bucket} {variant}: most extra GPU time per round over none:0")
+        for ms, name in extra[:8]:
+            print(f"  {ms * 1e3:8.1f} us  {name[:100]}")
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps([dict(zip(("batch", "variant", "replay_ms", "kernels_ms", "kernels"), r[:5])) for r in rows])
+        )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ The model proposer (a draft LM or a head) catches rows up eagerly before a round
 or rows that other variants drafted for), so the variant can change between windows and a newcomer can join.
 
 On CUDA every (bucket, variant, greedy or sampled, shadow) round is captured once at warm-up as a CUDA graph, all
-graphs sharing one memory pool, and replayed; the host reads which rows are still active one round late, so it
+graphs sharing one memory pool, and replayed, and so is every prefill shape up to `prefill_graph_tokens`
+(pipelines.prefill); the host reads which rows are still active one round late, so it
 never waits on the GPU while rounds remain (a finished row runs one extra round as a no-op before its slot is
 refilled). Requests with stop strings are the exception: their text is checked on the host after every round.
 Costs of every variant are timed at warm-up (graph replays) for the controller.
@@ -42,8 +43,9 @@ from pipelines import sampling
 from pipelines.controller import BatchObservation, GoodputController
 from pipelines.decode_state import COUNT_ACCEPTED, COUNT_FULL, COUNT_ROUNDS, TALLY_ROW_ROUNDS, TALLY_TOKENS, DecodeState
 from pipelines.heads.model import HeadDraft
-from pipelines.kv_cache import PositionalKVCache, RowSubsetCache, decoder_forward, padded_width
+from pipelines.kv_cache import PositionalKVCache, decoder_forward, padded_width
 from pipelines.phase_clock import PhaseClock
+from pipelines.prefill import PrefillRunner
 from pipelines.proposers import TARGET_ONLY, Variant
 from pipelines.proposers.draft import DraftModelProposer
 from pipelines.proposers.head import HeadProposer
@@ -173,12 +175,11 @@ class SpeculativeEngine:
             head=head,
             shadow_k=suffix_k,
         )
-        # Prefill runs eagerly: its width varies, and a compiled forward would recompile for every new width.
-        self._prefill_forward = decoder_forward(target)
         self.pad_tokens = settings.pad_tokens or (64 if self.device.type == "cuda" else 1)
         self.state = DecodeState.allocate(
             size, PositionalKVCache.allocate(target, size, length), settings.top_m, self.device
         )
+        self.prefill = PrefillRunner(target, self.state.target_cache, self._use_graphs, settings.prefill_graph_tokens)
         for proposer in (self.model_proposer, self.suffix):
             if proposer is not None:
                 self.state.proposer_state[proposer.name] = proposer.allocate(size)
@@ -236,7 +237,7 @@ class SpeculativeEngine:
                             self.graphs.get(size, variant, greedy_only, shadow)
             log.info("captured %d round graphs in %.1f s", len(self.graphs), time.perf_counter() - started)
         if self.pad_tokens > 1:
-            self._warm_prefill_widths()
+            self.prefill.warm(list(self._views), self._prefill_widths(), self.park)
         if self.controller is not None and self.device.type == "cuda":
             for size in self._views:
                 for variant in self.variants:
@@ -249,19 +250,11 @@ class SpeculativeEngine:
             )
         self._warm = True
 
-    def _warm_prefill_widths(self) -> None:
-        """Run a one-row prefill at every padded width a prompt chunk can have, so that the first requests of each
-        width do not pay the kernels' per-shape set-up while others wait (on an H100 a newcomer's prefill cost
-        about what a batch of 8 did). Writes only into row 0's cache, which holds no request yet."""
-        started = time.perf_counter()
+    def _prefill_widths(self) -> list[int]:
+        """Every padded width a prefill chunk can have."""
         budget = 0 if self.slots.static else self.settings.prefill_chunk_tokens
         widest = padded_width(min(budget or self.max_prompt_tokens, self.max_prompt_tokens), self.pad_tokens)
-        rows = torch.zeros(1, dtype=torch.int64, device=self.device)
-        widths = range(self.pad_tokens, widest + 1, self.pad_tokens)
-        for width in widths:
-            positions = torch.arange(width, device=self.device)[None].clamp_max(self.settings.max_seq_len - 1)
-            self._prefill_forward(torch.zeros_like(positions), positions, RowSubsetCache(self.state.target_cache, rows))
-        log.info("ran one-row prefills at %d widths in %.1f s", len(widths), time.perf_counter() - started)
+        return list(range(self.pad_tokens, widest + 1, self.pad_tokens))
 
     def swap_draft(self, weights: PreTrainedModel | HeadDraft | dict[str, torch.Tensor], version: str) -> None:
         """Load new draft weights in place (captured graphs keep pointing at the same parameters). Rows in flight
@@ -389,13 +382,18 @@ class SpeculativeEngine:
 
     def _prefill_chunks(self, plan: list[PrefillChunk]) -> None:
         state, device = self.state, self.device
-        rows = torch.tensor([c.slot for c in plan], dtype=torch.int64, device=device)
+        n = len(plan)
         width = padded_width(max(c.end - c.start for c in plan), self.pad_tokens)
-        starts = torch.tensor([c.start for c in plan], dtype=torch.int64, device=device)
-        # padding continues each row's positions (it lands past the chunk, where later writes overwrite it)
+        # With padding on, the rows are padded to a batch bucket too (a few shapes, each captured on CUDA): a padding
+        # row repeats the first row, writing at that row's parking positions, where no prompt lives.
+        size = min(b for b in self._views if b >= n) if self.pad_tokens > 1 else n
+        rows = torch.tensor([c.slot for c in plan] + [plan[0].slot] * (size - n), dtype=torch.int64, device=device)
+        starts = torch.tensor([c.start for c in plan] + [self.park] * (size - n), dtype=torch.int64, device=device)
+        # width padding continues each row's positions (it lands past the chunk, where later writes overwrite it)
         positions = (starts[:, None] + torch.arange(width, device=device)).clamp_max(self.settings.max_seq_len - 1)
         tokens = state.tokens[rows].gather(1, positions)
-        hidden = self._prefill_forward(tokens, positions, RowSubsetCache(state.target_cache, rows))  # [n, w, H]
+        hidden = self.prefill(rows, tokens, positions)[:n]  # [n, w, H]
+        rows, positions = rows[:n], positions[:n]
         if self._models.head is not None:
             features = state.proposer_state[self._models.head.name].features
             features[rows[:, None], positions] = hidden.to(features.dtype)

@@ -84,9 +84,12 @@ class EngineSettings(BaseModel):
     prefill_chunk_tokens: int = Field(512, ge=0)
     # variable-width forwards (prefill chunks, a model proposer catching rows up) are right-padded to a multiple of
     # this many tokens, so kernels with per-shape set-up costs (attention plans, GEMM heuristics) see a few dozen
-    # shapes instead of one per prompt length (warm-up then prefills one row at each padded chunk width); None = 64
-    # on CUDA, 1 (no padding) elsewhere
+    # shapes instead of one per prompt length; prefill rows are padded to a batch bucket too, and warm-up runs (CUDA:
+    # captures) a prefill at every (bucket, padded width); None = 64 on CUDA, 1 (no padding) elsewhere
     pad_tokens: int | None = Field(None, ge=1)
+    # CUDA: prefill shapes (rows x padded width) of at most this many tokens are captured as CUDA graphs at warm-up
+    # (an eager prefill is launch-bound: one newcomer cost about what eight did); wider ones run eagerly; 0 = none
+    prefill_graph_tokens: int = Field(8192, ge=0)
     suffix: SuffixSettings = SuffixSettings()
     auto: ControllerSettings = ControllerSettings()
 

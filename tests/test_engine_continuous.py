@@ -221,21 +221,25 @@ def test_finished_rows_are_never_caught_up(engine_models, monkeypatch):
 @pytest.mark.parametrize("proposer", ["none", "draft", "head", "hybrid+head"])
 def test_padded_prefill_and_catch_up_forwards_keep_the_targets_greedy_output(engine_models, proposer):
     """pad_tokens (64 on CUDA) right-pads prefill chunks and a model proposer's catch-up forwards to a few widths,
-    and warm-up runs a prefill at each of them first; neither may change a token."""
-    eng = engine(engine_models, proposer, 3, 4, pad_tokens=16, prefill_chunk_tokens=40)
-    prefill_widths = []
-    prefill = eng._prefill_forward
+    and prefill rows to a batch bucket (a padding row repeats a real one at its parking positions); warm-up runs a
+    prefill at each (bucket, width) first (CUDA: captures it); none of it may change a token."""
+    eng = engine(engine_models, proposer, 3, 4, pad_tokens=16, prefill_chunk_tokens=40, prefill_graph_tokens=96)
+    prefill_shapes = []
+    prefill = eng.prefill.forward
 
     def spy_prefill(tokens, positions, cache):
-        prefill_widths.append(tokens.shape[1])
+        prefill_shapes.append(tuple(tokens.shape))
         return prefill(tokens, positions, cache)
 
-    eng._prefill_forward = spy_prefill
+    eng.prefill.forward = spy_prefill
     sync = None
     if eng.model_proposer is not None:
         sync = eng.model_proposer.sync = SyncSpy(eng.model_proposer)
-    eng.warmup()  # with padding on, a one-row prefill at every padded chunk width, into row 0's cache
-    assert prefill_widths == [16, 32, 48]
+    eng.warmup()  # every (bucket, width) of at most prefill_graph_tokens tokens, widest first, into row 0's cache
+    assert sorted(prefill_shapes) == [(1, 16), (1, 32), (1, 48), (2, 16), (2, 32), (2, 48), (4, 16)]
+    sizes = [rows * width for rows, width in prefill_shapes]
+    assert sizes == sorted(sizes, reverse=True)
+    prefill_shapes.clear()
     tokenizer = engine_models.tokenizer
     requests = [
         GenerationRequest(f"r{i}", tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, max_new_tokens=5 + 3 * i)
@@ -244,7 +248,11 @@ def test_padded_prefill_and_catch_up_forwards_keep_the_targets_greedy_output(eng
     done = run_with_joins(eng, requests, seed=3)
     for request, result in done.values():
         assert result.token_ids == reference(engine_models, request), f"{request.id} with {proposer}"
-    assert all(width % 16 == 0 for width in prefill_widths)
+    together = requests[:3]  # three newcomers in one step: their prefill is padded to 4 rows
+    for request, result in zip(together, eng.generate(together)):
+        assert result.token_ids == reference(engine_models, request), f"{request.id} with {proposer}, together"
+    assert all(rows in (1, 2, 4) and width % 16 == 0 for rows, width in prefill_shapes)
+    assert any(rows == 4 for rows, _ in prefill_shapes), "no padded prefill rows: the row padding went untested"
     if sync is not None:
         assert sync.widths, "newcomers must be caught up by the model proposer"
         assert all(width % 16 == 0 for width in sync.widths)

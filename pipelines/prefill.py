@@ -1,0 +1,98 @@
+"""The target's prefill forward over some rows of the engine's KV cache, eager or as a replayed CUDA graph.
+
+A prefill forward's shape is (rows, width): the engine pads both (rows to a batch bucket, width to a multiple of
+`pad_tokens`), so a server sees a few dozen shapes. On CUDA every shape of at most `prefill_graph_tokens` tokens is
+captured once at warm-up and replayed: an eager forward of the 1.5B target is a thousand kernel launches from
+Python, which cost about as much for one newcomer's prompt as for eight (BENCHMARKS.md section 7), and competes
+for the interpreter with the daemon's other threads. Wider shapes, and every shape on a CPU, run eagerly.
+
+The graphs share one memory pool, apart from the rounds' pool: a replay's hidden states live in that pool until
+the next prefill replay, and the engine reads them before it prefills again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from pipelines.kv_cache import PositionalKVCache, RowSubsetCache, decoder_forward
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    rows: torch.Tensor  # [n] the graph's static inputs, copied into before each replay
+    tokens: torch.Tensor  # [n, width]
+    positions: torch.Tensor  # [n, width]
+    hidden: torch.Tensor  # [n, width, H] the graph's output
+
+
+class PrefillRunner:
+    def __init__(self, target: PreTrainedModel, cache: PositionalKVCache, use_graphs: bool, graph_tokens: int):
+        # eager, never compiled: a compiled forward would recompile for every new width
+        self.forward = decoder_forward(target)
+        self.cache = cache
+        self.use_graphs = use_graphs and graph_tokens > 0
+        self.graph_tokens = graph_tokens
+        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states [n, width, H] of `tokens` at `positions` in cache rows `rows`, their keys and values written
+        into the cache. A captured shape replays its graph (the result is valid until the next prefill)."""
+        captured = self._graphs.get((tokens.shape[0], tokens.shape[1]))
+        if captured is None:
+            return self.forward(tokens, positions, RowSubsetCache(self.cache, rows))
+        captured.rows.copy_(rows)
+        captured.tokens.copy_(tokens)
+        captured.positions.copy_(positions)
+        captured.graph.replay()
+        return captured.hidden
+
+    def warm(self, row_counts: list[int], widths: list[int], park: int) -> None:
+        """Capture (CUDA graphs) or run once (eager, for the kernels' per-shape set-up) every (rows, width) shape of
+        at most graph_tokens tokens, widest first so the pool is sized by the first capture. Writes go to row 0's
+        positions from `park` on (clamped to the cache's end), where no prompt lives; call with no request in
+        flight."""
+        started = time.perf_counter()
+        shapes = sorted(
+            ((n, w) for n in row_counts for w in widths if n * w <= self.graph_tokens),
+            key=lambda shape: -shape[0] * shape[1],
+        )
+        device = self.cache.keys[0].device
+        for n, width in shapes:
+            rows = torch.zeros(n, dtype=torch.int64, device=device)
+            positions = (park + torch.arange(width, device=device)).clamp_max(self.cache.max_seq_len - 1)
+            positions = positions.expand(n, -1).contiguous()
+            tokens = torch.zeros_like(positions)
+            if self.use_graphs:
+                self._graphs[(n, width)] = self._capture(rows, tokens, positions)
+            else:
+                self.forward(tokens, positions, RowSubsetCache(self.cache, rows))
+        what = "captured %d prefill graphs" if self.use_graphs else "ran prefills at %d shapes"
+        log.info(what + " in %.1f s", len(shapes), time.perf_counter() - started)
+
+    def _capture(self, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> _Captured:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # allocator and kernel set-up outside the capture
+                    self.forward(tokens, positions, RowSubsetCache(self.cache, rows))
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                hidden = self.forward(tokens, positions, RowSubsetCache(self.cache, rows))
+        torch.cuda.synchronize()
+        return _Captured(graph, rows, tokens, positions, hidden)
