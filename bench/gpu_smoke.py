@@ -111,7 +111,8 @@ def main() -> int:
         greedy = engine.generate(requests[:8])
         avg_len = sum(r.counters.emitted for r in greedy) / sum(r.counters.target_forwards for r in greedy)
         print(
-            f"{proposer}:{k} ({model}, {scheduling}): warm-up/capture {warmup:.1f} s, graphs {len(engine.graphs)}, "
+            f"{proposer}:{k} ({model}, {scheduling}): warm-up/capture {warmup:.1f} s, graphs {len(engine.graphs)} + "
+            f"{len(engine.prefill)} prefill, "
             f"{len(wrong)} mismatches, greedy AvgLen {avg_len:.2f}",
             flush=True,
         )

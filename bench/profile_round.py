@@ -1,15 +1,15 @@
 """On a CUDA machine: where does the time of one decoding round go? (kernel table from torch.profiler)
 
     python -m bench.profile_round --target DIR --draft DIR [--k 5] [--batch 1] [--compile] [--no-graphs]
-    python -m bench.profile_round --target DIR [--head DIR] --variants none:0 suffix:2 head:2 --batch 1 8
+    python -m bench.profile_round --target DIR [--head DIR] --variants none:0 suffix:2 head:2 --batch-sizes 1 8
 
 Decodes a few chat prompts to warm up, then profiles one more generate() call and prints the CUDA kernels
 sorted by total time, with call counts, and the wall time per round.
 
 With --variants: per batch size and variant of an auto engine, the captured round's replay time beside the sum of
 its kernels' GPU time in eager rounds (the gap is launch and scheduling overhead inside the graph), kernels per
-round, and the kernels that cost most beyond a target-only round. What a speculative round pays for its
-machinery, before any token is accepted.
+round, and, by kernel name, the GPU time a variant adds over a target-only round and what it drops (a wider verify
+runs other kernel variants). What a speculative round pays for its machinery, before any token is accepted.
 """
 
 from __future__ import annotations
@@ -162,14 +162,16 @@ def profile_variants(args) -> None:
     for bucket, variant, *_, per_name in rows:
         if variant == "none:0" or bucket not in base:
             continue
-        extra = sorted(((ms - base[bucket].get(name, 0.0), name) for name, ms in per_name.items()), reverse=True)
-        print(f"batch {bucket} {variant}: most extra GPU time per round over none:0")
-        for ms, name in extra[:8]:
-            print(f"  {ms * 1e3:8.1f} us  {name[:100]}")
+        # by kernel name, both ways: a wider verify runs other kernel variants than target-only's, so what a variant
+        # adds under one name is partly what it no longer runs under another
+        names = set(per_name) | set(base[bucket])
+        delta = sorted(((per_name.get(n, 0.0) - base[bucket].get(n, 0.0), n) for n in names), reverse=True)
+        print(f"batch {bucket} {variant}: GPU time per round against none:0, by kernel name (most added, most dropped)")
+        for ms, name in delta[:8] + [d for d in delta[-4:] if d[0] < 0]:
+            print(f"  {ms * 1e3:+9.1f} us  {name[:100]}")
     if args.out:
-        Path(args.out).write_text(
-            json.dumps([dict(zip(("batch", "variant", "replay_ms", "kernels_ms", "kernels"), r[:5])) for r in rows])
-        )
+        fields = ("batch", "variant", "replay_ms", "kernels_ms", "kernels", "kernel_ms_by_name")
+        Path(args.out).write_text(json.dumps([dict(zip(fields, row)) for row in rows]))
 
 
 if __name__ == "__main__":

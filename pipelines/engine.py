@@ -384,9 +384,9 @@ class SpeculativeEngine:
         state, device = self.state, self.device
         n = len(plan)
         width = padded_width(max(c.end - c.start for c in plan), self.pad_tokens)
-        # With padding on, the rows are padded to a batch bucket too (a few shapes, each captured on CUDA): a padding
-        # row repeats the first row, writing at that row's parking positions, where no prompt lives.
-        size = min(b for b in self._views if b >= n) if self.pad_tokens > 1 else n
+        # A captured prefill runs a batch bucket's rows: a padding row repeats the first row, writing at that row's
+        # parking positions, where no prompt lives.
+        size = self.prefill.rows_for(n, width)
         rows = torch.tensor([c.slot for c in plan] + [plan[0].slot] * (size - n), dtype=torch.int64, device=device)
         starts = torch.tensor([c.start for c in plan] + [self.park] * (size - n), dtype=torch.int64, device=device)
         # width padding continues each row's positions (it lands past the chunk, where later writes overwrite it)

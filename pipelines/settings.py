@@ -84,11 +84,12 @@ class EngineSettings(BaseModel):
     prefill_chunk_tokens: int = Field(512, ge=0)
     # variable-width forwards (prefill chunks, a model proposer catching rows up) are right-padded to a multiple of
     # this many tokens, so kernels with per-shape set-up costs (attention plans, GEMM heuristics) see a few dozen
-    # shapes instead of one per prompt length; prefill rows are padded to a batch bucket too, and warm-up runs (CUDA:
-    # captures) a prefill at every (bucket, padded width); None = 64 on CUDA, 1 (no padding) elsewhere
+    # shapes instead of one per prompt length (warm-up runs a one-row prefill at each padded chunk width, or captures
+    # graphs, below); None = 64 on CUDA, 1 (no padding) elsewhere
     pad_tokens: int | None = Field(None, ge=1)
-    # CUDA: prefill shapes (rows x padded width) of at most this many tokens are captured as CUDA graphs at warm-up
-    # (an eager prefill is launch-bound: one newcomer cost about what eight did); wider ones run eagerly; 0 = none
+    # CUDA: every (batch bucket, padded width) prefill shape of at most this many tokens is captured as a CUDA graph
+    # at warm-up and prefills run padded to it (an eager prefill is launch-bound: one newcomer cost about what eight
+    # did); wider ones run eagerly on their own rows; 0 = no prefill graphs
     prefill_graph_tokens: int = Field(8192, ge=0)
     suffix: SuffixSettings = SuffixSettings()
     auto: ControllerSettings = ControllerSettings()

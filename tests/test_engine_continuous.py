@@ -220,26 +220,26 @@ def test_finished_rows_are_never_caught_up(engine_models, monkeypatch):
 
 @pytest.mark.parametrize("proposer", ["none", "draft", "head", "hybrid+head"])
 def test_padded_prefill_and_catch_up_forwards_keep_the_targets_greedy_output(engine_models, proposer):
-    """pad_tokens (64 on CUDA) right-pads prefill chunks and a model proposer's catch-up forwards to a few widths,
-    and prefill rows to a batch bucket (a padding row repeats a real one at its parking positions); warm-up runs a
-    prefill at each (bucket, width) first (CUDA: captures it); none of it may change a token."""
-    eng = engine(engine_models, proposer, 3, 4, pad_tokens=16, prefill_chunk_tokens=40, prefill_graph_tokens=96)
-    prefill_shapes = []
+    """pad_tokens (64 on CUDA) right-pads prefill chunks and a model proposer's catch-up forwards to a few widths;
+    a captured prefill (CUDA) also pads its rows to a batch bucket, each padding row repeating the first row at its
+    parking positions. Here the rows are padded as a captured shape would be (the CPU has no graphs); none of it
+    may change a token, a prompt of the longest allowed length included."""
+    eng = engine(engine_models, proposer, 3, 4, pad_tokens=16, prefill_chunk_tokens=40)
+    calls = []
     prefill = eng.prefill.forward
 
     def spy_prefill(tokens, positions, cache):
-        prefill_shapes.append(tuple(tokens.shape))
+        calls.append((cache.rows.tolist(), positions[:, 0].tolist(), tuple(tokens.shape)))
         return prefill(tokens, positions, cache)
 
     eng.prefill.forward = spy_prefill
     sync = None
     if eng.model_proposer is not None:
         sync = eng.model_proposer.sync = SyncSpy(eng.model_proposer)
-    eng.warmup()  # every (bucket, width) of at most prefill_graph_tokens tokens, widest first, into row 0's cache
-    assert sorted(prefill_shapes) == [(1, 16), (1, 32), (1, 48), (2, 16), (2, 32), (2, 48), (4, 16)]
-    sizes = [rows * width for rows, width in prefill_shapes]
-    assert sizes == sorted(sizes, reverse=True)
-    prefill_shapes.clear()
+    eng.warmup()  # without graphs: one row at every padded chunk width, into row 0's cache
+    assert [shape for _, _, shape in calls] == [(1, 16), (1, 32), (1, 48)]
+    calls.clear()
+    eng.prefill.rows_for = lambda rows, width: min(b for b in (1, 2, 4) if b >= rows)  # as captured shapes would
     tokenizer = engine_models.tokenizer
     requests = [
         GenerationRequest(f"r{i}", tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, max_new_tokens=5 + 3 * i)
@@ -248,11 +248,38 @@ def test_padded_prefill_and_catch_up_forwards_keep_the_targets_greedy_output(eng
     done = run_with_joins(eng, requests, seed=3)
     for request, result in done.values():
         assert result.token_ids == reference(engine_models, request), f"{request.id} with {proposer}"
-    together = requests[:3]  # three newcomers in one step: their prefill is padded to 4 rows
+    longest = (tokenizer(" ".join(PROMPTS)).input_ids * 4)[: eng.max_prompt_tokens]
+    # three newcomers in one step (padded to 4 rows), one of them as long as a prompt may be: its last chunk's
+    # width padding runs into the parking positions the padding row writes
+    together = requests[:2] + [GenerationRequest("longest", longest, max_new_tokens=2)]
     for request, result in zip(together, eng.generate(together)):
         assert result.token_ids == reference(engine_models, request), f"{request.id} with {proposer}, together"
-    assert all(rows in (1, 2, 4) and width % 16 == 0 for rows, width in prefill_shapes)
-    assert any(rows == 4 for rows, _ in prefill_shapes), "no padded prefill rows: the row padding went untested"
+    assert all(rows in (1, 2, 4) and width % 16 == 0 for _, _, (rows, width) in calls)
+    padded = 0
+    for rows, starts, _ in calls:
+        real = len(dict.fromkeys(rows))  # padding rows repeat the first row, after the real (distinct) ones
+        assert rows[real:] == [rows[0]] * (len(rows) - real)
+        assert all(start == eng.park for start in starts[real:]), "a padding row writes only from the parking slot"
+        padded += len(rows) - real
+    assert padded, "no padded prefill rows: the row padding went untested"
     if sync is not None:
         assert sync.widths, "newcomers must be caught up by the model proposer"
         assert all(width % 16 == 0 for width in sync.widths)
+
+
+def test_prefill_graphs_cover_each_bucket_and_width_under_the_token_cap(engine_models):
+    """With graphs (CUDA), warm-up captures every (batch bucket, padded width) of at most prefill_graph_tokens
+    tokens, widest first; a prefill then runs with the smallest captured bucket holding its rows, or eagerly on its
+    own rows when no captured shape fits (padding would be wasted work)."""
+    from pipelines.prefill import PrefillRunner
+
+    eng = engine(engine_models, "none", 3, 4, pad_tokens=16, prefill_chunk_tokens=40)
+    runner = PrefillRunner(engine_models.target, eng.state.target_cache, use_graphs=True, graph_tokens=96)
+    captured = []
+    runner._capture = lambda rows, tokens, positions: captured.append(tuple(tokens.shape)) or object()
+    runner.warm([1, 2, 4], [16, 32, 48], eng.park)
+    assert sorted(captured) == [(1, 16), (1, 32), (1, 48), (2, 16), (2, 32), (2, 48), (4, 16)]
+    sizes = [rows * width for rows, width in captured]
+    assert sizes == sorted(sizes, reverse=True)
+    assert [runner.rows_for(n, 16) for n in (1, 2, 3, 4)] == [1, 2, 4, 4]
+    assert [runner.rows_for(n, 48) for n in (1, 2, 3)] == [1, 2, 3]  # (4, 48) is over the cap: eager, unpadded
