@@ -692,11 +692,13 @@ class SpeculativeEngine:
 
 def _model_step_cost_ratio(draft, target: PreTrainedModel) -> float:
     """One model step's cost / a target forward, by parameters read (the controller's estimate before it measures):
-    a draft LM's own parameters; a head's plus the target's LM head, which every head step applies."""
+    a draft LM's own parameters; a head's plus the LM head rows every head step applies."""
     if draft is None:
         return 0.0
     target_parameters = sum(p.numel() for p in target.parameters())
     step = sum(p.numel() for p in draft.parameters())
-    if isinstance(draft, HeadDraft):
-        step += target.get_output_embeddings().weight.numel()
+    if isinstance(draft, HeadDraft):  # its draft vocabulary's rows of the target's LM head (all rows without one)
+        lm_head = target.get_output_embeddings().weight
+        vocab = draft.head.draft_vocab
+        step += lm_head.numel() if vocab is None else len(vocab) * lm_head.shape[1]
     return step / target_parameters

@@ -38,9 +38,10 @@ per target forward of sampled chain decoding, (1 - alpha^(k+1)) / (1 - alpha).
 draft's chain), from the same single pass.
 
 Heads (pipelines.heads.model.HeadDraft) go through the same entry points. Their acceptance estimate and
-argmax_match come from the same teacher-forced pass (a head's step 1 reads the target's true features, so it is
-teacher-forced too), but their chains cannot: steps >= 2 read the head's own outputs, so pipelines.heads.replay
-simulates the engine's rounds with the engine's drafting function.
+argmax_match come from the same teacher-forced pass, over the head's draft vocabulary when it has a reduced one (a
+head's step 1 reads the target's true features, so it is teacher-forced too), but their chains cannot: steps >= 2
+read the head's own outputs, so pipelines.heads.replay simulates the engine's rounds with the engine's drafting
+function.
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ def _teacher_forced(draft: torch.nn.Module, examples, device, batch_size: int, f
             group = examples[start : start + batch_size]
             batch = distill.batch_for(draft, group, device, features)
             logits = distill.draft_logits(draft, batch)  # [N, V]
+            if isinstance(draft, HeadDraft):  # a head proposes from its draft vocabulary alone
+                logits = draft.only_draft_vocab(logits)
             q = torch.softmax(logits, dim=-1).gather(1, batch.topk_ids)  # [N, m]
             p = batch.topk_logprobs.exp()
             low = torch.minimum(p, q).sum(dim=-1)

@@ -50,6 +50,16 @@ class EngineModels:
         SAMPLING_PROMPT. A test head, not a recipe: it has learned these sequences."""
         return train_head_on_own_outputs(self.target, self.tokenizer, PROMPTS, SAMPLING_PROMPT)
 
+    @cached_property
+    def reduced_head(self):
+        """The test head with a reduced draft vocabulary: the more frequent half of the tokens in the test prompts
+        and the target's greedy answers to them, so some of the target's choices are tokens it cannot propose."""
+        from tests.head_fixtures import half_of_the_tokens, with_draft_vocab
+
+        prompts = [self.tokenizer(p).input_ids for p in [*PROMPTS, SAMPLING_PROMPT]]
+        answers = [self.reference_greedy(ids, 24) for ids in prompts]
+        return with_draft_vocab(self.head, half_of_the_tokens(prompts + answers))
+
 
 @pytest.fixture(scope="session")
 def engine_models(tmp_path_factory) -> EngineModels:

@@ -29,6 +29,28 @@ def scrambled_head(target, seed: int = 0, scale: float = 0.3):
     return HeadDraft(head, target)
 
 
+def with_draft_vocab(draft, vocab):
+    """The same head (its weights copied) proposing only the token ids in `vocab`: a reduced draft vocabulary."""
+    from dataclasses import replace
+
+    from pipelines.heads.model import DraftHead, HeadDraft
+
+    vocab = torch.as_tensor(vocab, dtype=torch.int64).unique()
+    config = replace(draft.config, draft_vocab_size=len(vocab))
+    state = {**{k: v for k, v in draft.head.state_dict().items() if k != "draft_vocab"}, "draft_vocab": vocab}
+    return HeadDraft(DraftHead.from_state(draft.target, config, state), draft.target)
+
+
+def half_of_the_tokens(sequences) -> list[int]:
+    """The more frequent half of the distinct tokens in `sequences`: a draft vocabulary that holds most of what the
+    target says and misses some of it (so drafts are also rejected for being outside it)."""
+    from pipelines.heads.model import most_frequent_tokens
+
+    sequences = [list(map(int, sequence)) for sequence in sequences]
+    distinct = len({token for sequence in sequences for token in sequence})
+    return most_frequent_tokens(sequences, distinct // 2, max(max(s) for s in sequences) + 1).tolist()
+
+
 def right_padded(sequences: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, list[int]]:
     width = max(len(s) for s in sequences)
     tokens = torch.full((len(sequences), width), pad, dtype=torch.int64)

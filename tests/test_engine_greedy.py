@@ -42,6 +42,8 @@ def reference(models, request: GenerationRequest) -> list[int]:
 def draft_model(models, draft: str | None):
     if draft == "head":
         return models.head
+    if draft == "reduced":  # the head with a reduced draft vocabulary
+        return models.reduced_head
     return {"strong": models.strong_draft, "weak": models.weak_draft, None: None}[draft]
 
 
@@ -70,7 +72,9 @@ def assert_lossless(models, engine, requests) -> list:
 
 @pytest.mark.parametrize("k", [1, 3, 5, 8])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
-@pytest.mark.parametrize("proposer", ["none", "draft", "head", "suffix", "hybrid", "hybrid+head", "auto", "auto+head"])
+@pytest.mark.parametrize(
+    "proposer", ["none", "draft", "head", "head+reduced", "suffix", "hybrid", "hybrid+head", "auto", "auto+head"]
+)
 def test_greedy_matches_transformers_generate(engine_models, proposer, batch_size, k):
     engine = engine_for(
         engine_models, proposer, k, draft="head" if proposer == "head" else "strong", auto={"k_choices": [k]}
@@ -251,3 +255,15 @@ def test_swap_draft_refuses_weights_of_another_shape(engine_models):
     with pytest.raises(ValueError, match="do not fit"):
         engine.swap_draft({"nonsense": torch.zeros(1)}, "bad")
     assert engine.draft_version == "base"
+
+
+def test_a_head_with_a_reduced_draft_vocabulary_drafts_only_its_tokens_and_stays_lossless(engine_models):
+    engine = engine_for(engine_models, "head+reduced", 4)
+    tokenizer = engine_models.tokenizer
+    requests = [GenerationRequest(f"r{i}", tokenizer(p).input_ids, max_new_tokens=24) for i, p in enumerate(PROMPTS)]
+    results = assert_lossless(engine_models, engine, requests)
+    allowed = set(engine_models.reduced_head.head.draft_vocab.tolist())
+    drafted = [int(t) for r in results for t in r.feedback.draft_tokens if t != NO_DRAFT_TOKEN]
+    assert drafted and set(drafted) <= allowed
+    assert sum(r.counters.accepted for r in results) > 0
+    assert any(t not in allowed for r in results for t in r.token_ids), "the target never needed a token outside"

@@ -141,6 +141,7 @@ def conditional_distribution(models, prefix: list[int]) -> np.ndarray:
         ("draft", "strong", 100),
         ("draft", "weak", 20),
         ("head", "head", 100),
+        ("head", "reduced", 50),  # a reduced draft vocabulary: q is zero outside it
         ("suffix", None, 100),
         ("hybrid", "strong", 100),
         ("hybrid", "head", 100),
@@ -186,6 +187,8 @@ def test_engine_sampling_follows_the_target_distribution_at_every_slot(engine_mo
 def draft_model_for(models, draft: str | None):
     if draft == "head":
         return models.head
+    if draft == "reduced":
+        return models.reduced_head
     return {"strong": models.strong_draft, "weak": models.weak_draft, None: None}[draft]
 
 

@@ -66,6 +66,23 @@ def test_bootstrap_trains_a_head_that_beats_the_fresh_one_and_records_its_recipe
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in head.parameters())
 
 
+def test_a_draft_vocabulary_of_the_most_frequent_tokens_is_built_and_stored(tiny_models, files, tmp_path, capsys):
+    out = tmp_path / "head"
+    assert draft_init(tiny_models[0], files, out, "--epochs", "4", "--draft-vocab", "40") == 0
+    assert "draft vocabulary: the 40 most frequent tokens" in capsys.readouterr().err
+    config, metadata = read_head_config(out)
+    assert config.draft_vocab_size == 40 and metadata["recipe"]["head"]["draft_vocab"] == 40
+
+    from pipelines.models import load_head, load_model
+
+    target = load_model(str(tiny_models[0]))
+    head = load_head(str(out), target)
+    vocab = head.head.draft_vocab.tolist()
+    assert len(vocab) == 40 and vocab == sorted(set(vocab))
+    assert draft_init(tiny_models[0], files, tmp_path / "big", "--draft-vocab", str(10**9)) == 2
+    assert "must be 1.." in capsys.readouterr().err
+
+
 def test_max_seconds_stops_training_and_the_head_is_still_saved_and_evaluated(tiny_models, files, tmp_path):
     out = tmp_path / "head"
     assert draft_init(tiny_models[0], files, out, "--tokens", "100000000", "--max-seconds", "1") == 0

@@ -15,7 +15,7 @@ from daemon.cli import main as cli
 from daemon.learning.draft_follower import BASE_DRAFT_VERSION, DraftFollower, DraftWeights, cast_like
 from pipelines.drafts import DraftMismatchError, head_config_of
 from pipelines.heads.model import DraftHead, HeadDraft
-from tests.head_fixtures import scrambled_head
+from tests.head_fixtures import scrambled_head, with_draft_vocab
 from tests.rounds_fixtures import TARGET_IDENTITY, follow, record_checkpoint
 
 
@@ -220,3 +220,30 @@ def test_the_live_guard_judges_a_head_version_by_its_own_rounds(
     assert verdict.action == "rolled_back" and "live AvgLen 1.500 over 6 requests vs 3.000" in verdict.reason
     assert follow(follower, server) == BASE_DRAFT_VERSION
     assert all(torch.equal(t, weights.base_state[n]) for n, t in server.draft.state_dict().items())
+
+
+def test_a_draft_vocabulary_survives_the_head_folder_and_a_swap_refreshes_its_lm_head_rows_in_place(
+    head_target, tmp_path
+):
+    from pipelines.heads.model import HEAD_CONFIG_FILE, head_config_from_document, read_head_config
+    from pipelines.proposers.head import HeadProposer
+
+    target = head_target[0]
+    head = with_draft_vocab(scrambled_head(target, seed=2), [5, 1, 9, 3, 3])
+    assert head.head.draft_vocab.tolist() == [1, 3, 5, 9]  # sorted, no repeats
+    head.head.save(tmp_path / "h")
+    assert read_head_config(tmp_path / "h")[0].draft_vocab_size == 4
+    loaded = DraftHead.load(tmp_path / "h", target)
+    assert set(loaded.state_dict()) == set(head.head.state_dict())
+    assert all(torch.equal(loaded.state_dict()[n], t) for n, t in head.head.state_dict().items())
+    document = json.loads((tmp_path / "h" / HEAD_CONFIG_FILE).read_text())
+    del document["draft_vocab_size"]  # a head stored before draft vocabularies proposes from the whole vocabulary
+    assert head_config_from_document(document).draft_vocab_size == 0
+
+    served = HeadProposer(with_draft_vocab(scrambled_head(target, seed=3), [2, 4, 6, 8]), max_seq_len=64, window=4)
+    rows = served.model._draft_lm_head[0]
+    served.swap(head)
+    assert served.model._draft_lm_head[0] is rows  # the same memory: captured rounds keep reading it
+    assert torch.equal(rows, target.get_output_embeddings().weight[[1, 3, 5, 9]])
+    with pytest.raises(ValueError, match="wrong shape"):  # another size of draft vocabulary
+        served.swap(with_draft_vocab(head, [1, 2]))

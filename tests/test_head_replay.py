@@ -11,7 +11,7 @@ from pipelines.heads.model import target_features
 from pipelines.learners.distill import batch_for
 from pipelines.replay import greedy_chain, is_greedy, replay, served_by
 from pipelines.types import KIND_ACCEPTED, KIND_BONUS, KIND_RECOVERED, NO_DRAFT_TOKEN, SOURCE_HEAD, GenerationRequest
-from tests.head_fixtures import fitted_head, target_only
+from tests.head_fixtures import fitted_head, half_of_the_tokens, target_only, with_draft_vocab
 from tests.test_replay import MAX_NEW, PROMPTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,6 +28,12 @@ def head(head_target, feedback):
     return fitted_head(head_target[0], feedback)
 
 
+@pytest.fixture(scope="module")
+def reduced(head, feedback):
+    """The same head with a reduced draft vocabulary (half the tokens of the feedback)."""
+    return with_draft_vocab(head, half_of_the_tokens([[*f.prompt_ids, *f.token_ids] for f in feedback]))
+
+
 @torch.no_grad()
 def naive_chain(draft, example, k: int) -> tuple[int, list[int]]:
     """(forwards, accepted per slot) by recomputing each drafting step from scratch: the true inputs at positions
@@ -41,7 +47,7 @@ def naive_chain(draft, example, k: int) -> tuple[int, list[int]]:
         proposals = []
         for _ in range(k):
             outputs = draft(tokens, inputs, torch.arange(tokens.shape[1])[None])
-            guess = draft.logits(outputs[:, -1]).argmax(-1)  # [1]
+            guess = draft.only_draft_vocab(draft.logits(outputs[:, -1])).argmax(-1)  # [1]
             proposals.append(int(guess))
             tokens = torch.cat([tokens, guess[:, None]], dim=1)
             inputs = torch.cat([inputs, outputs[:, -1:]], dim=1)
@@ -54,8 +60,15 @@ def naive_chain(draft, example, k: int) -> tuple[int, list[int]]:
     return forwards, per_slot
 
 
+@pytest.mark.parametrize("which", ["head", "reduced"])
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_head_replay_equals_drafting_recomputed_without_a_cache(head, feedback, k):
+def test_head_replay_equals_drafting_recomputed_without_a_cache(request, feedback, k, which):
+    """`reduced`: a head with a reduced draft vocabulary, recomputed here as the whole vocabulary's logits with the
+    other tokens masked, drafted by the engine's function from its own rows of the LM head."""
+    head = request.getfixturevalue(which)
+    if which == "reduced":  # some of the target's tokens are ones this head cannot propose
+        allowed = set(head.head.draft_vocab.tolist())
+        assert any(int(token) not in allowed for f in feedback for token in f.token_ids)
     expected = [naive_chain(head, example, k) for example in feedback]
     for batch_size in (1, 4):  # alone, and in lockstep with rows of other lengths that finish earlier
         metrics = replay(head, feedback, k=k, batch_size=batch_size)
@@ -144,10 +157,12 @@ def head_engine(target, head, tokenizer, k: int):
     return SpeculativeEngine(target, head, tokenizer, settings)
 
 
+@pytest.mark.parametrize("which", ["head", "reduced"])
 @pytest.mark.parametrize("k", [2, 4])
-def test_head_replay_equals_the_engines_live_accounting(head_target, head, feedback, k):
+def test_head_replay_equals_the_engines_live_accounting(request, head_target, feedback, k, which):
     """Issue 12: replay of a head equals its live acceptance on the same requests, in float32: request by request,
-    in batches, and predicted from target-only feedback."""
+    in batches, and predicted from target-only feedback (also with a reduced draft vocabulary)."""
+    head = request.getfixturevalue(which)
     target, tokenizer = head_target
     engine = head_engine(target, head, tokenizer, k)
     requests = [

@@ -45,6 +45,13 @@ def register(subparsers) -> None:
     init.add_argument("--k", type=int, default=5, help="draft tokens per round of the held-out replay (default 5)")
     init.add_argument("--layers", type=int, default=1, help="decoder layers of the head (default 1)")
     init.add_argument("--init", choices=["last_layer", "random"], default="last_layer", help="how the layers start")
+    init.add_argument(
+        "--draft-vocab",
+        type=int,
+        default=0,
+        help="tokens the head may propose: the N most frequent in the training data (a cheaper drafting step; "
+        "default 0: the target's whole vocabulary)",
+    )
     budget = init.add_mutually_exclusive_group()
     budget.add_argument("--tokens", type=int, help="token budget of training")
     budget.add_argument("--epochs", type=float, help="passes over the data (default 1 without --tokens)")
@@ -69,12 +76,20 @@ def run_init(args: argparse.Namespace) -> int:
     if not sequences:
         raise CommandError("no training data: every corpus line and prompt was unusable")
 
-    from pipelines.heads.model import DraftHead, HeadDraft
+    from pipelines.heads.model import DraftHead, HeadDraft, most_frequent_tokens
     from pipelines.heads.train import train_head
     from pipelines.models import model_identity
 
     data["target"]["identity"] = model_identity(target)  # what the daemon's checkpoints record as target_identity
-    draft = HeadDraft(DraftHead.for_target(target, args.layers, args.init, args.seed), target)
+    vocab = None
+    if args.draft_vocab:
+        try:
+            vocab = most_frequent_tokens(sequences, args.draft_vocab, target.get_output_embeddings().weight.shape[0])
+        except ValueError as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
+        covered = _coverage(sequences, vocab)
+        progress.say(f"draft vocabulary: the {len(vocab)} most frequent tokens, {covered:.1%} of the training tokens")
+    draft = HeadDraft(DraftHead.for_target(target, args.layers, args.init, args.seed, draft_vocab=vocab), target)
     before = evaluate(draft, heldout, args.k, progress, "fresh head")
     progress.say(f"training on {len(sequences)} sequences ({sum(map(len, sequences))} tokens) on {args.device}")
     report = train_head(draft, sequences, settings, on_progress=lambda p: progress.update(progress_line(p)))
@@ -84,7 +99,10 @@ def run_init(args: argparse.Namespace) -> int:
     )
     after = evaluate(draft, heldout, args.k, progress, "trained head")
     metadata = {
-        "recipe": {**data, "head": {"layers": args.layers, "init": args.init, "seed": args.seed}},
+        "recipe": {
+            **data,
+            "head": {"layers": args.layers, "init": args.init, "seed": args.seed, "draft_vocab": args.draft_vocab},
+        },
         "training": report.to_dict(),
         "heldout": heldout_record(args, heldout, before, after),
         "created_at": datetime.now(UTC).isoformat(),
@@ -93,6 +111,13 @@ def run_init(args: argparse.Namespace) -> int:
     gain = "" if before is None else f": held-out AvgLen {before.avg_len:.3f} -> {after.avg_len:.3f} at k={args.k}"
     progress.say(f"wrote {args.out}{gain}")
     return 0
+
+
+def _coverage(sequences: list[list[int]], vocab) -> float:
+    """Share of the training tokens inside the draft vocabulary."""
+    allowed = set(vocab.tolist())
+    total = sum(map(len, sequences))
+    return sum(token in allowed for sequence in sequences for token in sequence) / max(total, 1)
 
 
 def check_arguments(args: argparse.Namespace):
@@ -110,9 +135,9 @@ def check_arguments(args: argparse.Namespace):
         raise CommandError("--generate needs --prompts FILE", EXIT_USAGE)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise CommandError(f"{args.out} exists and is not an empty folder", EXIT_USAGE)
-    for name in ("generate", "heldout"):
+    for name in ("generate", "heldout", "draft_vocab"):
         if getattr(args, name) < 0:
-            raise CommandError(f"--{name} must be >= 0", EXIT_USAGE)
+            raise CommandError(f"--{name.replace('_', '-')} must be >= 0", EXIT_USAGE)
     for name in ("k", "layers", "max_new_tokens", "max_prompt_tokens", "generate_batch"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1", EXIT_USAGE)

@@ -51,12 +51,12 @@ def draft_chain(
     outputs = draft(step_tokens, step_features, positions, cache)[:, -1:]  # [B, 1, H]: g at L - 1
     proposals, probs = [], []
     for step in range(k):
-        logits = draft.logits(outputs)  # [B, 1, V]
+        logits = draft.draft_logits(outputs)  # [B, 1, V'] over the head's draft vocabulary (V' = V without one)
         position = (lengths + 1 + step)[:, None]  # where the proposed token will sit
         if greedy_only:
-            token = logits[:, -1].argmax(dim=-1)
+            token = draft.draft_token_ids(logits[:, -1].argmax(dim=-1))
         else:
-            q = sampling.warp(logits, temperature, top_p)
+            q = draft.full_vocab(sampling.warp(logits, temperature, top_p))  # [B, 1, V], zero outside the draft's
             token = sampling.sample(q, seed, position, sampling.STREAM_DRAFT)[:, 0]
             probs.append(q[:, 0])
         proposals.append(token)

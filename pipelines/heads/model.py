@@ -18,6 +18,13 @@ autoregression). Only the head's own layers and `fc` are trained and stored: the
 target's, so a head checkpoint is small (one layer of a 1.5B target: ~52M parameters) and can only serve the target
 it was trained against (checkpoints record the target identity).
 
+Draft vocabulary. The LM head over the target's whole vocabulary is most of a head step's cost (one GEMM reading
+151,936 x 1,536 weights per drafted position: ~0.15 ms on an H100 at batch 1, BENCHMARKS.md section 6). A head may
+carry a reduced draft vocabulary (`draft_vocab`: the token ids it can propose, e.g. the corpus's most frequent 32k,
+as EAGLE-3 does): drafting then scores only those rows of the LM head, proposes the best of them, and reports its q
+over the whole vocabulary with zeros elsewhere, so verification stays lossless. Training keeps the whole vocabulary
+(`logits`); the ids are stored with the head's weights.
+
 The layers are the target's decoder-layer class built from a copy of the target's config, so attention, rotary
 embeddings and norms are exactly the target's, and the engine's positional KV cache (pipelines.kv_cache) works
 for the head as it does for any decoder.
@@ -47,6 +54,7 @@ class HeadConfig:
     num_layers: int
     target_config: dict
     init: str = "last_layer"  # "last_layer": a copy of the target's last decoder layer; "random"
+    draft_vocab_size: int = 0  # token ids the head may propose (its `draft_vocab` buffer); 0 = the whole vocabulary
 
     @property
     def hidden_size(self) -> int:
@@ -80,6 +88,10 @@ class DraftHead(torch.nn.Module):
         self.layers = torch.nn.ModuleList(layer_class(layer_config, i) for i in range(config.num_layers))
         self.norm = norm_class(hidden, eps=layer_config.rms_norm_eps)
         self.rotary_emb = rotary_class(config=layer_config)
+        if config.draft_vocab_size:  # sorted token ids, stored with the weights (never trained)
+            self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.int64))
+        else:
+            self.draft_vocab = None
 
     @property
     def num_layers(self) -> int:
@@ -122,19 +134,34 @@ class DraftHead(torch.nn.Module):
     # ------------------------------------------------------------------ building, saving, loading
 
     @classmethod
-    def for_target(cls, target: PreTrainedModel, num_layers: int = 1, init: str = "last_layer", seed: int = 0):
+    def for_target(
+        cls,
+        target: PreTrainedModel,
+        num_layers: int = 1,
+        init: str = "last_layer",
+        seed: int = 0,
+        draft_vocab: list[int] | torch.Tensor | None = None,
+    ):
         """A fresh head for `target`, on the target's device and in its dtype. init "last_layer" copies the target's
         last decoder layer into every head layer (a warm start: it already maps late features to late features);
         "random" keeps the layer class's own initialisation. fc starts as [0 | I]: the feature passes through; the
-        norm starts as the target's final norm."""
+        norm starts as the target's final norm. `draft_vocab`: the token ids it may propose (None: all)."""
         if init not in ("last_layer", "random"):
             raise ValueError(f"Unknown head init {init!r}; use 'last_layer' or 'random'")
         decoder = target.get_decoder()
-        config = HeadConfig(num_layers=num_layers, target_config=target.config.to_dict(), init=init)
+        vocab = None if draft_vocab is None else _checked_vocab(draft_vocab, target.get_output_embeddings())
+        config = HeadConfig(
+            num_layers=num_layers,
+            target_config=target.config.to_dict(),
+            init=init,
+            draft_vocab_size=0 if vocab is None else len(vocab),
+        )
         torch.manual_seed(seed)
         head = cls(config, target_classes(target))
         hidden = config.hidden_size
         with torch.no_grad():
+            if vocab is not None:
+                head.draft_vocab.copy_(vocab)
             head.fc.weight.zero_()
             head.fc.weight[:, hidden:].copy_(torch.eye(hidden))
             head.fc.bias.zero_()
@@ -197,8 +224,30 @@ def read_head_config(folder: str | Path) -> tuple[HeadConfig, dict]:
 def head_config_from_document(document: dict) -> HeadConfig:
     """The HeadConfig of a head_config.json document (or of asdict(config), as checkpoints store it)."""
     return HeadConfig(
-        num_layers=int(document["num_layers"]), target_config=document["target_config"], init=document["init"]
+        num_layers=int(document["num_layers"]),
+        target_config=document["target_config"],
+        init=document["init"],
+        draft_vocab_size=int(document.get("draft_vocab_size", 0)),  # heads stored before draft vocabularies: 0
     )
+
+
+def most_frequent_tokens(sequences: list[list[int]], size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` token ids that occur most often in `sequences` (ties: lower id first), sorted: a draft vocabulary.
+    Ids that never occur fill the rest, lowest first, so the size is exact."""
+    if not 1 <= size <= vocab_size:
+        raise ValueError(f"a draft vocabulary of {size} tokens: it must be 1..{vocab_size} (the target's vocabulary)")
+    tokens = torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.int64)
+    counts = torch.bincount(tokens[(tokens >= 0) & (tokens < vocab_size)], minlength=vocab_size)
+    order = sorted(range(vocab_size), key=lambda token: (-int(counts[token]), token))
+    return torch.tensor(sorted(order[:size]), dtype=torch.int64)
+
+
+def _checked_vocab(draft_vocab: list[int] | torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+    vocab = torch.as_tensor(draft_vocab, dtype=torch.int64).flatten().unique()  # sorted, no repeats
+    rows = lm_head.weight.shape[0]
+    if len(vocab) == 0 or int(vocab[0]) < 0 or int(vocab[-1]) >= rows:
+        raise ValueError(f"a draft vocabulary needs token ids in 0..{rows - 1}")
+    return vocab
 
 
 def check_head_fits(config: HeadConfig, target: PreTrainedModel) -> None:
@@ -248,6 +297,7 @@ class HeadDraft(torch.nn.Module):
         super().__init__()
         self.head = head
         self._target = (target,)  # a tuple: nn.Module would otherwise register the target as a submodule
+        self._draft_lm_head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # draft_logits' rows of the LM head
 
     @property
     def target(self) -> PreTrainedModel:
@@ -261,8 +311,62 @@ class HeadDraft(torch.nn.Module):
         return self.target.get_input_embeddings()(tokens)
 
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Logits (float32) of the token after the one each head output g predicts the feature of."""
+        """Logits (float32), over the target's whole vocabulary, of the token after the one each head output g
+        predicts the feature of (training and learning)."""
         return self.target.get_output_embeddings()(outputs).float()
+
+    # drafting: over the draft vocabulary when the head has one (module docstring)
+
+    def draft_logits(self, outputs: torch.Tensor) -> torch.Tensor:
+        """[.., V'] float32 logits over the draft vocabulary (the whole one, V' = V, without a reduced one)."""
+        if self.head.draft_vocab is None:
+            return self.logits(outputs)
+        if self._draft_lm_head is None:
+            self.refresh_drafting()
+        weight, bias = self._draft_lm_head
+        return torch.nn.functional.linear(outputs, weight, bias).float()
+
+    def draft_token_ids(self, index: torch.Tensor) -> torch.Tensor:
+        """Token ids of indices into draft_logits' last dimension."""
+        vocab = self.head.draft_vocab
+        return index if vocab is None else vocab[index]
+
+    def full_vocab(self, probs: torch.Tensor) -> torch.Tensor:
+        """[B, T, V] probabilities of [B, T, V'] draft-vocabulary ones: zero on every token the head cannot
+        propose."""
+        vocab = self.head.draft_vocab
+        if vocab is None:
+            return probs
+        rows = self.target.get_output_embeddings().weight.shape[0]
+        full = torch.zeros((*probs.shape[:-1], rows), dtype=probs.dtype, device=probs.device)
+        return full.scatter_(-1, vocab.expand(*probs.shape[:-1], -1), probs)
+
+    def only_draft_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """[.., V] whole-vocabulary logits with every token outside the draft vocabulary at -inf: their softmax is
+        the q drafting samples from, their argmax what it proposes (replay's teacher-forced estimates)."""
+        vocab = self.head.draft_vocab
+        if vocab is None:
+            return logits
+        allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        allowed[vocab] = True
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    def refresh_drafting(self) -> None:
+        """(Re)build the LM head rows of the draft vocabulary from the target, in place once built (captured graphs
+        keep pointing at them): call after the head's draft_vocab changed (a weight swap)."""
+        vocab = self.head.draft_vocab
+        if vocab is None:
+            self._draft_lm_head = None
+            return
+        lm_head = self.target.get_output_embeddings()
+        weight = lm_head.weight.detach()[vocab]
+        bias = None if lm_head.bias is None else lm_head.bias.detach()[vocab]
+        if self._draft_lm_head is None or self._draft_lm_head[0].shape != weight.shape:
+            self._draft_lm_head = (weight.contiguous(), bias)
+        else:
+            self._draft_lm_head[0].copy_(weight)
+            if bias is not None:
+                self._draft_lm_head[1].copy_(bias)
 
     def forward(self, tokens, features, positions, cache=None, mask=None) -> torch.Tensor:
         """g for inputs (embed(tokens), features) at positions: see DraftHead.forward."""

@@ -7,8 +7,8 @@ position it has verified, written by the prefill and by every round's verify pas
 previous round verified), then k - 1 feature-level steps. A row the head has not followed (a newcomer, or rounds
 run by another proposer) is caught up first by `sync`, one eager head forward over its whole context.
 
-A head step costs one decoder layer plus the target's LM head, about a tenth of a 1.5B target forward, against
-~0.8 for the 0.5B draft LM: that is why heads make speculation pay where the draft LM cannot.
+A head step costs one decoder layer plus the target's LM head (the rows of its draft vocabulary, if it has a reduced
+one), about a tenth of a 1.5B target forward, against ~0.8 for the 0.5B draft LM.
 Weights are swapped in place (`swap`), so captured graphs keep pointing at the same parameters.
 """
 
@@ -45,6 +45,7 @@ class HeadProposer:
         self.model = draft
         self.max_seq_len = max_seq_len
         self.window = window
+        draft.refresh_drafting()  # the draft vocabulary's LM head rows exist before any round is captured
 
     def allocate(self, batch_size: int) -> HeadState:
         param = next(self.model.target.parameters())
@@ -111,3 +112,4 @@ class HeadProposer:
     def swap(self, weights: HeadDraft | dict[str, torch.Tensor]) -> None:
         """Copy new head weights into the served head; refuses weights of another shape or names."""
         copy_weights(self.model, weights, "head")
+        self.model.refresh_drafting()  # the draft vocabulary's ids may have changed: its LM head rows, in place
