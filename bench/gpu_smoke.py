@@ -5,9 +5,9 @@ requests joining the running batch (continuous batching) and with static batchin
     python -m bench.gpu_smoke --device cpu       # the same checks, eager, as a dry run
 
 Tiny float32 models (devtools/tiny_models.py: a target, its draft LM and a head trained briefly on the target's own
-outputs), so any mismatch is a bug, not bf16 rounding. Also checks that a sampled request decodes to the same
-tokens alone and among others, for the proposers whose drafts do not depend on the stream. Exits non-zero on any
-mismatch; prints one line per engine.
+outputs, and the same head with a reduced draft vocabulary), so any mismatch is a bug, not bf16 rounding. Also checks
+that a sampled request decodes to the same tokens alone and among others, for the proposers whose drafts do not
+depend on the stream. Exits non-zero on any mismatch; prints one line per engine.
 """
 
 from __future__ import annotations
@@ -23,16 +23,18 @@ import torch
 
 from devtools.tiny_models import make_noisy_copy, make_tiny_pair, train_head_on_own_outputs
 from pipelines.engine import EngineSettings, SpeculativeEngine
+from pipelines.heads.model import most_frequent_tokens
 from pipelines.models import load_pair
 from pipelines.types import GenerationRequest
 
 PROMPTS = ["def add(a, b):", "The quick brown", "SELECT name FROM", "To be, or not to be", "T", "for i in"]
-QUICK = [("auto", "head", 4, "continuous"), ("head", "head", 5, "static")]
+QUICK = [("auto", "head", 4, "continuous"), ("head", "head", 5, "static"), ("head", "reduced", 4, "continuous")]
 ENGINES = [  # (proposer, model, k, scheduling)
     ("none", None, 0, "continuous"),
     ("draft", "draft", 3, "continuous"),
     ("head", "head", 3, "continuous"),
     ("head", "head", 5, "static"),
+    ("head", "reduced", 4, "continuous"),  # the head with a reduced draft vocabulary
     ("suffix", None, 5, "continuous"),
     ("hybrid", "head", 4, "continuous"),
     ("auto", "head", 4, "continuous"),
@@ -61,7 +63,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--quick", action="store_true", help="two engines: auto with a head, a static head")
+    parser.add_argument(
+        "--quick", action="store_true", help="three engines: auto with a head, a static head, a reduced-vocabulary head"
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
     target_dir, _ = make_tiny_pair(root)
@@ -70,7 +74,12 @@ def main() -> int:
     started = time.perf_counter()
     head = train_head_on_own_outputs(target, tokenizer, PROMPTS, PROMPTS[1])
     print(f"test head trained in {time.perf_counter() - started:.1f} s", flush=True)
-    models = {"draft": draft, "head": head, None: None}
+    # a reduced draft vocabulary: the more frequent half of the tokens the prompts and the target's answers hold
+    sequences = [tokenizer(p).input_ids for p in PROMPTS]
+    sequences += [reference(target, GenerationRequest("v", ids, max_new_tokens=24)) for ids in sequences]
+    distinct = len({t for s in sequences for t in s})
+    vocab = most_frequent_tokens(sequences, distinct // 2, target.get_output_embeddings().weight.shape[0])
+    models = {"draft": draft, "head": head, "reduced": head.restricted_to(vocab), None: None}
     rng = random.Random(0)
     requests = [
         GenerationRequest(f"r{i}", tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, max_new_tokens=rng.randint(3, 40))

@@ -31,14 +31,7 @@ def scrambled_head(target, seed: int = 0, scale: float = 0.3):
 
 def with_draft_vocab(draft, vocab):
     """The same head (its weights copied) proposing only the token ids in `vocab`: a reduced draft vocabulary."""
-    from dataclasses import replace
-
-    from pipelines.heads.model import DraftHead, HeadDraft
-
-    vocab = torch.as_tensor(vocab, dtype=torch.int64).unique()
-    config = replace(draft.config, draft_vocab_size=len(vocab))
-    state = {**{k: v for k, v in draft.head.state_dict().items() if k != "draft_vocab"}, "draft_vocab": vocab}
-    return HeadDraft(DraftHead.from_state(draft.target, config, state), draft.target)
+    return draft.restricted_to(vocab)
 
 
 def half_of_the_tokens(sequences) -> list[int]:

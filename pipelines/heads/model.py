@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -371,6 +371,13 @@ class HeadDraft(torch.nn.Module):
     def forward(self, tokens, features, positions, cache=None, mask=None) -> torch.Tensor:
         """g for inputs (embed(tokens), features) at positions: see DraftHead.forward."""
         return self.head(self.embed(tokens), features, positions, cache, mask)
+
+    def restricted_to(self, draft_vocab: list[int] | torch.Tensor) -> HeadDraft:
+        """A copy of this head (the same weights) that proposes only the token ids in `draft_vocab`."""
+        vocab = _checked_vocab(draft_vocab, self.target.get_output_embeddings())
+        config = replace(self.config, draft_vocab_size=len(vocab))
+        state = {name: t for name, t in self.head.state_dict().items() if name != "draft_vocab"}
+        return HeadDraft(DraftHead.from_state(self.target, config, {**state, "draft_vocab": vocab}), self.target)
 
     def copy_for_training(self) -> HeadDraft:
         """An independent copy of the head (same target), e.g. the learning round's training copy."""
