@@ -22,7 +22,13 @@ from dataclasses import asdict
 
 import torch
 
-from pipelines.heads.model import HeadConfig, HeadDraft, check_head_fits_config, head_config_from_document
+from pipelines.heads.model import (
+    HeadConfig,
+    HeadDraft,
+    check_draft_vocab,
+    check_head_fits_config,
+    head_config_from_document,
+)
 
 DRAFT_MODEL = "draft"
 HEAD = "head"
@@ -82,6 +88,12 @@ def check_weights_fit(
             check_head_fits_config(stored, mine.target_config)
         except ValueError as exc:
             raise DraftMismatchError(f"{label}: {exc}") from None
+        vocab = state.get("head.draft_vocab")
+        if vocab is not None:
+            try:
+                check_draft_vocab(vocab, int(mine.target_config["vocab_size"]))
+            except ValueError as exc:
+                raise DraftMismatchError(f"{label}: {exc}") from None
     missing, unexpected = sorted(set(served_state) - set(state)), sorted(set(state) - set(served_state))
     misshapen = sorted(n for n in set(state) & set(served_state) if state[n].shape != served_state[n].shape)
     if missing or unexpected or misshapen:

@@ -247,3 +247,20 @@ def test_a_draft_vocabulary_survives_the_head_folder_and_a_swap_refreshes_its_lm
     assert torch.equal(rows, target.get_output_embeddings().weight[[1, 3, 5, 9]])
     with pytest.raises(ValueError, match="wrong shape"):  # another size of draft vocabulary
         served.swap(with_draft_vocab(head, [1, 2]))
+
+
+def test_loading_other_draft_vocabulary_ids_moves_the_lm_head_rows_along_and_bad_ids_are_refused(head_target):
+    """A learning round reloads one training copy with load_state_dict: the rows it drafts with must follow the
+    ids it loads. A stored vocabulary with a repeated or out-of-range id would break q or fault on the GPU."""
+    target = head_target[0]
+    draft = scrambled_head(target, seed=4).restricted_to([3, 5, 7])
+    outputs = torch.randn(2, 1, draft.config.hidden_size)
+    draft.draft_logits(outputs)  # the rows exist now
+    other = draft.restricted_to([2, 4, 6])
+    draft.load_state_dict(other.state_dict())
+    assert torch.allclose(draft.draft_logits(outputs), draft.logits(outputs)[..., [2, 4, 6]])
+    assert draft.draft_token_ids(torch.tensor([0, 2])).tolist() == [2, 6]
+    state = {n.removeprefix("head."): t for n, t in draft.state_dict().items()}
+    for bad in ([2, 2, 6], [2, 4, 10**7]):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            DraftHead.from_state(target, draft.config, {**state, "draft_vocab": torch.tensor(bad)})

@@ -80,8 +80,11 @@ def test_head_replay_equals_drafting_recomputed_without_a_cache(request, feedbac
         assert metrics.accepted_at_position[1] > 0  # step 2, from the head's own feature, is tested too
 
 
-def test_one_draft_token_replays_like_the_teacher_forced_chain(head, feedback):
-    """With k = 1 only step 1 drafts, and step 1 is teacher-forced: the draft LM formula holds."""
+@pytest.mark.parametrize("which", ["head", "reduced"])
+def test_one_draft_token_replays_like_the_teacher_forced_chain(request, feedback, which):
+    """With k = 1 only step 1 drafts, and step 1 is teacher-forced: the draft LM formula holds (argmax_match and
+    the chain over the draft vocabulary when the head has a reduced one)."""
+    head = request.getfixturevalue(which)
     metrics = replay(head, feedback, k=1)
     scored = [greedy_chain(match, 1) for match in teacher_forced_matches(head, feedback)]
     assert metrics.forwards == sum(forwards for forwards, _ in scored)
@@ -95,7 +98,7 @@ def teacher_forced_matches(head, feedback) -> list[np.ndarray]:
     from pipelines.learners.distill import draft_logits
 
     with torch.no_grad():
-        argmax = draft_logits(head, batch).argmax(-1).numpy()
+        argmax = head.only_draft_vocab(draft_logits(head, batch)).argmax(-1).numpy()
     rows, index, tokens = batch.rows.numpy(), batch.index.numpy(), batch.tokens.numpy()
     matches = []
     for row, example in enumerate(feedback):

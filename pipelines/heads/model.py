@@ -180,6 +180,8 @@ class DraftHead(torch.nn.Module):
         param = next(target.parameters())
         head = head.to(device=param.device, dtype=param.dtype)
         head.load_state_dict(state, strict=True)
+        if head.draft_vocab is not None:  # duplicates would lose q's mass, an id out of range fault on the GPU
+            check_draft_vocab(head.draft_vocab, target.get_output_embeddings().weight.shape[0])
         return head.eval().requires_grad_(False)
 
     def save(self, folder: str | Path, metadata: dict | None = None) -> Path:
@@ -244,10 +246,15 @@ def most_frequent_tokens(sequences: list[list[int]], size: int, vocab_size: int)
 
 def _checked_vocab(draft_vocab: list[int] | torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
     vocab = torch.as_tensor(draft_vocab, dtype=torch.int64).flatten().unique()  # sorted, no repeats
-    rows = lm_head.weight.shape[0]
-    if len(vocab) == 0 or int(vocab[0]) < 0 or int(vocab[-1]) >= rows:
-        raise ValueError(f"a draft vocabulary needs token ids in 0..{rows - 1}")
+    check_draft_vocab(vocab, lm_head.weight.shape[0])
     return vocab
+
+
+def check_draft_vocab(vocab: torch.Tensor, rows: int) -> None:
+    """Refuse a draft vocabulary that is not strictly increasing token ids in 0..rows - 1 (stored ones too)."""
+    ids = vocab.detach().cpu()
+    if len(ids) == 0 or int(ids[0]) < 0 or int(ids[-1]) >= rows or not bool((ids[1:] > ids[:-1]).all()):
+        raise ValueError(f"a draft vocabulary must be strictly increasing token ids in 0..{rows - 1}")
 
 
 def check_head_fits(config: HeadConfig, target: PreTrainedModel) -> None:
@@ -353,20 +360,31 @@ class HeadDraft(torch.nn.Module):
 
     def refresh_drafting(self) -> None:
         """(Re)build the LM head rows of the draft vocabulary from the target, in place once built (captured graphs
-        keep pointing at them): call after the head's draft_vocab changed (a weight swap)."""
+        keep pointing at them): after the head's draft_vocab changed (a weight swap, load_state_dict)."""
         vocab = self.head.draft_vocab
         if vocab is None:
             self._draft_lm_head = None
             return
+        check_draft_vocab(vocab, self.target.get_output_embeddings().weight.shape[0])
         lm_head = self.target.get_output_embeddings()
         weight = lm_head.weight.detach()[vocab]
         bias = None if lm_head.bias is None else lm_head.bias.detach()[vocab]
-        if self._draft_lm_head is None or self._draft_lm_head[0].shape != weight.shape:
+        if self._draft_lm_head is None:
             self._draft_lm_head = (weight.contiguous(), bias)
-        else:
-            self._draft_lm_head[0].copy_(weight)
-            if bias is not None:
-                self._draft_lm_head[1].copy_(bias)
+            return
+        if self._draft_lm_head[0].shape != weight.shape:  # unreachable through swap (copy_weights checks shapes)
+            raise ValueError("a head's draft vocabulary cannot change size once its LM head rows exist")
+        self._draft_lm_head[0].copy_(weight)
+        if bias is not None:
+            self._draft_lm_head[1].copy_(bias)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, then the draft vocabulary's LM head rows follow the loaded ids (a learning round reloads
+        its training copy this way)."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self._draft_lm_head is not None:
+            self.refresh_drafting()
+        return result
 
     def forward(self, tokens, features, positions, cache=None, mask=None) -> torch.Tensor:
         """g for inputs (embed(tokens), features) at positions: see DraftHead.forward."""
