@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from pipelines.kv_cache import PositionalKVCache, RowSubsetCache, decoder_forward
+from pipelines.round_graphs import capture_graph
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +101,7 @@ class PrefillRunner:
             self._out = torch.empty(self.graph_tokens * self.hidden_size, dtype=like.dtype, device=like.device)
         n, width = tokens.shape
         out = self._out[: n * width * self.hidden_size].view(n, width, self.hidden_size)
-        with torch.inference_mode():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # allocator and kernel set-up outside the capture
-                    self.forward(tokens, positions, RowSubsetCache(self.cache, rows))
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                out.copy_(self.forward(tokens, positions, RowSubsetCache(self.cache, rows)))
-        torch.cuda.synchronize()
+        graph = capture_graph(
+            lambda: out.copy_(self.forward(tokens, positions, RowSubsetCache(self.cache, rows))), self._pool
+        )
         return _Captured(graph, rows, tokens, positions, out)

@@ -47,17 +47,7 @@ class RoundGraphs:
         state.active.zero_()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode():
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    run_round(self.models, state, variant, greedy_only, shadow)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                run_round(self.models, state, variant, greedy_only, shadow)
-        torch.cuda.synchronize()
+        graph = capture_graph(lambda: run_round(self.models, state, variant, greedy_only, shadow), self._pool)
         state.tally.zero_()
         state.source_tally.zero_()
         return graph
@@ -85,3 +75,20 @@ class RoundGraphs:
                 end.synchronize()
                 times.append(begin.elapsed_time(end) / 1e3)
             return statistics.median(times)
+
+
+def capture_graph(run, pool) -> torch.cuda.CUDAGraph:
+    """`run()` captured as a CUDA graph in memory pool `pool`: run twice on a side stream first (allocator and
+    kernel set-up stay outside the capture), then captured; returns once the GPU is done."""
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            run()
+    torch.cuda.synchronize()
+    return graph
