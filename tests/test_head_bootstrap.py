@@ -69,9 +69,11 @@ def test_bootstrap_trains_a_head_that_beats_the_fresh_one_and_records_its_recipe
 def test_a_draft_vocabulary_of_the_most_frequent_tokens_is_built_and_stored(tiny_models, files, tmp_path, capsys):
     out = tmp_path / "head"
     assert draft_init(tiny_models[0], files, out, "--epochs", "4", "--draft-vocab", "40") == 0
-    assert "draft vocabulary: the 40 most frequent tokens" in capsys.readouterr().err
+    log = capsys.readouterr().err
+    assert "draft vocabulary: the 40 most frequent tokens" in log and "...whole vocabulary: held-out AvgLen" in log
     config, metadata = read_head_config(out)
     assert config.draft_vocab_size == 40 and metadata["recipe"]["head"]["draft_vocab"] == 40
+    assert metadata["heldout"]["avg_len_whole_vocab"] >= 1.0  # the same weights proposing any token, same rows
 
     from pipelines.models import load_head, load_model
 
@@ -79,6 +81,10 @@ def test_a_draft_vocabulary_of_the_most_frequent_tokens_is_built_and_stored(tiny
     head = load_head(str(out), target)
     vocab = head.head.draft_vocab.tolist()
     assert len(vocab) == 40 and vocab == sorted(set(vocab))
+    whole = head.with_whole_vocab()
+    assert whole.head.draft_vocab is None and whole.config.draft_vocab_size == 0
+    weights = head.head.state_dict()
+    assert all(torch.equal(t, weights[name]) for name, t in whole.head.state_dict().items())
     assert draft_init(tiny_models[0], files, tmp_path / "big", "--draft-vocab", str(10**9)) == 2
     assert "must be 1.." in capsys.readouterr().err
 

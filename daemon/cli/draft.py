@@ -98,13 +98,14 @@ def run_init(args: argparse.Namespace) -> int:
         f"(stopped by {report.stopped_by}), loss {_number(report.loss_first)} -> {_number(report.loss_last)}"
     )
     after = evaluate(draft, heldout, args.k, progress, "trained head")
+    whole = None if vocab is None else evaluate(draft.with_whole_vocab(), heldout, args.k, progress, "...whole vocabulary")
     metadata = {
         "recipe": {
             **data,
             "head": {"layers": args.layers, "init": args.init, "seed": args.seed, "draft_vocab": args.draft_vocab},
         },
         "training": report.to_dict(),
-        "heldout": heldout_record(args, heldout, before, after),
+        "heldout": heldout_record(args, heldout, before, after, whole),
         "created_at": datetime.now(UTC).isoformat(),
     }
     draft.head.save(args.out, metadata)
@@ -230,10 +231,12 @@ def evaluate(draft, heldout: list, k: int, progress: Progress, label: str):
     return metrics
 
 
-def heldout_record(args, heldout: list, before, after) -> dict:
+def heldout_record(args, heldout: list, before, after, whole=None) -> dict:
     if after is None:
         return {"requests": 0, "note": "no held-out prompts (--heldout-prompts, or --prompts beyond --generate)"}
+    extra = {} if whole is None else {"avg_len_whole_vocab": whole.avg_len}  # the same weights, any token proposed
     return {
+        **extra,
         "prompts": str(args.heldout_prompts or args.prompts),
         "requests": len(heldout),
         "k": args.k,

@@ -397,6 +397,13 @@ class HeadDraft(torch.nn.Module):
         state = {name: t for name, t in self.head.state_dict().items() if name != "draft_vocab"}
         return HeadDraft(DraftHead.from_state(self.target, config, {**state, "draft_vocab": vocab}), self.target)
 
+    def with_whole_vocab(self) -> HeadDraft:
+        """A copy of this head (the same weights) that may propose any token: what a draft vocabulary costs in
+        acceptance is the difference between the two on the same rows."""
+        config = replace(self.config, draft_vocab_size=0)
+        state = {name: t for name, t in self.head.state_dict().items() if name != "draft_vocab"}
+        return HeadDraft(DraftHead.from_state(self.target, config, state), self.target)
+
     def copy_for_training(self) -> HeadDraft:
         """An independent copy of the head (same target), e.g. the learning round's training copy."""
         return copy.deepcopy(self)
