@@ -108,6 +108,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--k", type=int, default=5, help="draft tokens per step when a draft is given")
     parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        help="engine.prefill_chunk_tokens: prompt tokens prefilled per engine step (default: the engine's, 512)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--database-url", help="default: a fresh SQLite file")
@@ -183,13 +188,16 @@ def build_tiny_target(root: Path, layers: int, hidden: int) -> Path:
 
 def engine_section(args, proposer: str) -> dict:
     """The same engine settings for the engine run and the daemon's config."""
-    return {
+    section = {
         "proposer": proposer,
         "k": args.k,
         "max_seq_len": args.max_seq_len,
         "top_m": 16,
         "max_batch_size": args.batch_size,
     }
+    if args.prefill_chunk_tokens is not None:
+        section["prefill_chunk_tokens"] = args.prefill_chunk_tokens
+    return section
 
 
 def engine_rate(args, target: str, values: list[bytes], proposer: str) -> dict:
@@ -483,6 +491,7 @@ def setup(args) -> dict:
         "batch_size": args.batch_size,
         "k": args.k,
         "max_seq_len": args.max_seq_len,
+        "prefill_chunk_tokens": args.prefill_chunk_tokens,  # None: the engine's default
         "proposers": args.proposers,
         "prompt_files": [Path(f).name for f in args.prompt_file],
         "chat": args.chat,

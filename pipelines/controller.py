@@ -13,7 +13,11 @@ of the target's parameters. One window of the variant then replaces the estimate
     none:0       1
     suffix:k     1 + E[min(a, k)] over hist[m, a], the accepted suffix tokens seen per round at match length m, from
                  real suffix rounds and from shadow proposals scored in every `shadow_every`-th window
-                 without suffix drafts
+                 without suffix drafts; a round whose k drafts all passed is censored at k (a larger k
+                 might have gained more), so the estimate is a product of per-position pass rates
+                 (Kaplan-Meier), not a plain mean: measured on an H100, auto kept suffix:4 on a Shakespeare
+                 stream at batch 8 (1.44x target-only) where suffix:8 ran at 1.77x, because suffix:4's full
+                 rounds had counted as rounds that stopped at 4
     draft:k,     1 + alpha + ... + alpha^k, with alpha the model's per-token acceptance (accepted / tested
     head:k       positions of its rounds, per draft version, starting from a prior)
     hybrid:k     1 + E_m[max(suffix's mean accepted at m, the model's expected accepted)]
@@ -73,6 +77,7 @@ class BatchObservation:
     model_accepted: int = 0
     model_full: int = 0  # of those, rounds in which all k drafted tokens were accepted
     suffix_hist: np.ndarray | None = None  # [J + 1, K + 1] rounds by (match length, accepted suffix tokens)
+    suffix_capped: np.ndarray | None = None  # of those, rounds whose k drafts all passed (censored at k)
     rows: int = 0  # requests in the batch (static batching)
     tokens: int = 0  # tokens emitted in these rounds (after the prefill)
     row_rounds: int = 0  # active rows summed over the rounds (continuous batching; 0: rows * rounds)
@@ -96,6 +101,7 @@ class GoodputController:
         self._costs: dict[tuple[int, Variant], _Cost] = {}
         self._corrections: dict[tuple[int, Variant], float] = {}  # realized / expected tokens per round
         self._suffix_hist: np.ndarray | None = None
+        self._suffix_capped: np.ndarray | None = None
         self._model: dict[str, _ModelEvidence] = {}
         self._batches: Counter[int] = Counter()
         self._last_run: dict[tuple[int, Variant], int] = {}
@@ -111,7 +117,7 @@ class GoodputController:
     def forget_evidence(self) -> None:
         """Drop acceptance evidence and choice counts; measured costs stay."""
         with self._lock:
-            self._suffix_hist = None
+            self._suffix_hist = self._suffix_capped = None
             self._model.clear()
             self._corrections.clear()
             self._batches.clear()
@@ -145,7 +151,12 @@ class GoodputController:
                     entry.samples += 1
             if obs.suffix_hist is not None and obs.suffix_hist.sum():
                 hist = obs.suffix_hist.astype(np.float64)
-                self._suffix_hist = hist if self._suffix_hist is None else self._suffix_hist + hist
+                capped = np.zeros_like(hist) if obs.suffix_capped is None else obs.suffix_capped.astype(np.float64)
+                if self._suffix_hist is None:
+                    self._suffix_hist, self._suffix_capped = hist, capped
+                else:
+                    self._suffix_hist += hist
+                    self._suffix_capped += capped
             if obs.draft_version is not None and obs.model_rounds:
                 evidence = self._model.setdefault(obs.draft_version, _ModelEvidence())
                 evidence.accepted += obs.model_accepted
@@ -172,6 +183,7 @@ class GoodputController:
         factor = self.settings.decay
         if self._suffix_hist is not None:
             self._suffix_hist *= factor
+            self._suffix_capped *= factor
         for evidence in self._model.values():
             evidence.accepted *= factor
             evidence.tested *= factor
@@ -195,9 +207,11 @@ class GoodputController:
         prior = 0.5 * np.minimum(np.arange(max_match + 1), max_k)
         counts = np.zeros(max_match + 1)
         accepted = np.zeros(max_match + 1)
-        if self._suffix_hist is not None:
-            counts = self._suffix_hist.sum(axis=1)[: max_match + 1]
-            accepted = (self._suffix_hist @ np.arange(self._suffix_hist.shape[1]))[: max_match + 1]
+        by_match = self._suffix_by_match(max_k)
+        if by_match is not None:
+            expected, rounds = by_match
+            counts = rounds[: max_match + 1]
+            accepted = (expected * rounds)[: max_match + 1]
         mean = (accepted + SUFFIX_PRIOR_ROUNDS * prior) / (counts + SUFFIX_PRIOR_ROUNDS)
         return mean.astype(np.float32)
 
@@ -217,19 +231,39 @@ class GoodputController:
         raise ValueError(f"unknown proposer {variant.proposer!r}")
 
     def _suffix_accepted(self, k: int) -> float:
-        hist = self._suffix_hist
-        if hist is None or hist.sum() <= 0:
+        by_match = self._suffix_by_match(k)
+        if by_match is None:
             return 0.0
-        accepted = np.minimum(np.arange(hist.shape[1]), k)
-        return float((hist @ accepted).sum() / hist.sum())
+        expected, rounds = by_match
+        return float((expected * rounds).sum() / rounds.sum())
 
     def _hybrid_accepted(self, k: int, model: float) -> float:
+        by_match = self._suffix_by_match(k)
+        if by_match is None:
+            return model
+        expected, rounds = by_match
+        return float((rounds * np.maximum(expected, model)).sum() / rounds.sum())
+
+    def _suffix_by_match(self, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(expected accepted suffix tokens with up to k drafts, rounds seen), by match length; None without
+        evidence. E[min(a, k)] is the sum over j <= k of P(a >= j), each a product of per-position pass rates:
+        position j passed in the rounds with a >= j and failed in the uncapped rounds that stopped at j - 1 (a
+        rejection, or the match ran out); a capped round (its k drafts all passed) tested nothing beyond k. A
+        position no round tested keeps the rate of the one before, so what small k showed neither hides nor
+        rules out a larger k's gain; a window of the larger k then measures it. Without capped rounds this is
+        the plain mean of min(a, k)."""
         hist = self._suffix_hist
         if hist is None or hist.sum() <= 0:
-            return model
-        per_match = hist @ np.minimum(np.arange(hist.shape[1]), k) / np.maximum(hist.sum(axis=1), 1e-9)
-        weights = hist.sum(axis=1) / hist.sum()
-        return float((weights * np.maximum(per_match, model)).sum())
+            return None
+        stopped = hist - self._suffix_capped
+        at_least = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # [J + 1, K + 1]: rounds with a >= each column
+        survival, rate, expected = np.ones(len(hist)), np.zeros(len(hist)), np.zeros(len(hist))
+        for j in range(1, min(k, hist.shape[1] - 1) + 1):
+            tested = at_least[:, j] + stopped[:, j - 1]
+            rate = np.where(tested > 0, at_least[:, j] / np.maximum(tested, 1e-12), rate)
+            survival = survival * rate
+            expected += survival
+        return expected, hist.sum(axis=1)
 
     # ------------------------------------------------------------------ the choice
 

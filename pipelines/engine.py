@@ -272,7 +272,7 @@ class SpeculativeEngine:
         costs stay). For benchmarks that replay several streams through one engine."""
         if self.suffix is not None:
             self.suffix_cache.clear()
-            self.suffix.hist.zero_()
+            self.suffix.clear_statistics()
         if self.controller is not None:
             self.controller.forget_evidence()
 
@@ -322,7 +322,7 @@ class SpeculativeEngine:
         self.state.tally.zero_()
         self.state.source_tally.zero_()
         if self.suffix is not None:
-            self.suffix.hist.zero_()
+            self.suffix.clear_statistics()
         return tags
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -644,17 +644,16 @@ class SpeculativeEngine:
             state.tally.zero_()
             state.source_tally.zero_()
             if self.suffix is not None:
-                self.suffix.hist.zero_()
+                self.suffix.clear_statistics()
             return
         tally = state.tally.cpu()  # also waits for the window's rounds: their events are then readable
         self.clock.totals()  # folds the finished spans in, so the clock's pending events stay few
         sources = state.source_tally.cpu()
         state.tally.zero_()
         state.source_tally.zero_()
-        hist = None
+        hist = capped = None
         if self.suffix is not None:
-            hist = self.suffix.hist.cpu().numpy().copy()  # on CPU .cpu() is the tensor itself
-            self.suffix.hist.zero_()
+            hist, capped = self.suffix.take_statistics()
         if window is None or window.rounds == 0:
             return
         if window.events:
@@ -673,6 +672,7 @@ class SpeculativeEngine:
                 model_accepted=int(model[COUNT_ACCEPTED]),
                 model_full=int(model[COUNT_FULL]),
                 suffix_hist=hist,
+                suffix_capped=capped,
                 tokens=int(tally[TALLY_TOKENS]),
                 row_rounds=int(tally[TALLY_ROW_ROUNDS]),
             )

@@ -79,7 +79,9 @@ def run_round(
     state.record(emitted, valid, kinds, draft_tokens, sources, topk.indices, topk.values)
     count_drafts(state, proposal.sources, counts, outcome.accepted)
     if match is not None:
-        models.suffix.record(match, outcome.accepted, active if rows_on_suffix is None else active & rows_on_suffix)
+        rows = active if rows_on_suffix is None else active & rows_on_suffix
+        filled = (outcome.accepted == counts) & (counts == proposal.tokens.shape[1])  # a larger k might gain more
+        models.suffix.record(match, outcome.accepted, rows, filled)
 
     advance = torch.where(active, outcome.accepted + 1, 0)
     state.previous.copy_(torch.where(active, verify_tokens.gather(1, accepted)[:, 0], state.previous))

@@ -159,3 +159,37 @@ def test_a_draft_variant_with_only_an_estimated_cost_is_tried_once_and_kept_when
     ctl.observe(BatchObservation(1, DRAFT, 30, 0.54, "v1", model_rounds=30, model_accepted=100, model_full=20))
     assert ctl.cost(1, DRAFT) == pytest.approx(0.018)
     assert [ctl.choose(1, draft_version="v1") for _ in range(3)] == [DRAFT] * 3  # ~4.3 tokens per 18 ms round
+
+
+def test_suffix_acceptance_without_capped_rounds_is_the_plain_mean_of_min_a_k():
+    rng = np.random.default_rng(0)
+    hist = rng.integers(0, 50, size=(MAX_MATCH + 1, MAX_K + 1))
+    ctl = controller()
+    ctl.observe(BatchObservation(1, SUFFIX, 10, 0.01, suffix_hist=hist))
+    for k in range(1, MAX_K + 1):
+        plain = (hist @ np.minimum(np.arange(MAX_K + 1), k)).sum() / hist.sum()
+        assert ctl.expected_tokens(Variant("suffix", k)) == pytest.approx(1 + plain)
+
+
+def test_rounds_whose_k_drafts_all_passed_do_not_cap_what_a_larger_k_is_expected_to_gain():
+    """Measured on an H100 (Shakespeare, batch 8): auto kept suffix:4 at 1.44x target-only where suffix:8 ran at
+    1.77x, because suffix:4's full rounds had counted as rounds that stopped at 4."""
+    short, long = Variant("suffix", 2), Variant("suffix", 8)
+    hist = np.zeros((MAX_MATCH + 1, 9), dtype=np.int64)
+    hist[8, 2] = 100  # suffix:2 rounds, each accepting both drafts: censored at 2
+    ctl = GoodputController(ControllerSettings(explore_every=0), [TARGET_ONLY, short, long])
+    for variant, ms in ((TARGET_ONLY, 4.66), (short, 5.53), (long, 5.90)):
+        ctl.set_cost(8, variant, ms / 1e3)
+    ctl.observe(BatchObservation(8, short, 10, None, suffix_hist=hist, suffix_capped=hist.copy()))
+    assert ctl.expected_tokens(short) == pytest.approx(3.0)
+    assert ctl.expected_tokens(long) == pytest.approx(9.0)  # nothing stopped yet: the pass rate carries on
+    assert ctl.choose(8) == long  # (the plain mean said 3 tokens for both, and suffix:2 is cheaper)
+
+    stopped = np.zeros_like(hist)
+    stopped[8, 4] = 100  # suffix:8 rounds that accepted 4 and were rejected at the 5th
+    ctl.observe(BatchObservation(8, long, 10, None, suffix_hist=stopped, suffix_capped=np.zeros_like(hist)))
+    # position 3 and 4 passed in every round that tested them, position 5 in none: 4 accepted, plus the bonus
+    assert ctl.expected_tokens(long) == pytest.approx(5.0)
+    assert ctl.expected_tokens(short) == pytest.approx(3.0)
+    # (the plain mean of min(a, 8) over both kinds of rounds would say 1 + 3 for suffix:8)
+    assert ctl.choose(8) == long

@@ -267,3 +267,28 @@ def test_a_head_with_a_reduced_draft_vocabulary_drafts_only_its_tokens_and_stays
     assert drafted and set(drafted) <= allowed
     assert sum(r.counters.accepted for r in results) > 0
     assert any(t not in allowed for r in results for t in r.token_ids), "the target never needed a token outside"
+
+
+def test_suffix_rounds_whose_k_drafts_all_pass_are_counted_as_capped_for_the_controller(engine_models):
+    """The controller must know which rounds a larger k might have extended: a row whose k drafts were all
+    accepted. The engine's in-graph count equals what the feedback shows (two accepted suffix tokens and a bonus)."""
+    from pipelines.controller import GoodputController
+    from pipelines.settings import ControllerSettings
+
+    engine = engine_for(engine_models, "suffix", 2, draft=None)
+    engine.controller = GoodputController(ControllerSettings(), engine.variants)  # only to receive the windows
+    observations = []
+    engine.controller.observe = observations.append
+    results = []
+    for tag in "ab":  # the second pass finds the first pass's answers in the stream
+        results += assert_lossless(engine_models, engine, requests_for(engine_models.tokenizer, range(8), tag=tag))
+
+    hist = sum(o.suffix_hist for o in observations)
+    capped = sum(o.suffix_capped for o in observations)
+    assert (capped <= hist).all() and capped[:, :2].sum() == 0  # only rounds with all k = 2 drafts accepted
+    full = [KIND_ACCEPTED, KIND_ACCEPTED, KIND_BONUS]
+    full_rounds = 0
+    for result in results:  # a request's last round may end on its drafts: its bonus token was cut (length, EOS)
+        kinds = [*result.feedback.kinds.tolist(), KIND_BONUS]
+        full_rounds += sum(kinds[i - 2 : i + 1] == full for i in range(2, len(kinds)))
+    assert capped.sum() == full_rounds > 10

@@ -25,7 +25,9 @@ which the token-by-token match verifies.
 Acceptance statistics for the goodput controller: `hist[m, a]` counts rounds in which a row with match length m
 had a accepted suffix tokens, from real suffix rounds and from *shadow* proposals during target-only rounds (the
 proposal is checked against the tokens the target then emitted: decoding is lossless, so that is exactly what
-verification would have accepted under greedy decoding).
+verification would have accepted under greedy decoding). `capped[m, a]` counts those of them whose draft filled
+all k slots and was accepted whole (a = k): how many more a larger k would have gained is unknown, so the
+controller treats them as censored rather than as rounds that stopped at a.
 """
 
 from __future__ import annotations
@@ -192,6 +194,7 @@ class SuffixProposer:
             self._match = torch.compile(self._match_eager, fullgraph=True)
         # Rounds by (match length, accepted suffix tokens); read and cleared by the controller between batches.
         self.hist = torch.zeros((self.settings.max_match + 1, max_k + 1), dtype=torch.int64, device=device)
+        self.capped = torch.zeros_like(self.hist)  # of those, rounds whose k drafted tokens were all accepted
         # Expected accepted tokens by match length (hybrid's per-row choice); written by the controller.
         self.expected_accepted = torch.zeros(self.settings.max_match + 1, dtype=torch.float32, device=device)
 
@@ -272,10 +275,25 @@ class SuffixProposer:
 
     # ------------------------------------------------------------------ statistics (captured)
 
-    def record(self, match: torch.Tensor, accepted: torch.Tensor, rows: torch.Tensor) -> None:
-        """A real round: count (match length, accepted) for the rows in `rows` [B] bool."""
+    def record(
+        self, match: torch.Tensor, accepted: torch.Tensor, rows: torch.Tensor, capped: torch.Tensor | None = None
+    ) -> None:
+        """A round: count (match length, accepted) for the rows in `rows` [B] bool, and in `capped` those whose
+        draft filled k and passed whole."""
         index = match.clamp_max(self.settings.max_match) * (self.max_k + 1) + accepted.clamp_max(self.max_k)
         self.hist.view(-1).index_add_(0, index, rows.long())
+        if capped is not None:
+            self.capped.view(-1).index_add_(0, index, (rows & capped).long())
+
+    def take_statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """(hist, capped) as host arrays, both cleared (one host read each: between windows, never per round)."""
+        hist, capped = self.hist.cpu().numpy().copy(), self.capped.cpu().numpy().copy()
+        self.clear_statistics()
+        return hist, capped
+
+    def clear_statistics(self) -> None:
+        self.hist.zero_()
+        self.capped.zero_()
 
     def shadow(self, state: DecodeState, k: int) -> None:
         """After a round without suffix drafts: score the pending proposals against what the target emitted, then
@@ -291,7 +309,8 @@ class SuffixProposer:
         mismatch_seen = (~agree & known).any(dim=1)
         all_known = known.gather(1, (pending.counts - 1).clamp_min(0)[:, None])[:, 0]
         resolved = pending.live & (mismatch_seen | all_known)
-        self.record(pending.match, matched, resolved & state.active)
+        filled = (matched == pending.counts) & (pending.counts == pending.tokens.shape[1])
+        self.record(pending.match, matched, resolved & state.active, filled)
 
         proposal, match = self.propose(state, k)
         renew = (resolved | ~pending.live) & state.active
