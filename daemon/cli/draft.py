@@ -98,7 +98,9 @@ def run_init(args: argparse.Namespace) -> int:
         f"(stopped by {report.stopped_by}), loss {_number(report.loss_first)} -> {_number(report.loss_last)}"
     )
     after = evaluate(draft, heldout, args.k, progress, "trained head")
-    whole = None if vocab is None else evaluate(draft.with_whole_vocab(), heldout, args.k, progress, "...whole vocabulary")
+    whole = None  # the same weights proposing any token: what the draft vocabulary costs in acceptance
+    if vocab is not None:
+        whole = evaluate(draft.with_whole_vocab(), heldout, args.k, progress, "...whole vocabulary")
     metadata = {
         "recipe": {
             **data,
