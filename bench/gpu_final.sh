@@ -89,7 +89,7 @@ while [[ $# -gt 0 ]]; do
       python -m bench.suffix_cache --tokenizer "$STAGE/target-hf" --completions 100000 --table-buckets 2097152 \
         --device cuda --out "$out/suffix-cache.json" | tail -12 ;;
     learning)
-      python -m bench.learning --target "$STAGE/target-hf" $(draft_args) --device cuda \
+      python -m bench.learning --target "$STAGE/target-hf" $(draft_args) --device "$DEVICE" \
         --out "$out" "$@" 2>&1 | quiet | tee "$out/learning.log" | tail -40
       break ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
