@@ -20,7 +20,7 @@ of the target's parameters. One window of the variant then replaces the estimate
                  rounds had counted as rounds that stopped at 4
     draft:k,     1 + alpha + ... + alpha^k, with alpha the model's per-token acceptance (accepted / tested
     head:k       positions of its rounds, per draft version, starting from a prior)
-    hybrid:k     1 + E_m[max(suffix's mean accepted at m, the model's expected accepted)]
+    hybrid:k     1 + E_m[max(suffix's expected accepted at m (as for suffix:k), the model's expected accepted)]
 
 correction: realized over expected tokens per active row and round of the recent windows of v at this bucket (with
 static batching a batch runs until its slowest row finishes, so a variant whose gain varies from row to row gains
@@ -138,8 +138,11 @@ class GoodputController:
 
     def observe(self, obs: BatchObservation) -> None:
         with self._lock:
-            self._correct(obs)
             self._decay()
+            self._add_acceptance(obs)
+            # after the window's own acceptance is in: the correction measures only what the per-row estimate
+            # misses (a batch's idle rows), not what the window taught it (a larger k's first window, say)
+            self._correct(obs)
             if obs.rounds > 0 and obs.seconds:  # None: a batch that also ran shadow proposals (not a clean cost)
                 per_round = obs.seconds / obs.rounds
                 entry = self._costs.get((obs.bucket, obs.variant))
@@ -149,19 +152,21 @@ class GoodputController:
                     weight = max(0.2, 1.0 / (entry.samples + 2))
                     entry.seconds += weight * (per_round - entry.seconds)
                     entry.samples += 1
-            if obs.suffix_hist is not None and obs.suffix_hist.sum():
-                hist = obs.suffix_hist.astype(np.float64)
-                capped = np.zeros_like(hist) if obs.suffix_capped is None else obs.suffix_capped.astype(np.float64)
-                if self._suffix_hist is None:
-                    self._suffix_hist, self._suffix_capped = hist, capped
-                else:
-                    self._suffix_hist += hist
-                    self._suffix_capped += capped
-            if obs.draft_version is not None and obs.model_rounds:
-                evidence = self._model.setdefault(obs.draft_version, _ModelEvidence())
-                evidence.accepted += obs.model_accepted
-                # every round tests positions until the first rejection: accepted + 1, or k when all passed
-                evidence.tested += obs.model_accepted + (obs.model_rounds - obs.model_full)
+
+    def _add_acceptance(self, obs: BatchObservation) -> None:
+        if obs.suffix_hist is not None and obs.suffix_hist.sum():
+            hist = obs.suffix_hist.astype(np.float64)
+            capped = np.zeros_like(hist) if obs.suffix_capped is None else obs.suffix_capped.astype(np.float64)
+            if self._suffix_hist is None:
+                self._suffix_hist, self._suffix_capped = hist, capped
+            else:
+                self._suffix_hist += hist
+                self._suffix_capped += capped
+        if obs.draft_version is not None and obs.model_rounds:
+            evidence = self._model.setdefault(obs.draft_version, _ModelEvidence())
+            evidence.accepted += obs.model_accepted
+            # every round tests positions until the first rejection: accepted + 1, or k when all passed
+            evidence.tested += obs.model_accepted + (obs.model_rounds - obs.model_full)
 
     def _correct(self, obs: BatchObservation) -> None:
         """Tokens per row and round the batch really got against what was expected of its variant. A batch decodes
@@ -202,8 +207,9 @@ class GoodputController:
         return 0.0 if self._suffix_hist is None else float(self._suffix_hist.sum())
 
     def suffix_expected_accepted(self, max_match: int, max_k: int) -> np.ndarray:
-        """Mean accepted suffix tokens per round by match length m, starting from a prior of half of min(m, k)
-        worth SUFFIX_PRIOR_ROUNDS rounds (so a hybrid tries suffix drafts before it has seen any)."""
+        """Expected accepted suffix tokens per round with up to max_k drafts, by match length m (`_suffix_by_match`:
+        it may project beyond what rounds of a smaller k tested), blended with a prior of half of min(m, max_k) worth
+        SUFFIX_PRIOR_ROUNDS rounds (so a hybrid tries suffix drafts before it has seen any)."""
         prior = 0.5 * np.minimum(np.arange(max_match + 1), max_k)
         counts = np.zeros(max_match + 1)
         accepted = np.zeros(max_match + 1)
@@ -250,8 +256,9 @@ class GoodputController:
         position j passed in the rounds with a >= j and failed in the uncapped rounds that stopped at j - 1 (a
         rejection, or the match ran out); a capped round (its k drafts all passed) tested nothing beyond k. A
         position no round tested keeps the rate of the one before, so what small k showed neither hides nor
-        rules out a larger k's gain; a window of the larger k then measures it. Without capped rounds this is
-        the plain mean of min(a, k)."""
+        rules out a larger k's gain; a window of the larger k then measures it. Decay shrinks every count alike,
+        so a rate measured long ago keeps its value until newer rounds test that position again. Without capped
+        rounds this is the plain mean of min(a, k)."""
         hist = self._suffix_hist
         if hist is None or hist.sum() <= 0:
             return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -186,8 +188,10 @@ def test_rounds_whose_k_drafts_all_passed_do_not_cap_what_a_larger_k_is_expected
     assert ctl.choose(8) == long  # (the plain mean said 3 tokens for both, and suffix:2 is cheaper)
 
     stopped = np.zeros_like(hist)
-    stopped[8, 4] = 100  # suffix:8 rounds that accepted 4 and were rejected at the 5th
-    ctl.observe(BatchObservation(8, long, 10, None, suffix_hist=stopped, suffix_capped=np.zeros_like(hist)))
+    stopped[8, 4] = 100  # suffix:8 rounds that accepted 4 and were rejected at the 5th: 5 tokens each
+    window = BatchObservation(8, long, 10, None, suffix_hist=stopped, suffix_capped=np.zeros_like(hist))
+    ctl.observe(replace(window, row_rounds=100, tokens=500))
+    assert ctl.correction(8, long) == pytest.approx(1.0)  # what the window taught is not also held against it
     # position 3 and 4 passed in every round that tested them, position 5 in none: 4 accepted, plus the bonus
     assert ctl.expected_tokens(long) == pytest.approx(5.0)
     assert ctl.expected_tokens(short) == pytest.approx(3.0)

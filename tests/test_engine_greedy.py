@@ -269,16 +269,25 @@ def test_a_head_with_a_reduced_draft_vocabulary_drafts_only_its_tokens_and_stays
     assert any(t not in allowed for r in results for t in r.token_ids), "the target never needed a token outside"
 
 
-def test_suffix_rounds_whose_k_drafts_all_pass_are_counted_as_capped_for_the_controller(engine_models):
-    """The controller must know which rounds a larger k might have extended: a row whose k drafts were all
-    accepted. The engine's in-graph count equals what the feedback shows (two accepted suffix tokens and a bonus)."""
+def watched_windows(engine) -> list:
+    """The windows' observations the engine hands its controller (which still gets them)."""
+    observations, observe = [], engine.controller.observe
+    engine.controller.observe = lambda o: (observations.append(o), observe(o))
+    return observations
+
+
+@pytest.mark.parametrize("proposer", ["suffix", "hybrid"])
+def test_suffix_rounds_whose_k_drafts_all_pass_are_counted_as_capped_for_the_controller(engine_models, proposer):
+    """The controller must know which rounds a larger k might have extended: a row whose k suffix drafts were all
+    accepted. The engine's in-graph count equals what the feedback shows (two accepted suffix tokens and a bonus);
+    in a hybrid only the rows that took the suffix draft count (the strong draft's full rounds do not)."""
     from pipelines.controller import GoodputController
     from pipelines.settings import ControllerSettings
 
-    engine = engine_for(engine_models, "suffix", 2, draft=None)
-    engine.controller = GoodputController(ControllerSettings(), engine.variants)  # only to receive the windows
-    observations = []
-    engine.controller.observe = observations.append
+    engine = engine_for(engine_models, proposer, 2, draft=None if proposer == "suffix" else "strong")
+    if engine.controller is None:  # a fixed suffix proposer has none: one only to receive the windows
+        engine.controller = GoodputController(ControllerSettings(), engine.variants)
+    observations = watched_windows(engine)
     results = []
     for tag in "ab":  # the second pass finds the first pass's answers in the stream
         results += assert_lossless(engine_models, engine, requests_for(engine_models.tokenizer, range(8), tag=tag))
@@ -286,9 +295,27 @@ def test_suffix_rounds_whose_k_drafts_all_pass_are_counted_as_capped_for_the_con
     hist = sum(o.suffix_hist for o in observations)
     capped = sum(o.suffix_capped for o in observations)
     assert (capped <= hist).all() and capped[:, :2].sum() == 0  # only rounds with all k = 2 drafts accepted
-    full = [KIND_ACCEPTED, KIND_ACCEPTED, KIND_BONUS]
     full_rounds = 0
     for result in results:  # a request's last round may end on its drafts: its bonus token was cut (length, EOS)
         kinds = [*result.feedback.kinds.tolist(), KIND_BONUS]
-        full_rounds += sum(kinds[i - 2 : i + 1] == full for i in range(2, len(kinds)))
-    assert capped.sum() == full_rounds > 10
+        sources = result.feedback.draft_sources.tolist()
+        full_rounds += sum(
+            kinds[i - 2 : i + 1] == [KIND_ACCEPTED, KIND_ACCEPTED, KIND_BONUS]
+            and sources[i - 2] == sources[i - 1] == SOURCE_SUFFIX
+            for i in range(2, len(kinds))
+        )
+    assert capped.sum() == full_rounds > 5
+
+
+def test_shadow_proposals_count_capped_rounds_at_their_own_k(engine_models):
+    """auto scores shadow suffix proposals in target-only windows: a proposal of k tokens that the target then
+    emitted whole is capped at k; one cut short by its match is not (a larger k would not have drafted more)."""
+    engine = engine_for(engine_models, "auto", 2, draft=None, auto={"k_choices": [2], "shadow_every": 1})
+    observations = watched_windows(engine)
+    for tag in "ab":
+        assert_lossless(engine_models, engine, requests_for(engine_models.tokenizer, range(8), tag=tag))
+    shadow = [o for o in observations if o.variant.proposer == "none" and o.suffix_hist is not None]
+    hist = sum(o.suffix_hist for o in shadow)
+    capped = sum(o.suffix_capped for o in shadow)
+    assert (capped <= hist).all() and capped[:, :2].sum() == 0 and capped.sum() > 0
+    assert (hist[:, 1:2] > 0).any()  # rounds with fewer accepted than k were scored too, and none is capped

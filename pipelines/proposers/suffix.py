@@ -286,10 +286,10 @@ class SuffixProposer:
             self.capped.view(-1).index_add_(0, index, (rows & capped).long())
 
     def take_statistics(self) -> tuple[np.ndarray, np.ndarray]:
-        """(hist, capped) as host arrays, both cleared (one host read each: between windows, never per round)."""
-        hist, capped = self.hist.cpu().numpy().copy(), self.capped.cpu().numpy().copy()
+        """(hist, capped) as host arrays, both cleared (one host read: between windows, never per round)."""
+        both = torch.stack([self.hist, self.capped]).cpu().numpy()
         self.clear_statistics()
-        return hist, capped
+        return both[0], both[1]
 
     def clear_statistics(self) -> None:
         self.hist.zero_()
