@@ -118,9 +118,10 @@ def run_init(args: argparse.Namespace) -> int:
 
 def _coverage(sequences: list[list[int]], vocab) -> float:
     """Share of the training tokens inside the draft vocabulary."""
-    allowed = set(vocab.tolist())
-    total = sum(map(len, sequences))
-    return sum(token in allowed for sequence in sequences for token in sequence) / max(total, 1)
+    import torch
+
+    tokens = torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.int64)
+    return float(torch.isin(tokens, vocab).float().mean()) if len(tokens) else 0.0
 
 
 def check_arguments(args: argparse.Namespace):

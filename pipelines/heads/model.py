@@ -240,8 +240,8 @@ def most_frequent_tokens(sequences: list[list[int]], size: int, vocab_size: int)
         raise ValueError(f"a draft vocabulary of {size} tokens: it must be 1..{vocab_size} (the target's vocabulary)")
     tokens = torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.int64)
     counts = torch.bincount(tokens[(tokens >= 0) & (tokens < vocab_size)], minlength=vocab_size)
-    order = sorted(range(vocab_size), key=lambda token: (-int(counts[token]), token))
-    return torch.tensor(sorted(order[:size]), dtype=torch.int64)
+    order = torch.argsort(-counts, stable=True)  # most frequent first, ties by id
+    return order[:size].sort().values
 
 
 def _checked_vocab(draft_vocab: list[int] | torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
@@ -392,16 +392,18 @@ class HeadDraft(torch.nn.Module):
 
     def restricted_to(self, draft_vocab: list[int] | torch.Tensor) -> HeadDraft:
         """A copy of this head (the same weights) that proposes only the token ids in `draft_vocab`."""
-        vocab = _checked_vocab(draft_vocab, self.target.get_output_embeddings())
-        config = replace(self.config, draft_vocab_size=len(vocab))
-        state = {name: t for name, t in self.head.state_dict().items() if name != "draft_vocab"}
-        return HeadDraft(DraftHead.from_state(self.target, config, {**state, "draft_vocab": vocab}), self.target)
+        return self._with_vocab(_checked_vocab(draft_vocab, self.target.get_output_embeddings()))
 
     def with_whole_vocab(self) -> HeadDraft:
         """A copy of this head (the same weights) that may propose any token: what a draft vocabulary costs in
         acceptance is the difference between the two on the same rows."""
-        config = replace(self.config, draft_vocab_size=0)
+        return self._with_vocab(None)
+
+    def _with_vocab(self, vocab: torch.Tensor | None) -> HeadDraft:
+        config = replace(self.config, draft_vocab_size=0 if vocab is None else len(vocab))
         state = {name: t for name, t in self.head.state_dict().items() if name != "draft_vocab"}
+        if vocab is not None:
+            state["draft_vocab"] = vocab
         return HeadDraft(DraftHead.from_state(self.target, config, state), self.target)
 
     def copy_for_training(self) -> HeadDraft:
