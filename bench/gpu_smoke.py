@@ -5,7 +5,8 @@ requests joining the running batch (continuous batching) and with static batchin
     python -m bench.gpu_smoke --device cpu       # the same checks, eager, as a dry run
 
 Tiny float32 models (devtools/tiny_models.py: a target, its draft LM and a head trained briefly on the target's own
-outputs, and the same head with a reduced draft vocabulary), so any mismatch is a bug, not bf16 rounding. Also checks
+outputs, the same head with a reduced draft vocabulary, and a head fused over lower target layers too, whose verify
+pass and prefill graphs return the wider features), so any mismatch is a bug, not bf16 rounding. Also checks
 that a sampled request decodes to the same tokens alone and among others, for the proposers whose drafts do not
 depend on the stream. Exits non-zero on any mismatch; prints one line per engine.
 """
@@ -28,13 +29,20 @@ from pipelines.models import load_pair
 from pipelines.types import GenerationRequest
 
 PROMPTS = ["def add(a, b):", "The quick brown", "SELECT name FROM", "To be, or not to be", "T", "for i in"]
-QUICK = [("auto", "head", 4, "continuous"), ("head", "head", 5, "static"), ("head", "reduced", 4, "continuous")]
+QUICK = [
+    ("auto", "head", 4, "continuous"),
+    ("head", "head", 5, "static"),
+    ("head", "reduced", 4, "continuous"),
+    ("head", "fused", 4, "continuous"),
+]
 ENGINES = [  # (proposer, model, k, scheduling)
     ("none", None, 0, "continuous"),
     ("draft", "draft", 3, "continuous"),
     ("head", "head", 3, "continuous"),
     ("head", "head", 5, "static"),
     ("head", "reduced", 4, "continuous"),  # the head with a reduced draft vocabulary
+    ("head", "fused", 4, "continuous"),  # a head fused over the target's layers 1 and 2 beside its last
+    ("auto", "fused", 4, "static"),
     ("suffix", None, 5, "continuous"),
     ("hybrid", "head", 4, "continuous"),
     ("auto", "head", 4, "continuous"),
@@ -64,7 +72,9 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument(
-        "--quick", action="store_true", help="three engines: auto with a head, a static head, a reduced-vocabulary head"
+        "--quick",
+        action="store_true",
+        help="four engines: auto with a head, a static head, a reduced-vocabulary head, a fused head",
     )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp())
@@ -79,7 +89,8 @@ def main() -> int:
     sequences += [reference(target, GenerationRequest("v", ids, max_new_tokens=24)) for ids in sequences]
     distinct = len({t for s in sequences for t in s})
     vocab = most_frequent_tokens(sequences, distinct // 2, target.get_output_embeddings().weight.shape[0])
-    models = {"draft": draft, "head": head, "reduced": head.restricted_to(vocab), None: None}
+    fused = train_head_on_own_outputs(target, tokenizer, PROMPTS, PROMPTS[1], feature_layers=(1, 2))
+    models = {"draft": draft, "head": head, "reduced": head.restricted_to(vocab), "fused": fused, None: None}
     rng = random.Random(0)
     requests = [
         GenerationRequest(f"r{i}", tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids, max_new_tokens=rng.randint(3, 40))

@@ -105,6 +105,7 @@ class ModelSettings(_Section):
     target: str | None = None
     draft: str | None = None  # a draft LM, a head folder, or "new-head" (pipelines.models.load_pair)
     head_layers: int = Field(1, ge=1, le=8)  # decoder layers of a new head
+    head_feature_layers: list[int] = []  # target layers a new head fuses beside the last (pipelines.heads.model)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "cpu"
 

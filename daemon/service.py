@@ -63,7 +63,12 @@ def build_engine(settings: Settings):
         raise StartupError("no target model: set models.target in the config or pass --target", exit_code=2)
     try:
         target, draft, tokenizer = load_pair(
-            models.target, models.draft, models.dtype, models.device, head_layers=models.head_layers
+            models.target,
+            models.draft,
+            models.dtype,
+            models.device,
+            head_layers=models.head_layers,
+            head_feature_layers=tuple(models.head_feature_layers),
         )
     except (ModelLoadError, IncompatibleModelsError) as exc:
         raise StartupError(str(exc), exit_code=2) from None

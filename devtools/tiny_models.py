@@ -92,12 +92,15 @@ def make_noisy_copy(source: Path, path: Path, noise: float, seed: int) -> Path:
     return path
 
 
-def train_head_on_own_outputs(target, tokenizer, prompts, sampling_prompt: str, steps: int = 120, seed: int = 0):
+def train_head_on_own_outputs(
+    target, tokenizer, prompts, sampling_prompt: str, steps: int = 120, seed: int = 0, feature_layers=()
+):
     """A head the tiny target accepts most of the time on `prompts` (for tests and GPU smoke runs): the target's own
     layers (so it starts close), trained with the KL to the target on its greedy outputs for `prompts` and on
-    sampled continuations of `sampling_prompt`. It has learned these sequences: a test head, not a recipe."""
+    sampled continuations of `sampling_prompt`. It has learned these sequences: a test head, not a recipe.
+    `feature_layers`: a fused head (pipelines.heads.model) over those target layers beside the last."""
     from pipelines.engine import EngineSettings, SpeculativeEngine
-    from pipelines.heads.model import DraftHead, HeadDraft, target_features
+    from pipelines.heads.model import DraftHead, HeadDraft
     from pipelines.types import GenerationRequest
 
     torch.manual_seed(seed)
@@ -114,7 +117,9 @@ def train_head_on_own_outputs(target, tokenizer, prompts, sampling_prompt: str, 
         tokens[row, : len(sequence)] = torch.tensor(sequence, device=device)
         real[row, : len(sequence)] = True
 
-    head = DraftHead.for_target(target, num_layers=target.config.num_hidden_layers, init="random")
+    head = DraftHead.for_target(
+        target, num_layers=target.config.num_hidden_layers, init="random", feature_layers=feature_layers
+    )
     hidden = target.config.hidden_size
     with torch.no_grad():
         for mine, theirs in zip(head.layers, target.get_decoder().layers):
@@ -123,8 +128,8 @@ def train_head_on_own_outputs(target, tokenizer, prompts, sampling_prompt: str, 
         head.fc.weight[:, :hidden].copy_(torch.eye(hidden))
     draft = HeadDraft(head, target)
     with torch.no_grad():
-        features = target_features(target, tokens)
-        log_p = torch.log_softmax(target.get_output_embeddings()(features).float(), dim=-1)[:, 1:-1]
+        features = draft.target_features(tokens)
+        log_p = torch.log_softmax(draft.logits(features[..., :hidden]), dim=-1)[:, 1:-1]
     positions = torch.arange(width - 1, device=device).expand(len(sequences), -1)
     scored = real[:, 2:]  # output p (inputs t_{p+1}, f_p) predicts t_{p+2}
     draft.train().requires_grad_(True)

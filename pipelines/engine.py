@@ -162,9 +162,18 @@ class SpeculativeEngine:
             ratio = _model_step_cost_ratio(draft, target)
             self.controller = GoodputController(settings.auto, self.variants, model_cost_ratio=ratio)
         head = self.model_proposer if isinstance(self.model_proposer, HeadProposer) else None
+        # a fused head reads lower target layers too: the verify pass and the prefill return them beside the last
+        feature_layers = head.model.config.feature_layers if head is not None else ()
+        if feature_layers and settings.compile:
+            # transformers records hidden states through hooks installed under a lock, which torch.compile's
+            # fullgraph mode refuses (measured: torch 2.13, transformers 5.17); CUDA graphs capture them fine
+            raise ValueError(
+                "engine.compile does not work with a head fused over lower target layers: use compile false"
+            )
         self._models = RoundModels(
-            target_forward=decoder_forward(target, self._compile),
+            target_forward=decoder_forward(target, self._compile, feature_layers),
             lm_head=target.get_output_embeddings(),
+            hidden_size=target.config.hidden_size,
             eos_ids=self.eos_ids,
             top_m=settings.top_m,
             max_k=self.max_k,
@@ -179,7 +188,9 @@ class SpeculativeEngine:
         self.state = DecodeState.allocate(
             size, PositionalKVCache.allocate(target, size, length), settings.top_m, self.device
         )
-        self.prefill = PrefillRunner(target, self.state.target_cache, self._use_graphs, settings.prefill_graph_tokens)
+        self.prefill = PrefillRunner(
+            target, self.state.target_cache, self._use_graphs, settings.prefill_graph_tokens, feature_layers
+        )
         for proposer in (self.model_proposer, self.suffix):
             if proposer is not None:
                 self.state.proposer_state[proposer.name] = proposer.allocate(size)
@@ -409,6 +420,7 @@ class SpeculativeEngine:
         state, device = self.state, self.device
         rows = torch.tensor([c.slot for c in chunks], dtype=torch.int64, device=device)
         prompt_lengths = torch.tensor([c.end for c in chunks], dtype=torch.int64, device=device)
+        hidden = hidden[..., : self._models.hidden_size]  # a fused head's lower layers follow the last hidden state
         last = (prompt_lengths - 1 - positions[:, 0])[:, None, None].expand(-1, 1, hidden.shape[-1])
         logits = self._models.lm_head(hidden.gather(1, last)).float()  # [n, 1, V]
         probs = sampling.warp(logits, state.temperature[rows], state.top_p[rows])

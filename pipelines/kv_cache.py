@@ -91,17 +91,26 @@ def attention_mask(positions: torch.Tensor, max_seq_len: int) -> torch.Tensor:
     return slots[None, None, None, :] <= positions[:, None, :, None]
 
 
-def decoder_forward(model: PreTrainedModel, compile: bool = False):
+def decoder_forward(model: PreTrainedModel, compile: bool = False, feature_layers: tuple[int, ...] = ()):
     """forward(tokens [B, T], positions [B, T], cache) -> last hidden states [B, T, H] of the model's decoder,
     writing the tokens' keys and values into `cache` at their positions. The LM head is applied by the caller, to
-    the positions it needs. With `compile` the decoder call goes through torch.compile (one static shape per
-    batch size and width; the cache's positions are set outside the compiled region)."""
+    the positions it needs (to `[..., :H]`). With `feature_layers` the result is [B, T, H * (1 + n)]: the last
+    hidden state, then the residual stream after each of those layers (stacked_features: what a fused head reads).
+    With `compile` the decoder call goes through torch.compile (one static shape per batch size and width; the
+    cache's positions are set outside the compiled region)."""
     decoder = model.get_decoder()
+    feature_layers = tuple(feature_layers)
 
     def run_decoder(tokens, positions, mask, cache):
-        return decoder(
-            input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache, use_cache=True
-        ).last_hidden_state
+        output = decoder(
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=bool(feature_layers),
+        )
+        return stacked_features(output, feature_layers)
 
     if compile:
         # One static shape per (batch size, tokens per forward): more than Dynamo's default 8.
@@ -113,6 +122,15 @@ def decoder_forward(model: PreTrainedModel, compile: bool = False):
         return run_decoder(tokens, positions, attention_mask(positions, cache.max_seq_len), cache)
 
     return forward
+
+
+def stacked_features(output, feature_layers: tuple[int, ...]) -> torch.Tensor:
+    """[B, T, H * (1 + n)] of a decoder output (run with output_hidden_states when n > 0): its last hidden state
+    (after the final norm), then the hidden state after each of the first `feature_layers[i]` decoder layers
+    (transformers' hidden_states[i]: the residual stream entering layer i, before any norm)."""
+    if not feature_layers:
+        return output.last_hidden_state
+    return torch.cat([output.last_hidden_state, *(output.hidden_states[i] for i in feature_layers)], dim=-1)
 
 
 def _sdpa_with_gqa(module, query, key, value, attention_mask, scaling=None, **kwargs):

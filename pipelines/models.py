@@ -118,12 +118,20 @@ def model_identity(model: PreTrainedModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_pair(target_ref: str, draft_ref: str | None, dtype: str = "auto", device: str = "cpu", head_layers: int = 1):
+def load_pair(
+    target_ref: str,
+    draft_ref: str | None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    head_layers: int = 1,
+    head_feature_layers: tuple[int, ...] = (),
+):
     """Load target, optional draft and the target's tokenizer; refuse a draft that does not fit the target.
     Both references are checked before either model loads.
 
     The draft is a draft LM (a folder, .gguf or hub id), a head folder (`onlinespec draft init --kind head`), or
-    NEW_HEAD: a fresh head of `head_layers` layers for this target, which learning rounds train from traffic.
+    NEW_HEAD: a fresh head of `head_layers` layers for this target, fused over `head_feature_layers` beside its
+    last layer (pipelines.heads.model), which learning rounds train from traffic.
     Returns (target, draft LM or pipelines.heads.model.HeadDraft or None, tokenizer)."""
     from pipelines.heads.model import is_head_folder
 
@@ -135,7 +143,7 @@ def load_pair(target_ref: str, draft_ref: str | None, dtype: str = "auto", devic
     target = load_model(target_ref, dtype, device)
     draft = None
     if head:
-        draft = load_head(draft_ref, target, head_layers)
+        draft = load_head(draft_ref, target, head_layers, head_feature_layers)
     elif draft_ref:
         draft = load_model(draft_ref, dtype, device)
         check_compatible(target, draft, tokenizer, load_tokenizer(draft_ref))
@@ -143,13 +151,17 @@ def load_pair(target_ref: str, draft_ref: str | None, dtype: str = "auto", devic
     return target, draft, tokenizer
 
 
-def load_head(ref: str, target: PreTrainedModel, layers: int = 1):
+def load_head(ref: str, target: PreTrainedModel, layers: int = 1, feature_layers: tuple[int, ...] = ()):
     """A HeadDraft on `target`: read from a head folder (refused if built for another architecture or width), or
-    NEW_HEAD: a fresh one (its first decoder layer copied from the target's last, pipelines.heads.model)."""
+    NEW_HEAD: a fresh one (its first decoder layer copied from the target's last, pipelines.heads.model), fused
+    over `feature_layers` (refused if the target has no such layers)."""
     from pipelines.heads.model import DraftHead, HeadDraft, check_head_fits, read_head_config
 
     if ref == NEW_HEAD:
-        return HeadDraft(DraftHead.for_target(target, num_layers=layers), target)
+        try:
+            return HeadDraft(DraftHead.for_target(target, num_layers=layers, feature_layers=feature_layers), target)
+        except ValueError as exc:
+            raise IncompatibleModelsError(f"a new head for {target.config.model_type}: {exc}") from None
     config, _ = read_head_config(ref)
     try:
         check_head_fits(config, target)

@@ -33,21 +33,28 @@ class _Captured:
     rows: torch.Tensor  # [n] the graph's static inputs, copied into before each replay
     tokens: torch.Tensor  # [n, width]
     positions: torch.Tensor  # [n, width]
-    hidden: torch.Tensor  # [n, width, H] the graph's output
+    hidden: torch.Tensor  # [n, width, F] the graph's output
 
 
 class PrefillRunner:
-    def __init__(self, target: PreTrainedModel, cache: PositionalKVCache, use_graphs: bool, graph_tokens: int):
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        cache: PositionalKVCache,
+        use_graphs: bool,
+        graph_tokens: int,
+        feature_layers: tuple[int, ...] = (),
+    ):
         # eager, never compiled: a compiled forward would recompile for every new width
-        self.forward = decoder_forward(target)
+        self.forward = decoder_forward(target, feature_layers=feature_layers)
         self.cache = cache
-        self.hidden_size = target.config.hidden_size
+        self.hidden_size = target.config.hidden_size * (1 + len(feature_layers))  # F: what decoder_forward returns
         self.use_graphs = use_graphs and graph_tokens > 0
         self.graph_tokens = graph_tokens
         self._graphs: dict[tuple[int, int], _Captured] = {}
         self._row_counts: list[int] = []
         self._pool = None
-        self._out: torch.Tensor | None = None  # [graph_tokens * H] every graph's hidden states, viewed per shape
+        self._out: torch.Tensor | None = None  # [graph_tokens * F] every graph's hidden states, viewed per shape
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -58,7 +65,7 @@ class PrefillRunner:
         return next((n for n in self._row_counts if n >= rows and (n, width) in self._graphs), rows)
 
     def __call__(self, rows: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Hidden states [n, width, H] of `tokens` at `positions` in cache rows `rows`, their keys and values written
+        """Hidden states [n, width, F] of `tokens` at `positions` in cache rows `rows`, their keys and values written
         into the cache. A captured shape replays its graph (the result is valid until the next prefill)."""
         captured = self._graphs.get((tokens.shape[0], tokens.shape[1]))
         if captured is None:

@@ -32,8 +32,9 @@ from pipelines.verify import verify_greedy, verify_sampled
 class RoundModels:
     """What a round calls: the target's decoder and LM head, and the proposers the engine has."""
 
-    target_forward: object  # pipelines.kv_cache.decoder_forward(target)
-    lm_head: torch.nn.Module
+    target_forward: object  # pipelines.kv_cache.decoder_forward(target, ..., the head's feature_layers)
+    lm_head: torch.nn.Module  # reads the first hidden_size columns of what target_forward returns
+    hidden_size: int
     eos_ids: torch.Tensor
     top_m: int
     max_k: int  # the largest k of any variant: a row stops when its cache has no room for one more such round
@@ -58,7 +59,7 @@ def run_round(
     hidden = models.target_forward(verify_tokens, positions, state.target_cache)
     if models.head is not None:
         models.head.record_features(state, hidden, positions)
-    target_logits = models.lm_head(hidden).float()  # [B, k + 1, V]
+    target_logits = models.lm_head(hidden[..., : models.hidden_size]).float()  # [B, k + 1, V]
     counts = proposal.counts
     if greedy_only:
         outcome = verify_greedy(proposal.tokens, counts, target_logits)

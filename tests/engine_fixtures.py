@@ -51,6 +51,11 @@ class EngineModels:
         return train_head_on_own_outputs(self.target, self.tokenizer, PROMPTS, SAMPLING_PROMPT)
 
     @cached_property
+    def fused_head(self):
+        """A head like `head`, fused over the target's layers 1 and 2 beside its last (EAGLE-3 fusion)."""
+        return train_head_on_own_outputs(self.target, self.tokenizer, PROMPTS, SAMPLING_PROMPT, feature_layers=(1, 2))
+
+    @cached_property
     def reduced_head(self):
         """The test head with a reduced draft vocabulary: the more frequent half of the tokens in the test prompts
         and the target's greedy answers to them, so some of the target's choices are tokens it cannot propose."""

@@ -65,14 +65,15 @@ def target_only(target, tokenizer, prompts, max_new: list[int], temperature: flo
     return [r.feedback for r in SpeculativeEngine(target, None, tokenizer, settings).generate(requests)]
 
 
-def fitted_head(target, feedback, steps: int = 60, seed: int = 0):
+def fitted_head(target, feedback, steps: int = 60, seed: int = 0, feature_layers: tuple[int, ...] = ()):
     """A fresh head trained for a few steps on the requests it will be replayed on: it agrees with the target
-    often, over several drafting steps, without being perfect (so rounds accept, reject and take bonus tokens)."""
+    often, over several drafting steps, without being perfect (so rounds accept, reject and take bonus tokens).
+    With `feature_layers` it is a fused head, whose training moves its fusion off the last layer alone."""
     from pipelines.heads.losses import HeadLossSettings, head_loss
     from pipelines.heads.model import DraftHead, HeadDraft
 
     # init random: the tiny random target's last layer is no warm start (measured: argmax match 0.23 vs 0.97)
-    draft = HeadDraft(DraftHead.for_target(target, init="random", seed=seed), target)
+    draft = HeadDraft(DraftHead.for_target(target, init="random", seed=seed, feature_layers=feature_layers), target)
     tokens, lengths = right_padded([list(f.prompt_ids) + list(f.token_ids) for f in feedback])
     draft.requires_grad_(True)
     optimizer = torch.optim.AdamW(draft.parameters(), lr=1e-2)

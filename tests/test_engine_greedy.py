@@ -44,6 +44,8 @@ def draft_model(models, draft: str | None):
         return models.head
     if draft == "reduced":  # the head with a reduced draft vocabulary
         return models.reduced_head
+    if draft == "fused":  # a head fused over lower target layers too
+        return models.fused_head
     return {"strong": models.strong_draft, "weak": models.weak_draft, None: None}[draft]
 
 
@@ -73,7 +75,8 @@ def assert_lossless(models, engine, requests) -> list:
 @pytest.mark.parametrize("k", [1, 3, 5, 8])
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 @pytest.mark.parametrize(
-    "proposer", ["none", "draft", "head", "head+reduced", "suffix", "hybrid", "hybrid+head", "auto", "auto+head"]
+    "proposer",
+    ["none", "draft", "head", "head+reduced", "head+fused", "suffix", "hybrid", "hybrid+head", "auto", "auto+head"],
 )
 def test_greedy_matches_transformers_generate(engine_models, proposer, batch_size, k):
     engine = engine_for(
@@ -93,7 +96,7 @@ def test_greedy_matches_transformers_generate(engine_models, proposer, batch_siz
     drafted = sum(r.counters.drafted for r in results)
     if proposer in ("draft", "hybrid"):
         assert accepted > 0.3 * drafted, f"the strong draft should be accepted often: {accepted}/{drafted}"
-    if proposer in ("head", "hybrid+head"):  # a head's later slots read its own features: judge the first slot
+    if proposer in ("head", "head+fused", "hybrid+head"):  # later slots read the head's own features: judge slot 1
         first = sum(r.counters.accepted_at_position[0] for r in results)
         rounds = sum(r.counters.draft_steps for r in results)
         assert first > 0.5 * rounds, f"the test head's first proposal should be accepted often: {first}/{rounds}"

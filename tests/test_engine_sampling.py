@@ -142,6 +142,7 @@ def conditional_distribution(models, prefix: list[int]) -> np.ndarray:
         ("draft", "weak", 20),
         ("head", "head", 100),
         ("head", "reduced", 50),  # a reduced draft vocabulary: q is zero outside it
+        ("head", "fused", 100),  # fused over lower target layers too
         ("suffix", None, 100),
         ("hybrid", "strong", 100),
         ("hybrid", "head", 100),
@@ -189,6 +190,8 @@ def draft_model_for(models, draft: str | None):
         return models.head
     if draft == "reduced":
         return models.reduced_head
+    if draft == "fused":
+        return models.fused_head
     return {"strong": models.strong_draft, "weak": models.weak_draft, None: None}[draft]
 
 

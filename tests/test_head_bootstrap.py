@@ -89,6 +89,23 @@ def test_a_draft_vocabulary_of_the_most_frequent_tokens_is_built_and_stored(tiny
     assert "must be 1.." in capsys.readouterr().err
 
 
+def test_a_fused_head_is_bootstrapped_over_the_chosen_layers_and_stored_with_them(tiny_models, files, tmp_path, capsys):
+    out = tmp_path / "head"
+    assert draft_init(tiny_models[0], files, out, "--epochs", "40", "--feature-layers", "1", "3") == 0
+    config, metadata = read_head_config(out)
+    assert config.feature_layers == (1, 3) and metadata["recipe"]["head"]["feature_layers"] == [1, 3]
+    heldout = metadata["heldout"]
+    assert heldout["avg_len_after"] >= 1.3 * heldout["avg_len_before"]
+
+    from pipelines.models import load_head, load_model
+
+    head = load_head(str(out), load_model(str(tiny_models[0])))
+    assert head.config.feature_layers == (1, 3) and head.head.fuse.weight[:, 64:].abs().sum() > 0  # lower layers read
+    capsys.readouterr()
+    assert draft_init(tiny_models[0], files, tmp_path / "deep", "--feature-layers", "4") == 2
+    assert "feature_layers [4]: distinct increasing layer counts in 1..3" in capsys.readouterr().err
+
+
 def test_max_seconds_stops_training_and_the_head_is_still_saved_and_evaluated(tiny_models, files, tmp_path):
     out = tmp_path / "head"
     assert draft_init(tiny_models[0], files, out, "--tokens", "100000000", "--max-seconds", "1") == 0

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.heads.model import target_features
 from pipelines.learners.distill import batch_for
 from pipelines.replay import greedy_chain, is_greedy, replay, served_by
 from pipelines.types import KIND_ACCEPTED, KIND_BONUS, KIND_RECOVERED, NO_DRAFT_TOKEN, SOURCE_HEAD, GenerationRequest
@@ -29,6 +28,12 @@ def head(head_target, feedback):
 
 
 @pytest.fixture(scope="module")
+def fused(head_target, feedback):
+    """A head fused over the tiny target's layers 1 and 2 beside its last (EAGLE-3 fusion), trained like `head`."""
+    return fitted_head(head_target[0], feedback, feature_layers=(1, 2))
+
+
+@pytest.fixture(scope="module")
 def reduced(head, feedback):
     """The same head with a reduced draft vocabulary (half the tokens of the feedback)."""
     return with_draft_vocab(head, half_of_the_tokens([[*f.prompt_ids, *f.token_ids] for f in feedback]))
@@ -39,7 +44,9 @@ def naive_chain(draft, example, k: int) -> tuple[int, list[int]]:
     """(forwards, accepted per slot) by recomputing each drafting step from scratch: the true inputs at positions
     0 .. L-1 and the chain's own (d_j, g_j) after them, plain causal attention, no cache, one request alone."""
     sequence = torch.from_numpy(np.concatenate([example.prompt_ids, example.token_ids]).astype(np.int64))[None]
-    features = target_features(draft.target, sequence[:, :-1])
+    features = draft.target_features(sequence[:, :-1])
+    if draft.config.feature_layers:  # fused per position once, so the chain's own H-wide outputs can follow them
+        features = draft.head.fused(features)
     prompt, last = len(example.prompt_ids), sequence.shape[1] - 1
     length, forwards, per_slot = prompt, 1, [0] * k
     while length < last:
@@ -60,7 +67,7 @@ def naive_chain(draft, example, k: int) -> tuple[int, list[int]]:
     return forwards, per_slot
 
 
-@pytest.mark.parametrize("which", ["head", "reduced"])
+@pytest.mark.parametrize("which", ["head", "reduced", "fused"])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_head_replay_equals_drafting_recomputed_without_a_cache(request, feedback, k, which):
     """`reduced`: a head with a reduced draft vocabulary, recomputed here as the whole vocabulary's logits with the
@@ -160,7 +167,7 @@ def head_engine(target, head, tokenizer, k: int):
     return SpeculativeEngine(target, head, tokenizer, settings)
 
 
-@pytest.mark.parametrize("which", ["head", "reduced"])
+@pytest.mark.parametrize("which", ["head", "reduced", "fused"])
 @pytest.mark.parametrize("k", [2, 4])
 def test_head_replay_equals_the_engines_live_accounting(request, head_target, feedback, k, which):
     """Issue 12: replay of a head equals its live acceptance on the same requests, in float32: request by request,

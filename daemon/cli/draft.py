@@ -52,6 +52,15 @@ def register(subparsers) -> None:
         help="tokens the head may propose: the N most frequent in the training data (a cheaper drafting step; "
         "default 0: the target's whole vocabulary)",
     )
+    init.add_argument(
+        "--feature-layers",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="also read the target's hidden state after its first N decoder layers, for each N (EAGLE-3 fusion, "
+        "e.g. 2 14 for a 28-layer target; default: the last hidden state only)",
+    )
     budget = init.add_mutually_exclusive_group()
     budget.add_argument("--tokens", type=int, help="token budget of training")
     budget.add_argument("--epochs", type=float, help="passes over the data (default 1 without --tokens)")
@@ -72,6 +81,7 @@ def run_init(args: argparse.Namespace) -> int:
     settings = check_arguments(args)
     progress = Progress("draft init: ")
     target, tokenizer = load_target(args, progress)
+    check_head_shape(args, target)
     sequences, heldout, data = gather_data(args, target, tokenizer, progress)
     if not sequences:
         raise CommandError("no training data: every corpus line and prompt was unusable")
@@ -89,7 +99,10 @@ def run_init(args: argparse.Namespace) -> int:
             raise CommandError(str(exc), EXIT_USAGE) from None
         covered = _coverage(sequences, vocab)
         progress.say(f"draft vocabulary: the {len(vocab)} most frequent tokens, {covered:.1%} of the training tokens")
-    draft = HeadDraft(DraftHead.for_target(target, args.layers, args.init, args.seed, draft_vocab=vocab), target)
+    head = DraftHead.for_target(
+        target, args.layers, args.init, args.seed, draft_vocab=vocab, feature_layers=tuple(args.feature_layers)
+    )
+    draft = HeadDraft(head, target)
     before = evaluate(draft, heldout, args.k, progress, "fresh head")
     progress.say(f"training on {len(sequences)} sequences ({sum(map(len, sequences))} tokens) on {args.device}")
     report = train_head(draft, sequences, settings, on_progress=lambda p: progress.update(progress_line(p)))
@@ -104,7 +117,13 @@ def run_init(args: argparse.Namespace) -> int:
     metadata = {
         "recipe": {
             **data,
-            "head": {"layers": args.layers, "init": args.init, "seed": args.seed, "draft_vocab": args.draft_vocab},
+            "head": {
+                "layers": args.layers,
+                "init": args.init,
+                "seed": args.seed,
+                "draft_vocab": args.draft_vocab,
+                "feature_layers": list(args.feature_layers),
+            },
         },
         "training": report.to_dict(),
         "heldout": heldout_record(args, heldout, before, after, whole),
@@ -114,6 +133,16 @@ def run_init(args: argparse.Namespace) -> int:
     gain = "" if before is None else f": held-out AvgLen {before.avg_len:.3f} -> {after.avg_len:.3f} at k={args.k}"
     progress.say(f"wrote {args.out}{gain}")
     return 0
+
+
+def check_head_shape(args: argparse.Namespace, target) -> None:
+    """Refuse a head the target cannot have (e.g. --feature-layers past its depth) before any answer is generated."""
+    from pipelines.heads.model import HeadConfig
+
+    try:
+        HeadConfig(args.layers, target.config.to_dict(), feature_layers=tuple(args.feature_layers))
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
 
 
 def _coverage(sequences: list[list[int]], vocab) -> float:

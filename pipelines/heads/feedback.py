@@ -12,7 +12,8 @@ stored token, about 2 x target parameters FLOPs per token (3 GFLOP for a 1.5B ta
 tokens once; for a learning round of 64 requests x 512 tokens that is ~0.1 PFLOP (a fraction of a second on an H200
 at its bfloat16 rate; on a CPU it is most of the round). A round touches every request several times (loss before,
 epochs, loss after, replay), so a FeatureBank computes each request's features once, in batched passes, and keeps
-them on the device for the round: tokens x hidden x 2 bytes (64 x 512 x 1536 in bfloat16: 100 MB).
+them on the device for the round: tokens x feature width x 2 bytes (64 x 512 x 1536 in bfloat16: 100 MB; three
+times that for a head fused over two lower layers, whose features are three hidden states wide).
 """
 
 from __future__ import annotations
@@ -30,20 +31,26 @@ class FeatureBank:
     computed on first use and kept for the bank's life (a learning round, a replay). Requests are recognised by
     identity: the bank keeps a reference to each, so an id is never reused while it lives."""
 
-    def __init__(self, target):
+    def __init__(self, target, feature_layers: tuple[int, ...] = ()):
         self.target = target
-        self._features: dict[int, tuple[RequestFeedback, torch.Tensor]] = {}  # id -> (request, [S, H])
+        self.feature_layers = tuple(feature_layers)  # what the heads it serves fuse (pipelines.heads.model)
+        self._features: dict[int, tuple[RequestFeedback, torch.Tensor]] = {}  # id -> (request, [S, F])
 
     def __len__(self) -> int:
         return len(self._features)
 
-    def padded(self, examples: Sequence[RequestFeedback], input_ids: torch.Tensor) -> torch.Tensor:
-        """[B, T, H] features of the examples, whose right-padded teacher-forcing ids are `input_ids` [B, T] (as
-        pipelines.learners.distill.collate builds them). One target pass over the batch if any is new."""
+    def padded(
+        self, examples: Sequence[RequestFeedback], input_ids: torch.Tensor, feature_layers: tuple[int, ...] = ()
+    ) -> torch.Tensor:
+        """[B, T, F] features of the examples, whose right-padded teacher-forcing ids are `input_ids` [B, T] (as
+        pipelines.learners.distill.collate builds them), for a head that fuses `feature_layers` (refused if the
+        bank keeps other ones). One target pass over the batch if any is new."""
+        if tuple(feature_layers) != self.feature_layers:
+            raise ValueError(f"a feature bank of layers {self.feature_layers} read for layers {tuple(feature_layers)}")
         lengths = [len(e.prompt_ids) + len(e.token_ids) - 1 for e in examples]
         if any(id(e) not in self._features for e in examples):
             with torch.no_grad():
-                computed = target_features(self.target, input_ids)
+                computed = target_features(self.target, input_ids, self.feature_layers)
             for row, (example, length) in enumerate(zip(examples, lengths)):
                 self._features[id(example)] = (example, computed[row, :length])
             return computed
@@ -62,7 +69,7 @@ def head_logits(draft, batch) -> torch.Tensor:
     features = batch.features
     if features is None:
         with torch.no_grad():
-            features = target_features(draft.target, tokens)
+            features = draft.target_features(tokens)
     width = tokens.shape[1] - 1
     positions = torch.arange(width, device=tokens.device).expand(tokens.shape[0], -1)
     outputs = draft(tokens[:, 1:], features[:, :-1], positions)  # [B, T - 1, H]: g_{c-1} at column c - 1

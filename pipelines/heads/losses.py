@@ -33,8 +33,6 @@ from dataclasses import dataclass
 
 import torch
 
-from pipelines.heads.model import target_features
-
 
 @dataclass(frozen=True)
 class HeadLossSettings:
@@ -122,7 +120,7 @@ def head_loss(
     lengths: list[int],  # [B] real tokens per row (host)
     settings: HeadLossSettings,
     *,
-    features: torch.Tensor | None = None,  # [B, T, H] the target's, if the caller has them
+    features: torch.Tensor | None = None,  # [B, T, F] the target's (draft.target_features), if the caller has them
     backward: bool = False,
 ) -> HeadLoss:
     """The loss of the module docstring; with `backward`, its gradient is accumulated into the head's parameters
@@ -130,7 +128,7 @@ def head_loss(
     device = tokens.device
     if features is None:
         with torch.no_grad():
-            features = target_features(draft.target, tokens)
+            features = draft.target_features(tokens)
     steps = settings.unroll
     counts = [sum(max(n - s, 0) for n in lengths) for s in range(1, steps + 1)]
     scales = [w / c if c else 0.0 for w, c in zip(settings.step_weights(), counts)]
@@ -142,7 +140,7 @@ def head_loss(
     kl, regression, top1, objective = zeros(), zeros(), zeros(), torch.zeros((), device=device)
     for start in range(0, rows.shape[0], settings.chunk_positions):
         b, q = rows[start : start + settings.chunk_positions], columns[start : start + settings.chunk_positions]
-        wanted = features[b, q]  # [C, H] f_q
+        wanted = features[b, q, : draft.config.hidden_size]  # [C, H] f_q (a fused feature's first H)
         with torch.no_grad():
             log_p = torch.log_softmax(draft.logits(wanted), dim=-1)  # [C, V]
             p, target_top = log_p.exp(), log_p.argmax(dim=-1)

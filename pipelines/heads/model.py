@@ -25,6 +25,15 @@ as EAGLE-3 does): drafting then scores only those rows of the LM head, proposes 
 over the whole vocabulary with zeros elsewhere, so verification stays lossless. Training keeps the whole vocabulary
 (`logits`); the ids are stored with the head's weights.
 
+Fused features (EAGLE-3). With `feature_layers` (e.g. (2, 14) of a 28-layer target) the target's feature at p is
+F_p = [f_p; h^a_p; h^b_p]: the last hidden state, then the residual streams after those decoder layers (lower
+layers still carry what the token is, the last one mostly what comes next). Where the head reads a target feature
+(step 1, catch-up, training) it reads fuse(F_p) = W [f_p; norm_a(h^a_p); norm_b(h^b_p)] in place of f_p; step
+j >= 2 reads its own output g as before. A fresh fused head starts with W = [I | 0 | 0], so it begins as exactly
+the unfused head and training decides what the lower layers add. The target's verify pass and prefill return the
+whole F (pipelines.kv_cache.decoder_forward), so fusion costs no extra target forward; the layer indices are a
+buffer of the head's weights, so a head fused over other layers cannot be swapped into a serving engine.
+
 The layers are the target's decoder-layer class built from a copy of the target's config, so attention, rotary
 embeddings and norms are exactly the target's, and the engine's positional KV cache (pipelines.kv_cache) works
 for the head as it does for any decoder.
@@ -40,7 +49,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from pipelines.kv_cache import ATTENTION_NAME, PositionalKVCache, attention_mask
+from pipelines.kv_cache import ATTENTION_NAME, PositionalKVCache, attention_mask, stacked_features
 
 HEAD_CONFIG_FILE = "head_config.json"
 HEAD_WEIGHTS_FILE = "head.safetensors"
@@ -55,10 +64,26 @@ class HeadConfig:
     target_config: dict
     init: str = "last_layer"  # "last_layer": a copy of the target's last decoder layer; "random"
     draft_vocab_size: int = 0  # token ids the head may propose (its `draft_vocab` buffer); 0 = the whole vocabulary
+    feature_layers: tuple[int, ...] = ()  # fused target layers (module docstring); () = the last hidden state only
+
+    def __post_init__(self) -> None:
+        layers = tuple(int(i) for i in self.feature_layers)
+        object.__setattr__(self, "feature_layers", layers)  # JSON gives a list
+        depth = int(self.target_config.get("num_hidden_layers", 0))
+        if any(not 1 <= i < depth for i in layers) or list(layers) != sorted(set(layers)):
+            raise ValueError(
+                f"feature_layers {list(layers)}: distinct increasing layer counts in 1..{depth - 1} "
+                f"(the target has {depth} decoder layers; the last one's output is always read)"
+            )
 
     @property
     def hidden_size(self) -> int:
         return int(self.target_config["hidden_size"])
+
+    @property
+    def feature_size(self) -> int:
+        """Width of one target feature row: H, or H * (1 + len(feature_layers)) for a fused head."""
+        return self.hidden_size * (1 + len(self.feature_layers))
 
     def layer_config(self) -> PretrainedConfig:
         config = type_of_config(self.target_config).from_dict(copy.deepcopy(self.target_config))
@@ -88,6 +113,13 @@ class DraftHead(torch.nn.Module):
         self.layers = torch.nn.ModuleList(layer_class(layer_config, i) for i in range(config.num_layers))
         self.norm = norm_class(hidden, eps=layer_config.rms_norm_eps)
         self.rotary_emb = rotary_class(config=layer_config)
+        if config.feature_layers:  # EAGLE-3 fusion (module docstring)
+            self.fuse_norms = torch.nn.ModuleList(
+                norm_class(hidden, eps=layer_config.rms_norm_eps) for _ in config.feature_layers
+            )
+            self.fuse = torch.nn.Linear(config.feature_size, hidden, bias=False)
+            # which target layers the fusion reads: stored with the weights, compared on every swap (never trained)
+            self.register_buffer("feature_layers", torch.tensor(config.feature_layers, dtype=torch.int64))
         if config.draft_vocab_size:  # sorted token ids, stored with the weights (never trained)
             self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.int64))
         else:
@@ -100,7 +132,7 @@ class DraftHead(torch.nn.Module):
     def forward(
         self,
         embeds: torch.Tensor,  # [B, T, H] the target's embeddings of t_{p+1}
-        features: torch.Tensor,  # [B, T, H] f_p (the target's) or the head's own previous output g
+        features: torch.Tensor,  # [B, T, F] the target's (F = config.feature_size) or [B, T, H] the head's own g
         positions: torch.Tensor,  # [B, T] int64, p
         cache: PositionalKVCache | None = None,
         mask: torch.Tensor | None = None,  # [B, 1, T, S] bool: which of the cache's keys each query sees
@@ -109,7 +141,10 @@ class DraftHead(torch.nn.Module):
         cache's slots <= its position (the engine's drafting); without, plain causal attention over T (training,
         teacher forcing over right-padded rows). An explicit `mask` goes with a cache of another layout (any object
         with `update(key, value, layer_idx)`: the unrolled training of pipelines.heads.losses)."""
-        hidden = self.fc(torch.cat([embeds, features.to(embeds.dtype)], dim=-1))
+        features = features.to(embeds.dtype)
+        if features.shape[-1] != self.config.hidden_size:  # a fused target feature; the head's own g is H wide
+            features = self.fused(features)
+        hidden = self.fc(torch.cat([embeds, features], dim=-1))
         if mask is None and cache is not None:
             cache.positions = positions
             mask = attention_mask(positions, cache.max_seq_len)
@@ -124,6 +159,12 @@ class DraftHead(torch.nn.Module):
                 position_embeddings=position_embeddings,
             )
         return self.norm(hidden)
+
+    def fused(self, features: torch.Tensor) -> torch.Tensor:
+        """[.., H] fuse(F) of fused target features [.., F]: each lower layer's stream normalised (their scales
+        differ by orders of magnitude from the final norm's output), then one projection."""
+        last, *lower = features.split(self.config.hidden_size, dim=-1)
+        return self.fuse(torch.cat([last, *(norm(h) for norm, h in zip(self.fuse_norms, lower))], dim=-1))
 
     def allocate_cache(self, batch_size: int, max_seq_len: int) -> PositionalKVCache:
         """A positional KV cache of the head's layers (the target's head_dim and KV heads)."""
@@ -141,11 +182,13 @@ class DraftHead(torch.nn.Module):
         init: str = "last_layer",
         seed: int = 0,
         draft_vocab: list[int] | torch.Tensor | None = None,
+        feature_layers: tuple[int, ...] = (),
     ):
         """A fresh head for `target`, on the target's device and in its dtype. init "last_layer" copies the target's
         last decoder layer into every head layer (a warm start: it already maps late features to late features);
         "random" keeps the layer class's own initialisation. fc starts as [0 | I]: the feature passes through; the
-        norm starts as the target's final norm. `draft_vocab`: the token ids it may propose (None: all)."""
+        norm starts as the target's final norm. `draft_vocab`: the token ids it may propose (None: all).
+        `feature_layers`: fuse these target layers with the last (module docstring); fuse starts as [I | 0]."""
         if init not in ("last_layer", "random"):
             raise ValueError(f"Unknown head init {init!r}; use 'last_layer' or 'random'")
         decoder = target.get_decoder()
@@ -155,6 +198,7 @@ class DraftHead(torch.nn.Module):
             target_config=target.config.to_dict(),
             init=init,
             draft_vocab_size=0 if vocab is None else len(vocab),
+            feature_layers=tuple(feature_layers),
         )
         torch.manual_seed(seed)
         head = cls(config, target_classes(target))
@@ -165,6 +209,9 @@ class DraftHead(torch.nn.Module):
             head.fc.weight.zero_()
             head.fc.weight[:, hidden:].copy_(torch.eye(hidden))
             head.fc.bias.zero_()
+            if config.feature_layers:
+                head.fuse.weight.zero_()
+                head.fuse.weight[:, :hidden].copy_(torch.eye(hidden))
             head.norm.load_state_dict(decoder.norm.state_dict())
             if init == "last_layer":
                 source = decoder.layers[-1].state_dict()
@@ -180,6 +227,11 @@ class DraftHead(torch.nn.Module):
         param = next(target.parameters())
         head = head.to(device=param.device, dtype=param.dtype)
         head.load_state_dict(state, strict=True)
+        if config.feature_layers and head.feature_layers.tolist() != list(config.feature_layers):
+            raise ValueError(
+                f"a head's weights read target layers {head.feature_layers.tolist()}, "
+                f"its config says {list(config.feature_layers)}"
+            )
         if head.draft_vocab is not None:  # duplicates would lose q's mass, an id out of range fault on the GPU
             check_draft_vocab(head.draft_vocab, target.get_output_embeddings().weight.shape[0])
         return head.eval().requires_grad_(False)
@@ -230,6 +282,7 @@ def head_config_from_document(document: dict) -> HeadConfig:
         target_config=document["target_config"],
         init=document["init"],
         draft_vocab_size=int(document.get("draft_vocab_size", 0)),  # heads stored before draft vocabularies: 0
+        feature_layers=tuple(document.get("feature_layers", ())),  # heads stored before fusion: the last layer
     )
 
 
@@ -265,7 +318,10 @@ def check_head_fits(config: HeadConfig, target: PreTrainedModel) -> None:
 def check_head_fits_config(config: HeadConfig, target_config: dict) -> None:
     """check_head_fits against a target's config dict (e.g. the one a served head was built from)."""
     mine, theirs = config.target_config, target_config
-    for key in ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+    keys = ["model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size"]
+    if config.feature_layers:  # it reads the target's layers by index
+        keys.append("num_hidden_layers")
+    for key in keys:
         if mine.get(key) != theirs.get(key):
             raise ValueError(
                 f"head does not fit the target: {key} is {mine.get(key)!r}, the target's {theirs.get(key)!r}"
@@ -283,13 +339,19 @@ class _ConfigShell:
         yield self._param
 
 
-def target_features(target: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] the target's features (last hidden state after the final norm) by teacher forcing, no cache. The
-    causal mask is given explicitly: without one, transformers checks the positions for packed sequences, a host
-    sync per call."""
+def target_features(
+    target: PreTrainedModel, input_ids: torch.Tensor, feature_layers: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """[B, T, F] the target's features by teacher forcing, no cache: the last hidden state after the final norm
+    (F = H), then with `feature_layers` the residual stream after each of those layers (pipelines.kv_cache
+    .stacked_features, as the engine's verify pass returns them). The causal mask is given explicitly: without one,
+    transformers checks the positions for packed sequences, a host sync per call."""
     width = input_ids.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()[None, None]
-    return target.get_decoder()(input_ids=input_ids, attention_mask=causal, use_cache=False).last_hidden_state
+    output = target.get_decoder()(
+        input_ids=input_ids, attention_mask=causal, use_cache=False, output_hidden_states=bool(feature_layers)
+    )
+    return stacked_features(output, tuple(feature_layers))
 
 
 class HeadDraft(torch.nn.Module):
@@ -316,6 +378,10 @@ class HeadDraft(torch.nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.target.get_input_embeddings()(tokens)
+
+    def target_features(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T, F] what this head reads of the target by teacher forcing (module function target_features)."""
+        return target_features(self.target, input_ids, self.config.feature_layers)
 
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:
         """Logits (float32), over the target's whole vocabulary, of the token after the one each head output g

@@ -49,7 +49,7 @@ def head_chains(
     if k < 1 or window < k + 1:
         raise ValueError(f"a head replays with k >= 1 and window >= k + 1, got k {k}, window {window}")
     device = device if device is not None else next(draft.parameters()).device
-    features = features if features is not None else FeatureBank(draft.target)
+    features = features if features is not None else FeatureBank(draft.target, draft.config.feature_layers)
     chains: list[Chain] = []
     was_training = draft.training
     draft.eval()
@@ -71,7 +71,7 @@ def _lockstep(draft, group: Sequence[RequestFeedback], k: int, window: int, devi
     for row, example in enumerate(group):
         tokens[row, : last[row] + 1] = torch.from_numpy(np.concatenate([example.prompt_ids, example.token_ids]))
     tokens = tokens.to(device)
-    features = bank.padded(group, distill.collate(group, device).input_ids)  # [B, width - 1, H]
+    features = bank.padded(group, distill.collate(group, device).input_ids, draft.config.feature_layers)  # [B, w-1, F]
     cache = draft.head.allocate_cache(len(group), width + k)
     _prefill(draft, cache, features, tokens, torch.as_tensor(prompt, device=device))
 

@@ -40,11 +40,12 @@ Trainable parameters: "all" (embeddings, transformer blocks, final norm, LM head
 blocks only: embeddings, final norm and LM head frozen) or "last_layers" (the last num_last_layers blocks: the
 parameter-efficient option). Frozen parameters never change and need no master or optimizer state.
 
-Heads (pipelines.heads.model.HeadDraft) train like draft LMs. A head owns no embeddings, final norm or LM head
-(those are the target's, never trained), so "all" and "layers" are the same: its input projection `fc` and its
-decoder layers; "last_layers" is the last num_last_layers of its decoder layers (fc frozen). For the round a head
-needs the target's features of every request: a FeatureBank (pipelines.heads.feedback, where the cost is
-documented) computes them in batched target passes on first use and keeps them until fit returns.
+Heads (pipelines.heads.model.HeadDraft) train like draft LMs. A head owns no embeddings or LM head (those are the
+target's, never trained), so "all" and "layers" are the same: every parameter of the head (its input projection
+`fc`, a fused head's `fuse` and its norms, its decoder layers and its norm); "last_layers" is the last
+num_last_layers of its decoder layers (the rest frozen). For the round a head needs the target's features of every
+request: a FeatureBank (pipelines.heads.feedback, where the cost is documented) computes them in batched target
+passes on first use and keeps them until fit returns.
 """
 
 from __future__ import annotations

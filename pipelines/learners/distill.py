@@ -113,7 +113,7 @@ def collate(
 
 def feature_bank_for(draft: torch.nn.Module) -> FeatureBank | None:
     """Where a head's target features are kept while its feedback is used several times; None for a draft LM."""
-    return FeatureBank(draft.target) if isinstance(draft, HeadDraft) else None
+    return FeatureBank(draft.target, draft.config.feature_layers) if isinstance(draft, HeadDraft) else None
 
 
 def batch_for(
@@ -128,7 +128,7 @@ def batch_for(
         return collate(examples, device)
     batch = collate(examples, device, source=SOURCE_HEAD, first_column=1)
     if features is not None:
-        batch.features = features.padded(examples, batch.input_ids)
+        batch.features = features.padded(examples, batch.input_ids, draft.config.feature_layers)
     return batch
 
 

@@ -31,7 +31,7 @@ class HeadState:
     """Per row: the head's KV cache and the target's features by position."""
 
     cache: PositionalKVCache
-    features: torch.Tensor  # [B, S, H] in the target's dtype
+    features: torch.Tensor  # [B, S, F] in the target's dtype (F = H, or more for a fused head)
 
     def rows(self, batch_size: int) -> HeadState:
         return HeadState(self.cache.rows(batch_size), self.features[:batch_size])
@@ -49,7 +49,7 @@ class HeadProposer:
 
     def allocate(self, batch_size: int) -> HeadState:
         param = next(self.model.target.parameters())
-        shape = (batch_size, self.max_seq_len, self.model.config.hidden_size)
+        shape = (batch_size, self.max_seq_len, self.model.config.feature_size)
         return HeadState(
             self.model.head.allocate_cache(batch_size, self.max_seq_len),
             torch.zeros(shape, dtype=param.dtype, device=param.device),
@@ -63,7 +63,7 @@ class HeadProposer:
     # ------------------------------------------------------------------ captured
 
     def record_features(self, state: DecodeState, hidden: torch.Tensor, positions: torch.Tensor) -> None:
-        """Keep the target's features [B, T, H] at positions [B, T] (clamped into the buffer)."""
+        """Keep the target's features [B, T, F] at positions [B, T] (clamped into the buffer)."""
         features = state.proposer_state[self.name].features
         index = positions.clamp_max(features.shape[1] - 1)[..., None].expand(-1, -1, hidden.shape[-1])
         features.scatter_(1, index, hidden.to(features.dtype))
@@ -110,6 +110,14 @@ class HeadProposer:
         self.model(tokens, features, positions, RowSubsetCache(mine.cache, rows_t))
 
     def swap(self, weights: HeadDraft | dict[str, torch.Tensor]) -> None:
-        """Copy new head weights into the served head; refuses weights of another shape or names."""
-        copy_weights(self.model, weights, "head")
+        """Copy new head weights into the served head; refuses weights of another shape or names, or fused over
+        other target layers than the engine's verify pass returns."""
+        state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+        mine, theirs = self.model.head.state_dict().get("feature_layers"), state.get("head.feature_layers")
+        if mine is not None and theirs is not None and not torch.equal(mine.cpu(), theirs.cpu()):
+            raise ValueError(
+                f"head weights fused over target layers {theirs.tolist()} do not fit the served head, which reads "
+                f"layers {mine.tolist()}"
+            )
+        copy_weights(self.model, state, "head")
         self.model.refresh_drafting()  # the draft vocabulary's ids may have changed: its LM head rows, in place
