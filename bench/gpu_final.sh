@@ -6,7 +6,7 @@
 # draft.gguf) and the draft modes are left out.
 #
 #   bash bench/gpu_final.sh OUT smoke                      # bench/gpu_smoke.py: tiny models, every proposer, joins
-#   bash bench/gpu_final.sh OUT head-init [ARGS...]        # onlinespec draft init --kind head -> $STAGE/head
+#   bash bench/gpu_final.sh OUT head-init [ARGS...]        # onlinespec draft init --kind head -> $HEAD
 #   bash bench/gpu_final.sh OUT proposers [ARGS...]        # python -m bench.proposers (with the head, the draft LM)
 #   bash bench/gpu_final.sh OUT scheduling [ARGS...]       # static vs continuous through the daemon, b8 and b32
 #   bash bench/gpu_final.sh OUT profile ARGS...            # bench/profile_round.py --variants (with the head if any)
@@ -14,12 +14,14 @@
 #   bash bench/gpu_final.sh OUT learning [ARGS...]         # bench/learning.py (ARGS go to it)
 #   bash bench/gpu_final.sh OUT daemon-learning            # the daemon serving while it runs learning rounds
 #   bash bench/gpu_final.sh OUT suffix-cache               # python -m bench.suffix_cache on the GPU, 100k completions
-# Steps that take ARGS take the rest of the line; put them last. `smoke` needs no staged model.
+# Steps that take ARGS take the rest of the line; put them last. `smoke` needs no staged model. HEAD (default
+# $STAGE/head) is the head folder head-init writes and the other steps use: HEAD=$STAGE/head-fused keeps a second one.
 set -euo pipefail
 out=$1; shift
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 STAGE=${STAGE:-/tmp/stage}
 CORPUS=${CORPUS:-assets/head-corpus}
+HEAD=${HEAD:-$STAGE/head}
 DEVICE=${DEVICE:-cuda}   # DEVICE=cpu DTYPE=float32 STAGE=<tiny models> rehearses a session on the CPU box
 DTYPE=${DTYPE:-bfloat16}
 quiet() { grep --line-buffered -v "Loading\|Writing\|it/s\]\|s/it\]" || true; }
@@ -43,7 +45,7 @@ f.convert_all([(gguf, open(str(gguf) + '.sha256').read().strip(), Path('$STAGE/$
 
 draft_args() {  # --draft and --head for whatever this stage holds
   [[ -f $STAGE/draft-hf/config.json ]] && printf -- '--draft %s ' "$STAGE/draft-hf"
-  [[ -f $STAGE/head/head_config.json ]] && printf -- '--head %s ' "$STAGE/head"
+  [[ -f $HEAD/head_config.json ]] && printf -- '--head %s ' "$HEAD"
   true
 }
 
@@ -57,9 +59,9 @@ while [[ $# -gt 0 ]]; do
       grep -q "^SMOKE OK" "$out/smoke.log" ;;
     head-init)
       python -m daemon.cli draft init --kind head --target "$STAGE/target-hf" --corpus "$CORPUS/corpus.jsonl" \
-        --prompts "$CORPUS/prompts.jsonl" --device "$DEVICE" --dtype "$DTYPE" --out "$STAGE/head" "$@" 2>&1 \
+        --prompts "$CORPUS/prompts.jsonl" --device "$DEVICE" --dtype "$DTYPE" --out "$HEAD" "$@" 2>&1 \
         | quiet | tee "$out/head-init.log" | tail -20
-      cp "$STAGE/head/head_config.json" "$out/head_config.json"
+      cp "$HEAD/head_config.json" "$out/head_config.json"
       break ;;
     proposers)
       python -m bench.proposers --target "$STAGE/target-hf" $(draft_args) --device "$DEVICE" --dtype "$DTYPE" \

@@ -88,6 +88,14 @@ def check_weights_fit(
             check_head_fits_config(stored, mine.target_config)
         except ValueError as exc:
             raise DraftMismatchError(f"{label}: {exc}") from None
+        layers = state.get("head.feature_layers")
+        read = list(stored.feature_layers) if layers is None else layers.tolist()
+        if read != list(stored.feature_layers) or read != list(mine.feature_layers):
+            # same shapes, other streams: the served engine's verify pass returns the served head's layers only
+            raise DraftMismatchError(
+                f"{label} is a head fused over target layers {read} (its config says {list(stored.feature_layers)}), "
+                f"the served head reads {list(mine.feature_layers)}"
+            )
         vocab = state.get("head.draft_vocab")
         if vocab is not None:
             try:

@@ -166,7 +166,8 @@ class SpeculativeEngine:
         feature_layers = head.model.config.feature_layers if head is not None else ()
         if feature_layers and settings.compile:
             # transformers records hidden states through hooks installed under a lock, which torch.compile's
-            # fullgraph mode refuses (measured: torch 2.13, transformers 5.17); CUDA graphs capture them fine
+            # fullgraph mode refuses (measured: torch 2.13, transformers 5.17); CUDA graphs capture them fine.
+            # Refused on a CPU too (where compile does nothing), so a config that starts here starts on a GPU.
             raise ValueError(
                 "engine.compile does not work with a head fused over lower target layers: use compile false"
             )
@@ -403,7 +404,7 @@ class SpeculativeEngine:
         # width padding continues each row's positions (it lands past the chunk, where later writes overwrite it)
         positions = (starts[:, None] + torch.arange(width, device=device)).clamp_max(self.settings.max_seq_len - 1)
         tokens = state.tokens[rows].gather(1, positions)
-        hidden = self.prefill(rows, tokens, positions)[:n]  # [n, w, H]
+        hidden = self.prefill(rows, tokens, positions)[:n]  # [n, w, F]: H, or wider with a fused head
         rows, positions = rows[:n], positions[:n]
         if self._models.head is not None:
             features = state.proposer_state[self._models.head.name].features

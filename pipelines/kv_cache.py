@@ -92,12 +92,12 @@ def attention_mask(positions: torch.Tensor, max_seq_len: int) -> torch.Tensor:
 
 
 def decoder_forward(model: PreTrainedModel, compile: bool = False, feature_layers: tuple[int, ...] = ()):
-    """forward(tokens [B, T], positions [B, T], cache) -> last hidden states [B, T, H] of the model's decoder,
-    writing the tokens' keys and values into `cache` at their positions. The LM head is applied by the caller, to
-    the positions it needs (to `[..., :H]`). With `feature_layers` the result is [B, T, H * (1 + n)]: the last
-    hidden state, then the residual stream after each of those layers (stacked_features: what a fused head reads).
-    With `compile` the decoder call goes through torch.compile (one static shape per batch size and width; the
-    cache's positions are set outside the compiled region)."""
+    """forward(tokens [B, T], positions [B, T], cache) -> last hidden states [B, T, H] (or [B, T, F], below) of the
+    model's decoder, writing the tokens' keys and values into `cache` at their positions. The LM head is applied by
+    the caller, to the positions it needs (to `[..., :H]`). With `feature_layers` the result is F = H * (1 + n)
+    wide: the last hidden state, then the residual stream after each of those layers (stacked_features: what a fused
+    head reads). With `compile` the decoder call goes through torch.compile (one static shape per batch size and
+    width; the cache's positions are set outside the compiled region)."""
     decoder = model.get_decoder()
     feature_layers = tuple(feature_layers)
 
@@ -108,7 +108,7 @@ def decoder_forward(model: PreTrainedModel, compile: bool = False, feature_layer
             attention_mask=mask,
             past_key_values=cache,
             use_cache=True,
-            output_hidden_states=bool(feature_layers),
+            output_hidden_states=hidden_states_wanted(feature_layers),
         )
         return stacked_features(output, feature_layers)
 
@@ -124,13 +124,20 @@ def decoder_forward(model: PreTrainedModel, compile: bool = False, feature_layer
     return forward
 
 
+def hidden_states_wanted(feature_layers: tuple[int, ...]) -> list[int] | bool:
+    """transformers' `output_hidden_states` for stacked_features: the 0-based indices of the decoder layers whose
+    outputs it needs (only those are kept: all of them would hold L + 1 hidden states through the forward), or
+    False."""
+    return [n - 1 for n in feature_layers] if feature_layers else False
+
+
 def stacked_features(output, feature_layers: tuple[int, ...]) -> torch.Tensor:
-    """[B, T, H * (1 + n)] of a decoder output (run with output_hidden_states when n > 0): its last hidden state
-    (after the final norm), then the hidden state after each of the first `feature_layers[i]` decoder layers
-    (transformers' hidden_states[i]: the residual stream entering layer i, before any norm)."""
+    """[B, T, H * (1 + n)] of a decoder output run with output_hidden_states=hidden_states_wanted(feature_layers):
+    its last hidden state (after the final norm), then the residual stream after the first `feature_layers[i]`
+    decoder layers (the output of layer feature_layers[i] - 1, before any norm)."""
     if not feature_layers:
         return output.last_hidden_state
-    return torch.cat([output.last_hidden_state, *(output.hidden_states[i] for i in feature_layers)], dim=-1)
+    return torch.cat([output.last_hidden_state, *(output.hidden_states[n - 1] for n in feature_layers)], dim=-1)
 
 
 def _sdpa_with_gqa(module, query, key, value, attention_mask, scaling=None, **kwargs):

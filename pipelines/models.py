@@ -143,6 +143,8 @@ def load_pair(
     target = load_model(target_ref, dtype, device)
     draft = None
     if head:
+        if head_feature_layers and draft_ref != NEW_HEAD:
+            log.warning("models.head_feature_layers applies to new-head only; %s carries its own layers", draft_ref)
         draft = load_head(draft_ref, target, head_layers, head_feature_layers)
     elif draft_ref:
         draft = load_model(draft_ref, dtype, device)

@@ -147,6 +147,36 @@ def test_a_head_for_another_target_is_refused_and_the_served_head_keeps_serving(
     assert all(torch.equal(t, before[n]) for n, t in server.draft.state_dict().items())
 
 
+def test_a_head_fused_over_other_layers_is_refused_and_one_over_the_same_layers_is_followed(
+    head_target, database, tmp_path, caplog
+):
+    """Same tensor names and shapes, other target layers: refused before anything is swapped (the served engine's
+    verify pass returns the served head's layers only); the served fused head keeps serving and follows a
+    version fused over its own layers."""
+    from storage.checkpoints_repo import get_checkpoint
+
+    target = head_target[0]
+    fused = lambda layers, seed=0: HeadDraft(  # noqa: E731
+        DraftHead.for_target(target, init="random", seed=seed, feature_layers=layers), target
+    )
+    server = HeadServer(fused((1, 3)))
+    weights = DraftWeights.of_draft(server.draft, tmp_path / "checkpoints")
+    before = {n: t.clone() for n, t in server.draft.state_dict().items()}
+    other_id = store_version(database, weights, "other-layers", fused((1, 2), seed=1), promote=True)
+    with database() as session:
+        with pytest.raises(DraftMismatchError, match=r"fused over target layers \[1, 2\] .* reads \[1, 3\]"):
+            weights.load(get_checkpoint(session, other_id))
+    with caplog.at_level(logging.ERROR):
+        assert follow(follower_of(database, weights, server), server) == BASE_DRAFT_VERSION
+    assert "other-layers" in caplog.text
+    assert all(torch.equal(t, before[n]) for n, t in server.draft.state_dict().items())
+
+    same = fused((1, 3), seed=2)
+    store_version(database, weights, "same-layers", same, promote=True, parent_id=other_id)
+    assert follow(follower_of(database, weights, server), server) == "same-layers"
+    assert all(torch.equal(t, same.state_dict()[n]) for n, t in server.draft.state_dict().items())
+
+
 def test_a_head_of_another_depth_or_a_draft_model_checkpoint_is_refused(served, head_target, database):
     from storage.checkpoints_repo import get_checkpoint
 

@@ -71,6 +71,8 @@ def test_a_fresh_fused_head_drafts_exactly_as_the_unfused_head(head_target):
         torch.testing.assert_close(fused(tokens[:, 1:], wide[:, :-1], positions), expected, rtol=0, atol=0)
         # its own outputs (H wide, steps >= 2 of a chain) go straight into its layers, as the unfused head's do
         torch.testing.assert_close(fused(tokens[:, 1:], expected, positions), plain(tokens[:, 1:], expected, positions))
+        with pytest.raises(ValueError, match="a head reads features 64 or 64 wide, got 192"):  # F to an unfused head
+            plain(tokens[:, 1:], wide[:, :-1], positions)
 
 
 def test_training_moves_the_fusion_off_the_last_layer_alone(head_target):
@@ -102,8 +104,9 @@ def test_the_layers_are_stored_with_the_head_and_older_heads_read_as_unfused(hea
     draft.head.save(tmp_path / "fused")
     config, _ = read_head_config(tmp_path / "fused")
     assert config.feature_layers == LAYERS and config.feature_size == 3 * target.config.hidden_size
-    loaded = DraftHead.load(tmp_path / "fused", target)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), draft.head.state_dict().values()))
+    loaded, saved = DraftHead.load(tmp_path / "fused", target).state_dict(), draft.head.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[n], saved[n]) for n in saved)
+    assert loaded["feature_layers"].tolist() == list(LAYERS)
     assert head_config_from_document(json.loads(json.dumps(asdict(config)))) == config  # as checkpoints store it
     older = {k: v for k, v in asdict(config).items() if k != "feature_layers"}  # written before fusion existed
     assert head_config_from_document(older).feature_layers == ()

@@ -29,7 +29,7 @@ from pipelines.kv_cache import PositionalKVCache
 def draft_chain(
     draft,  # pipelines.heads.model.HeadDraft
     cache: PositionalKVCache,
-    features: torch.Tensor,  # [B, S, H] the target's features by position
+    features: torch.Tensor,  # [B, S, F] the target's features by position (F: the head's config.feature_size)
     tokens: torch.Tensor,  # [B, S + 1] int64 tokens by position
     lengths: torch.Tensor,  # [B] int64, L
     k: int,

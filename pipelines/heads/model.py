@@ -14,9 +14,10 @@ the features it estimates, so step j >= 2 can read it in place of a target featu
 Drafting k tokens after a verified prefix whose last token `current` sits at position L: step 1 reads the true
 f_{L-1} and embed(current) at position L - 1 and gives d_1; step j >= 2 reads the head's own previous output g in
 place of a target feature, and embed(d_{j-1}), at position L + j - 2, and gives d_j (EAGLE's feature-level
-autoregression). Only the head's own layers and `fc` are trained and stored: the embeddings and the LM head are the
-target's, so a head checkpoint is small (one layer of a 1.5B target: ~52M parameters) and can only serve the target
-it was trained against (checkpoints record the target identity).
+autoregression). Only the head's own modules are trained and stored (`fc`, its layers and norm, a fused head's
+`fuse` and its norms): the embeddings and the LM head are the target's, so a head checkpoint is small (one layer of
+a 1.5B target: ~52M parameters) and can only serve the target it was trained against (checkpoints record the
+target identity).
 
 Draft vocabulary. The LM head over the target's whole vocabulary is most of a head step's cost (one GEMM reading
 151,936 x 1,536 weights per drafted position: ~0.15 ms on an H100 at batch 1, BENCHMARKS.md section 6). A head may
@@ -49,7 +50,13 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from pipelines.kv_cache import ATTENTION_NAME, PositionalKVCache, attention_mask, stacked_features
+from pipelines.kv_cache import (
+    ATTENTION_NAME,
+    PositionalKVCache,
+    attention_mask,
+    hidden_states_wanted,
+    stacked_features,
+)
 
 HEAD_CONFIG_FILE = "head_config.json"
 HEAD_WEIGHTS_FILE = "head.safetensors"
@@ -142,7 +149,10 @@ class DraftHead(torch.nn.Module):
         teacher forcing over right-padded rows). An explicit `mask` goes with a cache of another layout (any object
         with `update(key, value, layer_idx)`: the unrolled training of pipelines.heads.losses)."""
         features = features.to(embeds.dtype)
-        if features.shape[-1] != self.config.hidden_size:  # a fused target feature; the head's own g is H wide
+        width, hidden = features.shape[-1], self.config.hidden_size
+        if width not in (hidden, self.config.feature_size):
+            raise ValueError(f"a head reads features {hidden} or {self.config.feature_size} wide, got {width}")
+        if width != hidden:  # the target's fused feature; the head's own g is H wide
             features = self.fused(features)
         hidden = self.fc(torch.cat([embeds, features], dim=-1))
         if mask is None and cache is not None:
@@ -349,7 +359,10 @@ def target_features(
     width = input_ids.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()[None, None]
     output = target.get_decoder()(
-        input_ids=input_ids, attention_mask=causal, use_cache=False, output_hidden_states=bool(feature_layers)
+        input_ids=input_ids,
+        attention_mask=causal,
+        use_cache=False,
+        output_hidden_states=hidden_states_wanted(tuple(feature_layers)),
     )
     return stacked_features(output, tuple(feature_layers))
 
