@@ -24,6 +24,7 @@ import torch
 from pipelines import sampling
 from pipelines.decode_state import COUNT_ACCEPTED, COUNT_DRAFTED, COUNT_FULL, COUNT_ROUNDS, NUM_SOURCES, DecodeState
 from pipelines.proposers import Variant, empty_proposal
+from pipelines.proposers.suffix import drafted_whole
 from pipelines.types import KIND_ACCEPTED, KIND_BONUS, KIND_RECOVERED, NO_DRAFT_TOKEN, SOURCE_NONE
 from pipelines.verify import verify_greedy, verify_sampled
 
@@ -81,8 +82,8 @@ def run_round(
     count_drafts(state, proposal.sources, counts, outcome.accepted)
     if match is not None:
         rows = active if rows_on_suffix is None else active & rows_on_suffix
-        filled = (outcome.accepted == counts) & (counts == proposal.tokens.shape[1])  # a larger k might gain more
-        models.suffix.record(match, outcome.accepted, rows, filled)
+        capped = drafted_whole(outcome.accepted, counts, proposal.tokens.shape[1])
+        models.suffix.record(match, outcome.accepted, rows, capped)
 
     advance = torch.where(active, outcome.accepted + 1, 0)
     state.previous.copy_(torch.where(active, verify_tokens.gather(1, accepted)[:, 0], state.previous))

@@ -149,7 +149,9 @@ def _coverage(sequences: list[list[int]], vocab) -> float:
     """Share of the training tokens inside the draft vocabulary."""
     import torch
 
-    tokens = torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.int64)
+    from pipelines.heads.model import flat_tokens
+
+    tokens = flat_tokens(sequences)
     return float(torch.isin(tokens, vocab).float().mean()) if len(tokens) else 0.0
 
 

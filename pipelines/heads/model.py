@@ -296,12 +296,17 @@ def head_config_from_document(document: dict) -> HeadConfig:
     )
 
 
+def flat_tokens(sequences: list[list[int]]) -> torch.Tensor:
+    """[N] int64: every token of every sequence, in order."""
+    return torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.int64)
+
+
 def most_frequent_tokens(sequences: list[list[int]], size: int, vocab_size: int) -> torch.Tensor:
     """The `size` token ids that occur most often in `sequences` (ties: lower id first), sorted: a draft vocabulary.
     Ids that never occur fill the rest, lowest first, so the size is exact."""
     if not 1 <= size <= vocab_size:
         raise ValueError(f"a draft vocabulary of {size} tokens: it must be 1..{vocab_size} (the target's vocabulary)")
-    tokens = torch.tensor([token for sequence in sequences for token in sequence], dtype=torch.int64)
+    tokens = flat_tokens(sequences)
     counts = torch.bincount(tokens[(tokens >= 0) & (tokens < vocab_size)], minlength=vocab_size)
     order = torch.argsort(-counts, stable=True)  # most frequent first, ties by id
     return order[:size].sort().values

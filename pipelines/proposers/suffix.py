@@ -68,6 +68,12 @@ def trailing_run(agree: torch.Tensor) -> torch.Tensor:
     return width - 1 - torch.where(agree, -1, index).amax(dim=-1)
 
 
+def drafted_whole(accepted: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+    """[B] bool: rows whose draft filled all `width` slots and was accepted whole: censored at width (a larger k
+    might have gained more; the goodput controller's suffix estimate treats them so)."""
+    return (accepted == counts) & (counts == width)
+
+
 class SuffixCache:
     """The stream's earlier completions on the device: a token ring and a W-way hashed bigram index of ring slots.
 
@@ -309,7 +315,7 @@ class SuffixProposer:
         mismatch_seen = (~agree & known).any(dim=1)
         all_known = known.gather(1, (pending.counts - 1).clamp_min(0)[:, None])[:, 0]
         resolved = pending.live & (mismatch_seen | all_known)
-        filled = (matched == pending.counts) & (pending.counts == pending.tokens.shape[1])
+        filled = drafted_whole(matched, pending.counts, pending.tokens.shape[1])
         self.record(pending.match, matched, resolved & state.active, filled)
 
         proposal, match = self.propose(state, k)
