@@ -5,6 +5,7 @@
 # command line, each writing under OUT. A draft LM is optional: stage only the target's pieces (a manifest without
 # draft.gguf) and the draft modes are left out.
 #
+#   bash bench/gpu_final.sh OUT prepare                    # only join, install and convert (a call of its own)
 #   bash bench/gpu_final.sh OUT smoke                      # bench/gpu_smoke.py: tiny models, every proposer, joins
 #   bash bench/gpu_final.sh OUT head-init [ARGS...]        # onlinespec draft init --kind head -> $HEAD
 #   bash bench/gpu_final.sh OUT proposers [ARGS...]        # python -m bench.proposers (with the head, the draft LM)
@@ -54,6 +55,7 @@ while [[ $# -gt 0 ]]; do
   step=$1; shift
   [[ $step == smoke ]] || prepare
   case $step in
+    prepare) ;;
     smoke)
       python -m bench.gpu_smoke --quick --device "$DEVICE" 2>&1 | quiet | tee "$out/smoke.log" | tail -14
       grep -q "^SMOKE OK" "$out/smoke.log" ;;
