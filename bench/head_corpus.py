@@ -4,7 +4,11 @@ bench/prompts.py, kept apart from every prompt the benchmarks time:
     corpus.jsonl    teacher-forced records: {"text": ...} (standard-library code files, Shakespeare works) and
                     {"messages": [...]} (whole ShareGPT conversations, user and assistant turns)
     prompts.jsonl   prompts whose answers the target itself generates during the bootstrap (self-distillation:
-                    the features the head will see when serving), in the daemon's input contract
+                    the features the head will see when serving), in the daemon's input contract: first the
+                    later prompts of bench/data (the first `--generate 384` of the sessions' recipe), then
+                    `--extra-per-domain` fresh prompts per domain made like bench/data's, shuffled
+    heldout.jsonl   the 32 prompts earlier bootstraps held out (records 384-415 of the first prompts.jsonl), for
+                    `draft init --heldout-prompts`: held-out AvgLen stays comparable however many prompts train
 
 Held apart: the stdlib files and ShareGPT conversations that bench/data's prompts come from, the Shakespeare works
 of the first `--bench-prompts` Shakespeare prompts, and the first `--bench-prompts` prompts of every bench/data file
@@ -110,12 +114,43 @@ def distillation_prompts(bench_prompts: int, per_domain: int) -> list[dict]:
     return prompts
 
 
+def extra_prompts(per_domain: int, bench_prompts: int) -> list[dict]:
+    """More self-distillation prompts, made as bench/data's are but from other seeds and sources: ShareGPT first
+    turns of no bench/data conversation, stdlib prefixes of no bench/data file, Shakespeare passages of works no
+    timed prompt comes from (as the corpus), fresh text-to-SQL tasks. HumanEval has no more."""
+    if per_domain == 0:
+        return []
+    used_chats = set(bench_ids("sharegpt"))
+    used_files = {i.split(":")[0] for i in bench_ids("stdlib_code")}
+    used_works = {i.split("-", 1)[1].split(":")[0] for i in bench_ids("shakespeare")[:bench_prompts]}
+    work = lambda prompt: prompt.id.split("-", 1)[1].split(":")[0]  # noqa: E731  "shakespeare/0001-asyoulikeit:12"
+    made = {
+        "sharegpt": [p for p in sources.sharegpt() if p.id not in used_chats][:per_domain],
+        "text_to_sql": sources.text_to_sql(per_domain, seed=2),
+        "stdlib_code": [p for p in sources.stdlib_code(4 * per_domain, seed=2) if p.id.split(":")[0] not in used_files],
+        "shakespeare": [p for p in sources.shakespeare(4 * per_domain, seed=2) if work(p) not in used_works],
+    }
+    prompts = []
+    for domain, found in made.items():
+        for i, prompt in enumerate(found[:per_domain]):
+            record = {"id": f"distill-extra/{domain}/{i}"}
+            if domain in CHAT_DOMAINS:
+                record["messages"] = [{"role": "user", "content": prompt.prompt}]
+            else:
+                record["prompt"] = prompt.prompt
+            prompts.append(record)
+    random.Random(2).shuffle(prompts)
+    return prompts
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--max-chars", type=int, default=9_000_000, help="teacher-forced text in all (~4 chars/token)")
     parser.add_argument("--bench-prompts", type=int, default=100, help="first prompts of each bench/data file kept out")
     parser.add_argument("--per-domain", type=int, default=100, help="self-distillation prompts per domain")
+    parser.add_argument("--extra-per-domain", type=int, default=0, help="fresh prompts per domain appended (0)")
+    parser.add_argument("--heldout", type=int, default=32, help="prompts of heldout.jsonl (default 32)")
     args = parser.parse_args(argv)
     share = args.max_chars // 3
     parts = {
@@ -130,13 +165,17 @@ def main(argv=None) -> None:
         for record in corpus:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     prompts = distillation_prompts(args.bench_prompts, args.per_domain)
-    random.Random(1).shuffle(prompts)  # `draft init` holds out the records after --generate: a mix of domains
-    with open(args.out / "prompts.jsonl", "w") as handle:
-        for record in prompts:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    random.Random(1).shuffle(prompts)  # a mix of domains in every slice
+    # The sessions' recipe trained on the first 384 and held out the next 32: those 32 stay the held-out set.
+    heldout = prompts[384 : 384 + args.heldout]
+    prompts = prompts[:384] + prompts[384 + args.heldout :] + extra_prompts(args.extra_per_domain, args.bench_prompts)
+    for name, records in (("prompts.jsonl", prompts), ("heldout.jsonl", heldout)):
+        with open(args.out / name, "w") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     for name, part in parts.items():
         print(f"[head_corpus] {name}: {len(part)} records, {sum(map(characters, part)):,} characters")
-    print(f"[head_corpus] {len(corpus)} records, {len(prompts)} distillation prompts -> {args.out}")
+    print(f"[head_corpus] {len(corpus)} records, {len(prompts)} distillation prompts, {len(heldout)} held out")
 
 
 def characters(record: dict) -> int:
