@@ -96,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the engine forwards")
     # learners
     parser.add_argument("--learners", nargs="+", choices=LEARNER_NAMES, default=list(LEARNER_NAMES))
-    parser.add_argument("--lr", type=float, default=None, help="default lr of every learner (5e-6; tiny 1e-2)")
+    parser.add_argument("--lr", type=float, default=None, help="lr of every learner (5e-6; --head 1e-5; tiny 1e-2)")
     for name in (*LEARNER_NAMES, "gated"):
         parser.add_argument(f"--lr-{name}", type=float, default=None, help=f"lr of {name} (default --lr)")
     parser.add_argument(
@@ -147,7 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         max_prompt_tokens=(48, 768),
         device=("cpu", "cuda"),
         dtype=("float32", "bfloat16"),
-        lr=(1e-2, 5e-6),
+        # a head: 1e-5 gained on an H100 where 1e-4 lost (BENCHMARKS.md section 8); a 0.5B draft LM: 5e-6 (section 4)
+        lr=(1e-2, 1e-5 if args.head else 5e-6),
         trainable=("all", "layers"),
         gate_min_tokens=(32, 256),
     )
