@@ -30,6 +30,7 @@ from bench import prompts as sources
 DATA = Path(__file__).resolve().parent / "data"
 CHAT_DOMAINS = ("text_to_sql", "humaneval", "sharegpt")  # sent as chat messages, as bench.learning does
 TEXT_DOMAINS = ("stdlib_code", "shakespeare")
+EARLIER_GENERATED = 384  # prompts the bootstraps of BENCHMARKS.md section 8 generated answers to (--generate 384)
 
 
 def bench_ids(name: str) -> list[str]:
@@ -150,7 +151,7 @@ def main(argv=None) -> None:
     parser.add_argument("--bench-prompts", type=int, default=100, help="first prompts of each bench/data file kept out")
     parser.add_argument("--per-domain", type=int, default=100, help="self-distillation prompts per domain")
     parser.add_argument("--extra-per-domain", type=int, default=0, help="fresh prompts per domain appended (0)")
-    parser.add_argument("--heldout", type=int, default=32, help="prompts of heldout.jsonl (default 32)")
+    parser.add_argument("--heldout", type=int, default=32, help="prompts in heldout.jsonl, never trained on (32)")
     args = parser.parse_args(argv)
     share = args.max_chars // 3
     parts = {
@@ -166,9 +167,12 @@ def main(argv=None) -> None:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     prompts = distillation_prompts(args.bench_prompts, args.per_domain)
     random.Random(1).shuffle(prompts)  # a mix of domains in every slice
-    # The sessions' recipe trained on the first 384 and held out the next 32: those 32 stay the held-out set.
-    heldout = prompts[384 : 384 + args.heldout]
-    prompts = prompts[:384] + prompts[384 + args.heldout :] + extra_prompts(args.extra_per_domain, args.bench_prompts)
+    # The sessions' recipe trained on the first 384 and held out the next 32: those stay the held-out set. With
+    # fewer prompts (a small --per-domain) the last ones are held out instead.
+    start = min(EARLIER_GENERATED, max(0, len(prompts) - args.heldout))
+    heldout = prompts[start : start + args.heldout]
+    extra = extra_prompts(args.extra_per_domain, args.bench_prompts)
+    prompts = prompts[:start] + prompts[start + args.heldout :] + extra
     for name, records in (("prompts.jsonl", prompts), ("heldout.jsonl", heldout)):
         with open(args.out / name, "w") as handle:
             for record in records:

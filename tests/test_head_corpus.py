@@ -38,6 +38,24 @@ def fake_sources(monkeypatch):
     )
 
 
+def stub_corpus(monkeypatch, n_prompts: int) -> list[dict]:
+    """Stub sources, a tiny corpus and `n_prompts` distillation prompts in written order; returns those prompts."""
+    fake_sources(monkeypatch)
+    earlier = [{"id": f"distill/d/{i}", "prompt": f"p{i}"} for i in range(n_prompts)]
+    monkeypatch.setattr(head_corpus, "distillation_prompts", lambda bench_prompts, per_domain: list(earlier))
+    monkeypatch.setattr(head_corpus.random.Random, "shuffle", lambda self, items: None)
+    for part in ("code_records", "sharegpt_records"):
+        monkeypatch.setattr(head_corpus, part, lambda max_chars: [{"text": "x"}])
+    monkeypatch.setattr(head_corpus, "shakespeare_records", lambda max_chars, bench_prompts: [{"text": "y"}])
+    return earlier
+
+
+def run_main(out, *args: str) -> tuple[list[dict], list[dict]]:
+    head_corpus.main(["--out", str(out), *args])
+    read = lambda name: [json.loads(line) for line in open(out / name)]  # noqa: E731
+    return read("prompts.jsonl"), read("heldout.jsonl")
+
+
 def test_extra_prompts_come_from_no_bench_conversation_file_or_timed_work(monkeypatch):
     fake_sources(monkeypatch)
     extra = head_corpus.extra_prompts(per_domain=2, bench_prompts=1)
@@ -59,16 +77,14 @@ def test_extra_prompts_come_from_no_bench_conversation_file_or_timed_work(monkey
 
 
 def test_the_held_out_prompts_stay_those_of_earlier_bootstraps_and_never_train(monkeypatch, tmp_path):
-    fake_sources(monkeypatch)
-    earlier = [{"id": f"distill/d/{i}", "prompt": f"p{i}"} for i in range(450)]  # already shuffled, as written
-    monkeypatch.setattr(head_corpus, "distillation_prompts", lambda bench_prompts, per_domain: list(earlier))
-    monkeypatch.setattr(head_corpus.random.Random, "shuffle", lambda self, items: None)
-    for part in ("code_records", "sharegpt_records"):
-        monkeypatch.setattr(head_corpus, part, lambda max_chars: [{"text": "x"}])
-    monkeypatch.setattr(head_corpus, "shakespeare_records", lambda max_chars, bench_prompts: [{"text": "y"}])
-    head_corpus.main(["--out", str(tmp_path), "--extra-per-domain", "3"])
-    read = lambda name: [json.loads(line) for line in open(tmp_path / name)]  # noqa: E731
-    prompts, heldout = read("prompts.jsonl"), read("heldout.jsonl")
+    earlier = stub_corpus(monkeypatch, 450)
+    prompts, heldout = run_main(tmp_path, "--extra-per-domain", "3")
     assert heldout == earlier[384:416]
     assert prompts[:384] == earlier[:384] and prompts[384:418] == earlier[416:]
     assert len(prompts) == 384 + 34 + 12 and not {r["id"] for r in prompts} & {r["id"] for r in heldout}
+
+
+def test_with_few_prompts_the_last_ones_are_held_out(monkeypatch, tmp_path):
+    earlier = stub_corpus(monkeypatch, 100)
+    prompts, heldout = run_main(tmp_path, "--heldout", "24")
+    assert heldout == earlier[76:] and prompts == earlier[:76]
