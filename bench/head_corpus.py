@@ -9,6 +9,7 @@ bench/prompts.py, kept apart from every prompt the benchmarks time:
                     `--extra-per-domain` fresh prompts per domain made like bench/data's, shuffled
     heldout.jsonl   the 32 prompts earlier bootstraps held out (records 384-415 of the first prompts.jsonl), for
                     `draft init --heldout-prompts`: held-out AvgLen stays comparable however many prompts train
+                    (and an earlier bootstrap's command needs that flag to hold out the same prompts)
 
 Held apart: the stdlib files and ShareGPT conversations that bench/data's prompts come from, the Shakespeare works
 of the first `--bench-prompts` Shakespeare prompts, and the first `--bench-prompts` prompts of every bench/data file
