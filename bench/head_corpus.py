@@ -83,9 +83,26 @@ def sharegpt_records(max_chars: int) -> list[dict]:
     return records
 
 
+def work_of(prompt_id: str) -> str:
+    """The Shakespeare work a prompt comes from: "shakespeare/0001-asyoulikeit:12" -> "asyoulikeit"."""
+    return prompt_id.split("-", 1)[1].split(":")[0]
+
+
+def timed_works(bench_prompts: int) -> set[str]:
+    """Works the first `bench_prompts` Shakespeare prompts of bench/data (the ones benchmarks time) come from."""
+    return {work_of(i) for i in bench_ids("shakespeare")[:bench_prompts]}
+
+
+def prompt_record(record_id: str, domain: str, text: str) -> dict:
+    """A prompt in the daemon's input contract: chat domains as a user message, the others as plain text."""
+    if domain in CHAT_DOMAINS:
+        return {"id": record_id, "messages": [{"role": "user", "content": text}]}
+    return {"id": record_id, "prompt": text}
+
+
 def shakespeare_records(max_chars: int, bench_prompts: int) -> list[dict]:
     """Works none of the first `bench_prompts` Shakespeare prompts come from, in pieces of whole lines."""
-    used = {i.split("-", 1)[1].split(":")[0] for i in bench_ids("shakespeare")[:bench_prompts]}
+    used = timed_works(bench_prompts)
     records, total = [], 0
     for name, text in sorted(sources.shakespeare_texts().items()):
         if name in used:
@@ -106,13 +123,7 @@ def distillation_prompts(bench_prompts: int, per_domain: int) -> list[dict]:
             texts = [p.prompt for p in sources.text_to_sql(per_domain, seed=1)]
         else:
             texts = [p.prompt for p in sources.read_jsonl(DATA / f"{domain}.jsonl")[bench_prompts:]][:per_domain]
-        for i, text in enumerate(texts):
-            record = {"id": f"distill/{domain}/{i}"}
-            if domain in CHAT_DOMAINS:
-                record["messages"] = [{"role": "user", "content": text}]
-            else:
-                record["prompt"] = text
-            prompts.append(record)
+        prompts += [prompt_record(f"distill/{domain}/{i}", domain, text) for i, text in enumerate(texts)]
     return prompts
 
 
@@ -124,23 +135,18 @@ def extra_prompts(per_domain: int, bench_prompts: int) -> list[dict]:
         return []
     used_chats = set(bench_ids("sharegpt"))
     used_files = {i.split(":")[0] for i in bench_ids("stdlib_code")}
-    used_works = {i.split("-", 1)[1].split(":")[0] for i in bench_ids("shakespeare")[:bench_prompts]}
-    work = lambda prompt: prompt.id.split("-", 1)[1].split(":")[0]  # noqa: E731  "shakespeare/0001-asyoulikeit:12"
+    used_works = timed_works(bench_prompts)
     made = {
         "sharegpt": [p for p in sources.sharegpt() if p.id not in used_chats][:per_domain],
         "text_to_sql": sources.text_to_sql(per_domain, seed=2),
         "stdlib_code": [p for p in sources.stdlib_code(4 * per_domain, seed=2) if p.id.split(":")[0] not in used_files],
-        "shakespeare": [p for p in sources.shakespeare(4 * per_domain, seed=2) if work(p) not in used_works],
+        "shakespeare": [p for p in sources.shakespeare(4 * per_domain, seed=2) if work_of(p.id) not in used_works],
     }
-    prompts = []
-    for domain, found in made.items():
-        for i, prompt in enumerate(found[:per_domain]):
-            record = {"id": f"distill-extra/{domain}/{i}"}
-            if domain in CHAT_DOMAINS:
-                record["messages"] = [{"role": "user", "content": prompt.prompt}]
-            else:
-                record["prompt"] = prompt.prompt
-            prompts.append(record)
+    prompts = [
+        prompt_record(f"distill-extra/{domain}/{i}", domain, prompt.prompt)
+        for domain, found in made.items()
+        for i, prompt in enumerate(found[:per_domain])
+    ]
     random.Random(2).shuffle(prompts)
     return prompts
 
