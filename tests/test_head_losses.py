@@ -9,7 +9,7 @@ import torch
 from pipelines.heads.drafting import draft_chain
 from pipelines.heads.losses import HeadLossSettings, head_loss, unrolled_outputs
 from pipelines.heads.model import target_features
-from tests.head_fixtures import right_padded, scrambled_head
+from tests.head_fixtures import half_of_the_tokens, right_padded, scrambled_head, with_draft_vocab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,8 +63,10 @@ def test_step_one_of_the_unrolled_forward_is_the_plain_teacher_forced_forward(he
         torch.testing.assert_close(unrolled[0][row, : n - 1], plain[row, : n - 1])
 
 
-def reference_loss(draft, tokens, lengths, settings: HeadLossSettings) -> torch.Tensor:
-    """The loss written the obvious way: full [B, T, V] logits, a python loop over steps and rows."""
+def reference_loss(draft, tokens, lengths, settings: HeadLossSettings, vocab=None) -> torch.Tensor:
+    """The loss written the obvious way: full [B, T, V] logits, a python loop over steps and rows; with `vocab`,
+    both distributions renormalised over those token ids (the whole vocabulary's logits, then the columns kept)."""
+    columns = slice(None) if vocab is None else torch.tensor(sorted(vocab))
     features = target_features(draft.target, tokens).detach()
     outputs = unrolled_outputs(draft, tokens, features, settings.unroll)
     total = torch.zeros(())
@@ -75,8 +77,8 @@ def reference_loss(draft, tokens, lengths, settings: HeadLossSettings) -> torch.
                 continue
             g = outputs[s - 1][row, : n - s]  # chains p = 0 .. n-1-s
             f = features[row, s:n]  # their targets q = p + s
-            log_p = torch.log_softmax(draft.logits(f), -1)
-            log_q = torch.log_softmax(draft.logits(g), -1)
+            log_p = torch.log_softmax(draft.logits(f)[:, columns], -1)
+            log_q = torch.log_softmax(draft.logits(g)[:, columns], -1)
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)
             reg = torch.nn.functional.smooth_l1_loss(g, f, reduction="none").mean(-1)
             terms.append(kl + settings.regression_weight * reg)
@@ -106,6 +108,29 @@ def test_chunked_loss_and_gradient_equal_the_plain_computation(head_target, unro
     assert all(not p.requires_grad for p in target.parameters())
 
 
+@pytest.mark.parametrize("draft_vocab_only", [False, True])
+def test_a_head_with_a_draft_vocabulary_trains_over_it_only_when_asked(head_target, draft_vocab_only):
+    """draft_vocab_only: p and q renormalised over the draft vocabulary, loss and gradient; without it, the whole
+    vocabulary as before, whatever the head proposes."""
+    target, tokenizer = head_target
+    sequences = prefixes(tokenizer)
+    tokens, lengths = right_padded(sequences)
+    vocab = half_of_the_tokens(sequences)
+    settings = HeadLossSettings(unroll=2, chunk_positions=5, draft_vocab_only=draft_vocab_only)
+
+    draft = with_draft_vocab(scrambled_head(target, seed=4), vocab)
+    draft.requires_grad_(True)
+    expected = reference_loss(draft, tokens, lengths, settings, vocab if draft_vocab_only else None)
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in draft.parameters()]
+    draft.zero_grad(set_to_none=True)
+
+    loss = head_loss(draft, tokens, lengths, settings, backward=True)
+    torch.testing.assert_close(loss.objective, expected.detach())
+    for p, g in zip(draft.parameters(), expected_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-4 * float(g.abs().max()))
+
+
 def test_a_few_steps_of_the_loss_teach_a_fresh_head(head_target):
     target, tokenizer = head_target
     from pipelines.heads.model import DraftHead, HeadDraft
@@ -123,3 +148,35 @@ def test_a_few_steps_of_the_loss_teach_a_fresh_head(head_target):
     last = head_loss(draft, tokens, lengths, settings)
     assert float(last.objective) < 0.35 * float(first.objective)
     assert (last.top1 > first.top1 + 0.2 * torch.tensor(last.positions)).all()  # both steps now often right
+
+
+def test_kept_target_features_train_the_same_head_without_the_targets_pass_after_the_first_epoch(head_target):
+    """The bootstrap's feature cache: the same weights as recomputing every epoch, the target run only on batches
+    not kept, and never more kept than its limit."""
+    from devtools.tiny_models import TRAINING_TEXT
+    from pipelines.heads.train import BootstrapSettings, train_head
+
+    target, tokenizer = head_target
+    sequences = [tokenizer(line).input_ids for line in TRAINING_TEXT.splitlines() if line][:12]
+
+    def trained(cache_gb: float):
+        draft = scrambled_head(target, seed=5)
+        passes = []
+        compute = draft.target_features
+        draft.target_features = lambda ids: passes.append(ids.shape[0]) or compute(ids)
+        settings = BootstrapSettings(epochs=3, max_length=16, batch_tokens=64, lr=1e-3, feature_cache_gb=cache_gb)
+        report = train_head(draft, sequences, settings)
+        return draft.head.state_dict(), len(passes), report
+
+    recomputed, passes, report = trained(0.0)
+    assert report.cached_batches == 0 and passes == report.steps == 3 * report.batches and report.batches >= 3
+    kept, passes, report = trained(1.0)
+    assert report.cached_batches == report.batches and passes == report.batches  # the first epoch only
+    half = report.feature_cache_bytes / 2
+    partly, passes, report = trained(half / 2**30)
+    assert 0 < report.cached_batches < report.batches and report.feature_cache_bytes <= half
+    assert passes == report.batches + 2 * (report.batches - report.cached_batches)
+    for weights in (kept, partly):
+        assert weights.keys() == recomputed.keys()
+        for name in recomputed:
+            torch.testing.assert_close(weights[name], recomputed[name], rtol=0, atol=0)

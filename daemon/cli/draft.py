@@ -70,6 +70,18 @@ def register(subparsers) -> None:
     init.add_argument("--max-length", type=int, default=2048, help="tokens per training sequence (default 2048)")
     init.add_argument("--unroll", type=int, default=2, help="drafting steps trained per position (default 2)")
     init.add_argument("--regression-weight", type=float, default=0.1, help="feature regression weight (default 0.1)")
+    init.add_argument(
+        "--loss-vocab",
+        choices=["draft", "whole"],
+        default="draft",
+        help="train over the draft vocabulary only (default, faster; as the head drafts) or the whole vocabulary",
+    )
+    init.add_argument(
+        "--feature-cache-gb",
+        type=float,
+        help="target features kept across epochs, so later epochs skip the target's pass (default: half the free "
+        "GPU memory, a quarter of the free RAM on a CPU; 0: recompute every epoch)",
+    )
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     init.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="the target's dtype")
@@ -108,7 +120,9 @@ def run_init(args: argparse.Namespace) -> int:
     report = train_head(draft, sequences, settings, on_progress=lambda p: progress.update(progress_line(p)))
     progress.say(
         f"trained {report.steps} steps, {report.tokens} tokens in {report.seconds:.1f} s "
-        f"(stopped by {report.stopped_by}), loss {_number(report.loss_first)} -> {_number(report.loss_last)}"
+        f"(stopped by {report.stopped_by}), loss {_number(report.loss_first)} -> {_number(report.loss_last)}; "
+        f"target features of {report.cached_batches}/{report.batches} batches kept across epochs "
+        f"({report.feature_cache_bytes / 2**30:.1f} GiB)"
     )
     after = evaluate(draft, heldout, args.k, progress, "trained head")
     whole = None  # the same weights proposing any token: what the draft vocabulary costs in acceptance
@@ -178,7 +192,9 @@ def check_arguments(args: argparse.Namespace):
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1", EXIT_USAGE)
     try:
         check_device(args.device)
-        loss = HeadLossSettings(regression_weight=args.regression_weight, unroll=args.unroll)
+        loss = HeadLossSettings(
+            regression_weight=args.regression_weight, unroll=args.unroll, draft_vocab_only=args.loss_vocab == "draft"
+        )
         return BootstrapSettings(
             tokens=args.tokens,
             epochs=args.epochs,
@@ -187,6 +203,7 @@ def check_arguments(args: argparse.Namespace):
             batch_tokens=args.batch_tokens,
             lr=args.lr,
             seed=args.seed,
+            feature_cache_gb=args.feature_cache_gb,
             loss=loss,
         )
     except ValueError as exc:

@@ -4,9 +4,12 @@
                features the head reads when serving are those of the target's own text), cut to max_length
     batches    pieces of similar length grouped up to batch_tokens padded tokens (no packing across documents: a
                packed row would need a block-diagonal mask in the target's pass and the head's), in a seeded random
-               order, a new one per epoch
-    step       the target's features (no grad), the head's loss (pipelines.heads.losses: KL to the target's full
+               order, a new one per epoch (the groups stay the same; only their order changes)
+    step       the target's features (no grad), the head's loss (pipelines.heads.losses: KL to the target's
                distribution + feature regression, optional unroll), clipped AdamW on float32 weights
+    features   kept after a batch's first pass, up to feature_cache_gb (default: half the free device memory, a
+               quarter of the free RAM on a CPU), so later epochs skip the target's pass: with the loss over a
+               32k draft vocabulary that pass is about half of a step on the H100 (BENCHMARKS.md section 8)
     schedule   linear warm-up then cosine decay to min_lr_ratio, over progress = the larger of tokens done / token
                budget and seconds spent / max_seconds: whichever limit binds, the learning rate ends decayed
     stop       at the token budget (tokens, or epochs x corpus tokens) or at max_seconds, between two steps
@@ -23,11 +26,13 @@ device and are read every `progress_every_s` seconds, for the progress line and 
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 
@@ -50,6 +55,7 @@ class BootstrapSettings:
     max_grad_norm: float = 1.0
     seed: int = 0
     progress_every_s: float = 5.0
+    feature_cache_gb: float | None = None  # target features kept across epochs; None: auto (module docstring)
     loss: HeadLossSettings = field(default_factory=HeadLossSettings)
 
     def __post_init__(self) -> None:
@@ -57,6 +63,8 @@ class BootstrapSettings:
             raise ValueError("give a token budget or a number of epochs, not both")
         if (self.tokens is not None and self.tokens < 1) or (self.epochs is not None and self.epochs <= 0):
             raise ValueError("tokens and epochs must be positive")
+        if self.feature_cache_gb is not None and self.feature_cache_gb < 0:
+            raise ValueError(f"feature_cache_gb must be >= 0, got {self.feature_cache_gb}")
         if self.max_length < 2 or self.batch_tokens < self.max_length:
             raise ValueError(f"need 2 <= max_length <= batch_tokens, got {self.max_length} and {self.batch_tokens}")
 
@@ -94,6 +102,9 @@ class TrainReport:
     loss_first: float | None
     loss_last: float | None
     top1_last: float | None
+    batches: int  # optimizer steps per epoch
+    cached_batches: int  # batches whose target features were kept across epochs
+    feature_cache_bytes: int
     settings: dict
 
     def to_dict(self) -> dict:
@@ -106,8 +117,8 @@ def cut(sequences: Sequence[Sequence[int]], max_length: int) -> list[list[int]]:
     return [piece for piece in pieces if len(piece) >= 2]
 
 
-def token_batches(pieces: list[list[int]], batch_tokens: int, rng: random.Random) -> list[list[list[int]]]:
-    """Pieces grouped by similar length so that rows x longest <= batch_tokens, the groups in a random order."""
+def token_batches(pieces: list[list[int]], batch_tokens: int) -> list[list[list[int]]]:
+    """Pieces grouped by similar length so that rows x longest <= batch_tokens, longest first."""
     ordered = sorted(pieces, key=len, reverse=True)
     batches, current = [], []
     for piece in ordered:
@@ -117,8 +128,43 @@ def token_batches(pieces: list[list[int]], batch_tokens: int, rng: random.Random
         current.append(piece)
     if current:
         batches.append(current)
-    rng.shuffle(batches)
     return batches
+
+
+class FeatureCache:
+    """The target's features of each batch after its first pass, kept on the device while they fit in
+    `limit_bytes`. Batches are the same groups every epoch, so a kept batch never needs the target again."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+        self._features: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._features)
+
+    def features(self, index: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if index in self._features:
+            return self._features[index]
+        features = compute()
+        size = features.numel() * features.element_size()
+        if self.used_bytes + size <= self.limit_bytes:
+            self._features[index] = features
+            self.used_bytes += size
+        return features
+
+
+def feature_cache_bytes(settings: BootstrapSettings, device: torch.device) -> int:
+    """The cache's limit: the setting, else half the free GPU memory or a quarter of the free RAM."""
+    if settings.feature_cache_gb is not None:
+        return int(settings.feature_cache_gb * 2**30)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks the answering engine left behind count as free
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError):  # no sysconf figure on this platform: keep nothing
+        return 0
 
 
 def learning_rate(settings: BootstrapSettings, progress: float) -> float:
@@ -154,21 +200,26 @@ def train_head(
         params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay, fused=fused
     )
     autocast = torch.autocast(device.type, dtype=serving_dtype) if serving_dtype != torch.float32 else nullcontext()
+    batches = token_batches(pieces, settings.batch_tokens)
+    cache = FeatureCache(feature_cache_bytes(settings, device))
     meter = _Meter(settings, budget, device, on_progress)
     stopped_by = None
     try:
         while stopped_by is None:  # one epoch per pass, each in a new order
-            for batch in token_batches(pieces, settings.batch_tokens, rng):
+            order = list(range(len(batches)))
+            rng.shuffle(order)
+            for index in order:
                 stopped_by = meter.stop_reason()
                 if stopped_by is not None:
                     break
                 lr = learning_rate(settings, meter.progress())
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                tokens, lengths = _to_device(batch, device)
+                tokens, lengths = _to_device(batches[index], device)
                 optimizer.zero_grad(set_to_none=True)
                 with autocast:
-                    loss = head_loss(draft, tokens, lengths, settings.loss, backward=True)
+                    features = cache.features(index, partial(_target_features, draft, tokens))
+                    loss = head_loss(draft, tokens, lengths, settings.loss, features=features, backward=True)
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm, foreach=True)
                 optimizer.step()
                 meter.add(loss, sum(lengths), lr)
@@ -191,8 +242,16 @@ def train_head(
         loss_first=meter.first_loss,
         loss_last=meter.last_loss,
         top1_last=meter.last_top1,
+        batches=len(batches),
+        cached_batches=len(cache),
+        feature_cache_bytes=cache.used_bytes,
         settings=asdict(settings),
     )
+
+
+def _target_features(draft, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return draft.target_features(tokens)
 
 
 def _to_device(batch: list[list[int]], device: torch.device) -> tuple[torch.Tensor, list[int]]:
