@@ -4,7 +4,7 @@ needed: the numbers are throughput, not quality).
     python -m bench.head_train_speed [--seconds 60] [--unroll 1 2] [--shape qwen2.5-1.5b] [--out FILE.json]
 
     bootstrap   pipelines.heads.train.train_head on random 1024-token sequences for --seconds per unroll:
-                tokens/s, steps, peak GPU memory
+                tokens/s, steps, peak GPU memory (every step with the target's pass: no features kept)
     syncs       a few steps under torch.cuda.set_sync_debug_mode("warn"): every host synchronisation inside the
                 training loop is listed by source line (expected: none per step; the final read of the sums)
     round       one learning round's work on 64 requests of 128 + 384 tokens: OnlineLearner.fit (its FeatureBank
@@ -66,6 +66,7 @@ def bootstrap(target, sequences, seconds: float, unroll: int) -> dict:
         max_length=1024,
         batch_tokens=16384,
         progress_every_s=10,
+        feature_cache_gb=0,  # the cost of a step with the target's pass (kept features skip it from epoch 2 on)
         loss=HeadLossSettings(unroll=unroll),
     )
     report = train_head(draft, sequences, settings)
@@ -82,7 +83,9 @@ def bootstrap(target, sequences, seconds: float, unroll: int) -> dict:
 
 def syncs(target, sequences) -> dict:
     draft = HeadDraft(DraftHead.for_target(target), target)
-    settings = BootstrapSettings(tokens=16384 * 6, max_length=1024, batch_tokens=16384, progress_every_s=1e9)
+    settings = BootstrapSettings(  # features kept (a set limit: the automatic one asks the device, a sync)
+        tokens=16384 * 6, max_length=1024, batch_tokens=16384, progress_every_s=1e9, feature_cache_gb=1
+    )
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
