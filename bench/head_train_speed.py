@@ -66,7 +66,7 @@ def bootstrap(target, sequences, seconds: float, unroll: int) -> dict:
         max_length=1024,
         batch_tokens=16384,
         progress_every_s=10,
-        feature_cache_gb=0,  # the cost of a step with the target's pass (kept features skip it from epoch 2 on)
+        feature_cache_gib=0,  # the cost of a step with the target's pass (kept features skip it from epoch 2 on)
         loss=HeadLossSettings(unroll=unroll),
     )
     report = train_head(draft, sequences, settings)
@@ -84,7 +84,7 @@ def bootstrap(target, sequences, seconds: float, unroll: int) -> dict:
 def syncs(target, sequences) -> dict:
     draft = HeadDraft(DraftHead.for_target(target), target)
     settings = BootstrapSettings(  # features kept (a set limit: the automatic one asks the device, a sync)
-        tokens=16384 * 6, max_length=1024, batch_tokens=16384, progress_every_s=1e9, feature_cache_gb=1
+        tokens=16384 * 6, max_length=1024, batch_tokens=16384, progress_every_s=1e9, feature_cache_gib=1
     )
     torch.cuda.set_sync_debug_mode("warn")
     try:

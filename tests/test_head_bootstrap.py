@@ -121,6 +121,8 @@ def test_operator_errors_are_one_line(tiny_models, files, tmp_path, capsys):
     cases = [
         (["--out", str(taken)], "is not an empty folder"),
         (["--tokens", "10", "--epochs", "1"], "not allowed with argument"),
+        (["--feature-cache-gib", "nan"], "feature_cache_gib must be a finite number >= 0"),
+        (["--feature-cache-gib", "-1"], "feature_cache_gib must be a finite number >= 0"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) if "argument" in message else _nothing():

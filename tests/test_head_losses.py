@@ -66,10 +66,16 @@ def test_step_one_of_the_unrolled_forward_is_the_plain_teacher_forced_forward(he
 def reference_loss(draft, tokens, lengths, settings: HeadLossSettings, vocab=None) -> torch.Tensor:
     """The loss written the obvious way: full [B, T, V] logits, a python loop over steps and rows; with `vocab`,
     both distributions renormalised over those token ids (the whole vocabulary's logits, then the columns kept)."""
+    return reference_terms(draft, tokens, lengths, settings, vocab)[0]
+
+
+def reference_terms(draft, tokens, lengths, settings: HeadLossSettings, vocab=None):
+    """(loss, [unroll] summed KL, [unroll] positions where the head's argmax is the target's) of reference_loss."""
     columns = slice(None) if vocab is None else torch.tensor(sorted(vocab))
     features = target_features(draft.target, tokens).detach()
     outputs = unrolled_outputs(draft, tokens, features, settings.unroll)
     total = torch.zeros(())
+    kl_sums, top1 = torch.zeros(settings.unroll), torch.zeros(settings.unroll)
     for s, weight in enumerate(settings.step_weights(), start=1):
         terms = []
         for row, n in enumerate(lengths):
@@ -82,8 +88,10 @@ def reference_loss(draft, tokens, lengths, settings: HeadLossSettings, vocab=Non
             kl = (log_p.exp() * (log_p - log_q)).sum(-1)
             reg = torch.nn.functional.smooth_l1_loss(g, f, reduction="none").mean(-1)
             terms.append(kl + settings.regression_weight * reg)
+            kl_sums[s - 1] += kl.sum().detach()
+            top1[s - 1] += (log_q.argmax(-1) == log_p.argmax(-1)).sum()
         total = total + weight * torch.cat(terms).mean()
-    return total
+    return total, kl_sums, top1
 
 
 @pytest.mark.parametrize("unroll", [1, 3])
@@ -120,13 +128,15 @@ def test_a_head_with_a_draft_vocabulary_trains_over_it_only_when_asked(head_targ
 
     draft = with_draft_vocab(scrambled_head(target, seed=4), vocab)
     draft.requires_grad_(True)
-    expected = reference_loss(draft, tokens, lengths, settings, vocab if draft_vocab_only else None)
+    expected, kl, top1 = reference_terms(draft, tokens, lengths, settings, vocab if draft_vocab_only else None)
     expected.backward()
     expected_grads = [p.grad.clone() for p in draft.parameters()]
     draft.zero_grad(set_to_none=True)
 
     loss = head_loss(draft, tokens, lengths, settings, backward=True)
     torch.testing.assert_close(loss.objective, expected.detach())
+    torch.testing.assert_close(loss.kl, kl)
+    assert torch.equal(loss.top1, top1)  # argmaxes compared in one index space
     for p, g in zip(draft.parameters(), expected_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-4 * float(g.abs().max()))
 
@@ -150,28 +160,41 @@ def test_a_few_steps_of_the_loss_teach_a_fresh_head(head_target):
     assert (last.top1 > first.top1 + 0.2 * torch.tensor(last.positions)).all()  # both steps now often right
 
 
-def test_kept_target_features_train_the_same_head_without_the_targets_pass_after_the_first_epoch(head_target):
+def fused_head_with_vocab(target, sequences, seed: int):
+    from pipelines.heads.model import DraftHead, HeadDraft
+
+    vocab = half_of_the_tokens(sequences)
+    head = DraftHead.for_target(target, 1, "random", seed, draft_vocab=vocab, feature_layers=(1, 2))
+    return HeadDraft(head, target)
+
+
+@pytest.mark.parametrize("kind", ["plain", "fused, draft vocabulary"])
+def test_kept_target_features_train_the_same_head_without_the_targets_pass_after_the_first_epoch(head_target, kind):
     """The bootstrap's feature cache: the same weights as recomputing every epoch, the target run only on batches
-    not kept, and never more kept than its limit."""
+    not kept, never more kept than its limit, and nothing kept when no batch comes round twice."""
     from devtools.tiny_models import TRAINING_TEXT
     from pipelines.heads.train import BootstrapSettings, train_head
 
     target, tokenizer = head_target
     sequences = [tokenizer(line).input_ids for line in TRAINING_TEXT.splitlines() if line][:12]
+    loss = HeadLossSettings(unroll=2, draft_vocab_only=kind != "plain")
 
-    def trained(cache_gb: float):
-        draft = scrambled_head(target, seed=5)
+    def trained(cache_gib: float | None, epochs: float = 3):
+        draft = scrambled_head(target, seed=5) if kind == "plain" else fused_head_with_vocab(target, sequences, 5)
         passes = []
         compute = draft.target_features
         draft.target_features = lambda ids: passes.append(ids.shape[0]) or compute(ids)
-        settings = BootstrapSettings(epochs=3, max_length=16, batch_tokens=64, lr=1e-3, feature_cache_gb=cache_gb)
+        settings = BootstrapSettings(
+            epochs=epochs, max_length=16, batch_tokens=64, lr=1e-3, feature_cache_gib=cache_gib, loss=loss
+        )
         report = train_head(draft, sequences, settings)
         return draft.head.state_dict(), len(passes), report
 
     recomputed, passes, report = trained(0.0)
     assert report.cached_batches == 0 and passes == report.steps == 3 * report.batches and report.batches >= 3
-    kept, passes, report = trained(1.0)
+    kept, passes, report = trained(None)  # the automatic limit: all of it fits in this machine's RAM
     assert report.cached_batches == report.batches and passes == report.batches  # the first epoch only
+    assert report.feature_cache_limit_bytes == report.feature_cache_bytes  # capped at what the features take
     half = report.feature_cache_bytes / 2
     partly, passes, report = trained(half / 2**30)
     assert 0 < report.cached_batches < report.batches and report.feature_cache_bytes <= half
@@ -180,3 +203,5 @@ def test_kept_target_features_train_the_same_head_without_the_targets_pass_after
         assert weights.keys() == recomputed.keys()
         for name in recomputed:
             torch.testing.assert_close(weights[name], recomputed[name], rtol=0, atol=0)
+    _, _, report = trained(1.0, epochs=1)  # one pass: nothing to reuse, nothing kept
+    assert report.feature_cache_limit_bytes == 0 and report.cached_batches == 0

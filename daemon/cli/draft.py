@@ -74,13 +74,14 @@ def register(subparsers) -> None:
         "--loss-vocab",
         choices=["draft", "whole"],
         default="draft",
-        help="train over the draft vocabulary only (default, faster; as the head drafts) or the whole vocabulary",
+        help="with --draft-vocab: train over the draft vocabulary only (default: faster, and what the head drafts "
+        "from) or over the whole vocabulary; the online learners always use the whole vocabulary",
     )
     init.add_argument(
-        "--feature-cache-gb",
+        "--feature-cache-gib",
         type=float,
-        help="target features kept across epochs, so later epochs skip the target's pass (default: half the free "
-        "GPU memory, a quarter of the free RAM on a CPU; 0: recompute every epoch)",
+        help="GiB of target features kept across epochs, so later epochs skip the target's pass (default: half the "
+        "free GPU memory, a quarter of the available RAM on a CPU, at most what the features take; 0: recompute)",
     )
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -122,7 +123,7 @@ def run_init(args: argparse.Namespace) -> int:
         f"trained {report.steps} steps, {report.tokens} tokens in {report.seconds:.1f} s "
         f"(stopped by {report.stopped_by}), loss {_number(report.loss_first)} -> {_number(report.loss_last)}; "
         f"target features of {report.cached_batches}/{report.batches} batches kept across epochs "
-        f"({report.feature_cache_bytes / 2**30:.1f} GiB)"
+        f"({report.feature_cache_bytes / 2**30:.1f} of {report.feature_cache_limit_bytes / 2**30:.1f} GiB allowed)"
     )
     after = evaluate(draft, heldout, args.k, progress, "trained head")
     whole = None  # the same weights proposing any token: what the draft vocabulary costs in acceptance
@@ -203,7 +204,7 @@ def check_arguments(args: argparse.Namespace):
             batch_tokens=args.batch_tokens,
             lr=args.lr,
             seed=args.seed,
-            feature_cache_gb=args.feature_cache_gb,
+            feature_cache_gib=args.feature_cache_gib,
             loss=loss,
         )
     except ValueError as exc:

@@ -7,9 +7,11 @@
                order, a new one per epoch (the groups stay the same; only their order changes)
     step       the target's features (no grad), the head's loss (pipelines.heads.losses: KL to the target's
                distribution + feature regression, optional unroll), clipped AdamW on float32 weights
-    features   kept after a batch's first pass, up to feature_cache_gb (default: half the free device memory, a
-               quarter of the free RAM on a CPU), so later epochs skip the target's pass: with the loss over a
-               32k draft vocabulary that pass is about half of a step on the H100 (BENCHMARKS.md section 8)
+    features   kept after a batch's first pass, up to feature_cache_gib (default: half the free GPU memory, a
+               quarter of the available RAM on a CPU, never more than the run's features take; nothing when no
+               batch comes round twice), so later epochs skip the target's pass: with the loss over a 32k draft
+               vocabulary that pass was about two thirds of a step on the H100 (~50k tokens/s in the first epoch,
+               ~156k after it; BENCHMARKS.md section 8)
     schedule   linear warm-up then cosine decay to min_lr_ratio, over progress = the larger of tokens done / token
                budget and seconds spent / max_seconds: whichever limit binds, the learning rate ends decayed
     stop       at the token budget (tokens, or epochs x corpus tokens) or at max_seconds, between two steps
@@ -26,7 +28,6 @@ device and are read every `progress_every_s` seconds, for the progress line and 
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -55,7 +56,7 @@ class BootstrapSettings:
     max_grad_norm: float = 1.0
     seed: int = 0
     progress_every_s: float = 5.0
-    feature_cache_gb: float | None = None  # target features kept across epochs; None: auto (module docstring)
+    feature_cache_gib: float | None = None  # target features kept across epochs; None: auto (module docstring)
     loss: HeadLossSettings = field(default_factory=HeadLossSettings)
 
     def __post_init__(self) -> None:
@@ -63,8 +64,8 @@ class BootstrapSettings:
             raise ValueError("give a token budget or a number of epochs, not both")
         if (self.tokens is not None and self.tokens < 1) or (self.epochs is not None and self.epochs <= 0):
             raise ValueError("tokens and epochs must be positive")
-        if self.feature_cache_gb is not None and self.feature_cache_gb < 0:
-            raise ValueError(f"feature_cache_gb must be >= 0, got {self.feature_cache_gb}")
+        if self.feature_cache_gib is not None and not 0 <= self.feature_cache_gib < math.inf:
+            raise ValueError(f"feature_cache_gib must be a finite number >= 0, got {self.feature_cache_gib}")
         if self.max_length < 2 or self.batch_tokens < self.max_length:
             raise ValueError(f"need 2 <= max_length <= batch_tokens, got {self.max_length} and {self.batch_tokens}")
 
@@ -104,7 +105,8 @@ class TrainReport:
     top1_last: float | None
     batches: int  # optimizer steps per epoch
     cached_batches: int  # batches whose target features were kept across epochs
-    feature_cache_bytes: int
+    feature_cache_bytes: int  # what they took
+    feature_cache_limit_bytes: int  # what they were allowed (the setting, or the automatic limit)
     settings: dict
 
     def to_dict(self) -> dict:
@@ -154,17 +156,47 @@ class FeatureCache:
         return features
 
 
-def feature_cache_bytes(settings: BootstrapSettings, device: torch.device) -> int:
-    """The cache's limit: the setting, else half the free GPU memory or a quarter of the free RAM."""
-    if settings.feature_cache_gb is not None:
-        return int(settings.feature_cache_gb * 2**30)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # blocks the answering engine left behind count as free
-        return torch.cuda.mem_get_info(device)[0] // 2
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-    except (ValueError, OSError):  # no sysconf figure on this platform: keep nothing
+def feature_cache_limit(settings: BootstrapSettings, device: torch.device, needed_bytes: int, repeats: bool) -> int:
+    """Bytes the feature cache may hold: nothing when no batch comes round twice (a budget of one epoch or less),
+    else feature_cache_gib, by default half the free GPU memory or a quarter of the available RAM; never more than
+    `needed_bytes`, what every batch's features take."""
+    if not repeats:
         return 0
+    if settings.feature_cache_gib is not None:
+        limit = int(settings.feature_cache_gib * 2**30)
+    elif device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks the answering engine left behind count as free
+        limit = torch.cuda.mem_get_info(device)[0] // 2
+    else:
+        limit = available_ram_bytes() // 4
+    return min(limit, needed_bytes)
+
+
+def available_ram_bytes() -> int:
+    """RAM this process may still take: the kernel's MemAvailable (page cache included), and within a cgroup v2
+    memory limit (a container's) what is left of it; 0 when neither can be read."""
+    figures = []
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    figures.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as current:
+            cap = limit.read().strip()
+            if cap != "max":
+                figures.append(max(int(cap) - int(current.read().strip()), 0))
+    except (OSError, ValueError):
+        pass
+    return min(figures) if figures else 0
+
+
+def features_bytes(batches: list[list[list[int]]], feature_size: int, dtype: torch.dtype) -> int:
+    """What the target's features of every batch take, padded as the step pads them (rows x longest)."""
+    per_token = feature_size * torch.empty((), dtype=dtype).element_size()
+    return sum(len(batch) * max(map(len, batch)) for batch in batches) * per_token
 
 
 def learning_rate(settings: BootstrapSettings, progress: float) -> float:
@@ -201,7 +233,8 @@ def train_head(
     )
     autocast = torch.autocast(device.type, dtype=serving_dtype) if serving_dtype != torch.float32 else nullcontext()
     batches = token_batches(pieces, settings.batch_tokens)
-    cache = FeatureCache(feature_cache_bytes(settings, device))
+    needed = features_bytes(batches, draft.config.feature_size, serving_dtype)
+    cache = FeatureCache(feature_cache_limit(settings, device, needed, repeats=budget > corpus_tokens))
     meter = _Meter(settings, budget, device, on_progress)
     stopped_by = None
     try:
@@ -245,6 +278,7 @@ def train_head(
         batches=len(batches),
         cached_batches=len(cache),
         feature_cache_bytes=cache.used_bytes,
+        feature_cache_limit_bytes=cache.limit_bytes,
         settings=asdict(settings),
     )
 
