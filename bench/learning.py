@@ -122,6 +122,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-batch", type=int, default=8, help="requests per optimizer step")
     parser.add_argument("--optimistic-variant", choices=["ogd", "momentum"], default="ogd")
     parser.add_argument("--hedge-eta", type=float, default=5.0)
+    parser.add_argument(
+        "--head-chain-weight",
+        type=float,
+        default=LearnerSettings().head_chain_weight,
+        help="heads: LearnerSettings.head_chain_weight, the bootstrap's two-step loss beside the step-1 KL "
+        "(default %(default)s; 0: the step-1 KL alone, as every run before 2026-12-06 04:00)",
+    )
     # the gate
     parser.add_argument("--gate-learner", choices=LEARNER_NAMES, default="online", help="the gated daemon's learner")
     parser.add_argument(
@@ -130,7 +137,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.25,
         help="least fraction of a round held out for the gate (more until --gate-min-tokens)",
     )
-    parser.add_argument("--gate-margin", type=float, default=0.01, help="relative AvgLen gain needed to promote")
+    parser.add_argument(
+        "--gate-margin",
+        type=float,
+        default=0.02,  # the daemon's learning.promote_margin; 0.01 until 2026-12-06 (BENCHMARKS.md section 8)
+        help="relative AvgLen gain needed to promote (default %(default)s, the daemon's promote_margin)",
+    )
     parser.add_argument("--gate-min-tokens", type=int, default=None, help="256; tiny 32")
     parser.add_argument(
         "--gate-after-rejection",
@@ -227,6 +239,7 @@ def learner_settings(args, name: str, lr: float, **extra) -> LearnerSettings:
         num_last_layers=args.num_last_layers,
         optimistic_variant=args.optimistic_variant,
         hedge_eta=args.hedge_eta,
+        head_chain_weight=args.head_chain_weight,
         **extra,
     )
 

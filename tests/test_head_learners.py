@@ -100,3 +100,50 @@ def test_osd_on_a_head_trains_where_its_own_proposals_were_rejected(head_target,
     assert report.tokens == rejected  # every position a head prediction exists for: c >= 1 holds here
     assert report.loss_after < report.loss_before
     assert mean_kl(draft, as_served, positions="rejected")[1] <= rejected
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_head_chain_weight_adds_the_bootstrap_loss_to_the_step_one_kl(head_target, rounds, weight):
+    """One plain SGD step of a learner with head_chain_weight w moves the head by -lr x the gradient of
+    (summed step-1 KL + w x n x the bootstrap's two-step loss) / n, n the positions scored: the term is there,
+    weighted as documented, on the round's features; w = 0 is the step-1 KL alone."""
+    from pipelines.heads.losses import head_loss
+    from pipelines.learners import distill
+    from pipelines.learners.base import HEAD_CHAIN_LOSS
+
+    target = head_target[0]
+    examples = distill.usable(rounds[0][0])[:6]
+    lr = 0.05
+    settings = LearnerSettings(
+        name="online",
+        lr=lr,
+        optimizer="sgd",
+        momentum=0.0,
+        max_grad_norm=None,
+        epochs=1,
+        batch_size=len(examples),
+        micro_batch_tokens=10**6,
+        trainable="all",
+        head_chain_weight=weight,
+    )
+    draft = fresh_head(target)
+    reference = fresh_head(target).requires_grad_(True)
+    batch = distill.batch_for(reference, examples, "cpu")
+    n = batch.positions
+    distill.forward_kl(distill.draft_logits(reference, batch), batch).sum().backward()
+    chain_grads = {}
+    if weight:
+        kl_grads = {name: p.grad.clone() for name, p in reference.named_parameters()}
+        reference.zero_grad(set_to_none=True)
+        lengths = [distill.sequence_length(e) for e in examples]
+        head_loss(reference, batch.input_ids, lengths, HEAD_CHAIN_LOSS, backward=True)
+        chain_grads = {name: p.grad.clone() for name, p in reference.named_parameters()}
+        for name, p in reference.named_parameters():
+            p.grad = kl_grads[name] + weight * n * chain_grads[name]
+    expected = {name: p.detach() - lr * p.grad / n for name, p in reference.named_parameters()}
+
+    make_learner(settings).fit(draft, examples, base_version="v0")
+    for name, p in draft.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-4, atol=1e-6)
+    if weight:  # the two-step term moved the weights measurably, not only the KL
+        assert any(float(g.abs().max()) * weight * lr > 1e-4 for g in chain_grads.values())

@@ -130,9 +130,10 @@ def head_loss(
     *,
     features: torch.Tensor | None = None,  # [B, T, F] the target's (draft.target_features), if the caller has them
     backward: bool = False,
+    scale: float = 1.0,  # with backward: the gradient accumulated is that of scale x the objective
 ) -> HeadLoss:
-    """The loss of the module docstring; with `backward`, its gradient is accumulated into the head's parameters
-    (divide nothing afterwards: the objective is already a mean)."""
+    """The loss of the module docstring; with `backward`, the gradient of `scale` times it is accumulated into the
+    head's parameters (with scale 1, divide nothing afterwards: the objective is already a mean)."""
     device = tokens.device
     if features is None:
         with torch.no_grad():
@@ -170,7 +171,7 @@ def head_loss(
                 regression[s - 1] += step_regression.sum().detach()
                 top1[s - 1] += ((log_q.detach().argmax(dim=-1) == target_top).float() * counted).sum()
             if backward and chunk_objective.requires_grad:
-                chunk_objective.backward()
+                (chunk_objective * scale).backward()
         objective += chunk_objective.detach()
     if backward:
         pairs = [(o, leaf.grad) for o, leaf in zip(outputs, leaves) if leaf.grad is not None]

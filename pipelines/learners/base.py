@@ -45,7 +45,9 @@ target's, never trained), so "all" and "layers" are the same: every parameter of
 `fc`, a fused head's `fuse` and its norms, its decoder layers and its norm); "last_layers" is the last
 num_last_layers of its decoder layers (the rest frozen). For the round a head needs the target's features of every
 request: a FeatureBank (pipelines.heads.feedback, where the cost is documented) computes them in batched target
-passes on first use and keeps them until fit returns.
+passes on first use and keeps them until fit returns. With `head_chain_weight` > 0 each step also takes the
+bootstrap's loss (HEAD_CHAIN_LOSS: two drafting steps and feature regression, pipelines.heads.losses) over those
+features, so the steps that read the head's own output are trained too, not only step 1.
 """
 
 from __future__ import annotations
@@ -60,12 +62,17 @@ from typing import Any
 
 import torch
 
+from pipelines.heads.losses import HeadLossSettings, head_loss
 from pipelines.heads.model import HeadDraft
 from pipelines.learners import distill
 from pipelines.settings import LearnerSettings
 from pipelines.types import RequestFeedback
 
 log = logging.getLogger(__name__)
+
+# The bootstrap's loss as `draft init` takes it (its default unroll and regression; over the draft vocabulary when
+# the head has one), for the learners' head_chain_weight term.
+HEAD_CHAIN_LOSS = HeadLossSettings(unroll=2, draft_vocab_only=True)
 
 
 class NonFiniteError(RuntimeError):
@@ -351,6 +358,18 @@ class Learner:
                 continue
             loss_sum = distill.forward_kl(logits, batch, self.settings.target_temperature)[mask].sum()
             loss_sum.backward()
+            if isinstance(draft, HeadDraft) and self.settings.head_chain_weight > 0:
+                # its mean over the sequences' positions, weighted as if it were summed over the n scored here
+                lengths = [distill.sequence_length(e) for e in group]
+                head_loss(
+                    draft,
+                    batch.input_ids,
+                    lengths,
+                    HEAD_CHAIN_LOSS,
+                    features=batch.features,
+                    backward=True,
+                    scale=self.settings.head_chain_weight * n,
+                )
             for p, w in zip(params.values(), member.weights):
                 if p.grad is not None:
                     w.grad.add_(p.grad.float())
