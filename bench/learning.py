@@ -127,7 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=LearnerSettings().head_chain_weight,
         help="heads: LearnerSettings.head_chain_weight, the bootstrap's two-step loss beside the step-1 KL "
-        "(default %(default)s; 0: the step-1 KL alone, as every run before 2026-12-06 04:00)",
+        "(default %(default)s; 0: the step-1 KL alone, as in every run before commit f763e6d)",
     )
     # the gate
     parser.add_argument("--gate-learner", choices=LEARNER_NAMES, default="online", help="the gated daemon's learner")

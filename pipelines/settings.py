@@ -137,12 +137,14 @@ class LearnerSettings(BaseModel):
     # Hedge: w_i ∝ exp(-hedge_eta * cumulative per-token KL of member i). Member losses differ by ~0.01-0.1 nats
     # per round, so eta ~ 5 separates members within a few rounds without betting on one round's noise.
     hedge_eta: float = Field(5.0, ge=0)
-    # Heads only: weight of the bootstrap's loss (pipelines/heads/losses.py: two drafting steps, the second reading
-    # the head's own output as live drafting does, plus feature regression, against the target's distribution
-    # recomputed from the round's features), added to the step-1 KL above over every position of the round's
-    # sequences; 0 = the step-1 KL alone. On an H100 the step-1 KL alone raised a strong head's step-1 acceptance
-    # while its chain AvgLen fell (BENCHMARKS.md section 8); on the tests' tiny models (bench/head_chain_tiny.py) it
-    # lost 11-20% mean AvgLen over 5 rounds where weight 1 gained 1-5%. Not yet measured on a GPU.
+    # Heads only: weight of the chain term, the bootstrap's loss (pipelines/heads/losses.py: two drafting steps,
+    # the second reading the head's own output as live drafting does, plus feature regression, over the draft
+    # vocabulary, against the target's distribution recomputed from the round's features) over the answers of a
+    # step's requests, added to the step-1 KL above whatever the learner (osd too: it trains every answer position,
+    # not only rejected ones). It ignores target_temperature and trains step 1 a second time. 0 = the step-1 KL
+    # alone. On an H100 the step-1 KL alone raised a strong head's step-1 acceptance while its chain AvgLen fell
+    # (BENCHMARKS.md section 8); on the tests' tiny models (bench/head_chain_tiny.py) it lost 11-20% mean AvgLen
+    # over 5 rounds where weight 1 gained 1.5-4%. Not yet measured on a GPU.
     head_chain_weight: float = Field(1.0, ge=0, le=100)
     # What a fit does when handed the same base_version as last time (its candidate was rejected): see above.
     after_rejection: Literal["rebase", "continue"] = "rebase"

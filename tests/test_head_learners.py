@@ -102,17 +102,25 @@ def test_osd_on_a_head_trains_where_its_own_proposals_were_rejected(head_target,
     assert mean_kl(draft, as_served, positions="rejected")[1] <= rejected
 
 
-@pytest.mark.parametrize("weight", [0.0, 0.5])
-def test_head_chain_weight_adds_the_bootstrap_loss_to_the_step_one_kl(head_target, rounds, weight):
-    """One plain SGD step of a learner with head_chain_weight w moves the head by -lr x the gradient of
-    (summed step-1 KL + w x n x the bootstrap's two-step loss) / n, n the positions scored: the term is there,
-    weighted as documented, on the round's features; w = 0 is the step-1 KL alone."""
-    from pipelines.heads.losses import head_loss
+@pytest.mark.parametrize(
+    "weight, micro_batch_tokens, draft_vocab",
+    [(0.0, 10**6, False), (0.5, 10**6, False), (0.5, 10**6, True), (0.5, 1, False)],
+    ids=["kl-only", "chain", "chain-draft-vocab", "chain-micro-batched"],
+)
+def test_head_chain_weight_adds_the_bootstrap_loss_over_the_answers(
+    head_target, rounds, weight, micro_batch_tokens, draft_vocab
+):
+    """One plain SGD step of a learner with head_chain_weight w moves the head by -lr x (the summed step-1 KL / n
+    + w x the gradient of the bootstrap's two-step loss over the answers, each micro-batch's mean weighted by its
+    share of the answer positions): the term is there, on the answers only, weighted as documented, over the draft
+    vocabulary when the head has one; w = 0 is the step-1 KL alone."""
+    from pipelines.heads.losses import HeadLossSettings, head_loss
     from pipelines.learners import distill
-    from pipelines.learners.base import HEAD_CHAIN_LOSS
+    from tests.head_fixtures import half_of_the_tokens, with_draft_vocab
 
     target = head_target[0]
     examples = distill.usable(rounds[0][0])[:6]
+    chain_loss = HeadLossSettings(unroll=2, regression_weight=0.1, draft_vocab_only=True)  # what draft init trains
     lr = 0.05
     settings = LearnerSettings(
         name="online",
@@ -122,28 +130,36 @@ def test_head_chain_weight_adds_the_bootstrap_loss_to_the_step_one_kl(head_targe
         max_grad_norm=None,
         epochs=1,
         batch_size=len(examples),
-        micro_batch_tokens=10**6,
+        micro_batch_tokens=micro_batch_tokens,
         trainable="all",
         head_chain_weight=weight,
     )
-    draft = fresh_head(target)
-    reference = fresh_head(target).requires_grad_(True)
+    vocab = half_of_the_tokens([list(e.prompt_ids) + list(e.token_ids) for e in examples]) if draft_vocab else None
+    fresh = lambda: fresh_head(target) if vocab is None else with_draft_vocab(fresh_head(target), vocab)  # noqa: E731
+    draft, reference = fresh(), fresh().requires_grad_(True)
+
     batch = distill.batch_for(reference, examples, "cpu")
     n = batch.positions
     distill.forward_kl(distill.draft_logits(reference, batch), batch).sum().backward()
-    chain_grads = {}
-    if weight:
-        kl_grads = {name: p.grad.clone() for name, p in reference.named_parameters()}
+    step = {name: p.grad / n for name, p in reference.named_parameters()}
+    answers = [len(e.token_ids) for e in examples]  # every prompt here is longer than one token
+    chain_contribution = 0.0
+    for group in distill.micro_batches(examples, micro_batch_tokens) if weight else []:
         reference.zero_grad(set_to_none=True)
-        lengths = [distill.sequence_length(e) for e in examples]
-        head_loss(reference, batch.input_ids, lengths, HEAD_CHAIN_LOSS, backward=True)
-        chain_grads = {name: p.grad.clone() for name, p in reference.named_parameters()}
+        tokens = distill.batch_for(reference, group, "cpu").input_ids
+        lengths = [len(e.prompt_ids) + len(e.token_ids) - 1 for e in group]
+        starts = [len(e.prompt_ids) - 1 for e in group]
+        share = sum(len(e.token_ids) for e in group) / sum(answers)
+        head_loss(reference, tokens, lengths, chain_loss, backward=True, starts=starts)
         for name, p in reference.named_parameters():
-            p.grad = kl_grads[name] + weight * n * chain_grads[name]
-    expected = {name: p.detach() - lr * p.grad / n for name, p in reference.named_parameters()}
+            step[name] = step[name] + weight * share * p.grad
+            chain_contribution = max(chain_contribution, lr * weight * share * float(p.grad.abs().max()))
+    expected = {name: p.detach() - lr * step[name] for name, p in reference.named_parameters()}
 
-    make_learner(settings).fit(draft, examples, base_version="v0")
+    report = make_learner(settings).fit(draft, examples, base_version="v0")
     for name, p in draft.named_parameters():
         torch.testing.assert_close(p.detach(), expected[name], rtol=1e-4, atol=1e-6)
-    if weight:  # the two-step term moved the weights measurably, not only the KL
-        assert any(float(g.abs().max()) * weight * lr > 1e-4 for g in chain_grads.values())
+    if weight:  # the term moved the weights measurably, and its loss is recorded
+        assert chain_contribution > 1e-4 and report.details["chain_loss_first"] > 0
+    else:
+        assert report.details["chain_loss_first"] is None

@@ -28,14 +28,16 @@ class LearningMemory:
     masters: int  # float32 masters of the trainable parameters, every member
     optimizer: int  # optimizer state (moments, momentum, the optimistic learner's previous step), every member
     members: int
+    gradients: int = 0  # float32 gradients of one step (one member at a time; twice with a head's chain term)
 
     @property
     def total(self) -> int:
-        return self.training_copy + self.masters + self.optimizer
+        return self.training_copy + self.masters + self.optimizer + self.gradients
 
 
 def estimate(draft: torch.nn.Module, settings: LearnerSettings, training_dtype: torch.dtype) -> LearningMemory:
     """Bytes a learner of `settings` holds for `draft` (trained in `training_dtype`)."""
+    from pipelines.heads.model import HeadDraft
     from pipelines.learners.base import trainable_parameters
 
     parameters = sum(p.numel() for p in draft.parameters())
@@ -45,11 +47,13 @@ def estimate(draft: torch.nn.Module, settings: LearnerSettings, training_dtype: 
     if settings.name == "optimistic":
         states += 1  # the previous direction
     element = torch.tensor([], dtype=training_dtype).element_size()
+    chain = isinstance(draft, HeadDraft) and settings.head_chain_weight > 0  # its own gradient buffers
     return LearningMemory(
         training_copy=parameters * element,
         masters=trainable * 4 * members,
         optimizer=trainable * 4 * states * members,
         members=members,
+        gradients=trainable * 4 * (2 if chain else 1),
     )
 
 
@@ -66,6 +70,7 @@ def check(memory: LearningMemory, device: str, available: int | None) -> bool:
     line = (
         f"learning holds about {memory.total / GIB:.1f} GiB on {device}: training copy {memory.training_copy / GIB:.1f}"
         f" + float32 masters {memory.masters / GIB:.1f} + optimizer state {memory.optimizer / GIB:.1f}"
+        f" + a step's gradients {memory.gradients / GIB:.1f}"
         f" ({memory.members} member{'s' if memory.members > 1 else ''})"
     )
     if device.startswith("cpu") and available is not None and memory.total > available:

@@ -113,10 +113,14 @@ def unrolled_outputs(draft, tokens: torch.Tensor, features: torch.Tensor, steps:
     return outputs
 
 
-def target_positions(lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, columns) of every target position q = 1 .. L_b - 1 of every row: built on the host, sent once."""
-    rows = torch.cat([torch.full((max(n - 1, 0),), b, dtype=torch.int64) for b, n in enumerate(lengths)])
-    columns = torch.cat([torch.arange(1, max(n, 1), dtype=torch.int64) for n in lengths])
+def target_positions(lengths: list[int], device, starts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of every target position q = start_b .. L_b - 1 of every row (start_b >= 1, default 1):
+    built on the host, sent once."""
+    starts = starts or [1] * len(lengths)
+    rows = torch.cat(
+        [torch.full((max(n - q0, 0),), b, dtype=torch.int64) for b, (n, q0) in enumerate(zip(lengths, starts))]
+    )
+    columns = torch.cat([torch.arange(q0, max(n, q0), dtype=torch.int64) for n, q0 in zip(lengths, starts)])
     if torch.device(device).type == "cuda":
         rows, columns = rows.pin_memory(), columns.pin_memory()
     return rows.to(device, non_blocking=True), columns.to(device, non_blocking=True)
@@ -131,20 +135,24 @@ def head_loss(
     features: torch.Tensor | None = None,  # [B, T, F] the target's (draft.target_features), if the caller has them
     backward: bool = False,
     scale: float = 1.0,  # with backward: the gradient accumulated is that of scale x the objective
+    starts: list[int] | None = None,  # [B] first target position q scored per row (>= 1; default 1: all of them)
 ) -> HeadLoss:
     """The loss of the module docstring; with `backward`, the gradient of `scale` times it is accumulated into the
-    head's parameters (with scale 1, divide nothing afterwards: the objective is already a mean)."""
+    head's parameters (with scale 1, divide nothing afterwards: the objective is already a mean). `starts` scores
+    only positions q >= start_b of row b (e.g. a request's answer, not its prompt); earlier positions still feed
+    the unrolled chains as inputs."""
     device = tokens.device
     if features is None:
         with torch.no_grad():
             features = draft.target_features(tokens)
     steps = settings.unroll
-    counts = [sum(max(n - s, 0) for n in lengths) for s in range(1, steps + 1)]
+    starts = [max(q0, 1) for q0 in starts] if starts is not None else [1] * len(lengths)
+    counts = [sum(max(n - max(s, q0), 0) for n, q0 in zip(lengths, starts)) for s in range(1, steps + 1)]
     scales = [w / c if c else 0.0 for w, c in zip(settings.step_weights(), counts)]
     with torch.set_grad_enabled(backward):
         outputs = unrolled_outputs(draft, tokens, features, steps)
     leaves = [o.detach().requires_grad_(True) for o in outputs] if backward else outputs
-    rows, columns = target_positions(lengths, device)
+    rows, columns = target_positions(lengths, device, starts)
     restricted = settings.draft_vocab_only and draft.head.draft_vocab is not None
     logits_of = draft.draft_logits if restricted else draft.logits
     zeros = lambda: torch.zeros(steps, device=device)  # noqa: E731

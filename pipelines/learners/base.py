@@ -45,9 +45,10 @@ target's, never trained), so "all" and "layers" are the same: every parameter of
 `fc`, a fused head's `fuse` and its norms, its decoder layers and its norm); "last_layers" is the last
 num_last_layers of its decoder layers (the rest frozen). For the round a head needs the target's features of every
 request: a FeatureBank (pipelines.heads.feedback, where the cost is documented) computes them in batched target
-passes on first use and keeps them until fit returns. With `head_chain_weight` > 0 each step also takes the
-bootstrap's loss (HEAD_CHAIN_LOSS: two drafting steps and feature regression, pipelines.heads.losses) over those
-features, so the steps that read the head's own output are trained too, not only step 1.
+passes on first use and keeps them until fit returns. With `head_chain_weight` > 0 each step also takes the chain
+term (ChainTerm: the bootstrap's loss HEAD_CHAIN_LOSS, two drafting steps and feature regression, over the answers
+of the step's requests, on those features), so the drafting steps that read the head's own output are trained too,
+not only step 1; the reported losses stay the step-1 KL, the chain term's are in details (chain_loss_*).
 """
 
 from __future__ import annotations
@@ -73,6 +74,63 @@ log = logging.getLogger(__name__)
 # The bootstrap's loss as `draft init` takes it (its default unroll and regression; over the draft vocabulary when
 # the head has one), for the learners' head_chain_weight term.
 HEAD_CHAIN_LOSS = HeadLossSettings(unroll=2, draft_vocab_only=True)
+
+
+def answer_start(example: RequestFeedback) -> int:
+    """First target position of a request's answer in head_loss's terms: q = P - 1 gives the first emitted token
+    (at least 1, where a one-token prompt's first token has no head prediction)."""
+    return max(len(example.prompt_ids) - 1, 1)
+
+
+def chain_positions(example: RequestFeedback) -> int:
+    """Step-1 positions the chain term scores in a request: its emitted tokens that a head predicts."""
+    return max(distill.sequence_length(example) - answer_start(example), 0)
+
+
+class ChainTerm:
+    """A head's chain term in one optimizer step (LearnerSettings.head_chain_weight): HEAD_CHAIN_LOSS over the
+    answers of the step's requests (prompts are read, not scored), each micro-batch's mean weighted by its share of
+    the step's answer positions, so the step adds weight x gradient of the term's mean over the step whatever the
+    micro-batching (exactly when unroll steps agree on the shares, as with one micro-batch)."""
+
+    def __init__(self, weight: float, positions: int, weights: list[torch.Tensor]):
+        self.weight = weight
+        self.positions = positions
+        self.grads = [torch.zeros_like(w) for w in weights]  # float32, beside the masters
+        self._objective = 0.0
+
+    @classmethod
+    def for_step(cls, draft, weight: float, groups, weights: list[torch.Tensor]) -> ChainTerm | None:
+        if not isinstance(draft, HeadDraft) or weight <= 0:
+            return None
+        positions = sum(chain_positions(e) for group in groups for e in group)
+        return cls(weight, positions, weights) if positions else None
+
+    def add(self, draft: HeadDraft, group: Sequence[RequestFeedback], batch: distill.FeedbackBatch) -> None:
+        """The gradient of the group's share x its mean, left in the draft's .grad (the caller takes it)."""
+        share = sum(chain_positions(e) for e in group) / self.positions
+        if share == 0:
+            return
+        lengths = [distill.sequence_length(e) for e in group]
+        starts = [answer_start(e) for e in group]
+        loss = head_loss(
+            draft,
+            batch.input_ids,
+            lengths,
+            HEAD_CHAIN_LOSS,
+            features=batch.features,
+            backward=True,
+            scale=share,
+            starts=starts,
+        )
+        self._objective = self._objective + share * loss.objective
+
+    def apply(self, weights: list[torch.Tensor]) -> None:
+        for w, g in zip(weights, self.grads):
+            w.grad.add_(g, alpha=self.weight)
+
+    def objective(self) -> float:
+        return float(self._objective)
 
 
 class NonFiniteError(RuntimeError):
@@ -111,6 +169,7 @@ class Member:
     optimizer: torch.optim.Optimizer
     lr: float
     steps: int = 0
+    chain_losses: list[float] = field(default_factory=list)  # a head's chain term per step of the current fit
 
 
 def trainable_parameters(model: torch.nn.Module, settings: LearnerSettings) -> dict[str, torch.nn.Parameter]:
@@ -306,6 +365,14 @@ class Learner:
             features=self._features,
         )
 
+    @staticmethod
+    def _take_grads(params: dict[str, torch.nn.Parameter], buffers: list[torch.Tensor]) -> None:
+        """Add the draft's parameter gradients (in its dtype) to float32 buffers, and clear them."""
+        for p, buffer in zip(params.values(), buffers):
+            if p.grad is not None:
+                buffer.add_(p.grad.float())
+                p.grad = None
+
     def _load(self, params: dict[str, torch.nn.Parameter], weights: list[torch.Tensor]) -> None:
         with torch.no_grad():
             for p, w in zip(params.values(), weights):
@@ -320,6 +387,7 @@ class Learner:
         self._load(params, member.weights)
         device = member.weights[0].device
         losses, norms, steps = [], [], 0
+        member.chain_losses = []
         for _ in range(s.epochs):
             order = self._epoch_order(len(examples))
             for start in range(0, len(order), s.batch_size):
@@ -341,41 +409,34 @@ class Learner:
             "train_loss_last": losses[-1] if losses else None,
             "grad_norm_mean": sum(norms) / len(norms) if norms else None,
             "grad_norm_max": max(norms) if norms else None,
+            # a head's chain term (head_chain_weight), first and last step: the losses above are the step-1 KL only
+            "chain_loss_first": member.chain_losses[0] if member.chain_losses else None,
+            "chain_loss_last": member.chain_losses[-1] if member.chain_losses else None,
         }
 
     def _step(self, draft, params, member: Member, examples, device) -> tuple[float | None, float]:
         """One optimizer step on a few requests: accumulate gradients over micro-batches into the float32
-        masters, normalise by the number of positions, check, clip, step, copy the masters into the draft."""
+        masters, normalise by the number of positions, add a head's chain term (below), check, clip, step, copy
+        the masters into the draft."""
         for w in member.weights:
             w.grad = torch.zeros_like(w)
+        groups = distill.micro_batches(examples, self.settings.micro_batch_tokens)
+        chain = ChainTerm.for_step(draft, self.settings.head_chain_weight, groups, member.weights)
         total, count = 0.0, 0
-        for group in distill.micro_batches(examples, self.settings.micro_batch_tokens):
+        for group in groups:
             batch = distill.batch_for(draft, group, device, self._features)
             logits = distill.draft_logits(draft, batch)
             mask = distill.select(logits, batch, self.positions)
             n = int(mask.sum())
-            if n == 0:
-                continue
-            loss_sum = distill.forward_kl(logits, batch, self.settings.target_temperature)[mask].sum()
-            loss_sum.backward()
-            if isinstance(draft, HeadDraft) and self.settings.head_chain_weight > 0:
-                # its mean over the sequences' positions, weighted as if it were summed over the n scored here
-                lengths = [distill.sequence_length(e) for e in group]
-                head_loss(
-                    draft,
-                    batch.input_ids,
-                    lengths,
-                    HEAD_CHAIN_LOSS,
-                    features=batch.features,
-                    backward=True,
-                    scale=self.settings.head_chain_weight * n,
-                )
-            for p, w in zip(params.values(), member.weights):
-                if p.grad is not None:
-                    w.grad.add_(p.grad.float())
-                    p.grad = None
-            total += float(loss_sum.detach())
-            count += n
+            if n:
+                loss_sum = distill.forward_kl(logits, batch, self.settings.target_temperature)[mask].sum()
+                loss_sum.backward()
+                self._take_grads(params, [w.grad for w in member.weights])
+                total += float(loss_sum.detach())
+                count += n
+            if chain is not None:
+                chain.add(draft, group, batch)
+                self._take_grads(params, chain.grads)
         if count == 0:
             return None, 0.0
         loss = total / count
@@ -383,6 +444,9 @@ class Learner:
             raise NonFiniteError(f"{self.name}: loss {loss} at step {member.steps + 1}")
         for w in member.weights:
             w.grad.div_(count)
+        if chain is not None:
+            chain.apply(member.weights)
+            member.chain_losses.append(chain.objective())
         norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(w.grad) for w in member.weights])))
         if not math.isfinite(norm):
             raise NonFiniteError(f"{self.name}: gradient norm {norm} at step {member.steps + 1}")

@@ -11,8 +11,10 @@ OSD recomputes the target's distribution with an extra forward; here the verific
 Fallback for feedback without draft proposals (target-only decoding, every kind is BONUS): R = the positions
 where the draft being trained would be rejected now, i.e. its teacher-forced argmax differs from the emitted
 token; re-evaluated at every step, so it shrinks as the draft learns. Bonus positions (after a fully accepted
-step) and accepted positions are never trained on. loss_before / loss_after are measured on the same positions.
-A step whose requests have no such position is skipped.
+step) and accepted positions are never trained on by the KL. loss_before / loss_after are measured on the same
+positions. A step whose requests have no such position is skipped. A head also takes the chain term
+(LearnerSettings.head_chain_weight, pipelines.learners.base) over every answer position of the step's requests:
+it keeps the drafting steps that read the head's own output trained, which the rejected positions alone do not.
 """
 
 from __future__ import annotations
