@@ -75,7 +75,8 @@ def register(subparsers) -> None:
         choices=["draft", "whole"],
         default="draft",
         help="with --draft-vocab: train over the draft vocabulary only (default: faster, and what the head drafts "
-        "from) or over the whole vocabulary; the online learners always use the whole vocabulary",
+        "from) or over the whole vocabulary (the online learners: their step-1 KL over the whole one, their chain "
+        "term over the draft one)",
     )
     init.add_argument(
         "--feature-cache-gib",

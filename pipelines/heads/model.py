@@ -24,8 +24,9 @@ Draft vocabulary. The LM head over the target's whole vocabulary is most of a he
 carry a reduced draft vocabulary (`draft_vocab`: the token ids it can propose, e.g. the corpus's most frequent 32k,
 as EAGLE-3 does): drafting then scores only those rows of the LM head, proposes the best of them, and reports its q
 over the whole vocabulary with zeros elsewhere, so verification stays lossless. `draft init` trains over the draft
-vocabulary too unless told `--loss-vocab whole` (`draft_logits`; pipelines.heads.losses draft_vocab_only), the
-online learners over the whole one (`logits`); the ids are stored with the head's weights.
+vocabulary too unless told `--loss-vocab whole` (`draft_logits`; pipelines.heads.losses draft_vocab_only), as
+the online learners' chain term does; their step-1 KL is over the whole one (`logits`). The ids are stored with
+the head's weights.
 
 Fused features (EAGLE-3). With `feature_layers` (e.g. (2, 14) of a 28-layer target) the target's feature at p is
 F_p = [f_p; h^a_p; h^b_p]: the last hidden state, then the residual streams after those decoder layers (lower
@@ -404,7 +405,7 @@ class HeadDraft(torch.nn.Module):
 
     def logits(self, outputs: torch.Tensor) -> torch.Tensor:
         """Logits (float32), over the target's whole vocabulary, of the token after the one each head output g
-        predicts the feature of (the online learners, and the bootstrap with the whole-vocabulary loss)."""
+        predicts the feature of (the online learners' step-1 KL, and the bootstrap with the whole-vocabulary loss)."""
         return self.target.get_output_embeddings()(outputs).float()
 
     # drafting: over the draft vocabulary when the head has one (module docstring)
