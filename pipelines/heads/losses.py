@@ -113,10 +113,9 @@ def unrolled_outputs(draft, tokens: torch.Tensor, features: torch.Tensor, steps:
     return outputs
 
 
-def target_positions(lengths: list[int], device, starts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, columns) of every target position q = start_b .. L_b - 1 of every row (start_b >= 1, default 1):
-    built on the host, sent once."""
-    starts = starts or [1] * len(lengths)
+def target_positions(lengths: list[int], starts: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of every target position q = start_b .. L_b - 1 of every row (start_b >= 1): built on the
+    host, sent once."""
     rows = torch.cat(
         [torch.full((max(n - q0, 0),), b, dtype=torch.int64) for b, (n, q0) in enumerate(zip(lengths, starts))]
     )
@@ -152,7 +151,7 @@ def head_loss(
     with torch.set_grad_enabled(backward):
         outputs = unrolled_outputs(draft, tokens, features, steps)
     leaves = [o.detach().requires_grad_(True) for o in outputs] if backward else outputs
-    rows, columns = target_positions(lengths, device, starts)
+    rows, columns = target_positions(lengths, starts, device)
     restricted = settings.draft_vocab_only and draft.head.draft_vocab is not None
     logits_of = draft.draft_logits if restricted else draft.logits
     zeros = lambda: torch.zeros(steps, device=device)  # noqa: E731

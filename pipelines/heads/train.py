@@ -195,7 +195,7 @@ def available_ram_bytes() -> int:
 
 def features_bytes(batches: list[list[list[int]]], feature_size: int, dtype: torch.dtype) -> int:
     """What the target's features of every batch take, padded as the step pads them (rows x longest)."""
-    per_token = feature_size * torch.empty((), dtype=dtype).element_size()
+    per_token = feature_size * dtype.itemsize
     return sum(len(batch) * max(map(len, batch)) for batch in batches) * per_token
 
 
