@@ -18,8 +18,12 @@ of the target's parameters. One window of the variant then replaces the estimate
                  (Kaplan-Meier), not a plain mean: measured on an H100, auto kept suffix:4 on a Shakespeare
                  stream at batch 8 (1.44x target-only) where suffix:8 ran at 1.77x, because suffix:4's full
                  rounds had counted as rounds that stopped at 4
-    draft:k,     1 + alpha + ... + alpha^k, with alpha the model's per-token acceptance (accepted / tested
-    head:k       positions of its rounds, per draft version, starting from a prior)
+    draft:k,     1 + r_1 + r_1 r_2 + ... + r_1 ... r_k, with r_j the model's pass rate at chain position j (passed /
+    head:k       tested at j, per draft version; a chain is tested up to its first rejection). Each rate starts from
+                 the one before it (r_1 from a prior), worth `prior_positions` tested positions, so a position no
+                 round tested keeps its predecessor's rate. Per position because a head's acceptance falls along
+                 the chain (measured on an H100: 0.64 at position 1, 0.47-0.52 at 4-5): one pooled rate makes small
+                 k look worse and large k better than they are.
     hybrid:k     1 + E_m[max(suffix's expected accepted at m (as for suffix:k), the model's expected accepted)]
 
 correction: realized over expected tokens per active row and round of the recent windows of v at this bucket (with
@@ -44,6 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipelines.decode_state import POSITION_PASSED, POSITION_TESTED
 from pipelines.proposers import TARGET_ONLY, Variant
 from pipelines.settings import ControllerSettings
 
@@ -58,10 +63,17 @@ class _Cost:
 
 @dataclass
 class _ModelEvidence:
-    """Per-token acceptance of one draft version: accepted / tested positions (a rejection ends the test)."""
+    """Acceptance of one draft version by chain position: passed / tested (a rejection ends the test)."""
 
-    accepted: float = 0.0
-    tested: float = 0.0
+    passed: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    tested: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def add(self, positions: np.ndarray) -> None:
+        width = max(len(self.passed), positions.shape[1])
+        self.passed = np.pad(self.passed, (0, width - len(self.passed)))
+        self.tested = np.pad(self.tested, (0, width - len(self.tested)))
+        self.passed[: positions.shape[1]] += positions[POSITION_PASSED]
+        self.tested[: positions.shape[1]] += positions[POSITION_TESTED]
 
 
 @dataclass
@@ -73,9 +85,9 @@ class BatchObservation:
     rounds: int
     seconds: float | None
     draft_version: str | None = None
-    model_rounds: int = 0  # row-rounds in which the model proposer (draft LM or head) drafted
-    model_accepted: int = 0
-    model_full: int = 0  # of those, rounds in which all k drafted tokens were accepted
+    # [2, max_k]: chain positions 1..max_k of the model proposer (draft LM or head) that passed and were tested
+    # (pipelines.decode_state.POSITION_*), summed over the window's row-rounds
+    model_positions: np.ndarray | None = None
     suffix_hist: np.ndarray | None = None  # [J + 1, K + 1] rounds by (match length, accepted suffix tokens)
     suffix_capped: np.ndarray | None = None  # of those, rounds whose k drafts all passed (censored at k)
     rows: int = 0  # requests in the batch (static batching)
@@ -162,11 +174,9 @@ class GoodputController:
             else:
                 self._suffix_hist += hist
                 self._suffix_capped += capped
-        if obs.draft_version is not None and obs.model_rounds:
-            evidence = self._model.setdefault(obs.draft_version, _ModelEvidence())
-            evidence.accepted += obs.model_accepted
-            # every round tests positions until the first rejection: accepted + 1, or k when all passed
-            evidence.tested += obs.model_accepted + (obs.model_rounds - obs.model_full)
+        if obs.draft_version is not None and obs.model_positions is not None and obs.model_positions.any():
+            positions = np.asarray(obs.model_positions, dtype=np.float64)
+            self._model.setdefault(obs.draft_version, _ModelEvidence()).add(positions)
 
     def _correct(self, obs: BatchObservation) -> None:
         """Tokens per row and round the batch really got against what was expected of its variant. A batch decodes
@@ -190,17 +200,28 @@ class GoodputController:
             self._suffix_hist *= factor
             self._suffix_capped *= factor
         for evidence in self._model.values():
-            evidence.accepted *= factor
+            evidence.passed *= factor
             evidence.tested *= factor
 
-    def model_alpha(self, version: str | None, optimistic: bool = False) -> float:
+    def model_rates(self, version: str | None, k: int, optimistic: bool = False) -> np.ndarray:
+        """Pass rates of chain positions 1..k for a draft version: (passed + w r_prev) / (tested + w) with
+        w = prior_positions and r_prev the rate of the position before (prior_alpha before position 1); optimistic
+        adds 1 / sqrt(tested + w + 1) to each (an upper estimate, to decide what to explore)."""
         s = self.settings
         evidence = self._model.get(version or "", _ModelEvidence())
-        tested = evidence.tested + s.prior_positions
-        alpha = (evidence.accepted + s.prior_alpha * s.prior_positions) / tested if tested else s.prior_alpha
-        if optimistic:
-            alpha += 1.0 / math.sqrt(tested + 1.0)
-        return min(alpha, 0.999)
+        rates, previous = np.zeros(k), s.prior_alpha
+        for j in range(k):
+            passed = evidence.passed[j] if j < len(evidence.passed) else 0.0
+            tested = evidence.tested[j] if j < len(evidence.tested) else 0.0
+            weight = tested + s.prior_positions
+            rate = (passed + s.prior_positions * previous) / weight if weight else previous
+            rates[j] = min(rate + (1.0 / math.sqrt(weight + 1.0) if optimistic else 0.0), 0.999)
+            previous = rate
+        return rates
+
+    def model_expected_accepted(self, version: str | None, k: int, optimistic: bool = False) -> float:
+        """Expected accepted tokens of a model chain of k drafts: r_1 + r_1 r_2 + ... + r_1 ... r_k."""
+        return float(np.cumprod(self.model_rates(version, k, optimistic)).sum())
 
     def suffix_rounds(self) -> float:
         """Row-rounds of suffix evidence (decayed), real and shadow."""
@@ -228,8 +249,7 @@ class GoodputController:
             return 1.0
         if variant.proposer == "suffix":
             return 1.0 + self._suffix_accepted(variant.k)
-        alpha = self.model_alpha(draft_version, optimistic)
-        model = _geometric_accepted(alpha, variant.k)
+        model = self.model_expected_accepted(draft_version, variant.k, optimistic)
         if variant.proposer in ("draft", "head"):
             return 1.0 + model
         if variant.proposer == "hybrid":
@@ -338,8 +358,3 @@ class GoodputController:
                 },
                 "costs_ms": {f"{b}/{v}": round(c.seconds * 1e3, 3) for (b, v), c in sorted(self._costs.items())},
             }
-
-
-def _geometric_accepted(alpha: float, k: int) -> float:
-    """Expected accepted tokens of a chain of k drafts with per-token acceptance alpha: alpha + ... + alpha^k."""
-    return sum(alpha**j for j in range(1, k + 1))

@@ -7,8 +7,9 @@ Slot `capacity` of every output buffer is a dump column: writes for positions th
 Proposers keep their own per-row buffers (a draft model's KV cache rows, the suffix proposer's shadow counters, a
 head's KV cache and the target's features) in `proposer_state`, keyed by proposer name; each has `rows(B)` too.
 
-`tally` and `source_tally` count, over every round since they were last read, emitted tokens, active row-rounds and
-the per-source draft counters (the controller's evidence for a window of rounds) without a host read per round.
+`tally` and `position_tally` count, over every round since they were last read, emitted tokens, active row-rounds
+and, per source, the chain positions tested and passed (the controller's evidence for a window of rounds) without a
+host read per round.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ NUM_SOURCES = len(SOURCE_NAMES)
 # which every drafted token was accepted (a chain's acceptance test ends at its first rejection).
 COUNT_ROUNDS, COUNT_DRAFTED, COUNT_ACCEPTED, COUNT_FULL = 0, 1, 2, 3
 TALLY_TOKENS, TALLY_ROW_ROUNDS = 0, 1
+# Rows of DecodeState.position_tally per source: draft positions 1..max_k that passed, and that were tested (a chain
+# is tested up to its first rejection, so position j is tested in rounds that drafted j tokens and passed j - 1).
+POSITION_PASSED, POSITION_TESTED = 0, 1
 
 
 @dataclass
@@ -58,7 +62,7 @@ class DecodeState:
     out_topk_ids: torch.Tensor  # [B, capacity + 1, m] int32
     out_topk_logprobs: torch.Tensor  # [B, capacity + 1, m] float16
     tally: torch.Tensor  # [2] int64: TALLY_TOKENS, TALLY_ROW_ROUNDS (shared by every bucket's view)
-    source_tally: torch.Tensor  # [NUM_SOURCES, 4] int64: COUNT_* per SOURCE_*, summed over rows (shared)
+    position_tally: torch.Tensor  # [NUM_SOURCES, 2, max_k] int64: POSITION_* per SOURCE_* and position (shared)
     proposer_state: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -66,7 +70,9 @@ class DecodeState:
         return self.out_tokens.shape[1] - 1
 
     @classmethod
-    def allocate(cls, batch_size: int, target_cache: PositionalKVCache, top_m: int, device: torch.device):
+    def allocate(
+        cls, batch_size: int, target_cache: PositionalKVCache, top_m: int, device: torch.device, max_k: int = 16
+    ):
         capacity = target_cache.max_seq_len
         rows = lambda dtype, fill=0: torch.full((batch_size,), fill, dtype=dtype, device=device)  # noqa: E731
         outs = lambda dtype, *extra: torch.zeros((batch_size, capacity + 1, *extra), dtype=dtype, device=device)  # noqa: E731
@@ -95,7 +101,7 @@ class DecodeState:
             out_topk_ids=outs(torch.int32, top_m),
             out_topk_logprobs=outs(torch.float16, top_m),
             tally=torch.zeros(2, dtype=torch.int64, device=device),
-            source_tally=torch.zeros((NUM_SOURCES, 4), dtype=torch.int64, device=device),
+            position_tally=torch.zeros((NUM_SOURCES, 2, max_k), dtype=torch.int64, device=device),
         )
 
     def rows(self, batch_size: int) -> DecodeState:
@@ -105,7 +111,7 @@ class DecodeState:
             value = getattr(self, name)
             if name == "batch_size":
                 view[name] = batch_size
-            elif name in ("tally", "source_tally"):
+            elif name in ("tally", "position_tally"):
                 view[name] = value
             elif name == "target_cache":
                 view[name] = value.rows(batch_size)
@@ -114,6 +120,11 @@ class DecodeState:
             else:
                 view[name] = value[:batch_size]
         return DecodeState(**view)
+
+    def reset_tallies(self) -> None:
+        """Zero the window counters (shared by every bucket's view)."""
+        self.tally.zero_()
+        self.position_tally.zero_()
 
     def record(
         self,

@@ -41,7 +41,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipelines import sampling
 from pipelines.controller import BatchObservation, GoodputController
-from pipelines.decode_state import COUNT_ACCEPTED, COUNT_FULL, COUNT_ROUNDS, TALLY_ROW_ROUNDS, TALLY_TOKENS, DecodeState
+from pipelines.decode_state import TALLY_ROW_ROUNDS, TALLY_TOKENS, DecodeState
 from pipelines.heads.model import HeadDraft
 from pipelines.kv_cache import PositionalKVCache, decoder_forward, padded_width
 from pipelines.phase_clock import PhaseClock
@@ -187,7 +187,7 @@ class SpeculativeEngine:
         )
         self.pad_tokens = settings.pad_tokens or (64 if self.device.type == "cuda" else 1)
         self.state = DecodeState.allocate(
-            size, PositionalKVCache.allocate(target, size, length), settings.top_m, self.device
+            size, PositionalKVCache.allocate(target, size, length), settings.top_m, self.device, self.max_k
         )
         self.prefill = PrefillRunner(
             target, self.state.target_cache, self._use_graphs, settings.prefill_graph_tokens, feature_layers
@@ -331,8 +331,7 @@ class SpeculativeEngine:
         self._stale.clear()
         self._flags.clear()
         self._window = None
-        self.state.tally.zero_()
-        self.state.source_tally.zero_()
+        self.state.reset_tallies()
         if self.suffix is not None:
             self.suffix.clear_statistics()
         return tags
@@ -621,7 +620,7 @@ class SpeculativeEngine:
             if self._last_choice.get(bucket) != variant:
                 self._log_switch(bucket, variant)
             self._last_choice[bucket] = variant
-        self._share_expectations()
+        self._share_expectations(variant.k)
         self.last_variant = variant
         return variant
 
@@ -638,15 +637,15 @@ class SpeculativeEngine:
             ", ".join(f"{v} {g:.0f}" for v, g in ranked) or "none measured yet",
         )
 
-    def _share_expectations(self) -> None:
-        """What the hybrid's per-row choice compares, from the controller's evidence (written between rounds)."""
+    def _share_expectations(self, k: int) -> None:
+        """What the hybrid's per-row choice compares in this window's rounds of k drafts, from the controller's
+        evidence (written between rounds)."""
         hybrid = self._models.hybrid
         if hybrid is None:
             return
         expected = self.controller.suffix_expected_accepted(self.settings.suffix.max_match, self.max_k)
         self.suffix.expected_accepted.copy_(torch.from_numpy(expected))
-        alpha = self.controller.model_alpha(self.draft_version)
-        hybrid.model_expected_accepted.fill_(sum(alpha**j for j in range(1, self.max_k + 1)))
+        hybrid.model_expected_accepted.fill_(self.controller.model_expected_accepted(self.draft_version, max(k, 1)))
 
     def _close_window(self) -> None:
         """Hand the window's evidence to the controller (one host read of the tallies) and start afresh."""
@@ -654,16 +653,16 @@ class SpeculativeEngine:
         state = self.state
         if self.controller is None:  # nothing reads the tallies: reset them on the device, no host read
             self.clock.totals()
-            state.tally.zero_()
-            state.source_tally.zero_()
+            state.reset_tallies()
             if self.suffix is not None:
                 self.suffix.clear_statistics()
             return
-        tally = state.tally.cpu()  # also waits for the window's rounds: their events are then readable
+        # copies (on a CPU, .cpu() would return the buffers themselves, zeroed below); the first read also waits for
+        # the window's rounds, whose events are then readable
+        tally = state.tally.to("cpu", copy=True)
         self.clock.totals()  # folds the finished spans in, so the clock's pending events stay few
-        sources = state.source_tally.cpu()
-        state.tally.zero_()
-        state.source_tally.zero_()
+        positions = state.position_tally.to("cpu", copy=True)
+        state.reset_tallies()
         hist = capped = None
         if self.suffix is not None:
             hist, capped = self.suffix.take_statistics()
@@ -673,7 +672,7 @@ class SpeculativeEngine:
             seconds = sum(begin.elapsed_time(end) for begin, end in window.events) / 1e3
         else:
             seconds = window.host_seconds
-        model = sources[self.model_proposer.source if self.model_proposer is not None else SOURCE_DRAFT]
+        model_source = self.model_proposer.source if self.model_proposer is not None else SOURCE_DRAFT
         self.controller.observe(
             BatchObservation(
                 window.bucket,
@@ -681,9 +680,7 @@ class SpeculativeEngine:
                 window.rounds,
                 None if window.shadow else seconds,  # shadow work is not the variant's cost
                 self.draft_version,
-                model_rounds=int(model[COUNT_ROUNDS]),
-                model_accepted=int(model[COUNT_ACCEPTED]),
-                model_full=int(model[COUNT_FULL]),
+                model_positions=positions[model_source].numpy(),
                 suffix_hist=hist,
                 suffix_capped=capped,
                 tokens=int(tally[TALLY_TOKENS]),

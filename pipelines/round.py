@@ -112,8 +112,9 @@ def propose(models: RoundModels, state: DecodeState, variant: Variant, greedy_on
 
 
 def count_drafts(state: DecodeState, sources: torch.Tensor, counts: torch.Tensor, accepted: torch.Tensor) -> None:
-    """Raw counters: drafted tokens and draft steps per row, and rounds / drafted / accepted / full per source (per
-    row, and summed over rows in the window tally)."""
+    """Raw counters: drafted tokens and draft steps per row, rounds / drafted / accepted / full per row and source,
+    and, summed over rows in the window tally, the chain positions each source had tested and passed (the window's
+    per-position acceptance, for the goodput controller)."""
     drafting = state.active & (counts > 0)
     state.drafted.add_(torch.where(state.active, counts, 0))
     state.draft_steps.add_(drafting.long())
@@ -125,7 +126,11 @@ def count_drafts(state: DecodeState, sources: torch.Tensor, counts: torch.Tensor
     values = values * drafting[:, None].long()
     rows = torch.arange(state.batch_size, device=counts.device) * NUM_SOURCES + sources.long()
     state.source_counts.view(-1, 4).index_add_(0, rows, values)
-    state.source_tally.index_add_(0, sources.long(), values)
+    positions = torch.arange(1, state.position_tally.shape[-1] + 1, device=counts.device)
+    passed = accepted[:, None] >= positions
+    tested = (counts[:, None] >= positions) & (accepted[:, None] >= positions - 1)
+    by_position = torch.stack((passed, tested), dim=1) & drafting[:, None, None]  # [B, 2, max_k]
+    state.position_tally.index_add_(0, sources.long(), by_position.long())
 
 
 def finish_rows(models: RoundModels, state: DecodeState, emitted: torch.Tensor, valid: torch.Tensor) -> None:

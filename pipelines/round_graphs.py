@@ -48,8 +48,7 @@ class RoundGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = capture_graph(lambda: run_round(self.models, state, variant, greedy_only, shadow), self._pool)
-        state.tally.zero_()
-        state.source_tally.zero_()
+        state.reset_tallies()
         return graph
 
     def seconds_per_round(self, bucket: int, variant: Variant) -> float:

@@ -45,7 +45,7 @@ class ControllerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    k_choices: tuple[int, ...] = (2, 4, 8)  # k tried for each proposer (each at most engine.max_k)
+    k_choices: tuple[int, ...] = (2, 3, 4, 8)  # k tried for each proposer (each at most engine.max_k)
     margin: float = Field(0.02, ge=0, le=1)  # required goodput gain over target-only
     decay: float = Field(0.99, gt=0, le=1)  # weight of old evidence after each batch
     prior_alpha: float = Field(0.5, ge=0, lt=1)  # the draft model's per-token acceptance before evidence

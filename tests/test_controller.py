@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from pipelines.controller import BatchObservation, GoodputController
 from pipelines.engine import EngineSettings, SpeculativeEngine
@@ -23,6 +24,16 @@ def suffix_hist(accepted_per_round: int, rounds: int = 200) -> np.ndarray:
     return hist
 
 
+def chain(k: int, rounds_by_accepted: dict[int, int]) -> np.ndarray:
+    """Model evidence [passed, tested] x positions 1..k of rounds of k drafts, from rounds by accepted tokens: a round
+    that accepted a passed positions 1..a and tested 1..min(a + 1, k)."""
+    positions = np.zeros((2, k), dtype=np.int64)
+    for accepted, rounds in rounds_by_accepted.items():
+        positions[0, :accepted] += rounds
+        positions[1, : min(accepted + 1, k)] += rounds
+    return positions
+
+
 def controller(**settings) -> GoodputController:
     return GoodputController(ControllerSettings(explore_every=0, **settings), [TARGET_ONLY, SUFFIX, DRAFT, HYBRID])
 
@@ -37,7 +48,7 @@ def test_target_only_when_every_proposer_is_made_expensive():
     ctl.observe(
         BatchObservation(1, SUFFIX, 10, 0.01, suffix_hist=suffix_hist(accepted_per_round=3))
     )  # 4 tokens per round
-    ctl.observe(BatchObservation(1, DRAFT, 10, 0.01, "v1", model_rounds=100, model_accepted=300, model_full=50))
+    ctl.observe(BatchObservation(1, DRAFT, 10, 0.01, "v1", model_positions=chain(4, {4: 50, 2: 50})))
     price(ctl, 1, none=0.004, suffix=0.05, draft=0.05, hybrid=0.06)  # 12x target-only: 4 tokens do not pay
     assert ctl.choose(1, draft_version="v1") == TARGET_ONLY
 
@@ -49,7 +60,7 @@ def test_a_proposer_when_it_is_cheap_and_accepted():
     assert ctl.choose(1) == SUFFIX
     assert ctl.expected_tokens(SUFFIX) == pytest.approx(4.0)
     # The draft model wins once it is cheap and accepted more often than suffix drafts.
-    ctl.observe(BatchObservation(1, DRAFT, 10, 0.01, "v1", model_rounds=1000, model_accepted=3900, model_full=950))
+    ctl.observe(BatchObservation(1, DRAFT, 10, 0.01, "v1", model_positions=chain(4, {4: 950, 2: 50})))
     price(ctl, 1, none=0.004, suffix=0.0045, draft=0.0045, hybrid=0.02)
     assert ctl.choose(1, draft_version="v1") == DRAFT
 
@@ -79,13 +90,40 @@ def test_costs_follow_live_measurements_and_missing_ones_are_estimated():
     assert ctl.cost(1, SUFFIX) == pytest.approx(0.009)
 
 
-def test_model_acceptance_is_per_draft_version_and_starts_from_the_prior():
+def test_model_acceptance_is_per_draft_version_and_position_and_starts_from_the_prior():
     ctl = controller(prior_alpha=0.5, prior_positions=10)
-    assert ctl.model_alpha("new") == pytest.approx(0.5)
-    # 100 rounds of k = 4, 360 accepted, 80 fully accepted: tested = 360 + 20 rejections
-    ctl.observe(BatchObservation(1, DRAFT, 100, 1.0, "v1", model_rounds=100, model_accepted=360, model_full=80))
-    assert ctl.model_alpha("v1") == pytest.approx((360 + 5) / (380 + 10))
-    assert ctl.model_alpha("v2") == pytest.approx(0.5)
+    assert ctl.model_rates("new", 3) == pytest.approx([0.5, 0.5, 0.5])
+    assert ctl.model_expected_accepted("new", 3) == pytest.approx(0.5 + 0.25 + 0.125)
+    # 100 rounds of k = 2: 30 rejected at position 1, 20 at position 2, 50 passed both
+    ctl.observe(
+        BatchObservation(1, Variant("draft", 2), 100, 1.0, "v1", model_positions=chain(2, {0: 30, 1: 20, 2: 50}))
+    )
+    first = (70 + 10 * 0.5) / (100 + 10)
+    second = (50 + 10 * first) / (70 + 10)  # starts from position 1's rate
+    assert ctl.model_rates("v1", 4) == pytest.approx([first, second, second, second])  # untested: the one before
+    assert ctl.model_expected_accepted("v1", 3) == pytest.approx(first + first * second + first * second**2)
+    assert ctl.model_rates("v2", 2) == pytest.approx([0.5, 0.5])
+
+
+def test_a_chain_whose_acceptance_falls_with_position_runs_at_the_k_that_pays():
+    """A head that passes position 1 in 90% of rounds and later ones in 30%: one pooled rate over 4-draft rounds
+    (0.57) would promise k = 8 the most tokens per second (2.29 tokens per 5.75 ms against 1.89 per 5 ms); per
+    position, k = 2 pays most (2.17 per 5 ms against 2.29 per 5.75 ms)."""
+    head2, head8 = Variant("head", 2), Variant("head", 8)
+    ctl = GoodputController(ControllerSettings(explore_every=0, prior_positions=1), [TARGET_ONLY, head2, head8])
+    rounds = 10_000
+    positions = np.zeros((2, 8), dtype=np.int64)  # 4-draft rounds: 0.9 at position 1, then 0.3 per position
+    survivors = rounds
+    for j, rate in enumerate([0.9, 0.3, 0.3, 0.3]):
+        positions[1, j] = survivors
+        survivors = round(survivors * rate)
+        positions[0, j] = survivors
+    ctl.observe(BatchObservation(1, Variant("head", 4), 100, 1.0, "v1", model_positions=positions))
+    for variant, seconds in ((TARGET_ONLY, 0.004), (head2, 0.005), (head8, 0.00575)):
+        ctl.set_cost(1, variant, seconds)
+    assert ctl.expected_tokens(head2, "v1") == pytest.approx(1 + 0.9 + 0.27, abs=1e-3)
+    assert ctl.expected_tokens(head8, "v1") == pytest.approx(1 + 0.9 * sum(0.3**j for j in range(8)), abs=1e-3)
+    assert ctl.choose(1, draft_version="v1") == head2
 
 
 def test_exploration_tries_a_stale_draft_version_that_could_win():
@@ -95,7 +133,7 @@ def test_exploration_tries_a_stale_draft_version_that_could_win():
     price_none, price_draft = 0.004, 0.006
     ctl.set_cost(1, TARGET_ONLY, price_none)
     ctl.set_cost(1, DRAFT, price_draft)
-    ctl.observe(BatchObservation(1, DRAFT, 10, 0.06, "v1", model_rounds=500, model_accepted=50, model_full=0))
+    ctl.observe(BatchObservation(1, DRAFT, 10, 0.06, "v1", model_positions=chain(4, {1: 50, 0: 450})))
     picks = [ctl.choose(1, draft_version="v1") for _ in range(8)]
     assert picks.count(TARGET_ONLY) == 8  # v1 is measured and poor: never explored
     picks = [ctl.choose(1, draft_version="v2") for _ in range(8)]  # a new version: optimistic, tried every 4th
@@ -158,7 +196,7 @@ def test_a_draft_variant_with_only_an_estimated_cost_is_tried_once_and_kept_when
     assert ctl.choose(1, draft_version="v1") == TARGET_ONLY
     ctl.observe(BatchObservation(1, TARGET_ONLY, 100, 1.0))  # 10 ms per round
     assert ctl.choose(1, draft_version="v1") == DRAFT  # explored: estimated 18 ms, optimistic acceptance
-    ctl.observe(BatchObservation(1, DRAFT, 30, 0.54, "v1", model_rounds=30, model_accepted=100, model_full=20))
+    ctl.observe(BatchObservation(1, DRAFT, 30, 0.54, "v1", model_positions=chain(4, {4: 20, 2: 10})))
     assert ctl.cost(1, DRAFT) == pytest.approx(0.018)
     assert [ctl.choose(1, draft_version="v1") for _ in range(3)] == [DRAFT] * 3  # ~4.3 tokens per 18 ms round
 
@@ -197,3 +235,62 @@ def test_rounds_whose_k_drafts_all_passed_do_not_cap_what_a_larger_k_is_expected
     assert ctl.expected_tokens(short) == pytest.approx(3.0)
     # (the plain mean of min(a, 8) over both kinds of rounds would say 1 + 3 for suffix:8)
     assert ctl.choose(8) == long
+
+
+def test_a_round_tallies_each_sources_chain_positions_tested_and_passed():
+    from types import SimpleNamespace
+
+    from pipelines.decode_state import NUM_SOURCES, POSITION_PASSED, POSITION_TESTED
+    from pipelines.round import count_drafts
+    from pipelines.types import SOURCE_HEAD, SOURCE_SUFFIX
+
+    rows = 4
+    state = SimpleNamespace(
+        batch_size=rows,
+        active=torch.tensor([True, True, False, True]),
+        drafted=torch.zeros(rows, dtype=torch.int64),
+        draft_steps=torch.zeros(rows, dtype=torch.int64),
+        source_counts=torch.zeros((rows, NUM_SOURCES, 4), dtype=torch.int64),
+        position_tally=torch.zeros((NUM_SOURCES, 2, 5), dtype=torch.int64),
+    )
+    sources = torch.tensor([SOURCE_HEAD, SOURCE_SUFFIX, SOURCE_HEAD, SOURCE_HEAD], dtype=torch.uint8)
+    counts = torch.tensor([4, 3, 4, 0])  # row 2 is inactive, row 3 drafted nothing: neither counts
+    accepted = torch.tensor([2, 3, 4, 0])
+    count_drafts(state, sources, counts, accepted)
+    head, suffix = state.position_tally[SOURCE_HEAD], state.position_tally[SOURCE_SUFFIX]
+    assert head[POSITION_PASSED].tolist() == [1, 1, 0, 0, 0]
+    assert head[POSITION_TESTED].tolist() == [1, 1, 1, 0, 0]  # rejected at position 3
+    assert suffix[POSITION_PASSED].tolist() == [1, 1, 1, 0, 0]
+    assert suffix[POSITION_TESTED].tolist() == [1, 1, 1, 0, 0]  # all 3 passed: position 4 was never tested
+
+
+def test_the_engine_hands_the_controller_what_its_draft_rounds_tested_and_passed(engine_models):
+    engine = SpeculativeEngine(
+        engine_models.target,
+        engine_models.strong_draft,
+        engine_models.tokenizer,
+        EngineSettings(
+            proposer="auto",
+            max_batch_size=4,
+            max_seq_len=96,
+            auto={"k_choices": [3], "explore_every": 0, "decay": 1.0},
+        ),
+    )
+    for variant in engine.variants:  # the draft LM alone is cheap: auto runs draft:3 from the start
+        engine.controller.set_cost(4, variant, 0.001 if variant.proposer == "draft" else 1.0)
+    engine.controller.set_cost(4, TARGET_ONLY, 0.01)
+    tokenizer = engine_models.tokenizer
+    requests = [
+        GenerationRequest(id=str(i), input_ids=tokenizer(text).input_ids, max_new_tokens=20)
+        for i, text in enumerate(["The quick brown", "Once upon a time", "def main(", "SELECT name FROM"])
+    ]
+    results = engine.generate(requests)
+    assert engine.last_variant == Variant("draft", 3)
+    rounds = sum(r.counters.by_proposer["draft"]["rounds"] for r in results)
+    accepted = sum(r.counters.by_proposer["draft"]["accepted"] for r in results)
+    evidence = engine.controller._model[engine.draft_version]
+    assert rounds > 0 and 0 < accepted < 3 * rounds
+    assert evidence.tested[0] == rounds  # every drafting round tests position 1
+    assert evidence.passed.sum() == accepted
+    assert np.all(np.diff(evidence.tested) <= 0) and np.all(evidence.passed <= evidence.tested)
+    assert engine.controller.correction(4, Variant("draft", 3)) != 1.0  # the window's tokens reached it too

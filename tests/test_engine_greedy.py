@@ -287,7 +287,12 @@ def test_suffix_rounds_whose_k_drafts_all_pass_are_counted_as_capped_for_the_con
     from pipelines.controller import GoodputController
     from pipelines.settings import ControllerSettings
 
-    engine = engine_for(engine_models, proposer, 2, draft=None if proposer == "suffix" else "strong")
+    # the hybrid's rows take the suffix draft where its promise beats the model's: keep the strong draft's promise
+    # low (a prior that evidence barely moves), so that both kinds of rows occur
+    weak_model_prior = {"prior_alpha": 0.1, "prior_positions": 1e6}
+    engine = engine_for(
+        engine_models, proposer, 2, draft=None if proposer == "suffix" else "strong", auto=weak_model_prior
+    )
     if engine.controller is None:  # a fixed suffix proposer has none: one only to receive the windows
         engine.controller = GoodputController(ControllerSettings(), engine.variants)
     observations = watched_windows(engine)
