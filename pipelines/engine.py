@@ -663,9 +663,9 @@ class SpeculativeEngine:
         self.clock.totals()  # folds the finished spans in, so the clock's pending events stay few
         positions = state.position_tally.to("cpu", copy=True)
         state.reset_tallies()
-        hist = capped = None
+        hist = capped = exposure = None
         if self.suffix is not None:
-            hist, capped = self.suffix.take_statistics()
+            hist, capped, exposure = self.suffix.take_statistics()
         if window is None or window.rounds == 0:
             return
         if window.events:
@@ -683,6 +683,7 @@ class SpeculativeEngine:
                 model_positions=positions[model_source].numpy(),
                 suffix_hist=hist,
                 suffix_capped=capped,
+                suffix_exposure=exposure,
                 tokens=int(tally[TALLY_TOKENS]),
                 row_rounds=int(tally[TALLY_ROW_ROUNDS]),
             )

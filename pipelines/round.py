@@ -83,7 +83,7 @@ def run_round(
     if match is not None:
         rows = active if rows_on_suffix is None else active & rows_on_suffix
         capped = drafted_whole(outcome.accepted, counts, proposal.tokens.shape[1])
-        models.suffix.record(match, outcome.accepted, rows, capped)
+        models.suffix.record(match, outcome.accepted, rows, capped, exposed=active)
 
     advance = torch.where(active, outcome.accepted + 1, 0)
     state.previous.copy_(torch.where(active, verify_tokens.gather(1, accepted)[:, 0], state.previous))

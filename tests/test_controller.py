@@ -294,3 +294,22 @@ def test_the_engine_hands_the_controller_what_its_draft_rounds_tested_and_passed
     assert evidence.passed.sum() == accepted
     assert np.all(np.diff(evidence.tested) <= 0) and np.all(evidence.passed <= evidence.tested)
     assert engine.controller.correction(4, Variant("draft", 3)) != 1.0  # the window's tokens reached it too
+
+
+def test_match_lengths_are_weighed_by_the_rows_that_had_them_not_by_the_suffix_drafts_taken():
+    """A hybrid gives rows with short matches the model's draft: their suffix outcome is unknown, but they are
+    rows of the stream. 100 row-rounds took the suffix draft at match length 8 (3 accepted each), 300 took the
+    model's at match length 0: suffix alone would gain 3 tokens on a quarter of the rows, the hybrid 3 there and
+    the model's expectation on the rest."""
+    ctl = controller(prior_alpha=0.4, prior_positions=1e9)  # the model's rates stay 0.4
+    hist = suffix_hist(accepted_per_round=3, rounds=100)
+    exposure = np.zeros(MAX_MATCH + 1, dtype=np.int64)
+    exposure[8], exposure[0] = 100, 300
+    ctl.observe(BatchObservation(1, HYBRID, 10, 0.01, suffix_hist=hist, suffix_exposure=exposure))
+    model = 0.4 + 0.4**2 + 0.4**3 + 0.4**4
+    assert ctl.expected_tokens(SUFFIX) == pytest.approx(1 + 3 * 100 / 400)
+    assert ctl.expected_tokens(HYBRID) == pytest.approx(1 + (3 * 100 + model * 300) / 400)
+    # a suffix window sees every row's outcome: without an exposure its rows are the exposure
+    ctl = controller()
+    ctl.observe(BatchObservation(1, SUFFIX, 10, 0.01, suffix_hist=hist))
+    assert ctl.expected_tokens(SUFFIX) == pytest.approx(4.0)

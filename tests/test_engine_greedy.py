@@ -313,6 +313,13 @@ def test_suffix_rounds_whose_k_drafts_all_pass_are_counted_as_capped_for_the_con
             for i in range(2, len(kinds))
         )
     assert capped.sum() == full_rounds > 5
+    # every active row-round had its match length counted, whichever draft it took; only suffix rows have outcomes
+    exposure = sum(o.suffix_exposure for o in observations)
+    assert exposure.sum() == sum(o.row_rounds for o in observations)
+    if proposer == "suffix":
+        assert (exposure == hist.sum(axis=1)).all()
+    else:
+        assert (exposure >= hist.sum(axis=1)).all() and exposure.sum() > hist.sum()
 
 
 def test_shadow_proposals_count_capped_rounds_at_their_own_k(engine_models):

@@ -27,7 +27,11 @@ had a accepted suffix tokens, from real suffix rounds and from *shadow* proposal
 proposal is checked against the tokens the target then emitted: decoding is lossless, so that is exactly what
 verification would have accepted under greedy decoding). `capped[m, a]` counts those of them whose draft filled
 all k slots and was accepted whole (a = k): how many more a larger k would have gained is unknown, so the
-controller treats them as censored rather than as rounds that stopped at a.
+controller treats them as censored rather than as rounds that stopped at a. `exposure[m]` counts every row-round
+with match length m whose suffix proposal was computed, also where a hybrid gave the row the model's draft (its
+suffix outcome is then unknown): the controller weighs match lengths by how often rows have them, not by how often
+the suffix draft was taken (rows that a hybrid gives the model have short matches; leaving them out made the
+hybrid look better than it was).
 """
 
 from __future__ import annotations
@@ -201,6 +205,7 @@ class SuffixProposer:
         # Rounds by (match length, accepted suffix tokens); read and cleared by the controller between batches.
         self.hist = torch.zeros((self.settings.max_match + 1, max_k + 1), dtype=torch.int64, device=device)
         self.capped = torch.zeros_like(self.hist)  # of those, rounds whose k drafted tokens were all accepted
+        self.exposure = torch.zeros(self.settings.max_match + 1, dtype=torch.int64, device=device)  # row-rounds by m
         # Expected accepted tokens by match length (hybrid's per-row choice); written by the controller.
         self.expected_accepted = torch.zeros(self.settings.max_match + 1, dtype=torch.float32, device=device)
 
@@ -282,24 +287,35 @@ class SuffixProposer:
     # ------------------------------------------------------------------ statistics (captured)
 
     def record(
-        self, match: torch.Tensor, accepted: torch.Tensor, rows: torch.Tensor, capped: torch.Tensor | None = None
+        self,
+        match: torch.Tensor,
+        accepted: torch.Tensor,
+        rows: torch.Tensor,
+        capped: torch.Tensor | None = None,
+        exposed: torch.Tensor | None = None,
     ) -> None:
-        """A round: count (match length, accepted) for the rows in `rows` [B] bool, and in `capped` those whose
-        draft filled k and passed whole."""
-        index = match.clamp_max(self.settings.max_match) * (self.max_k + 1) + accepted.clamp_max(self.max_k)
+        """A round: count (match length, accepted) for the rows in `rows` [B] bool, in `capped` those whose draft
+        filled k and passed whole, and the match lengths of the rows in `exposed` (default `rows`): a hybrid's rows
+        that took the model's draft are exposed without an outcome."""
+        clamped = match.clamp_max(self.settings.max_match)
+        index = clamped * (self.max_k + 1) + accepted.clamp_max(self.max_k)
         self.hist.view(-1).index_add_(0, index, rows.long())
         if capped is not None:
             self.capped.view(-1).index_add_(0, index, (rows & capped).long())
+        self.exposure.index_add_(0, clamped, (rows if exposed is None else exposed).long())
 
-    def take_statistics(self) -> tuple[np.ndarray, np.ndarray]:
-        """(hist, capped) as host arrays, both cleared (one host read: between windows, never per round)."""
-        both = torch.stack([self.hist, self.capped]).cpu().numpy()
+    def take_statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(hist, capped, exposure) as host arrays, all cleared (one host read: between windows, never per round)."""
+        flat = torch.cat([self.hist.view(-1), self.capped.view(-1), self.exposure]).cpu().numpy()
+        cells = self.hist.numel()
+        hist, capped = flat[:cells].reshape(self.hist.shape), flat[cells : 2 * cells].reshape(self.hist.shape)
         self.clear_statistics()
-        return both[0], both[1]
+        return hist, capped, flat[2 * cells :]
 
     def clear_statistics(self) -> None:
         self.hist.zero_()
         self.capped.zero_()
+        self.exposure.zero_()
 
     def shadow(self, state: DecodeState, k: int) -> None:
         """After a round without suffix drafts: score the pending proposals against what the target emitted, then
