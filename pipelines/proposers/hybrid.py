@@ -6,8 +6,8 @@ Both propose every round (the model's cost is paid either way, so hybrid pays on
 head, or a small LM on a slow target). The promise of a suffix draft is the accepted tokens the controller expects
 at its match length (SuffixProposer.expected_accepted: from the rounds seen so far, projected past k where whole
 drafts passed); the model's is r_1 + r_1 r_2 + ... + r_1 ... r_k for its measured pass rates r_j at each chain
-position (`model_expected_accepted`, written by the engine from the goodput controller before each window of k). The model sees every emitted token: `after_suffix`
-makes it catch up on suffix tokens accepted in the previous round.
+position (`model_expected_accepted`, written by the engine from the goodput controller before each window of k).
+The model sees every emitted token: `after_suffix` makes it catch up on suffix tokens accepted in the previous round.
 """
 
 from __future__ import annotations
