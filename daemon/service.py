@@ -195,8 +195,9 @@ def build_learning(
 
 def check_learning_memory(settings: Settings, draft, device: str) -> None:
     """Say at start what learning rounds will hold in memory, and warn when it does not fit (daemon.learning.memory)."""
-    from daemon.learning.memory import available_bytes, check, estimate
+    from daemon.learning.memory import check, estimate
     from pipelines.drafts import training_dtype
+    from pipelines.host_memory import available_ram_bytes
 
     dtype = training_dtype(draft, settings.learning.training_dtype)
-    check(estimate(draft, settings.learning.learner, dtype), device, available_bytes())
+    check(estimate(draft, settings.learning.learner, dtype), device, available_ram_bytes())

@@ -10,7 +10,6 @@ an operator can pick a smaller learner (online instead of ensemble, trainable: l
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -55,14 +54,6 @@ def estimate(draft: torch.nn.Module, settings: LearnerSettings, training_dtype: 
         members=members,
         gradients=trainable * 4 * (2 if chain else 1),
     )
-
-
-def available_bytes() -> int | None:
-    """Memory the machine has available now (Linux), or None where it cannot be read."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def check(memory: LearningMemory, device: str, available: int | None) -> bool:

@@ -38,6 +38,7 @@ from functools import partial
 import torch
 
 from pipelines.heads.losses import HeadLossSettings, head_loss
+from pipelines.host_memory import available_ram_bytes
 from pipelines.learners.base import NonFiniteError, all_finite
 
 
@@ -168,29 +169,8 @@ def feature_cache_limit(settings: BootstrapSettings, device: torch.device, neede
         torch.cuda.empty_cache()  # blocks the answering engine left behind count as free
         limit = torch.cuda.mem_get_info(device)[0] // 2
     else:
-        limit = available_ram_bytes() // 4
+        limit = (available_ram_bytes() or 0) // 4
     return min(limit, needed_bytes)
-
-
-def available_ram_bytes() -> int:
-    """RAM this process may still take: the kernel's MemAvailable (page cache included), and within a cgroup v2
-    memory limit (a container's) what is left of it; 0 when neither can be read."""
-    figures = []
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    figures.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError):
-        pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as current:
-            cap = limit.read().strip()
-            if cap != "max":
-                figures.append(max(int(cap) - int(current.read().strip()), 0))
-    except (OSError, ValueError):
-        pass
-    return min(figures) if figures else 0
 
 
 def features_bytes(batches: list[list[list[int]]], feature_size: int, dtype: torch.dtype) -> int:
