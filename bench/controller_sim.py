@@ -7,9 +7,10 @@ The controller (pipelines/controller.py) is the real one; the engine around it i
 draws a match length m of the suffix proposer, and draft outcomes from per-position pass rates: the suffix draft's
 at that m, the head's by chain position. Rounds report to the controller what the engine's tallies would hold
 (suffix outcomes of the rows that took a suffix draft, every row's match length, the head's positions tested and
-passed, tokens), windows of `window_rounds` rounds, costs per round of each variant from an H100 profile of the real
-pair (bench.proposers, 2026-12-06, batch 1). A hybrid picks per row as the engine does: the suffix draft when its
-promise (the controller's expected accepted tokens at m) beats the head's.
+passed, tokens; in target-only and head windows, shadow-scored suffix proposals of max k as the engine scores
+them, every `shadow_every`-th window), per window of `window_rounds` rounds; a round costs what the H100 profiled
+for its variant with the real pair (bench.proposers, 2026-12-06, batch 1). A hybrid picks per row as the engine
+does: the suffix draft when its promise (the controller's expected accepted tokens at m and k) beats the head's.
 
 The scenarios' parameters are set so that suffix:8 and head:3 reach about the AvgLen they served on the H100
 (shakespeare: 3.19 and 1.99; humaneval: 1.69 and 2.15); rows are independent from round to round, which real
@@ -84,7 +85,7 @@ class SimulatedEngine:
         shadow = variant.proposer not in ("suffix", "hybrid") and (
             self.windows % s.shadow_every == 0 or self.controller.suffix_rounds() < s.shadow_until
         )
-        suffix_promise = self.controller.suffix_expected_accepted(MAX_MATCH, MAX_K)
+        suffix_promise = self.controller.suffix_expected_accepted(MAX_MATCH, max(variant.k, 1))
         model_promise = self.controller.model_expected_accepted(VERSION, max(variant.k, 1))
         tokens = 0
         for _ in range(s.window_rounds):
@@ -93,13 +94,13 @@ class SimulatedEngine:
             take_suffix = variant.proposer == "suffix" or (
                 variant.proposer == "hybrid" and drafts > 0 and min(suffix_promise[m], drafts) > model_promise
             )
+            if shadow:  # what a suffix draft of MAX_K would have gained, scored against the target's tokens
+                a = chain(rng, [self.scenario.suffix_pass.get(m, 0.0)], MAX_K if m > 0 else 0)
+                hist[m, a] += 1
+                capped[m, a] += int(m > 0 and a == MAX_K)
+                exposure[m] += 1
             if variant.proposer == "none":
                 accepted = 0
-                if shadow:  # what a suffix draft of MAX_K would have gained, scored against the target's tokens
-                    a = chain(rng, [self.scenario.suffix_pass.get(m, 0.0)], MAX_K if m > 0 else 0)
-                    hist[m, a] += 1
-                    capped[m, a] += int(m > 0 and a == MAX_K)
-                    exposure[m] += 1
             elif take_suffix:
                 accepted = chain(rng, [self.scenario.suffix_pass.get(m, 0.0)], drafts)
                 hist[m, accepted] += 1

@@ -46,7 +46,7 @@ def time_proposals(
     cache = PositionalKVCache(
         [torch.zeros(1, 1, capacity, 1, device=device)], [torch.zeros(1, 1, capacity, 1, device=device)]
     )
-    state = DecodeState.allocate(batch, cache.rows(1), 4, torch.device(device))
+    state = DecodeState.allocate(batch, cache.rows(1), 4, torch.device(device), max_k=k)
     rng = np.random.default_rng(0)
     for row in range(batch):
         start = int(rng.integers(0, len(text) - context))

@@ -218,7 +218,10 @@ class GoodputController:
     def model_rates(self, version: str | None, k: int, optimistic: bool = False) -> np.ndarray:
         """Pass rates of chain positions 1..k for a draft version: (passed + w r_prev) / (tested + w) with
         w = prior_positions and r_prev the rate of the position before (prior_alpha before position 1); optimistic
-        adds 1 / sqrt(tested + w + 1) to each (an upper estimate, to decide what to explore)."""
+        adds 1 / sqrt(tested + w + 1) to each (an upper estimate, to decide what to explore). The prior's weight does
+        not decay: a position that recent windows no longer test (positions 4-8 while auto runs k <= 3) drifts from
+        its old rate back towards the rate of the position before it, so a larger k is tried again (unlike suffix
+        rates, which keep their old value)."""
         s = self.settings
         evidence = self._model.get(version or "", _ModelEvidence())
         rates, previous = np.zeros(k), s.prior_alpha

@@ -71,7 +71,7 @@ class DecodeState:
 
     @classmethod
     def allocate(
-        cls, batch_size: int, target_cache: PositionalKVCache, top_m: int, device: torch.device, max_k: int = 16
+        cls, batch_size: int, target_cache: PositionalKVCache, top_m: int, device: torch.device, *, max_k: int
     ):
         capacity = target_cache.max_seq_len
         rows = lambda dtype, fill=0: torch.full((batch_size,), fill, dtype=dtype, device=device)  # noqa: E731

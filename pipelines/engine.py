@@ -187,7 +187,7 @@ class SpeculativeEngine:
         )
         self.pad_tokens = settings.pad_tokens or (64 if self.device.type == "cuda" else 1)
         self.state = DecodeState.allocate(
-            size, PositionalKVCache.allocate(target, size, length), settings.top_m, self.device, self.max_k
+            size, PositionalKVCache.allocate(target, size, length), settings.top_m, self.device, max_k=self.max_k
         )
         self.prefill = PrefillRunner(
             target, self.state.target_cache, self._use_graphs, settings.prefill_graph_tokens, feature_layers
@@ -643,9 +643,10 @@ class SpeculativeEngine:
         hybrid = self._models.hybrid
         if hybrid is None:
             return
-        expected = self.controller.suffix_expected_accepted(self.settings.suffix.max_match, self.max_k)
+        k = max(k, 1)  # both at the window's k, as the controller's estimate of the hybrid assumes
+        expected = self.controller.suffix_expected_accepted(self.settings.suffix.max_match, k)
         self.suffix.expected_accepted.copy_(torch.from_numpy(expected))
-        hybrid.model_expected_accepted.fill_(self.controller.model_expected_accepted(self.draft_version, max(k, 1)))
+        hybrid.model_expected_accepted.fill_(self.controller.model_expected_accepted(self.draft_version, k))
 
     def _close_window(self) -> None:
         """Hand the window's evidence to the controller (one host read of the tallies) and start afresh."""

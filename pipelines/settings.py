@@ -48,8 +48,8 @@ class ControllerSettings(BaseModel):
     k_choices: tuple[int, ...] = (2, 3, 4, 8)  # k tried for each proposer (each at most engine.max_k)
     margin: float = Field(0.02, ge=0, le=1)  # required goodput gain over target-only
     decay: float = Field(0.95, gt=0, le=1)  # weight of old evidence after each window (bench.controller_sim)
-    prior_alpha: float = Field(0.5, ge=0, lt=1)  # the draft model's per-token acceptance before evidence
-    prior_positions: float = Field(32.0, ge=0)  # how many tested positions the prior is worth
+    prior_alpha: float = Field(0.5, ge=0, lt=1)  # the model's pass rate at chain position 1 before evidence
+    prior_positions: float = Field(32.0, ge=0)  # tested positions the prior is worth, at each position
     explore_every: int = Field(64, ge=0)  # batches per bucket between explorations; 0 = never explore
     profile_rounds: int = Field(5, ge=1, le=100)  # timed replays per (bucket, variant) at warm-up (CUDA)
     shadow_every: int = Field(8, ge=1)  # every n-th batch without suffix drafts scores shadow suffix proposals

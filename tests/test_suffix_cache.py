@@ -17,7 +17,7 @@ SMALL = SuffixSettings(cache_tokens=1024, table_buckets=1024, ways=4, max_match=
 def state_with(contexts: list[list[int]], capacity: int = 64) -> DecodeState:
     """Rows whose sequence so far is `contexts[b]` (the last token is `current`)."""
     cache = PositionalKVCache([torch.zeros(1, 1, capacity, 1)], [torch.zeros(1, 1, capacity, 1)])
-    state = DecodeState.allocate(len(contexts), cache, 2, torch.device("cpu"))
+    state = DecodeState.allocate(len(contexts), cache, 2, torch.device("cpu"), max_k=8)
     for row, context in enumerate(contexts):
         state.tokens[row, : len(context)] = torch.tensor(context)
         state.lengths[row] = len(context) - 1

@@ -4,9 +4,10 @@ suffix decoding with a draft model).
 
 Both propose every round (the model's cost is paid either way, so hybrid pays only with a cheap model draft: a
 head, or a small LM on a slow target). The promise of a suffix draft is the accepted tokens the controller expects
-at its match length (SuffixProposer.expected_accepted: from the rounds seen so far, projected past k where whole
-drafts passed); the model's is r_1 + r_1 r_2 + ... + r_1 ... r_k for its measured pass rates r_j at each chain
-position (`model_expected_accepted`, written by the engine from the goodput controller before each window of k).
+at its match length with k drafts (SuffixProposer.expected_accepted: from the rounds seen so far, projected past
+the k of earlier rounds where whole drafts passed); the model's is r_1 + r_1 r_2 + ... + r_1 ... r_k for its
+measured pass rates r_j at each chain position (`model_expected_accepted`). The engine writes both from the goodput
+controller before each window of rounds of k drafts.
 The model sees every emitted token: `after_suffix` makes it catch up on suffix tokens accepted in the previous round.
 """
 
