@@ -46,6 +46,9 @@ class Scenario:
     suffix_pass: dict[int, float]  # match length -> per-position pass rate of its suffix draft
     head_pass: tuple[float, ...]  # per chain position; later positions keep the last rate
 
+    def draw_match(self, rng: np.random.Generator) -> int:
+        return int(rng.choice(list(self.match_probs), p=list(self.match_probs.values())))
+
 
 SCENARIOS = {
     "shakespeare": Scenario({0: 0.25, 2: 0.25, 12: 0.5}, {2: 0.5, 12: 0.85}, (0.55, 0.5, 0.45)),
@@ -71,12 +74,10 @@ class SimulatedEngine:
         self.controller = GoodputController(settings, self.variants)
         for variant in self.variants:
             self.controller.set_cost(1, variant, H100_COSTS_MS[variant.proposer][variant.k] / 1e3)
-        self.matches = np.array(list(scenario.match_probs))
-        self.match_p = np.array(list(scenario.match_probs.values()))
         self.windows = 0
 
-    def run_window(self, variant: Variant) -> tuple[int, int, float]:
-        """One window of rounds of `variant`: (tokens, rounds, seconds), reported to the controller."""
+    def run_window(self, variant: Variant) -> tuple[int, float]:
+        """One window of rounds of `variant`: (tokens, seconds), reported to the controller."""
         s, rng = self.settings, self.rng
         hist = np.zeros((MAX_MATCH + 1, MAX_K + 1), dtype=np.int64)
         capped, exposure = np.zeros_like(hist), np.zeros(MAX_MATCH + 1, dtype=np.int64)
@@ -89,7 +90,7 @@ class SimulatedEngine:
         model_promise = self.controller.model_expected_accepted(VERSION, max(variant.k, 1))
         tokens = 0
         for _ in range(s.window_rounds):
-            m = int(rng.choice(self.matches, p=self.match_p))
+            m = self.scenario.draw_match(rng)
             drafts = variant.k if m > 0 else 0  # a match always offers k tokens here
             take_suffix = variant.proposer == "suffix" or (
                 variant.proposer == "hybrid" and drafts > 0 and min(suffix_promise[m], drafts) > model_promise
@@ -130,7 +131,7 @@ class SimulatedEngine:
                 row_rounds=rounds,
             )
         )
-        return tokens, rounds, seconds
+        return tokens, seconds
 
 
 def run(
@@ -147,20 +148,15 @@ def run(
     engine = SimulatedEngine(scenario, settings or ControllerSettings(), seed, exposure)
     for earlier in before or []:
         engine.scenario = earlier
-        engine.matches, engine.match_p = (
-            np.array(list(earlier.match_probs)),
-            np.array(list(earlier.match_probs.values())),
-        )
         for _ in range(windows):
             engine.run_window(fixed or engine.controller.choose(1, draft_version=VERSION))
     engine.scenario = scenario
-    engine.matches, engine.match_p = np.array(list(scenario.match_probs)), np.array(list(scenario.match_probs.values()))
     tokens = seconds = 0.0
     choices: dict[str, int] = {}
     for _ in range(windows):
         variant = fixed or engine.controller.choose(1, draft_version=VERSION)
         choices[str(variant)] = choices.get(str(variant), 0) + 1
-        t, _, sec = engine.run_window(variant)
+        t, sec = engine.run_window(variant)
         tokens, seconds = tokens + t, seconds + sec
     return {"tok_s": tokens / seconds, "choices": choices}
 

@@ -140,18 +140,16 @@ def test_exploration_tries_a_stale_draft_version_that_could_win():
     assert DRAFT in picks and picks.count(TARGET_ONLY) >= 6
 
 
-def test_the_engine_decodes_target_only_when_speculation_is_made_expensive(engine_models):
-    engine = SpeculativeEngine(
-        engine_models.target,
-        engine_models.strong_draft,
-        engine_models.tokenizer,
-        EngineSettings(
-            proposer="auto",
-            max_batch_size=4,
-            max_seq_len=96,
-            auto={"k_choices": [3], "explore_every": 0, "shadow_every": 1},
-        ),
+def auto_engine(engine_models, **auto) -> SpeculativeEngine:
+    """Proposer auto over the strong draft at k = 3, batches of up to 4, no exploration."""
+    settings = EngineSettings(
+        proposer="auto", max_batch_size=4, max_seq_len=96, auto={"k_choices": [3], "explore_every": 0, **auto}
     )
+    return SpeculativeEngine(engine_models.target, engine_models.strong_draft, engine_models.tokenizer, settings)
+
+
+def test_the_engine_decodes_target_only_when_speculation_is_made_expensive(engine_models):
+    engine = auto_engine(engine_models, shadow_every=1)
     for variant in engine.variants:
         engine.controller.set_cost(4, variant, 1.0 if variant != TARGET_ONLY else 0.001)
     tokenizer = engine_models.tokenizer
@@ -265,17 +263,7 @@ def test_a_round_tallies_each_sources_chain_positions_tested_and_passed():
 
 
 def test_the_engine_hands_the_controller_what_its_draft_rounds_tested_and_passed(engine_models):
-    engine = SpeculativeEngine(
-        engine_models.target,
-        engine_models.strong_draft,
-        engine_models.tokenizer,
-        EngineSettings(
-            proposer="auto",
-            max_batch_size=4,
-            max_seq_len=96,
-            auto={"k_choices": [3], "explore_every": 0, "decay": 1.0},
-        ),
-    )
+    engine = auto_engine(engine_models, decay=1.0)
     for variant in engine.variants:  # the draft LM alone is cheap: auto runs draft:3 from the start
         engine.controller.set_cost(4, variant, 0.001 if variant.proposer == "draft" else 1.0)
     engine.controller.set_cost(4, TARGET_ONLY, 0.01)
